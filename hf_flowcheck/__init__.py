@@ -1,0 +1,25 @@
+"""hf_flowcheck: see, from a causal LM's own internals, when an answer is likely hallucinated."""
+
+from hf_flowcheck.architectures import (
+    ArchitectureSpec,
+    UnsupportedArchitectureError,
+    register_architecture,
+    supported_architectures,
+)
+from hf_flowcheck.capture import FlowRecorder, NonFiniteStateError
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.version import __version__
+
+__all__ = [
+    "ArchitectureSpec",
+    "FlowConfig",
+    "FlowExtractor",
+    "FlowFeatures",
+    "FlowRecorder",
+    "NonFiniteStateError",
+    "UnsupportedArchitectureError",
+    "__version__",
+    "register_architecture",
+    "supported_architectures",
+]

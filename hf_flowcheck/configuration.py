@@ -1,0 +1,145 @@
+"""Validated, versioned configuration dataclasses.
+
+Every field carries help text in its metadata; ``__post_init__`` raises a ``ValueError`` that
+names the field, the value and what is allowed. Saved configs carry the library version and a
+format version so that an artifact written by one release is never silently misread by another.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+from typing import Any, ClassVar
+
+from hf_flowcheck.version import __version__
+
+#: Numerical safeguard in every denominator that holds a norm (paper B.5).
+EPS = 1e-6
+
+FULL_FEATURES: tuple[str, ...] = (
+    "step",
+    "step_centered",
+    "turn",
+    "attn_mag",
+    "mlp_mag",
+    "update_mag",
+    "residual_ratio",
+    "drift",
+    "attn_turn_ratio",
+    "mlp_turn_ratio",
+)
+PAPER_FEATURES: tuple[str, ...] = FULL_FEATURES[:8]
+
+
+def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
+
+
+def _positive_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}={value!r} must be a positive integer.")
+
+
+@dataclass
+class FlowConfig:
+    """How flow signatures are computed (spec ``flow-signatures.md``; defaults from paper B.6).
+
+    Example:
+        >>> FlowConfig(window_length=4, window_stride=2).num_features
+        10
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    boundary: str = field(
+        default="normalized",
+        metadata={
+            "help": "Monitored state: 'normalized' = N_b(r_b) (paper §3.1) or 'residual' = raw r_b "
+            "(the authors' released code)."
+        },
+    )
+    token_mask: str = field(
+        default="response",
+        metadata={"help": "'response': generated/answer tokens only; 'all': every non-pad, non-special token."},
+    )
+    window_length: int = field(default=8, metadata={"help": "Window length L in blocks (A.3)."})
+    window_stride: int = field(default=4, metadata={"help": "Window stride s in blocks (A.3)."})
+    num_competitors: int = field(default=32, metadata={"help": "Competitors K per (token, block) readout (A.4)."})
+    subspace_dim: int = field(default=16, metadata={"help": "Subspace dimension k (A.5)."})
+    direction_cap: int = field(
+        default=1024, metadata={"help": "Most competitor directions per window; bounds readout cost (A.5)."}
+    )
+    transport_min_overlap: float = field(
+        default=0.0,
+        metadata={
+            "help": "tau_sigma of Eq. 34: reset the transport to I_k when the smallest overlap singular "
+            "value is below it. 0 (default) never resets, which keeps Lemma 3.2 exact."
+        },
+    )
+    center: str = field(
+        default="geometric_median",
+        metadata={"help": "Center of the increments per depth: 'geometric_median', 'coordinate_median' or 'mean'."},
+    )
+    drift_anchor: str = field(
+        default="end", metadata={"help": "Drift anchor block: window 'end' (§3.3.3) or 'start' (A.8)."}
+    )
+    features: str = field(
+        default="full", metadata={"help": "'full' (10 features, the authors' validator) or 'paper' (the 8 of §3.4)."}
+    )
+    seed: int = field(default=0, metadata={"help": "seed0 of the direction-cap sampler."})
+
+    def __post_init__(self) -> None:
+        _choice("boundary", self.boundary, ("normalized", "residual"))
+        _choice("token_mask", self.token_mask, ("response", "all"))
+        _choice("center", self.center, ("geometric_median", "coordinate_median", "mean"))
+        _choice("drift_anchor", self.drift_anchor, ("end", "start"))
+        _choice("features", self.features, ("full", "paper"))
+        for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
+            _positive_int(name, getattr(self, name))
+        if not 0.0 <= float(self.transport_min_overlap) < 1.0:
+            raise ValueError(f"transport_min_overlap={self.transport_min_overlap!r} must lie in [0, 1).")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise ValueError(f"seed={self.seed!r} must be a non-negative integer.")
+
+    @property
+    def feature_names(self) -> tuple[str, ...]:
+        """Names of the feature channels, in tensor order."""
+        return FULL_FEATURES if self.features == "full" else PAPER_FEATURES
+
+    @property
+    def num_features(self) -> int:
+        return len(self.feature_names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with version stamps, suitable for ``json.dumps``."""
+        out = dataclasses.asdict(self)
+        out["format_version"] = self.FORMAT_VERSION
+        out["hf_flowcheck_version"] = __version__
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
+        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
+        data = dict(data)
+        fmt = data.pop("format_version", cls.FORMAT_VERSION)
+        data.pop("hf_flowcheck_version", None)
+        if fmt > cls.FORMAT_VERSION:
+            raise ValueError(
+                f"FlowConfig format_version {fmt} is newer than this hf_flowcheck understands "
+                f"({cls.FORMAT_VERSION}); upgrade hf_flowcheck."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown FlowConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    def signature_key(self) -> str:
+        """A string that identifies everything that changes the features (used by manifests)."""
+        d = dataclasses.asdict(self)
+        return json.dumps(d, sort_keys=True)

@@ -1,0 +1,501 @@
+"""The tensor math of flow signatures (spec ``flow-signatures.md`` §1–§5). No hooks, no I/O.
+
+Shapes use ``R`` for the masked tokens of one sample, ``B`` for blocks, ``d`` for the hidden size,
+``k`` for the subspace dimension, ``V`` for the vocabulary and ``J`` for the number of windows.
+Every function works in float32 on whatever device its inputs are on.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from hf_flowcheck.configuration import EPS, FlowConfig
+
+NormFn = Callable[[torch.Tensor], torch.Tensor]
+
+#: Readout directions shorter than this are dropped (A.5).
+MIN_DIRECTION_NORM = 1e-6
+#: Weiszfeld iterations for the geometric median (A.7).
+WEISZFELD_ITERS = 32
+#: Simpson nodes and weights on alpha in [0, 1] (B.7).
+SIMPSON = ((0.0, 1.0 / 6.0), (0.5, 4.0 / 6.0), (1.0, 1.0 / 6.0))
+
+
+# --------------------------------------------------------------------------------------- windows
+@dataclass(frozen=True)
+class WindowLayout:
+    """Depth windows of A.3, 0-indexed.
+
+    Attributes:
+        starts: ``b_j`` for each window, length ``J``.
+        ends: ``e_j`` for each window, length ``J``.
+        assign: ``j(b)`` for ``b = 0..B`` (length ``B + 1``; the final boundary belongs to the last window).
+    """
+
+    starts: tuple[int, ...]
+    ends: tuple[int, ...]
+    assign: tuple[int, ...]
+
+    @property
+    def num_windows(self) -> int:
+        return len(self.starts)
+
+    def pool_blocks(self, j: int) -> list[int]:
+        """Boundary indices whose directions feed window ``j``'s pool (spec §3)."""
+        blocks = list(range(self.starts[j], self.ends[j] + 1))
+        if j == self.num_windows - 1:
+            blocks.append(len(self.assign) - 1)
+        return blocks
+
+
+def window_layout(num_blocks: int, length: int, stride: int) -> WindowLayout:
+    """Windows and the assignment ``j(b)`` exactly as A.3 (earliest window containing ``b``).
+
+    Example:
+        >>> w = window_layout(10, 4, 2)
+        >>> w.starts, w.ends, [j + 1 for j in w.assign[:10]]
+        ((0, 2, 4, 6), (3, 5, 7, 9), [1, 1, 1, 1, 2, 2, 3, 3, 4, 4])
+    """
+    if num_blocks < 1:
+        raise ValueError(f"num_blocks={num_blocks} must be at least 1.")
+    b_last = max(0, num_blocks - length)
+    n_win = math.ceil(b_last / stride) + 1
+    starts = tuple(min(j * stride, b_last) for j in range(n_win))
+    ends = tuple(min(b + length - 1, num_blocks - 1) for b in starts)
+    assign = [min(n_win, math.ceil(max(0, b - (length - 1)) / stride) + 1) - 1 for b in range(num_blocks)]
+    assign.append(n_win - 1)
+    return WindowLayout(starts, ends, tuple(assign))
+
+
+# ------------------------------------------------------------------------- competitors and bases
+def sample_seed(sample_key: int, window: int, seed0: int) -> int:
+    """``hash(sample_key, j, seed0)`` as a stable 63-bit integer (independent of Python's hash salt)."""
+    digest = hashlib.blake2b(f"{sample_key}:{window}:{seed0}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+def token_key(token_ids: torch.Tensor) -> int:
+    """Default per-sample key: a hash of the sample's (unpadded) token ids."""
+    data = token_ids.detach().to("cpu", torch.int64).contiguous().numpy().tobytes()
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+def select_readout_pairs(
+    num_tokens: int, layout: WindowLayout, num_competitors: int, cap: int, sample_key: int, seed0: int
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Which ``(t, b)`` pairs are read out for each window's pool (spec §3, the cap).
+
+    Pairs are enumerated block-major (all tokens of the first pool block, then the next, ...). When
+    ``pairs * K > cap`` a seeded subset of ``ceil(cap / K)`` pairs is kept, chosen before any logits exist.
+
+    Returns:
+        For each window, ``(t_idx, b_idx)``: long tensors ``[P_j]`` on the CPU.
+    """
+    out = []
+    per_window = math.ceil(cap / num_competitors)
+    for j in range(layout.num_windows):
+        blocks = torch.tensor(layout.pool_blocks(j), dtype=torch.long)
+        b_idx = blocks.repeat_interleave(num_tokens)
+        t_idx = torch.arange(num_tokens).repeat(len(blocks))
+        if b_idx.numel() * num_competitors > cap:
+            gen = torch.Generator().manual_seed(sample_seed(sample_key, j, seed0))
+            keep = torch.randperm(b_idx.numel(), generator=gen)[:per_window]
+            b_idx, t_idx = b_idx[keep], t_idx[keep]
+        out.append((t_idx, b_idx))
+    return out
+
+
+def rank_top(logits: torch.Tensor, n: int) -> torch.Tensor:
+    """Indices of the ``n`` largest logits per row, descending, ties broken by the smaller token id.
+
+    Args:
+        logits: ``[P, V]``.
+        n: How many to return (``<= V``).
+
+    Returns:
+        ``[P, n]`` long.
+    """
+    vals, idx = torch.topk(logits, n, dim=-1)
+    # Ties at the cut-off could admit a larger id than a tied one that topk left out: fall back to a
+    # full stable sort for those rows only.
+    at_cut = (logits >= vals[:, -1:]).sum(-1) > n
+    order = torch.argsort(idx, dim=-1)
+    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
+    order = torch.argsort(-vals, dim=-1, stable=True)
+    idx = idx.gather(-1, order)
+    if bool(at_cut.any()):
+        rows = at_cut.nonzero().squeeze(-1)
+        full = torch.argsort(-logits[rows], dim=-1, stable=True)[:, :n]
+        idx[rows] = full
+    return idx
+
+
+def competitor_directions(logits: torch.Tensor, readout: torch.Tensor, num_competitors: int) -> torch.Tensor:
+    """Normalized competitor directions ``(w_top - w_y)/(||.||+eps)`` for each row (Eq. 21, 24).
+
+    Args:
+        logits: ``[P, V]`` readouts ``W h``.
+        readout: ``W``, ``[V, d]``.
+        num_competitors: ``K``.
+
+    Returns:
+        ``[M, d]`` float32 directions with ``M <= P*K``; too-short ones are dropped.
+    """
+    if logits.shape[0] == 0:
+        return readout.new_zeros((0, readout.shape[1]), dtype=torch.float32)
+    k = min(num_competitors, logits.shape[1] - 1)
+    top = rank_top(logits, k + 1)
+    w_top = readout[top[:, 0]].float()  # [P, d]
+    w_comp = readout[top[:, 1:].reshape(-1)].float().view(top.shape[0], k, -1)
+    a = (w_top[:, None, :] - w_comp).reshape(-1, readout.shape[1])
+    norms = a.norm(dim=-1, keepdim=True)
+    keep = norms.squeeze(-1) >= MIN_DIRECTION_NORM
+    return (a / (norms + EPS))[keep]
+
+
+def complete_basis(partial: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Complete ``partial`` ``[d, r]`` orthonormal columns to ``k`` with ``I_d`` projected off its span (A.5)."""
+    eye = torch.eye(dim, dtype=torch.float32, device=partial.device)
+    if partial.shape[1] == 0:
+        return eye[:, :k].clone()
+    resid = eye - partial @ partial.T
+    # Take the first identity columns that still have a component outside the span.
+    cols = [partial]
+    have = partial.shape[1]
+    for i in range(dim):
+        if have >= k:
+            break
+        v = resid[:, i : i + 1]
+        for c in cols[1:]:
+            v = v - c @ (c.T @ v)
+        n = v.norm()
+        if n > 1e-4:
+            cols.append(v / n)
+            have += 1
+    q, _ = torch.linalg.qr(torch.cat(cols, dim=1))
+    return q[:, :k]
+
+
+def fit_basis(directions: torch.Tensor, dim: int, k: int) -> torch.Tensor:
+    """Top-``k`` right singular vectors of the direction matrix, re-orthonormalized (Eq. 26–27, A.5).
+
+    Args:
+        directions: ``D_j``, ``[M, d]``.
+        dim: ``d`` (needed when ``M = 0``).
+        k: Subspace dimension.
+
+    Returns:
+        ``U_j``, ``[d, k]`` with orthonormal columns.
+    """
+    if directions.shape[0] == 0:
+        return torch.eye(dim, dtype=torch.float32, device=directions.device)[:, :k].clone()
+    _, s, vh = torch.linalg.svd(directions, full_matrices=False)
+    tol = s.max() * max(directions.shape) * torch.finfo(torch.float32).eps if s.numel() else 0.0
+    rank = int((s > tol).sum())
+    if rank == 0:
+        return torch.eye(dim, dtype=torch.float32, device=directions.device)[:, :k].clone()
+    top = vh[: min(k, rank)].T
+    q, _ = torch.linalg.qr(top)
+    if q.shape[1] < k:
+        q = complete_basis(q, dim, k)
+    return q
+
+
+def transport(u_from: torch.Tensor, u_to: torch.Tensor, min_overlap: float = 0.0) -> torch.Tensor:
+    """Procrustes transport ``R = P Q^T`` with ``U_to^T U_from = P Σ Q^T`` (Eq. 29–30, 34).
+
+    Args:
+        u_from: ``[d, k]``.
+        u_to: ``[d, k]``.
+        min_overlap: ``tau_sigma``; return ``I_k`` when the smallest singular value is below it.
+
+    Returns:
+        ``[k, k]`` orthogonal.
+    """
+    p, s, qh = torch.linalg.svd(u_to.T @ u_from)
+    if min_overlap > 0 and float(s.min()) < min_overlap:
+        return torch.eye(u_from.shape[1], dtype=u_from.dtype, device=u_from.device)
+    return p @ qh
+
+
+def grassmann_drift(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``d_G = ||U U^T - V V^T||_2`` (spectral norm), a scalar tensor."""
+    return torch.linalg.matrix_norm(u @ u.T - v @ v.T, ord=2)
+
+
+# ----------------------------------------------------------------------------------- centering
+def robust_center(x: torch.Tensor, method: str) -> torch.Tensor:
+    """Center of the rows of ``x`` ``[n, k]`` (A.7); zero for ``n = 0``.
+
+    ``geometric_median`` runs Weiszfeld from the mean for 32 iterations with eps 1e-6;
+    ``coordinate_median`` uses numpy's even-count convention (mean of the two middle values).
+    """
+    if x.shape[0] == 0:
+        return x.new_zeros(x.shape[1])
+    if method == "mean":
+        return x.mean(0)
+    if method == "coordinate_median":
+        return torch.quantile(x, 0.5, dim=0)
+    if method != "geometric_median":
+        raise ValueError(f"center={method!r}: use 'geometric_median', 'coordinate_median' or 'mean'.")
+    mu = x.mean(0)
+    for _ in range(WEISZFELD_ITERS):
+        w = 1.0 / ((x - mu).norm(dim=-1) + EPS)
+        mu = (w[:, None] * x).sum(0) / w.sum()
+    return mu
+
+
+def _unit(x: torch.Tensor) -> torch.Tensor:
+    return x / (x.norm(dim=-1, keepdim=True) + EPS)
+
+
+def stable_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Angle between the last-dim vectors of ``a`` and ``b``: ``2·atan2(|â-b̂|, |â+b̂|)``; 0 for a zero vector."""
+    na, nb = a.norm(dim=-1, keepdim=True), b.norm(dim=-1, keepdim=True)
+    ua = a / na.clamp_min(torch.finfo(a.dtype).tiny)
+    ub = b / nb.clamp_min(torch.finfo(b.dtype).tiny)
+    ang = 2.0 * torch.atan2((ua - ub).norm(dim=-1), (ua + ub).norm(dim=-1))
+    zero = (na.squeeze(-1) == 0) | (nb.squeeze(-1) == 0)
+    return torch.where(zero, torch.zeros_like(ang), ang)
+
+
+# ------------------------------------------------------------------------------------ the JVPs
+def norm_jvp(norm: NormFn, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``J_N(x) v`` row-wise, via ``torch.func.jvp`` on the real norm module."""
+    return torch.func.jvp(norm, (x,), (v,))[1]
+
+
+def path_integrated_updates(
+    norm: NormFn, r_in: torch.Tensor, r_out: torch.Tensor, o: torch.Tensor, m: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Simpson path integrals of the next norm's Jacobian along the block update (Eq. 12–13, B.7).
+
+    Args:
+        norm: ``N_{b+1}``.
+        r_in: ``r[t, b]``, ``[R, d]``.
+        r_out: ``r[t, b+1]``, ``[R, d]``.
+        o: ``o[t, b]``, ``[R, d]``.
+        m: ``m[t, b]``, ``[R, d]``.
+
+    Returns:
+        ``(q_attn, q_mlp, q_end)`` in ``d``-space, each ``[R, d]``:
+        ``∫J(r_in + α·inj) o dα``, the same for ``m``, and ``J(r_out) inj``.
+    """
+    inj = o + m
+    n = r_in.shape[0]
+    xs = torch.cat([r_in + a * inj for a, _ in SIMPSON] * 2 + [r_out], dim=0)
+    vs = torch.cat([o] * len(SIMPSON) + [m] * len(SIMPSON) + [inj], dim=0)
+    jv = norm_jvp(norm, xs, vs)
+    q_attn = sum(w * jv[i * n : (i + 1) * n] for i, (_, w) in enumerate(SIMPSON))
+    off = len(SIMPSON) * n
+    q_mlp = sum(w * jv[off + i * n : off + (i + 1) * n] for i, (_, w) in enumerate(SIMPSON))
+    q_end = jv[2 * off :]
+    return q_attn, q_mlp, q_end
+
+
+# ------------------------------------------------------------------------------------ features
+@dataclass
+class SampleGeometry:
+    """Intermediate results for one sample, kept for tests, refinement and reports.
+
+    Attributes:
+        bases: ``U_j`` per window, each ``[d, k]``.
+        transports: ``R_{j->j+1}`` per window switch, each ``[k, k]``.
+        layout: The window layout.
+    """
+
+    bases: list[torch.Tensor]
+    transports: list[torch.Tensor]
+    layout: WindowLayout
+
+
+def boundary_states(
+    r: torch.Tensor, norms: Sequence[NormFn], betas: torch.Tensor, boundary: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Monitored states ``h`` and bias-centered ``h̃`` (§1).
+
+    Args:
+        r: ``[R, B+1, d]`` raw residual states.
+        norms: ``N_0..N_B``.
+        betas: ``[B+1, d]`` norm biases (zeros when a norm has none).
+        boundary: ``"normalized"`` or ``"residual"``.
+
+    Returns:
+        ``(h, h_tilde)``, each ``[R, B+1, d]``.
+    """
+    if boundary == "residual":
+        return r, r
+    h = torch.stack([norms[b](r[:, b]) for b in range(r.shape[1])], dim=1).float()
+    return h, h - betas[None]
+
+
+def fit_sample_bases(
+    h: torch.Tensor,
+    readout: torch.Tensor,
+    layout: WindowLayout,
+    config: FlowConfig,
+    sample_key: int,
+) -> list[torch.Tensor]:
+    """One sample's window bases ``U_j`` from its own competitor directions (§3).
+
+    All windows' readouts go through a single matrix product bounded by the direction cap.
+
+    Args:
+        h: ``[R, B+1, d]`` monitored states.
+        readout: ``[V, d]``.
+        layout: Windows.
+        config: Flow config (``num_competitors``, ``direction_cap``, ``subspace_dim``, ``seed``).
+        sample_key: Stable per-sample key for the cap's sampler.
+
+    Returns:
+        ``J`` tensors ``[d, k]``.
+    """
+    n_tok, _, dim = h.shape
+    pairs = select_readout_pairs(
+        n_tok, layout, config.num_competitors, config.direction_cap, sample_key, config.seed
+    )
+    sizes = [t.numel() for t, _ in pairs]
+    if sum(sizes) == 0:
+        return [fit_basis(h.new_zeros((0, dim)), dim, config.subspace_dim) for _ in pairs]
+    t_all = torch.cat([t for t, _ in pairs]).to(h.device)
+    b_all = torch.cat([b for _, b in pairs]).to(h.device)
+    states = h[t_all, b_all]  # [P, d]
+    w = readout if readout.dtype == torch.float32 else readout.float()
+    logits = states @ w.T  # [P, V], the only V-wide product
+    bases = []
+    start = 0
+    for size in sizes:
+        dirs = competitor_directions(logits[start : start + size], w, config.num_competitors)
+        bases.append(fit_basis(dirs, dim, config.subspace_dim))
+        start += size
+    return bases
+
+
+def flow_features(
+    h: torch.Tensor,
+    h_tilde: torch.Tensor,
+    r: torch.Tensor,
+    o: torch.Tensor,
+    m: torch.Tensor,
+    norms: Sequence[NormFn],
+    bases: Sequence[torch.Tensor],
+    layout: WindowLayout,
+    config: FlowConfig,
+) -> tuple[torch.Tensor, SampleGeometry]:
+    """The per-event features of one sample given its window bases (§4–§5).
+
+    Args:
+        h: ``[R, B+1, d]`` monitored states (unused beyond shape; kept for symmetry with the spec).
+        h_tilde: ``[R, B+1, d]`` bias-centered monitored states.
+        r: ``[R, B+1, d]`` raw residual states.
+        o: ``[R, B, d]`` attention-path contributions.
+        m: ``[R, B, d]`` MLP-path contributions.
+        norms: ``N_0..N_B`` (the JVPs use ``N_{b+1}`` in both boundary modes).
+        bases: ``J`` tensors ``[d, k]``.
+        layout: Windows.
+        config: Flow config.
+
+    Returns:
+        ``(features [B, R, F], geometry)`` with ``F = config.num_features`` in ``config.feature_names`` order.
+    """
+    n_tok, n_bound, _ = h_tilde.shape
+    n_blocks = n_bound - 1
+    k = config.subspace_dim
+    assign = torch.tensor(layout.assign, device=h_tilde.device)
+    ub = torch.stack(list(bases))  # [J, d, k]
+    trans = [transport(bases[j], bases[j + 1], config.transport_min_overlap) for j in range(len(bases) - 1)]
+    eye = torch.eye(k, dtype=torch.float32, device=h_tilde.device)
+    r_steps = torch.stack(
+        [
+            eye if layout.assign[b + 1] == layout.assign[b] else trans[layout.assign[b]]
+            for b in range(n_blocks)
+        ]
+    )  # [B, k, k]
+    u_bound = ub[assign]  # [B+1, d, k]
+    u_tgt = u_bound[1:]  # [B, d, k]
+
+    p = torch.einsum("tbd,bdk->tbk", h_tilde, u_bound)  # [R, B+1, k]
+    p_prev = torch.einsum("bkl,tbl->tbk", r_steps, p[:, :-1])
+    dp = p[:, 1:] - p_prev  # [R, B, k]
+    step = dp.norm(dim=-1)
+    centers = torch.stack([robust_center(dp[:, b], config.center) for b in range(n_blocks)])  # [B, k]
+    step_c = (dp - centers[None]).norm(dim=-1)
+    turn = stable_angle(p[:, 1:], p_prev)
+    attn_mag = torch.einsum("tbd,bdk->tbk", o, u_tgt).norm(dim=-1)
+    mlp_mag = torch.einsum("tbd,bdk->tbk", m, u_tgt).norm(dim=-1)
+
+    q_attn = torch.empty(n_tok, n_blocks, k, device=h_tilde.device)
+    q_mlp = torch.empty_like(q_attn)
+    q_end = torch.empty_like(q_attn)
+    for b in range(n_blocks):
+        qa, qm, qe = path_integrated_updates(norms[b + 1], r[:, b], r[:, b + 1], o[:, b], m[:, b])
+        q_attn[:, b], q_mlp[:, b], q_end[:, b] = qa @ u_tgt[b], qm @ u_tgt[b], qe @ u_tgt[b]
+    dq = q_attn + q_mlp
+    update_mag = dq.norm(dim=-1)
+    resid_ratio = (dq - q_end).norm(dim=-1) / (update_mag + EPS)
+
+    anchors = layout.ends if config.drift_anchor == "end" else layout.starts
+    drift = h_tilde.new_zeros(n_tok)
+    for j in range(layout.num_windows - 1):
+        v = h_tilde[:, anchors[j]]  # [R, d]
+        diff = (v @ bases[j + 1]) @ bases[j + 1].T - (v @ bases[j]) @ bases[j].T
+        drift = drift + diff.norm(dim=-1) / (v.norm(dim=-1) + EPS)
+
+    cols = [step, step_c, turn, attn_mag, mlp_mag, update_mag, resid_ratio, drift[:, None].expand(-1, n_blocks)]
+    if config.features == "full":
+        u_next = _unit(p[:, 1:])
+
+        def perp(x: torch.Tensor) -> torch.Tensor:
+            return x - (x * u_next).sum(-1, keepdim=True) * u_next
+
+        dq_perp = perp(dq).norm(dim=-1) + EPS
+        attn_ratio = perp(q_attn).norm(dim=-1) / dq_perp
+        mlp_ratio = perp(q_mlp).norm(dim=-1) / dq_perp
+        for ratio in (attn_ratio, mlp_ratio):
+            if n_tok:
+                med = torch.quantile(ratio, 0.5, dim=1)
+            else:
+                med = ratio.new_zeros(0)
+            cols.append(med[:, None].expand(-1, n_blocks))
+    feats = torch.stack(cols, dim=-1).transpose(0, 1).contiguous()  # [B, R, F]
+    return feats, SampleGeometry(list(bases), trans, layout)
+
+
+def sample_flow_features(
+    r: torch.Tensor,
+    o: torch.Tensor,
+    m: torch.Tensor,
+    norms: Sequence[NormFn],
+    betas: torch.Tensor,
+    readout: torch.Tensor,
+    config: FlowConfig,
+    sample_key: int,
+    bases: Sequence[torch.Tensor] | None = None,
+) -> tuple[torch.Tensor, SampleGeometry]:
+    """Everything for one sample: monitored states, bases (unless given), features.
+
+    Args:
+        r: ``[R, B+1, d]`` float32 residual states of the masked tokens, in sequence order.
+        o: ``[R, B, d]``.
+        m: ``[R, B, d]``.
+        norms: ``N_0..N_B`` as float32 callables.
+        betas: ``[B+1, d]``.
+        readout: ``W``, ``[V, d]``.
+        config: Flow config.
+        sample_key: Stable per-sample key (see :func:`token_key`).
+        bases: Optional precomputed window bases (tests use this to rotate the gauge).
+
+    Returns:
+        ``(features [B, R, F], geometry)``.
+    """
+    n_blocks = o.shape[1]
+    layout = window_layout(n_blocks, config.window_length, config.window_stride)
+    h, h_tilde = boundary_states(r, norms, betas, config.boundary)
+    if bases is None:
+        bases = fit_sample_bases(h, readout, layout, config, sample_key)
+    return flow_features(h, h_tilde, r, o, m, norms, bases, layout, config)
