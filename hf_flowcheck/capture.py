@@ -44,17 +44,23 @@ class CapturedStates:
     positions: torch.Tensor
 
     def check_finite(self) -> None:
-        """Raise :class:`NonFiniteStateError` naming the first bad block and position."""
-        for name, t in (("r", self.r), ("o", self.o), ("m", self.m)):
-            bad = ~torch.isfinite(t).all(dim=-1)
-            if bool(bad.any()):
-                i, b = (int(x) for x in bad.nonzero()[0])
-                what = {"r": "residual entering", "o": "attention output of", "m": "MLP output of"}[name]
-                raise NonFiniteStateError(
-                    f"Non-finite value (NaN/inf) in the {what} block {b} at sequence position "
-                    f"{int(self.positions[i])} of batch row {int(self.rows[i])}. The model itself "
-                    "overflowed there; load it in float32 or bfloat16 instead of float16."
-                )
+        """Raise :class:`NonFiniteStateError` naming the first (in depth) bad block and position."""
+        n_blocks = self.o.shape[1]
+        for b in range(n_blocks + 1):
+            parts = [("residual entering", self.r[:, b])]
+            if b < n_blocks:
+                parts += [("attention output of", self.o[:, b]), ("MLP output of", self.m[:, b])]
+            for what, t in parts:
+                bad = ~torch.isfinite(t).all(dim=-1)
+                if bool(bad.any()):
+                    idx = bad.nonzero().squeeze(-1)
+                    i = int(idx[self.positions[idx].argmin()])
+                    where = f"block {b}" if b < n_blocks else "the final norm"
+                    raise NonFiniteStateError(
+                        f"Non-finite value (NaN/inf) in the {what} {where} at sequence position "
+                        f"{int(self.positions[i])} of batch row {int(self.rows[i])}. The model itself "
+                        "overflowed there; load it in float32 or bfloat16 instead of float16."
+                    )
 
 
 def _hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -117,6 +123,13 @@ class FlowRecorder:
     @property
     def active(self) -> bool:
         return bool(self._handles)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by the capture buffers (they hold only the selected positions)."""
+        if self._buf is None:
+            return 0
+        return sum(t.numel() * t.element_size() for t in self._buf.values())
 
     @property
     def num_calls(self) -> int:

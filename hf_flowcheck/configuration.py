@@ -98,6 +98,11 @@ class FlowConfig:
         _choice("features", self.features, ("full", "paper"))
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
             _positive_int(name, getattr(self, name))
+        if self.window_stride > self.window_length:
+            raise ValueError(
+                f"window_stride={self.window_stride} is larger than window_length={self.window_length}: "
+                "some blocks would fall in no window. Use window_stride <= window_length."
+            )
         if not 0.0 <= float(self.transport_min_overlap) < 1.0:
             raise ValueError(f"transport_min_overlap={self.transport_min_overlap!r} must lie in [0, 1).")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:

@@ -144,6 +144,8 @@ class FlowExtractor:
         self._betas: torch.Tensor | None = None
         self._readout: torch.Tensor | None = None
         self._math_device: torch.device | None = None
+        #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
+        self.last_capture_bytes = 0
 
     # ------------------------------------------------------------------------------- set-up
     def _eos_ids(self, tokenizer: Any) -> set[int]:
@@ -260,6 +262,7 @@ class FlowExtractor:
         with FlowRecorder(self.arch, selector, capacity=rows.numel()) as rec:
             self._forward(ids.to(self._device()), att.to(self._device()))
             states = rec.result()
+        self.last_capture_bytes = rec.nbytes
         return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
 
     def _device(self) -> torch.device:
@@ -350,6 +353,7 @@ class FlowExtractor:
                 # generate never feeds its last token back; one more step gives its states.
                 self._final_step(out, seqs, full_att, rec.num_calls)
             states = rec.result()
+        self.last_capture_bytes = rec.nbytes
         feats = self._assemble(seqs, full_att, mask, states, None)
         return (out if want_dict else seqs), feats
 

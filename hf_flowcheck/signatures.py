@@ -356,9 +356,7 @@ def fit_sample_bases(
         ``J`` tensors ``[d, k]``.
     """
     n_tok, _, dim = h.shape
-    pairs = select_readout_pairs(
-        n_tok, layout, config.num_competitors, config.direction_cap, sample_key, config.seed
-    )
+    pairs = select_readout_pairs(n_tok, layout, config.num_competitors, config.direction_cap, sample_key, config.seed)
     sizes = [t.numel() for t, _ in pairs]
     if sum(sizes) == 0:
         return [fit_basis(h.new_zeros((0, dim)), dim, config.subspace_dim) for _ in pairs]
@@ -411,10 +409,7 @@ def flow_features(
     trans = [transport(bases[j], bases[j + 1], config.transport_min_overlap) for j in range(len(bases) - 1)]
     eye = torch.eye(k, dtype=torch.float32, device=h_tilde.device)
     r_steps = torch.stack(
-        [
-            eye if layout.assign[b + 1] == layout.assign[b] else trans[layout.assign[b]]
-            for b in range(n_blocks)
-        ]
+        [eye if layout.assign[b + 1] == layout.assign[b] else trans[layout.assign[b]] for b in range(n_blocks)]
     )  # [B, k, k]
     u_bound = ub[assign]  # [B+1, d, k]
     u_tgt = u_bound[1:]  # [B, d, k]

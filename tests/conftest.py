@@ -1,0 +1,88 @@
+"""Shared fixtures: offline environment and tiny random models of several families."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+# Tests never touch the network or the user's Hub cache.
+_HF_HOME = tempfile.mkdtemp(prefix="hf_flowcheck_test_hf_home_")
+os.environ["HF_HOME"] = _HF_HOME
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import AutoConfig, AutoModelForCausalLM  # noqa: E402
+
+from hf_flowcheck import FlowConfig  # noqa: E402
+
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+COMMON = dict(
+    vocab_size=99,
+    hidden_size=32,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    intermediate_size=37,
+    eos_token_id=98,
+    pad_token_id=0,
+    bos_token_id=1,
+    max_position_embeddings=256,
+)
+FAMILY_EXTRA = {
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {"head_dim": 8},
+    "gemma2": {"head_dim": 8},
+    "gemma3_text": {"head_dim": 8},
+    "phi3": {},
+    "gpt2": {"n_embd": 32, "n_layer": 4, "n_head": 4, "n_positions": 256},
+    "gpt_neox": {"rotary_pct": 0.5, "use_parallel_residual": True},
+}
+FAMILIES = list(FAMILY_EXTRA)
+#: The families the heavier tests iterate over (four, of different shapes).
+CORE_FAMILIES = ["llama", "gemma2", "gpt2", "gpt_neox"]
+
+
+def make_tiny_model(model_type: str, seed: int = 0, **overrides) -> torch.nn.Module:
+    """A tiny random causal LM (vocab 99, hidden 32, 4 blocks) in eval mode."""
+    kwargs = {**COMMON, **FAMILY_EXTRA[model_type], **overrides}
+    if model_type == "gpt2":
+        for k in (
+            "hidden_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "intermediate_size",
+            "max_position_embeddings",
+        ):
+            kwargs.pop(k, None)
+    cfg = AutoConfig.for_model(model_type, **kwargs)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    # Random init of norm weights makes the boundary norms non-trivial.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return model.eval()
+
+
+def tiny_flow_config(**kw) -> FlowConfig:
+    base = dict(window_length=2, window_stride=1, subspace_dim=4, num_competitors=4, direction_cap=64)
+    base.update(kw)
+    return FlowConfig(**base)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture(params=CORE_FAMILIES)
+def core_family(request) -> str:
+    return request.param

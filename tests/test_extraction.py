@@ -1,0 +1,207 @@
+"""FlowExtractor end to end on tiny models: batch invariance, generate == replay, edge cases."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config
+from transformers import LogitsProcessor, LogitsProcessorList
+
+from hf_flowcheck import FlowConfig, FlowExtractor, NonFiniteStateError
+
+
+class ForceTokenAt(LogitsProcessor):
+    """Force ``token`` in ``row`` at generation step ``step`` (to end rows at different lengths)."""
+
+    def __init__(self, prompt_len, row, step, token):
+        self.prompt_len, self.row, self.step, self.token = prompt_len, row, step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_len == self.step:
+            scores[self.row] = -float("inf")
+            scores[self.row, self.token] = 0.0
+        return scores
+
+
+def _left_padded(gen, lengths, vocab=97):
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    att = torch.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        ids[i, width - n :] = torch.randint(2, vocab, (n,), generator=gen)
+        att[i, width - n :] = 1
+    return ids, att
+
+
+def test_batch_invariance(core_family):
+    model = make_tiny_model(core_family)
+    ext = FlowExtractor(model, tiny_flow_config())
+    gen = torch.Generator().manual_seed(0)
+    ids, att = _left_padded(gen, [9, 5, 7])
+    resp = torch.zeros_like(ids)
+    resp[:, -3:] = 1
+    batch = ext.extract(ids, att, resp)
+    for i in range(3):
+        keep = att[i].bool()
+        alone = ext.extract(ids[i : i + 1, keep], response_mask=resp[i : i + 1, keep])
+        n = alone.values.shape[2]
+        torch.testing.assert_close(batch.values[i, :, :n], alone.values[0], atol=1e-4, rtol=1e-4)
+        assert batch.valid[i, :, :n].all() and not batch.valid[i, :, n:].any()
+        assert batch.sample_keys[i] == alone.sample_keys[0]
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_generate_capture_equals_teacher_forced_replay(core_family, do_sample):
+    model = make_tiny_model(core_family)
+    ext = FlowExtractor(model, tiny_flow_config())
+    gen = torch.Generator().manual_seed(1)
+    ids, att = _left_padded(gen, [6, 4, 5])
+    prompt_len = ids.shape[1]
+    stop = LogitsProcessorList([ForceTokenAt(prompt_len, row=1, step=3, token=98)])  # row 1 ends early
+    torch.manual_seed(0)
+    out, feats = ext.generate(
+        ids,
+        attention_mask=att,
+        max_new_tokens=7,
+        do_sample=do_sample,
+        logits_processor=stop,
+        pad_token_id=0,
+    )
+    assert out.shape[0] == 3
+    counts = feats.num_tokens().tolist()
+    assert counts[1] == 3 and 0 < counts[0] <= out.shape[1] - prompt_len  # EOS and what follows are excluded
+    full_att = torch.cat([att, torch.ones_like(out[:, prompt_len:])], dim=1)
+    resp = torch.zeros_like(out)
+    resp[:, prompt_len:] = 1
+    replay = ext.extract(out, full_att, resp)
+    assert torch.equal(replay.positions, feats.positions)
+    assert replay.sample_keys == feats.sample_keys
+    torch.testing.assert_close(feats.values, replay.values, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_returns_what_generate_returns():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+    ids = torch.tensor([[5, 6, 7, 8]])
+    plain = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    seqs, _ = ext.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(seqs, plain)
+    out, _ = ext.generate(
+        ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True
+    )
+    assert torch.equal(out.sequences, plain) and len(out.scores) == 5
+    assert out.past_key_values.get_seq_length() == plain.shape[1] - 1  # the cache is given back unchanged
+    after = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    assert torch.equal(after, plain)  # no hook left behind
+
+
+def test_empty_mask_gives_empty_valid_features_not_nan():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+    ids = torch.tensor([[5, 6, 7, 8], [5, 6, 7, 9]])
+    resp = torch.tensor([[0, 0, 0, 0], [0, 0, 1, 1]])
+    f = ext.extract(ids, response_mask=resp)
+    assert f.values.shape == (2, 4, 2, 10)
+    assert not f.valid[0].any() and f.valid[1].all() and torch.isfinite(f.values).all()
+    assert (f.values[0] == 0).all() and (f.positions[0] == -1).all()
+    none = ext.extract(ids, response_mask=torch.zeros_like(ids))
+    assert none.values.shape == (2, 4, 0, 10) and not none.valid.any()
+
+
+def test_special_tokens_only_and_first_eos():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+    ids = torch.tensor([[5, 6, 1, 98, 0], [5, 6, 7, 98, 8]])  # bos/eos/pad are special
+    resp = torch.tensor([[0, 0, 1, 1, 1], [0, 0, 1, 1, 1]])
+    f = ext.extract(ids, response_mask=resp)
+    assert f.num_tokens().tolist() == [0, 1]  # row 1: the token after the first EOS is excluded
+    assert f.positions[1, 0] == 2
+
+
+def test_token_mask_all_and_response_required():
+    model = make_tiny_model("llama")
+    ids = torch.tensor([[1, 5, 6, 7, 8]])
+    ext_all = FlowExtractor(model, tiny_flow_config(token_mask="all"))
+    f = ext_all.extract(ids)
+    assert f.positions[0].tolist() == [1, 2, 3, 4]  # BOS excluded
+    out, g = ext_all.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert g.positions[0, :4].tolist() == [1, 2, 3, 4] and g.num_tokens()[0] >= 4
+    ext = FlowExtractor(model, tiny_flow_config())
+    with pytest.raises(ValueError, match="response_mask"):
+        ext.extract(ids)
+
+
+def test_num_beams_refused_clearly():
+    ext = FlowExtractor(make_tiny_model("llama"), tiny_flow_config())
+    with pytest.raises(ValueError, match="num_beams=3"):
+        ext.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=3)
+
+
+def test_non_finite_state_names_block_and_position():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+
+    def poison(mod, args, out):
+        out = out.clone()
+        out[0, 3] = float("nan")
+        return out
+
+    handle = ext.arch.mlp_modules[2].register_forward_hook(poison)
+    try:
+        with pytest.raises(NonFiniteStateError, match=r"block 2 at sequence position 3"):
+            ext.extract(torch.tensor([[5, 6, 7, 8, 9]]), response_mask=torch.tensor([[0, 0, 1, 1, 1]]))
+    finally:
+        handle.remove()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_models(dtype):
+    model = make_tiny_model("gpt2").to(dtype)  # LayerNorm with bias in half precision
+    ext = FlowExtractor(model, tiny_flow_config())
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    f = ext.extract(ids, response_mask=torch.tensor([[0, 0, 1, 1, 1, 1]]))
+    assert f.values.dtype == torch.float32 and torch.isfinite(f.values).all()
+    ref = FlowExtractor(make_tiny_model("gpt2"), tiny_flow_config()).extract(
+        ids, response_mask=torch.tensor([[0, 0, 1, 1, 1, 1]])
+    )
+    step = f.names.index("attn_mag")
+    torch.testing.assert_close(f.values[..., step], ref.values[..., step], atol=0.1, rtol=0.1)
+
+
+def test_memory_grows_with_masked_tokens_not_prompt():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+    prompt = torch.randint(2, 97, (1, 200))
+    ids = torch.cat([prompt, torch.tensor([[5, 6, 7]])], dim=1)
+    resp = torch.zeros_like(ids)
+    resp[:, -3:] = 1
+    ext.extract(ids, response_mask=resp)
+    n_blocks, d = 4, 32
+    assert ext.last_capture_bytes == 3 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 3 * 16
+    ext.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert ext.last_capture_bytes == 4 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 4 * 16
+
+
+def test_other_configs_run(core_family):
+    model = make_tiny_model(core_family)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    resp = torch.tensor([[0, 0, 1, 1, 1, 1, 1]])
+    for cfg in (
+        tiny_flow_config(boundary="residual"),
+        tiny_flow_config(center="coordinate_median", drift_anchor="start", transport_min_overlap=0.5),
+        FlowConfig(subspace_dim=8, num_competitors=8),  # default windows wider than the model
+    ):
+        f = FlowExtractor(model, cfg).extract(ids, response_mask=resp)
+        assert torch.isfinite(f.values).all() and f.valid.all()
+
+
+def test_peft_lora_model():
+    peft = pytest.importorskip("peft")
+    model = make_tiny_model("llama")
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    ext = FlowExtractor(lora, tiny_flow_config())
+    out, f = ext.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert f.valid.any() and torch.isfinite(f.values).all()
+
+
+def test_subspace_larger_than_hidden_refused():
+    with pytest.raises(ValueError, match="subspace_dim=64"):
+        FlowExtractor(make_tiny_model("llama"), FlowConfig(subspace_dim=64))
