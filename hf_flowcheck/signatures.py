@@ -452,10 +452,7 @@ def flow_features(
         attn_ratio = perp(q_attn).norm(dim=-1) / dq_perp
         mlp_ratio = perp(q_mlp).norm(dim=-1) / dq_perp
         for ratio in (attn_ratio, mlp_ratio):
-            if n_tok:
-                med = torch.quantile(ratio, 0.5, dim=1)
-            else:
-                med = ratio.new_zeros(0)
+            med = torch.quantile(ratio, 0.5, dim=1) if n_tok else ratio.new_zeros(0)
             cols.append(med[:, None].expand(-1, n_blocks))
     feats = torch.stack(cols, dim=-1).transpose(0, 1).contiguous()  # [B, R, F]
     return feats, SampleGeometry(list(bases), trans, layout)

@@ -92,7 +92,7 @@ def test_register_architecture_and_wrong_path():
         register_architecture("my_llama_variant", spec)
     assert resolve_architecture(model).num_blocks == 4
     bad = ArchitectureSpec("model.blocks", "model.norm", "input_layernorm", "self_attn", "mlp")
-    with pytest.raises(UnsupportedArchitectureError, match="model.blocks"):
+    with pytest.raises(UnsupportedArchitectureError, match=r"model\.blocks"):
         resolve_architecture(model, bad)
 
 

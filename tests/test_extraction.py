@@ -122,7 +122,7 @@ def test_token_mask_all_and_response_required():
     ext_all = FlowExtractor(model, tiny_flow_config(token_mask="all"))
     f = ext_all.extract(ids)
     assert f.positions[0].tolist() == [1, 2, 3, 4]  # BOS excluded
-    out, g = ext_all.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    _out, g = ext_all.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert g.positions[0, :4].tolist() == [1, 2, 3, 4] and g.num_tokens()[0] >= 4
     ext = FlowExtractor(model, tiny_flow_config())
     with pytest.raises(ValueError, match="response_mask"):
@@ -198,7 +198,7 @@ def test_peft_lora_model():
     model = make_tiny_model("llama")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
     ext = FlowExtractor(lora, tiny_flow_config())
-    out, f = ext.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    _out, f = ext.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert f.valid.any() and torch.isfinite(f.values).all()
 
 

@@ -131,7 +131,7 @@ def test_shell_bound_lemma_31(kind):
         norm.weight.copy_(0.5 + torch.rand(d, generator=gen))
     u = torch.randn(200, d, generator=gen) * torch.logspace(-1, 1, 200)[:, None]
     r = u[:, None, :]
-    h, h_t = boundary_states(r, [norm], bias[None], "normalized")
+    _h, h_t = boundary_states(r, [norm], bias[None], "normalized")
     eps = norm.variance_epsilon if kind == "rms" else norm.eps
     mom = (u**2).mean(-1) if kind == "rms" else u.var(-1, unbiased=False)
     c = torch.sqrt(mom / (mom + eps))
