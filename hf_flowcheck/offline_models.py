@@ -175,9 +175,7 @@ class OfflineModelSpec:
         object.__setattr__(self, "parts", parts)
         sha = str(self.sha256).lower()
         if not _SHA256_RE.match(sha):
-            raise ValueError(
-                f"OfflineModelSpec.sha256={self.sha256!r} must be 64 hexadecimal characters."
-            )
+            raise ValueError(f"OfflineModelSpec.sha256={self.sha256!r} must be 64 hexadecimal characters.")
         object.__setattr__(self, "sha256", sha)
         if not self.gguf_filename:
             last = Path(parts[-1].path).name
@@ -285,7 +283,8 @@ def register_offline_model(spec: OfflineModelSpec, *, overwrite: bool = False) -
     if existing is not None:
         if not overwrite:
             raise ValueError(
-                f"An offline model named {existing!r} is already registered; pass overwrite=True to replace it."
+                f"An offline model named {existing!r} is already registered; "
+                "pass overwrite=True to replace it."
             )
         del OFFLINE_MODELS[existing]
     OFFLINE_MODELS[spec.name] = spec
@@ -468,11 +467,7 @@ def _read_source(folder: Path) -> dict[str, Any] | None:
 
 def _is_converted(folder: Path, spec: OfflineModelSpec) -> bool:
     source = _read_source(folder)
-    return (
-        source is not None
-        and source.get("sha256") == spec.sha256
-        and (folder / "config.json").is_file()
-    )
+    return source is not None and source.get("sha256") == spec.sha256 and (folder / "config.json").is_file()
 
 
 def _materialize_gguf(spec: OfflineModelSpec, parts: list[Path], work_dir: Path) -> Path:
@@ -623,4 +618,3 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(path, **(tokenizer_kwargs or {}))
     model.eval()
     return model, tokenizer
-

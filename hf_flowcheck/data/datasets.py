@@ -89,7 +89,7 @@ TASK_FIELDS: dict[str, dict[str, str]] = {
         "hallucinated": "hallucinated_summary",
     },
     "general": {
-        "uid": "ID",
+        # uid from the record index, not "ID": line 1975 of the official file has an empty ID.
         "user_query": "user_query",
         "response": "chatgpt_response",
         # The file uses "hallucination" although the HaluEval README says "hallucination_label".
@@ -106,7 +106,7 @@ TASK_FIELDS: dict[str, dict[str, str]] = {
 
 _SPECIAL_ROLES = ("uid", "reference", "hallucinated", "response", "label", "answers")
 _OPTIONAL_SOURCE_FIELDS = {("selfaware", "answers")}  # SelfAware "answer" is null when unanswerable
-_KEEP_EXTRA = {"general": ("hallucination_spans",), "selfaware": ("source",)}
+_KEEP_EXTRA = {"general": ("ID", "hallucination_spans"), "selfaware": ("source",)}
 # SelfAware: answerable -> 0, unanswerable -> 1 (higher detector score = should abstain).
 _LABEL_MAPS: dict[str, Mapping[Any, int]] = {"selfaware": {True: 0, False: 1}}
 
@@ -411,9 +411,18 @@ def _collect(
         index += 1
         try:
             if isinstance(obj, Exception):
-                raise DataFormatError(f"not valid JSON ({obj}).", path, line)
+                raise DataFormatError(
+                    f"not valid JSON ({obj}). Fix the line or pass on_error='skip' to skip bad lines.", path, line
+                )
             ex = _build_example(
-                obj, task=task, fields=fields, index=index, uid_prefix=uid_prefix, path=path, line=line, label_map=label_map
+                obj,
+                task=task,
+                fields=fields,
+                index=index,
+                uid_prefix=uid_prefix,
+                path=path,
+                line=line,
+                label_map=label_map,
             )
             if ex.uid in seen:
                 raise DataFormatError(f"duplicate uid {ex.uid!r}.", path, line, fields.get("uid"))
@@ -506,8 +515,9 @@ def load_halueval(
 ) -> RecordList:
     """Load one HaluEval task from the local data directory.
 
-    uids are ``"halueval_<task>:<0-based line index>"`` (general: ``"halueval_general:<ID>"``),
-    identical to :func:`load_hub` on ``pminervini/HaluEval``.
+    uids are ``"halueval_<task>:<0-based record index>"`` for every task (general included: its
+    ``ID`` field is kept in ``meta`` but is empty on line 1975), identical to :func:`load_hub` on
+    ``pminervini/HaluEval``.
 
     Args:
         task: ``"qa"``, ``"dialogue"``, ``"summarization"`` or ``"general"``.
@@ -547,7 +557,8 @@ def load_halueval_general(data_dir: str | os.PathLike[str] | None = None, **kwar
     """Load HaluEval general: ``response`` = ``chatgpt_response``, ``label`` = human yes(1)/no(0).
 
     The file has CRLF line endings and its label field is ``hallucination`` (not
-    ``hallucination_label`` as the HaluEval README says); both are handled.
+    ``hallucination_label`` as the HaluEval README says); both are handled. One record (line
+    1975) has an empty ``ID``, so uids use the record index; ``meta["ID"]`` keeps the original.
     """
     return load_halueval("general", data_dir, **kwargs)
 

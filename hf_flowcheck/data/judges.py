@@ -244,7 +244,9 @@ class CausalLMJudge:
         self.template = template
         has_chat = bool(getattr(tokenizer, "chat_template", None))
         if use_chat_template and not has_chat:
-            raise ValueError("use_chat_template=True but the tokenizer has no chat_template; pass use_chat_template=False.")
+            raise ValueError(
+                "use_chat_template=True but the tokenizer has no chat_template; pass use_chat_template=False."
+            )
         self.use_chat_template = has_chat if use_chat_template is None else use_chat_template
         self.margin = float(margin)
         self.max_length = max_length

@@ -310,7 +310,7 @@ class LabeledExample:
         """``prompt + completion``: the full teacher-forced text."""
         return self.prompt + self.completion
 
-    def __iter__(self):  # noqa: D105 - allows ``prompt, answer, label = ex``
+    def __iter__(self):
         return iter((self.prompt, self.answer, self.label))
 
     def to_dict(self) -> dict[str, Any]:
@@ -463,14 +463,18 @@ def label_generated(
         prompts = [fn(r) for r in batch]
         answers = list(generate(prompts))
         if len(answers) != len(prompts):
-            raise ValueError(f"generate() returned {len(answers)} answers for {len(prompts)} prompts; return one per prompt.")
+            raise ValueError(
+                f"generate() returned {len(answers)} answers for {len(prompts)} prompts; return one per prompt."
+            )
         for rec, prompt, raw in zip(batch, prompts, answers):
             if not isinstance(raw, str):
                 raise TypeError(f"generate() must return strings, got {type(raw).__name__} for {rec.uid}.")
             answer = postprocess(raw) if postprocess is not None else raw
             refs = rec.references
-            result = judge_fn(rec.question, answer, refs if len(refs) != 1 else refs[0], rec.knowledge) if refs else (
-                judge_fn(rec.question, answer, None, rec.knowledge)
+            result = (
+                judge_fn(rec.question, answer, refs if len(refs) != 1 else refs[0], rec.knowledge)
+                if refs
+                else (judge_fn(rec.question, answer, None, rec.knowledge))
             )
             if not isinstance(result, JudgeResult):
                 raise TypeError(f"judge returned {type(result).__name__}; it must return a JudgeResult.")
@@ -484,7 +488,9 @@ def label_generated(
             else:
                 counts["dropped"] += 1
             examples.append(
-                LabeledExample(rec.uid, rec.task, prompt, answer, result.label, "generated", result.reason, result.status)
+                LabeledExample(
+                    rec.uid, rec.task, prompt, answer, result.label, "generated", result.reason, result.status
+                )
             )
         if progress is not None:
             progress(min(start + batch_size, len(todo)), len(todo))

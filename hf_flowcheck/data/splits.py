@@ -102,11 +102,11 @@ def split_records(
     excluded = set(exclude or ())
     unique = sorted({str(u) for u in uids} - excluded, key=lambda u: (_key(seed, u), u))
     n = len(unique)
-    n_train = int(round(fr[0] * n))
-    n_val = int(round(fr[1] * n))
+    n_train = round(fr[0] * n)
+    n_val = round(fr[1] * n)
     n_val = min(n_val, n - n_train)
     parts = (unique[:n_train], unique[n_train : n_train + n_val], unique[n_train + n_val :])
-    for name, part, f in zip(SPLIT_NAMES, parts, fr):
+    for name, part in zip(SPLIT_NAMES, parts):
         if not part:
             raise ValueError(
                 f"split {name!r} would be empty with {n} unique records and fractions {fr}; load more records "
