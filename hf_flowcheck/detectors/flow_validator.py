@@ -1,0 +1,742 @@
+"""The flow validator (spec ``flow-signatures.md`` §6, paper B.9): events in, one sample score out.
+
+Events are the valid ``(b, t)`` cells of a :class:`~hf_flowcheck.extraction.FlowFeatures` tensor,
+read depth-major (every masked token of block 0, then block 1, ...). Each event's feature vector
+goes through ``LayerNorm(F) → MLP (F→256→128, GELU, dropout) → LayerNorm → GRU(128→256) →
+Linear(256→1)``; the per-event logits are pooled over the valid events (``max`` by default, or
+``logsumexp``) into the sample logit. ``sigmoid(logit)`` is the score: **in [0, 1], higher = more
+likely hallucinated**. The arg-max event is the *culprit* ``(t0, b0)`` that refinement patches.
+
+Padding never reaches the GRU: the valid events of each row are compacted to the front (a stable
+sort keeps their depth-major order) before the recurrence, and the per-event logits are scattered
+back to ``[N, B, T]`` afterwards. A row's score therefore does not depend on the other rows of the
+batch nor on how many padding columns ``T`` carries.
+
+Saved with :meth:`FlowValidator.save_pretrained` / :meth:`~FlowValidator.push_to_hub`
+(``huggingface_hub.PyTorchModelHubMixin``) as ``config.json`` (the :class:`ValidatorConfig`, the
+``FlowConfig`` the features were computed with, the base-model fingerprint, version stamps and
+training metadata), ``model.safetensors`` (loaded strictly) and a generated ``README.md``.
+
+Example:
+    >>> import torch
+    >>> v = FlowValidator(ValidatorConfig(num_features=10, hidden=16, embed=8, gru_hidden=8))
+    >>> values, valid = torch.randn(2, 4, 3, 10), torch.ones(2, 4, 3, dtype=torch.bool)
+    >>> out = v.eval()(values, valid)
+    >>> tuple(out.scores.shape), tuple(out.event_logits.shape)
+    ((2,), (2, 4, 3))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from torch import nn
+
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.extraction import FlowFeatures
+from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.version import __version__
+
+__all__ = ["CheckpointError", "FlowValidator", "FlowValidatorOutput", "ValidatorConfig"]
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+MODEL_CARD_NAME = "README.md"
+POOLINGS: tuple[str, ...] = ("max", "logsumexp")
+
+
+class CheckpointError(ValueError):
+    """A saved validator cannot be read: missing, corrupted, truncated or mismatched files."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Configuration
+# ---------------------------------------------------------------------------------------------
+
+
+def _pos_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"ValidatorConfig.{name}={value!r} must be a positive integer.")
+
+
+@dataclass
+class ValidatorConfig:
+    """Shape of the flow validator (paper B.9 defaults).
+
+    Example:
+        >>> ValidatorConfig(num_features=10).pooling
+        'max'
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    num_features: int = field(metadata={"help": "F, the number of feature channels per event (10 'full', 8 'paper')."})
+    hidden: int = field(default=256, metadata={"help": "Width of the MLP's hidden layer (F→hidden→embed)."})
+    embed: int = field(default=128, metadata={"help": "Event embedding size, the GRU's input size."})
+    gru_hidden: int = field(default=256, metadata={"help": "GRU hidden size (one layer)."})
+    dropout: float = field(default=0.1, metadata={"help": "Dropout probability inside the MLP, in [0, 1)."})
+    pooling: str = field(
+        default="max",
+        metadata={"help": "Pooling of event logits into the sample logit: 'max' (default) or 'logsumexp'."},
+    )
+    feature_names: tuple[str, ...] = field(
+        default=(),
+        metadata={
+            "help": "Names of the F feature channels in order (FlowFeatures.names); checked when scoring "
+            "FlowFeatures. Empty = unchecked."
+        },
+    )
+
+    def __post_init__(self) -> None:
+        for name in ("num_features", "hidden", "embed", "gru_hidden"):
+            _pos_int(name, getattr(self, name))
+        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"ValidatorConfig.dropout={self.dropout!r} must be a number in [0, 1).")
+        self.dropout = float(self.dropout)
+        if self.pooling not in POOLINGS:
+            raise ValueError(
+                f"ValidatorConfig.pooling={self.pooling!r} is not supported; "
+                f"use one of {', '.join(map(repr, POOLINGS))}."
+            )
+        if isinstance(self.feature_names, str) or not all(isinstance(n, str) for n in self.feature_names):
+            raise ValueError(
+                f"ValidatorConfig.feature_names={self.feature_names!r} must be a sequence of strings "
+                "(e.g. FlowFeatures.names)."
+            )
+        self.feature_names = tuple(self.feature_names)
+        if self.feature_names and len(self.feature_names) != self.num_features:
+            raise ValueError(
+                f"ValidatorConfig.feature_names has {len(self.feature_names)} names but num_features="
+                f"{self.num_features}; pass one name per feature channel, or no names."
+            )
+
+    @classmethod
+    def from_feature_names(cls, names: tuple[str, ...] | list[str], **kwargs: Any) -> ValidatorConfig:
+        """Config for features with these channel names (``num_features = len(names)``)."""
+        return cls(num_features=len(names), feature_names=tuple(names), **kwargs)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with version stamps, suitable for ``json.dumps``."""
+        out = dataclasses.asdict(self)
+        out["feature_names"] = list(self.feature_names)
+        out["format_version"] = self.FORMAT_VERSION
+        out["hf_flowcheck_version"] = __version__
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ValidatorConfig:
+        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
+        if isinstance(data, cls):
+            return data
+        if not isinstance(data, dict):
+            raise ValueError(f"ValidatorConfig.from_dict() needs a dict, got {type(data).__name__}.")
+        data = dict(data)
+        fmt = data.pop("format_version", cls.FORMAT_VERSION)
+        data.pop("hf_flowcheck_version", None)
+        if fmt > cls.FORMAT_VERSION:
+            raise ValueError(
+                f"ValidatorConfig format_version {fmt} is newer than this hf_flowcheck understands "
+                f"({cls.FORMAT_VERSION}); upgrade hf_flowcheck."
+            )
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"Unknown ValidatorConfig field(s) {unknown}; known fields: {sorted(known)}.")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------------------------------------
+# Output
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FlowValidatorOutput:
+    """What the validator returns for ``N`` samples.
+
+    Attributes:
+        logits: ``[N]`` pooled sample logits; ``nan`` for rows without any valid event.
+        scores: ``[N]`` ``sigmoid(logits)`` in ``[0, 1]``, higher = more likely hallucinated;
+            ``nan`` for rows without events.
+        event_logits: ``[N, B, T]`` per-event logits, ``-inf`` where the cell is not a valid event.
+        culprit_block: ``[N]`` long, block ``b0`` of the arg-max event (-1 without events).
+        culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the arg-max event (-1 without events).
+        has_events: ``[N]`` bool, whether the row has at least one valid event.
+        culprit_position: ``[N]`` long, sequence position ``t0`` of the culprit (from
+            ``FlowFeatures.positions``; -1 without events). Set by :meth:`FlowValidator.score_features` only.
+    """
+
+    logits: torch.Tensor
+    scores: torch.Tensor
+    event_logits: torch.Tensor
+    culprit_block: torch.Tensor
+    culprit_column: torch.Tensor
+    has_events: torch.Tensor
+    culprit_position: torch.Tensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------
+# JSON helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def _jsonable(obj: Any, where: str) -> Any:
+    """Copy of ``obj`` with NaN/inf floats as ``None`` and tuples as lists; raises on other types."""
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return _jsonable(obj.item(), where)
+    raise ValueError(
+        f"{where} holds a {type(obj).__name__}, which cannot be written to config.json; "
+        "store plain numbers, strings, lists and dicts (e.g. evaluate_scores() results)."
+    )
+
+
+def _yaml_str(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a valid YAML scalar
+
+
+def _looks_like_hub_id(name: str | None) -> bool:
+    if not name or name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name):
+        return False
+    parts = name.split("/")
+    return 1 <= len(parts) <= 2 and all(parts)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class FlowValidator(
+    nn.Module,
+    PyTorchModelHubMixin,
+    library_name="hf_flowcheck",
+    tags=["hf_flowcheck", "hallucination-detection", "flow-signatures"],
+):
+    """Flow-signature hallucination detector (paper B.9).
+
+    Args:
+        validator_config: The network's shape; a :class:`ValidatorConfig` or its dict.
+        flow_config: The :class:`~hf_flowcheck.FlowConfig` (or its dict) the features were
+            computed with; stored so that users extract features the same way.
+        base_fingerprint: :func:`hf_flowcheck.hub.model_fingerprint` of the base model the
+            features came from; :meth:`check_compatible` compares a model against it.
+        training_metadata: JSON-serialisable facts about training (hyperparameters, history,
+            ``"evaluation"``: :func:`~hf_flowcheck.evaluation.evaluate_scores` results,
+            ``"command"``: the command that produced them). Shown in the model card.
+
+    Score direction: ``scores`` lie in ``[0, 1]``, higher = more likely hallucinated.
+
+    Example:
+        >>> v = FlowValidator(ValidatorConfig(num_features=8, hidden=16, embed=8, gru_hidden=8))
+        >>> v.eval()(torch.randn(1, 3, 2, 8), torch.ones(1, 3, 2, dtype=torch.bool)).culprit_block.shape
+        torch.Size([1])
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def __init__(
+        self,
+        validator_config: ValidatorConfig | dict | None = None,
+        *,
+        flow_config: FlowConfig | dict | None = None,
+        base_fingerprint: dict | None = None,
+        training_metadata: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if validator_config is None:
+            raise ValueError(
+                "FlowValidator needs a validator_config, e.g. FlowValidator(ValidatorConfig(num_features=10)) "
+                "or ValidatorConfig.from_feature_names(features.names)."
+            )
+        cfg = ValidatorConfig.from_dict(validator_config)
+        if isinstance(flow_config, dict):
+            flow_config = FlowConfig.from_dict(flow_config)
+        if flow_config is not None and not isinstance(flow_config, FlowConfig):
+            raise ValueError(f"flow_config must be a FlowConfig or its dict, got {type(flow_config).__name__}.")
+        if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
+            raise ValueError(
+                f"base_fingerprint must be a dict from hf_flowcheck.hub.model_fingerprint(), "
+                f"got {type(base_fingerprint).__name__}."
+            )
+        if training_metadata is not None and not isinstance(training_metadata, dict):
+            raise ValueError(f"training_metadata must be a dict, got {type(training_metadata).__name__}.")
+        self.config = cfg
+        self.flow_config: FlowConfig | None = flow_config
+        self.base_fingerprint: dict[str, Any] | None = dict(base_fingerprint) if base_fingerprint else None
+        self.training_metadata: dict[str, Any] = dict(training_metadata or {})
+
+        f, p = cfg.num_features, cfg.dropout
+        self.input_norm = nn.LayerNorm(f)
+        self.mlp = nn.Sequential(
+            nn.Linear(f, cfg.hidden),
+            nn.GELU(),
+            nn.Dropout(p),
+            nn.Linear(cfg.hidden, cfg.embed),
+            nn.GELU(),
+            nn.Dropout(p),
+        )
+        self.embed_norm = nn.LayerNorm(cfg.embed)
+        self.gru = nn.GRU(cfg.embed, cfg.gru_hidden, num_layers=1, batch_first=True)
+        self.head = nn.Linear(cfg.gru_hidden, 1)
+
+    # ------------------------------------------------------------------------------- forward
+    def _check_inputs(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        if not isinstance(values, torch.Tensor) or values.dim() != 4:
+            raise ValueError(
+                f"values must be a [N, B, T, F] float tensor, got {getattr(values, 'shape', type(values).__name__)}."
+            )
+        if values.shape[-1] != self.config.num_features:
+            raise ValueError(
+                f"values has F={values.shape[-1]} features but this validator expects "
+                f"num_features={self.config.num_features}; extract features with the validator's flow_config "
+                f"({'features=' + repr(self.flow_config.features) if self.flow_config else 'see config.json'})."
+            )
+        if not isinstance(valid, torch.Tensor) or tuple(valid.shape) != tuple(values.shape[:3]):
+            raise ValueError(
+                f"valid must be a [N, B, T] = {list(values.shape[:3])} bool tensor, "
+                f"got {getattr(valid, 'shape', type(valid).__name__)}."
+            )
+        valid = valid if valid.dtype == torch.bool else valid != 0
+        bad = (~torch.isfinite(values).all(-1)) & valid
+        if bool(bad.any()):
+            rows = sorted({int(i) for i in bad.nonzero()[:, 0].tolist()})[:10]
+            raise ValueError(
+                f"values holds NaN/inf at valid events of sample(s) {rows}; non-finite features mean a broken "
+                "extraction (check the base model's dtype, e.g. load it in float32) or mark those cells invalid."
+            )
+        return valid
+
+    def forward(self, values: torch.Tensor, valid: torch.Tensor) -> FlowValidatorOutput:
+        """Score samples from their event features.
+
+        Args:
+            values: ``[N, B, T, F]`` event features (content of invalid cells is ignored).
+            valid: ``[N, B, T]`` bool, true for real events.
+
+        Returns:
+            :class:`FlowValidatorOutput` (``culprit_position`` is ``None``; see :meth:`score_features`).
+        """
+        valid = self._check_inputs(values, valid)
+        n, b, t, f = values.shape
+        dev = values.device
+        dtype = self.head.weight.dtype
+        e = b * t
+        x = values.reshape(n, e, f).to(dtype)
+        v = valid.reshape(n, e).to(dev)
+        lengths = v.sum(1)  # [N]
+        has = lengths > 0
+        length = int(lengths.max()) if n > 0 else 0
+        neg_inf = torch.tensor(float("-inf"), dtype=dtype, device=dev)
+        if length == 0:  # no valid event anywhere (or an empty batch)
+            nan = torch.full((n,), float("nan"), dtype=dtype, device=dev)
+            minus = torch.full((n,), -1, dtype=torch.long, device=dev)
+            return FlowValidatorOutput(nan, nan.clone(), neg_inf.expand(n, b, t).clone(), minus, minus.clone(), has)
+
+        # Compact: valid events first, in depth-major order (stable sort of ~valid).
+        order = torch.sort((~v).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [N, L]
+        keep = torch.arange(length, device=dev)[None, :] < lengths[:, None]  # [N, L]
+        xc = x.gather(1, order[..., None].expand(n, length, f))
+        xc = xc.masked_fill(~keep[..., None], 0.0)
+
+        h = self.embed_norm(self.mlp(self.input_norm(xc)))  # [N, L, embed]
+        states, _ = self.gru(h)  # causal: trailing padding cannot reach valid events
+        ev = self.head(states).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
+
+        pooled = ev.max(dim=1).values if self.config.pooling == "max" else torch.logsumexp(ev, dim=1)
+        logits = torch.where(has, pooled, torch.full_like(pooled, float("nan")))
+        scores = torch.sigmoid(logits)
+
+        arg = ev.argmax(dim=1)  # [N]
+        flat = order.gather(1, arg[:, None]).squeeze(1)
+        minus = torch.full_like(flat, -1)
+        culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
+        culprit_column = torch.where(has, flat % t, minus)
+
+        full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev)
+        return FlowValidatorOutput(
+            logits=logits,
+            scores=scores,
+            event_logits=full.reshape(n, b, t),
+            culprit_block=culprit_block,
+            culprit_column=culprit_column,
+            has_events=has,
+        )
+
+    @torch.no_grad()
+    def score_features(self, features: FlowFeatures, *, batch_size: int = 256) -> FlowValidatorOutput:
+        """Score a :class:`~hf_flowcheck.extraction.FlowFeatures` batch in eval mode.
+
+        Args:
+            features: ``values [N, B, T, F]``, ``valid [N, B, T]``, ``positions [N, T]``.
+            batch_size: Samples per forward pass (bounds memory; results do not depend on it).
+
+        Returns:
+            :class:`FlowValidatorOutput` on the validator's device, with ``culprit_position``
+            ``[N]`` (sequence index ``t0`` of the culprit, -1 for rows without events).
+
+        Raises:
+            ValueError: If the feature names differ from those the validator was trained on.
+        """
+        if not isinstance(features, FlowFeatures):
+            raise ValueError(
+                f"score_features() takes FlowFeatures (from FlowExtractor), got {type(features).__name__}; "
+                "call the validator directly for raw (values, valid) tensors."
+            )
+        self.check_feature_names(features.names)
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
+        dev = self.head.weight.device
+        was_training = self.training
+        self.eval()
+        try:
+            outs = [
+                self(features.values[i : i + batch_size].to(dev), features.valid[i : i + batch_size].to(dev))
+                for i in range(0, max(len(features), 1), batch_size)
+            ]
+        finally:
+            self.train(was_training)
+        out = FlowValidatorOutput(
+            *(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(FlowValidatorOutput)[:6])
+        )
+        pos = features.positions.to(dev)
+        col = out.culprit_column.clamp_min(0)
+        picked = pos.gather(1, col[:, None]).squeeze(1) if pos.shape[1] > 0 else torch.full_like(col, -1)
+        out.culprit_position = torch.where(out.has_events, picked, torch.full_like(picked, -1))
+        return out
+
+    # -------------------------------------------------------------------------- compatibility
+    def check_feature_names(self, names: tuple[str, ...] | list[str]) -> None:
+        """Raise a ``ValueError`` when ``names`` differ from the names the validator was trained on."""
+        expected = self.config.feature_names
+        if expected and tuple(names) != tuple(expected):
+            raise ValueError(
+                f"The features are {list(names)} but this validator was trained on {list(expected)}; "
+                f"extract them with the validator's flow_config (validator.flow_config = {self.flow_config})."
+            )
+
+    def check_compatible(self, model: nn.Module, *, fields: tuple[str, ...] = CHECKED_FIELDS) -> None:
+        """Raise unless ``model`` is the base model this validator was trained on.
+
+        Args:
+            model: A transformers causal LM.
+            fields: Fingerprint fields to compare (default: architecture, sizes and readout hash).
+
+        Raises:
+            FingerprintMismatchError: Naming each differing field with both values.
+            ValueError: If this validator carries no fingerprint.
+        """
+        if not self.base_fingerprint:
+            raise ValueError(
+                "This validator has no base-model fingerprint, so compatibility cannot be checked. When you "
+                "know which model its features came from, set "
+                "validator.base_fingerprint = hf_flowcheck.hub.model_fingerprint(model) before saving "
+                "(train_validator(..., base_model=model) does this)."
+            )
+        check_fingerprint(self.base_fingerprint, model, fields=fields, what="validator")
+
+    def set_base_model(self, model: nn.Module, base_id: str | None = None, revision: str | None = None) -> None:
+        """Record ``model``'s fingerprint (see :func:`hf_flowcheck.hub.model_fingerprint`)."""
+        self.base_fingerprint = model_fingerprint(model, base_id=base_id, revision=revision)
+
+    def record_evaluation(self, results: Any, *, command: str | None = None, **extra: Any) -> None:
+        """Store evaluation results (and the command that produced them) for config.json and the model card.
+
+        Args:
+            results: One :func:`~hf_flowcheck.evaluation.evaluate_scores` result, a list of them,
+                or ``{row_name: result}``.
+            command: The command line that produced the results.
+            **extra: More JSON-serialisable facts (protocol, split, dataset ...).
+        """
+        from hf_flowcheck.evaluation import format_table
+
+        format_table(results)  # validates the structure early, with its own clear error
+        self.training_metadata["evaluation"] = _jsonable(results, "evaluation")
+        if command is not None:
+            self.training_metadata["command"] = str(command)
+        self.training_metadata.update(_jsonable(extra, "training_metadata"))
+
+    # ----------------------------------------------------------------------------------- I/O
+    def to_config_dict(self) -> dict[str, Any]:
+        """The content of ``config.json``."""
+        return {
+            "library": "hf_flowcheck",
+            "model_class": type(self).__name__,
+            "format_version": self.FORMAT_VERSION,
+            "hf_flowcheck_version": __version__,
+            "validator_config": self.config.to_dict(),
+            "flow_config": self.flow_config.to_dict() if self.flow_config is not None else None,
+            "base_fingerprint": _jsonable(self.base_fingerprint, "base_fingerprint"),
+            "training_metadata": _jsonable(self.training_metadata, "training_metadata"),
+        }
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (called by ``save_pretrained``)."""
+        from safetensors.torch import save_file
+
+        save_directory = Path(save_directory)
+        config = self.to_config_dict()  # raises before anything is written if metadata is not JSON
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
+        meta = {"format": "pt", "hf_flowcheck_version": __version__, "format_version": str(self.FORMAT_VERSION)}
+        save_file(state, str(save_directory / WEIGHTS_NAME), metadata=meta)
+        (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
+        (save_directory / MODEL_CARD_NAME).write_text(self.model_card_text(), encoding="utf-8")
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
+        """The model card (``README.md``) with base model, features, metrics and the producing command."""
+        return ModelCard(self.model_card_text())
+
+    def model_card_text(self, repo_id: str | None = None) -> str:
+        """Markdown of the model card (works offline)."""
+        from hf_flowcheck.evaluation import format_table
+
+        fp = self.base_fingerprint or {}
+        base_id = fp.get("base_id")
+        meta = self.training_metadata
+        tags = ["hf_flowcheck", "hallucination-detection", "flow-signatures", "pytorch_model_hub_mixin"]
+        lines = ["---", "library_name: hf_flowcheck", "tags:"] + [f"- {t}" for t in tags]
+        if _looks_like_hub_id(base_id):
+            lines.append(f"base_model: {_yaml_str(base_id)}")
+        lines += ["---", ""]
+        title = f"Flow validator for {base_id}" if base_id else "Flow validator"
+        lines += [
+            f"# {title}",
+            "",
+            "A hallucination detector built with [hf_flowcheck](https://github.com/hf-flowcheck/hf_flowcheck) from "
+            "*flow signatures*: how the base model's residual stream moves between blocks, read through its "
+            "own readout. `score` = `sigmoid(logit)` lies in [0, 1]; **higher = more likely hallucinated**. "
+            "The culprit event (the arg-max per-event logit) names the token and block to refine.",
+            "",
+            "## Base model",
+            "",
+        ]
+        if fp:
+            lines += ["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()]
+        else:
+            lines.append("Not recorded (the validator carries no base-model fingerprint).")
+        lines += ["", "## Features", ""]
+        if self.flow_config is not None:
+            fc = dataclasses.asdict(self.flow_config)
+            lines.append("`FlowConfig(" + ", ".join(f"{k}={v!r}" for k, v in fc.items()) + ")`")
+        else:
+            lines.append("FlowConfig not recorded.")
+        names = ", ".join(f"`{n}`" for n in self.config.feature_names) or "(unnamed)"
+        lines += [
+            "",
+            f"{self.config.num_features} channels: {names}.",
+            "",
+            "## Architecture",
+            "",
+            f"LayerNorm({self.config.num_features}) → MLP ({self.config.num_features}→{self.config.hidden}→"
+            f"{self.config.embed}, GELU, dropout {self.config.dropout}) → LayerNorm → GRU ({self.config.embed}→"
+            f"{self.config.gru_hidden}) → Linear({self.config.gru_hidden}→1) per event → `{self.config.pooling}` "
+            "pooling over the valid events (depth-major order).",
+            "",
+            "## Evaluation",
+            "",
+        ]
+        evaluation = meta.get("evaluation")
+        if evaluation:
+            lines += ["```text", format_table(evaluation), "```", ""]
+            lines.append(
+                "Each cell is `value [low, high]`, a 95% percentile bootstrap interval. Label 1 = hallucinated."
+            )
+        else:
+            lines.append("No evaluation recorded.")
+        for key in ("protocol", "dataset", "split"):
+            if key in meta:
+                lines.append(f"- {key}: `{meta[key]}`")
+        lines += ["", "## Training", ""]
+        hist = meta.get("history") or {}
+        hyper = meta.get("hyperparameters") or {}
+        if hyper:
+            lines.append("Hyperparameters: " + ", ".join(f"`{k}={v}`" for k, v in hyper.items()) + ".")
+        if hist:
+            lines.append(
+                f"Checkpoint chosen on the validation split: epoch {hist.get('best_epoch')}, validation AUROC "
+                f"{hist.get('best_val_auroc')}; {hist.get('epochs_run')} epochs run "
+                f"({'early-stopped' if hist.get('stopped_early') else 'no early stop'})."
+            )
+        if not hyper and not hist:
+            lines.append("Not recorded.")
+        lines += ["", "## Reproduce", ""]
+        cmd = meta.get("command")
+        lines += ["```bash", cmd, "```"] if cmd else ["The producing command was not recorded."]
+        lines += [
+            "",
+            "## Usage",
+            "",
+            "```python",
+            "from hf_flowcheck import FlowExtractor, FlowConfig",
+            "from hf_flowcheck.detectors import FlowValidator",
+            "",
+            f"validator = FlowValidator.from_pretrained({(repo_id or '<this repo>')!r}, base_model=model)",
+            "extractor = FlowExtractor(model, validator.flow_config)",
+            "out = validator.score_features(extractor.extract(input_ids, attention_mask, response_mask))",
+            "out.scores  # [N], higher = more likely hallucinated",
+            "```",
+            "",
+            f"Written by hf_flowcheck {__version__} (format version {self.FORMAT_VERSION}).",
+            "",
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        base_model: nn.Module | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> FlowValidator:
+        """Load a validator from a local folder or a Hub id (the Hub cache is used offline).
+
+        Args:
+            pretrained_model_name_or_path: Folder written by :meth:`save_pretrained`, or a Hub
+                repo id such as ``"org/name"``.
+            base_model: When given, :meth:`check_compatible` is run against it after loading.
+            map_location: Device for the weights.
+            strict: Refuse missing or unexpected weight keys (default ``True``).
+            **kwargs: ``revision``, ``cache_dir``, ``force_download``, ``token``,
+                ``local_files_only`` (see ``huggingface_hub.ModelHubMixin.from_pretrained``).
+
+        Returns:
+            The validator in eval mode.
+
+        Raises:
+            CheckpointError: Missing, corrupted, truncated or mismatched files.
+            FingerprintMismatchError: ``base_model`` is not the model it was trained on.
+        """
+        name = str(pretrained_model_name_or_path)
+        try:
+            validator = super().from_pretrained(
+                pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
+            )
+        except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
+            raise CheckpointError(
+                f"Could not fetch the validator {name!r}: {str(err).rstrip('.')}. Check the repo id / folder; when offline "
+                "(HF_HUB_OFFLINE=1) the files must already be in the Hugging Face cache (download them once "
+                "online, or pass a local folder)."
+            ) from err
+        if base_model is not None:
+            validator.check_compatible(base_model)
+        return validator
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        config: dict | None = None,
+        **model_kwargs: Any,
+    ) -> FlowValidator:
+        if not isinstance(config, dict):
+            raise CheckpointError(
+                f"No {CONFIG_NAME} found for {model_id!r}; a FlowValidator folder holds {CONFIG_NAME}, "
+                f"{WEIGHTS_NAME} and {MODEL_CARD_NAME} as written by FlowValidator.save_pretrained()."
+            )
+        if config.get("library") != "hf_flowcheck" or "validator_config" not in config:
+            raise CheckpointError(
+                f"{model_id!r} is not an hf_flowcheck FlowValidator checkpoint (its {CONFIG_NAME} has no "
+                "'validator_config'); load it with the library that wrote it."
+            )
+        fmt = config.get("format_version", cls.FORMAT_VERSION)
+        if not isinstance(fmt, int) or fmt > cls.FORMAT_VERSION:
+            raise CheckpointError(
+                f"{model_id!r} was written in format_version {fmt!r} by hf_flowcheck "
+                f"{config.get('hf_flowcheck_version')}; this hf_flowcheck ({__version__}) reads format "
+                f"{cls.FORMAT_VERSION}. Upgrade hf_flowcheck."
+            )
+        kwargs = {
+            k: config.get(k) for k in ("validator_config", "flow_config", "base_fingerprint", "training_metadata")
+        }
+        kwargs.update({k: v for k, v in model_kwargs.items() if k in kwargs})
+        try:
+            model = cls(**kwargs)
+        except ValueError as err:
+            raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
+
+        if os.path.isdir(model_id):
+            weights = os.path.join(model_id, WEIGHTS_NAME)
+            if not os.path.isfile(weights):
+                raise CheckpointError(f"{weights} is missing; re-save the validator with save_pretrained().")
+        else:
+            weights = hf_hub_download(
+                repo_id=model_id,
+                filename=WEIGHTS_NAME,
+                revision=revision,
+                cache_dir=cache_dir,
+                force_download=force_download,
+                token=token,
+                local_files_only=local_files_only,
+            )
+        model.load_weights_file(weights, map_location=map_location, strict=strict)
+        return model.eval()
+
+    def load_weights_file(self, path: str | Path, *, map_location: str = "cpu", strict: bool = True) -> None:
+        """Load ``model.safetensors`` strictly, with errors that say what is wrong.
+
+        Raises:
+            CheckpointError: Unreadable (corrupted/truncated) file, missing or unexpected keys,
+                shape mismatches, or non-finite weights.
+        """
+        from safetensors.torch import load_file
+
+        try:
+            state = load_file(str(path), device=str(map_location))
+        except Exception as err:  # safetensors raises SafetensorError / OSError on bad files
+            raise CheckpointError(
+                f"Could not read the validator weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted or truncated "
+                "(e.g. an interrupted download or copy); re-download it (from_pretrained(..., force_download=True)) "
+                "or save the validator again."
+            ) from err
+        own = self.state_dict()
+        missing = sorted(set(own) - set(state))
+        unexpected = sorted(set(state) - set(own))
+        if strict and (missing or unexpected):
+            raise CheckpointError(
+                f"The weights in {str(path)!r} do not match this validator: missing keys {missing}, unexpected keys "
+                f"{unexpected}. The config.json and model.safetensors come from different validators (or another "
+                "library); save them together with save_pretrained(). Pass strict=False only to load a partial state."
+            )
+        shapes = [
+            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+            for k in sorted(set(own) & set(state))
+            if tuple(state[k].shape) != tuple(own[k].shape)
+        ]
+        if shapes:
+            raise CheckpointError(
+                f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(shapes)}); "
+                "config.json and model.safetensors come from different validators."
+            )
+        bad = [k for k in sorted(set(own) & set(state)) if not bool(torch.isfinite(state[k]).all())]
+        if bad:
+            raise CheckpointError(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
+        self.load_state_dict(state, strict=strict)

@@ -1,0 +1,184 @@
+"""Base-model fingerprints: what a saved detector was trained on, and the check that refuses another model.
+
+Flow signatures are read through one base model's blocks and readout, so a detector trained on one
+model means nothing on another (a different checkpoint, a fine-tune, a model with fewer layers).
+Every saved detector stores :func:`model_fingerprint` of its base model; :func:`check_fingerprint`
+compares it with the model at hand and raises :class:`FingerprintMismatchError` naming each field
+that differs (as tuned-lens does with its readout hash).
+
+Example:
+    >>> from transformers import LlamaConfig, LlamaForCausalLM
+    >>> lm = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+    ...     num_attention_heads=4, intermediate_size=37))
+    >>> fp = model_fingerprint(lm)
+    >>> fp["num_blocks"], fp["hidden_size"], fp["vocab_size"]
+    (2, 32, 99)
+    >>> check_fingerprint(fp, lm)  # same model: passes silently
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_flowcheck.architectures import resolve_architecture, unwrap_model
+
+__all__ = [
+    "CHECKED_FIELDS",
+    "FINGERPRINT_FIELDS",
+    "FingerprintMismatchError",
+    "check_fingerprint",
+    "model_fingerprint",
+    "readout_sha256",
+]
+
+#: Every key of a fingerprint, in a fixed order.
+FINGERPRINT_FIELDS: tuple[str, ...] = (
+    "model_type",
+    "num_blocks",
+    "hidden_size",
+    "vocab_size",
+    "readout_sha256",
+    "base_id",
+    "revision",
+)
+#: Fields compared by :func:`check_fingerprint` by default. ``base_id`` and ``revision`` are kept
+#: for people (the same weights may be loaded from a Hub id or a local folder); the readout hash
+#: already identifies the weights.
+CHECKED_FIELDS: tuple[str, ...] = ("model_type", "num_blocks", "hidden_size", "vocab_size", "readout_sha256")
+
+# Rows hashed per chunk: bounds the float32 copy to ~chunk*d*4 bytes even for large vocabularies.
+_CHUNK_ROWS = 8192
+_HASH_CACHE: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+_HASH_CACHE_SIZE = 16
+
+
+class FingerprintMismatchError(ValueError):
+    """A detector is used with a base model other than the one it was trained on."""
+
+
+def readout_sha256(weight: torch.Tensor) -> str:
+    """SHA-256 of a readout weight's values as little-endian float32 bytes.
+
+    The weight is copied to the CPU in chunks of rows, so the peak extra memory is small. Results
+    are cached per storage (data pointer, shape, dtype, device and in-place version counter), so
+    repeated checks against the same loaded model are free.
+
+    Args:
+        weight: ``[V, d]`` readout (unembedding) weight, any dtype and device.
+
+    Returns:
+        The hex digest (64 characters).
+
+    Raises:
+        ValueError: If the weight lives on the ``meta`` device (not materialised).
+    """
+    if weight.device.type == "meta":
+        raise ValueError(
+            "The readout weight is on the 'meta' device (not loaded), so it cannot be fingerprinted. "
+            "Load the model's weights (e.g. without low_cpu_mem_usage/empty-weights tricks) before checking."
+        )
+    key = (weight.data_ptr(), tuple(weight.shape), str(weight.dtype), str(weight.device), weight._version)
+    cached = _HASH_CACHE.get(key)
+    if cached is not None:
+        _HASH_CACHE.move_to_end(key)
+        return cached
+    h = hashlib.sha256()
+    w = weight.detach()
+    if w.dim() == 1:
+        w = w[:, None]
+    w = w.reshape(w.shape[0], -1)
+    for start in range(0, w.shape[0], _CHUNK_ROWS):
+        chunk = w[start : start + _CHUNK_ROWS].to(device="cpu", dtype=torch.float32).contiguous()
+        h.update(chunk.numpy().astype("<f4", copy=False).tobytes())
+    digest = h.hexdigest()
+    _HASH_CACHE[key] = digest
+    while len(_HASH_CACHE) > _HASH_CACHE_SIZE:
+        _HASH_CACHE.popitem(last=False)
+    return digest
+
+
+def model_fingerprint(model: nn.Module, base_id: str | None = None, revision: str | None = None) -> dict[str, Any]:
+    """What identifies a base model for a flow detector.
+
+    Args:
+        model: A transformers causal LM (PEFT or flow-checked wrappers are unwrapped).
+        base_id: Hub id or path to record; defaults to ``model.config._name_or_path``.
+        revision: Revision to record; defaults to ``model.config._commit_hash`` when set.
+
+    Returns:
+        A JSON-serialisable dict with ``model_type``, ``num_blocks``, ``hidden_size`` and
+        ``vocab_size`` (the readout's ``[V, d]`` shape), ``readout_sha256`` (see
+        :func:`readout_sha256`), ``base_id`` and ``revision`` (``None`` when unknown).
+    """
+    arch = resolve_architecture(model)
+    base = unwrap_model(model)
+    cfg = getattr(base, "config", None)
+    readout = arch.readout
+    if base_id is None:
+        base_id = getattr(cfg, "_name_or_path", None) or None
+    if revision is None:
+        revision = getattr(cfg, "_commit_hash", None) or None
+    return {
+        "model_type": getattr(cfg, "model_type", None),
+        "num_blocks": int(arch.num_blocks),
+        "hidden_size": int(readout.shape[1]),
+        "vocab_size": int(readout.shape[0]),
+        "readout_sha256": readout_sha256(readout),
+        "base_id": None if base_id is None else str(base_id),
+        "revision": None if revision is None else str(revision),
+    }
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 24 else text[:20] + "...'"
+
+
+def check_fingerprint(
+    expected: Mapping[str, Any], model: nn.Module, *, fields: Iterable[str] = CHECKED_FIELDS, what: str = "detector"
+) -> None:
+    """Raise unless ``model`` matches the fingerprint a detector was trained with.
+
+    Args:
+        expected: A :func:`model_fingerprint` dict (as stored in a detector's ``config.json``).
+        model: The base model the detector is about to be used with.
+        fields: Fields to compare (default :data:`CHECKED_FIELDS`). Fields missing from
+            ``expected`` are not compared.
+        what: Name of the artifact in the error message.
+
+    Raises:
+        FingerprintMismatchError: Naming every differing field with both values, and the fix.
+        ValueError: If ``fields`` names an unknown field.
+    """
+    fields = tuple(fields)
+    unknown = sorted(set(fields) - set(FINGERPRINT_FIELDS))
+    if unknown:
+        raise ValueError(f"Unknown fingerprint field(s) {unknown}; known fields: {list(FINGERPRINT_FIELDS)}.")
+    if not isinstance(expected, Mapping):
+        raise ValueError(
+            f"expected must be a fingerprint dict from model_fingerprint(), got {type(expected).__name__}."
+        )
+    actual = model_fingerprint(model)
+    diffs = [
+        (name, expected[name], actual[name])
+        for name in fields
+        if name in expected and expected[name] is not None and expected[name] != actual[name]
+    ]
+    if not diffs:
+        return
+    lines = "; ".join(f"{name} differs (trained on {_short(exp)}, got {_short(got)})" for name, exp, got in diffs)
+    trained_on = expected.get("base_id") or "an unnamed model"
+    rev = f" at revision {expected['revision']}" if expected.get("revision") else ""
+    raise FingerprintMismatchError(
+        f"This {what} was trained on {trained_on!r}{rev}, not on the model given "
+        f"({actual.get('base_id') or type(unwrap_model(model)).__name__!r}): {lines}. Flow signatures are "
+        f"specific to one base model's blocks and readout weights, so scores on another model are meaningless. "
+        f"Load the base model the {what} was trained on, or train a {what} for this model "
+        f"(hf_flowcheck.training.train_validator)."
+    )

@@ -1,0 +1,66 @@
+"""A few end-to-end checks on the real offline default model (SmolLM2-135M-Instruct)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flowcheck import FlowConfig, FlowExtractor
+from hf_flowcheck.offline_models import load_model
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    model, tok = load_model("SmolLM2-135M-Instruct")
+    tok.padding_side = "left"
+    return model, tok
+
+
+PROMPTS = [
+    "Knowledge: Paris is the capital and largest city of France.\nQuestion: What is the capital of France?\nAnswer:",
+    "Knowledge: Gustave Eiffel's company built the tower.\nQuestion: Who built the Eiffel Tower?\nAnswer:",
+]
+
+
+def test_generate_capture_equals_replay_on_smollm2(smollm2):
+    model, tok = smollm2
+    ext = FlowExtractor(model, FlowConfig(), tokenizer=tok)
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out, feats = ext.generate(
+        enc.input_ids,
+        attention_mask=enc.attention_mask,
+        max_new_tokens=12,
+        do_sample=False,
+        pad_token_id=tok.pad_token_id,
+    )
+    plain = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert torch.equal(out, plain)
+    assert feats.values.shape[:2] == (2, 30) and feats.values.shape[-1] == 10
+    assert torch.isfinite(feats.values).all() and feats.valid.any(-1).any(-1).all()
+    p = enc.input_ids.shape[1]
+    full_att = torch.cat([enc.attention_mask, torch.ones_like(out[:, p:])], dim=1)
+    resp = torch.zeros_like(out)
+    resp[:, p:] = 1
+    replay = ext.extract(out, full_att, resp)
+    assert torch.equal(replay.positions, feats.positions)
+    # KV-cached decoding and a full forward differ by float rounding; features agree closely.
+    torch.testing.assert_close(feats.values, replay.values, atol=2e-3, rtol=2e-3)
+
+
+def test_smollm2_batch_invariance_and_boundaries(smollm2):
+    model, tok = smollm2
+    texts = [PROMPTS[0] + " Paris.", PROMPTS[1] + " Gustave Eiffel's company."]
+    answers = [" Paris.", " Gustave Eiffel's company."]
+    enc = tok(texts, return_tensors="pt", padding=True)
+    resp = torch.zeros_like(enc.input_ids)
+    for i, a in enumerate(answers):
+        n = len(tok(a).input_ids)
+        resp[i, -n:] = 1
+    for boundary in ("normalized", "residual"):
+        ext = FlowExtractor(model, FlowConfig(boundary=boundary), tokenizer=tok)
+        batch = ext.extract(enc.input_ids, enc.attention_mask, resp)
+        assert torch.isfinite(batch.values).all()
+        keep = enc.attention_mask[0].bool()
+        alone = ext.extract(enc.input_ids[:1, keep], response_mask=resp[:1, keep])
+        n = alone.values.shape[2]
+        torch.testing.assert_close(batch.values[0, :, :n], alone.values[0], atol=2e-3, rtol=2e-3)

@@ -1,0 +1,203 @@
+"""FlowValidator (spec §6): shapes, pooling, culprits, and invariance to batch and padding."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_flowcheck.detectors import FlowValidator, FlowValidatorOutput, ValidatorConfig
+from hf_flowcheck.extraction import FlowFeatures
+
+F = 10
+SMALL = dict(hidden=24, embed=12, gru_hidden=16)
+
+
+def make_validator(seed: int = 0, **kw) -> FlowValidator:
+    torch.manual_seed(seed)
+    return FlowValidator(ValidatorConfig(num_features=F, **{**SMALL, **kw})).eval()
+
+
+def random_batch(n: int = 5, b: int = 4, t: int = 6, seed: int = 0, p: float = 0.6):
+    g = torch.Generator().manual_seed(seed)
+    values = torch.randn(n, b, t, F, generator=g)
+    valid = torch.rand(n, b, t, generator=g) < p
+    valid[:, :, 0] = True  # every row has events
+    return values, valid
+
+
+def reference_logits(v: FlowValidator, values: torch.Tensor, valid: torch.Tensor) -> list[torch.Tensor]:
+    """Per-row event logits computed one row at a time on the valid events in depth-major order."""
+    out = []
+    for i in range(values.shape[0]):
+        b_idx, t_idx = valid[i].nonzero(as_tuple=True)  # row-major over [B, T] = depth-major
+        x = values[i, b_idx, t_idx][None]  # [1, L, F]
+        h = v.embed_norm(v.mlp(v.input_norm(x)))
+        states, _ = v.gru(h)
+        out.append(v.head(states)[0, :, 0])
+    return out
+
+
+def test_output_shapes_ranges_and_culprit():
+    v = make_validator()
+    values, valid = random_batch()
+    out = v(values, valid)
+    assert isinstance(out, FlowValidatorOutput)
+    n, b, t = valid.shape
+    assert out.logits.shape == (n,) and out.scores.shape == (n,) and out.event_logits.shape == (n, b, t)
+    assert bool(((out.scores >= 0) & (out.scores <= 1)).all())
+    assert torch.allclose(out.scores, torch.sigmoid(out.logits))
+    assert bool(torch.isinf(out.event_logits[~valid]).all()) and bool((out.event_logits[~valid] < 0).all())
+    assert bool(torch.isfinite(out.event_logits[valid]).all())
+    assert out.has_events.all()
+    for i in range(n):
+        bi, ti = int(out.culprit_block[i]), int(out.culprit_column[i])
+        assert valid[i, bi, ti]
+        assert out.event_logits[i, bi, ti] == out.event_logits[i].max()
+        assert torch.isclose(out.logits[i], out.event_logits[i].max())
+
+
+def test_matches_depth_major_reference():
+    v = make_validator(seed=1)
+    values, valid = random_batch(n=4, seed=3)
+    out = v(values, valid)
+    with torch.no_grad():
+        ref = reference_logits(v, values, valid)
+    for i, r in enumerate(ref):
+        torch.testing.assert_close(out.event_logits[i][valid[i]], r, atol=1e-5, rtol=1e-5)
+
+
+def test_logsumexp_pooling():
+    v = make_validator(pooling="logsumexp")
+    values, valid = random_batch()
+    out = v(values, valid)
+    for i in range(values.shape[0]):
+        torch.testing.assert_close(out.logits[i], torch.logsumexp(out.event_logits[i][valid[i]], 0))
+
+
+def test_row_does_not_depend_on_other_rows():
+    v = make_validator()
+    values, valid = random_batch(n=6, seed=5, p=0.4)
+    valid[2] = False
+    valid[2, 0, :2] = True  # a short row next to long ones
+    batch = v(values, valid)
+    for i in range(values.shape[0]):
+        alone = v(values[i : i + 1], valid[i : i + 1])
+        torch.testing.assert_close(alone.logits[0], batch.logits[i], atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(alone.event_logits[0], batch.event_logits[i], atol=1e-6, rtol=1e-6)
+        assert int(alone.culprit_block[0]) == int(batch.culprit_block[i])
+
+
+def test_padding_columns_and_garbage_in_invalid_cells_change_nothing():
+    v = make_validator()
+    values, valid = random_batch(n=3, t=5, seed=7)
+    base = v(values, valid)
+    # Insert two all-invalid columns in the middle and one at the end, filled with garbage (even NaN).
+    n, b, t, _ = values.shape
+    pad_vals = torch.full((n, b, t + 3, F), float("nan"))
+    pad_valid = torch.zeros(n, b, t + 3, dtype=torch.bool)
+    cols = [0, 1, 4, 5, 6]  # where the original columns go
+    pad_vals[:, :, cols] = values
+    pad_valid[:, :, cols] = valid
+    pad_vals[:, :, cols] = torch.where(valid[..., None], values, torch.full_like(values, 1e6))
+    out = v(pad_vals, pad_valid)
+    torch.testing.assert_close(out.logits, base.logits, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(out.event_logits[:, :, cols], base.event_logits, atol=1e-6, rtol=1e-6)
+    assert torch.equal(out.culprit_block, base.culprit_block)
+    assert torch.equal(torch.tensor(cols)[base.culprit_column], out.culprit_column)
+
+
+def test_rows_without_events_never_crash():
+    v = make_validator()
+    values, valid = random_batch(n=3)
+    valid[1] = False
+    out = v(values, valid)
+    assert out.has_events.tolist() == [True, False, True]
+    assert torch.isnan(out.scores[1]) and torch.isnan(out.logits[1])
+    assert int(out.culprit_block[1]) == -1 and int(out.culprit_column[1]) == -1
+    assert bool(torch.isfinite(out.scores[[0, 2]]).all())
+    # all rows empty, no columns, no rows
+    empty = v(values, torch.zeros_like(valid))
+    assert bool(torch.isnan(empty.scores).all()) and not empty.has_events.any()
+    no_cols = v(torch.zeros(2, 4, 0, F), torch.zeros(2, 4, 0, dtype=torch.bool))
+    assert no_cols.event_logits.shape == (2, 4, 0) and bool(torch.isnan(no_cols.scores).all())
+    none = v(torch.zeros(0, 4, 3, F), torch.zeros(0, 4, 3, dtype=torch.bool))
+    assert none.scores.shape == (0,)
+
+
+def test_gradients_finite_with_an_empty_row():
+    torch.manual_seed(0)
+    v = FlowValidator(ValidatorConfig(num_features=F, **SMALL)).train()
+    values, valid = random_batch(n=3)
+    valid[1] = False
+    out = v(values, valid)
+    loss = out.logits[out.has_events].sum()
+    loss.backward()
+    assert all(bool(torch.isfinite(p.grad).all()) for p in v.parameters() if p.grad is not None)
+
+
+def test_input_errors_are_clear():
+    v = make_validator()
+    values, valid = random_batch()
+    with pytest.raises(ValueError, match="num_features=10"):
+        v(values[..., :8], valid)
+    with pytest.raises(ValueError, match=r"valid must be a \[N, B, T\]"):
+        v(values, valid[:, :, :2])
+    bad = values.clone()
+    bad[2, 0, 0, 3] = float("nan")
+    with pytest.raises(ValueError, match=r"NaN/inf at valid events of sample\(s\) \[2\]"):
+        v(bad, valid)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(num_features=0), "num_features=0"),
+        (dict(num_features=10, pooling="mean"), "pooling='mean'.*'max', 'logsumexp'"),
+        (dict(num_features=10, dropout=1.5), r"dropout=1.5.*\[0, 1\)"),
+        (dict(num_features=3, feature_names=("a", "b")), "feature_names has 2 names but num_features=3"),
+        (dict(num_features=10, hidden=True), "hidden=True"),
+    ],
+)
+def test_config_validation(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ValidatorConfig(**kwargs)
+
+
+def test_config_round_trip_and_strict_from_dict():
+    cfg = ValidatorConfig.from_feature_names(["a", "b"], pooling="logsumexp")
+    d = cfg.to_dict()
+    assert d["format_version"] == 1 and "hf_flowcheck_version" in d
+    assert ValidatorConfig.from_dict(d) == cfg
+    with pytest.raises(ValueError, match="Unknown ValidatorConfig field"):
+        ValidatorConfig.from_dict({**d, "hiden": 3})
+    with pytest.raises(ValueError, match="newer than this hf_flowcheck"):
+        ValidatorConfig.from_dict({**d, "format_version": 99})
+    with pytest.raises(ValueError, match="needs a validator_config"):
+        FlowValidator()
+
+
+def test_score_features_positions_names_and_batching():
+    names = tuple(f"f{i}" for i in range(F))
+    torch.manual_seed(0)
+    v = FlowValidator(ValidatorConfig.from_feature_names(names, **SMALL)).train()
+    values, valid = random_batch(n=5, t=4)
+    valid[3] = False
+    positions = torch.tensor([[10, 11, 12, 13]] * 5)
+    positions[4, 3] = -1
+    valid[4, :, 3] = False
+    feats = FlowFeatures(values, valid, positions, names)
+    out = v.score_features(feats)
+    assert v.training  # mode restored
+    assert out.culprit_position is not None
+    for i in range(5):
+        if out.has_events[i]:
+            assert int(out.culprit_position[i]) == int(positions[i, out.culprit_column[i]])
+        else:
+            assert int(out.culprit_position[i]) == -1
+    one = v.score_features(feats, batch_size=1)
+    torch.testing.assert_close(one.scores, out.scores, equal_nan=True, atol=1e-6, rtol=1e-6)
+    wrong = FlowFeatures(values, valid, positions, tuple(reversed(names)))
+    with pytest.raises(ValueError, match="trained on"):
+        v.score_features(wrong)
+    with pytest.raises(ValueError, match="takes FlowFeatures"):
+        v.score_features(values)
