@@ -8,17 +8,26 @@ from hf_flowcheck.architectures import (
 )
 from hf_flowcheck.capture import FlowRecorder, NonFiniteStateError
 from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.detectors.flow_validator import FlowValidator, FlowValidatorOutput, ValidatorConfig
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
+from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
 from hf_flowcheck.version import __version__
 
 __all__ = [
     "ArchitectureSpec",
+    "FlowCheckedModelForCausalLM",
     "FlowConfig",
     "FlowExtractor",
     "FlowFeatures",
+    "FlowGenerateOutput",
     "FlowRecorder",
+    "FlowStreamingCheck",
+    "FlowValidator",
+    "FlowValidatorOutput",
     "NonFiniteStateError",
     "UnsupportedArchitectureError",
+    "ValidatorConfig",
     "__version__",
     "register_architecture",
     "supported_architectures",

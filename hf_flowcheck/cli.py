@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(func=cmd_demo)
+
+    from hf_flowcheck.pipeline import add_extract_arguments, run_extract
+
+    ext = sub.add_parser("extract", help="Extract flow signatures of a dataset into resumable safetensors shards.")
+    add_extract_arguments(ext)
+    ext.set_defaults(func=run_extract)
     return parser
 
 

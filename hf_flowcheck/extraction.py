@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -146,6 +146,9 @@ class FlowExtractor:
         self._math_device: torch.device | None = None
         #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
         self.last_capture_bytes = 0
+        #: The recorder of a ``generate`` call in progress (for streaming checks), else ``None``.
+        self.active_recorder: FlowRecorder | None = None
+        self._active_prompt_mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------- set-up
     def _eos_ids(self, tokenizer: Any) -> set[int]:
@@ -296,13 +299,19 @@ class FlowExtractor:
     # ----------------------------------------------------------------------------- generate
     @torch.no_grad()
     def generate(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **generate_kwargs: Any
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        **generate_kwargs: Any,
     ) -> tuple[Any, FlowFeatures]:
         """Generate and capture flow signatures of the generated tokens in the same pass.
 
         Args:
             input_ids: ``[N, P]`` prompts (left padding for batches).
             attention_mask: ``[N, P]``.
+            mask_fn: Optional edit of the final ``[N, S]`` token mask (the streaming check uses it to
+                leave an abstention message out of the score).
             **generate_kwargs: Passed to ``model.generate`` (``num_beams > 1`` is refused).
 
         Returns:
@@ -335,12 +344,18 @@ class FlowExtractor:
 
         capacity = p_rows.numel() + input_ids.shape[0] * int(max_new)
         with FlowRecorder(self.arch, selector, capacity=capacity) as rec:
-            out = self.model.generate(
-                input_ids=input_ids,
-                attention_mask=attention_mask,
-                return_dict_in_generate=True,
-                **generate_kwargs,
-            )
+            self.active_recorder = rec
+            self._active_prompt_mask = attention_mask
+            try:
+                out = self.model.generate(
+                    input_ids=input_ids,
+                    attention_mask=attention_mask,
+                    return_dict_in_generate=True,
+                    **generate_kwargs,
+                )
+            finally:
+                self.active_recorder = None
+                self._active_prompt_mask = None
             seqs = out.sequences
             full_att = torch.cat(
                 [attention_mask.to(seqs.device), torch.ones_like(seqs[:, prompt_len:], dtype=attention_mask.dtype)],
@@ -349,6 +364,8 @@ class FlowExtractor:
             resp = torch.zeros_like(seqs, dtype=torch.bool)
             resp[:, prompt_len:] = True
             mask = self.token_mask(seqs, full_att, resp)
+            if mask_fn is not None:
+                mask = mask_fn(mask)
             if seqs.shape[1] > prompt_len and bool(mask[:, -1].any()):
                 # generate never feeds its last token back; one more step gives its states.
                 self._final_step(out, seqs, full_att, rec.num_calls)
@@ -404,6 +421,25 @@ class FlowExtractor:
             if type(layer).__name__.startswith("Static"):
                 return False
         return True
+
+    def features_from_states(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, states: CapturedStates
+    ) -> FlowFeatures:
+        """Signatures of the masked tokens of ``input_ids`` from already captured states.
+
+        During a ``generate`` call (streaming checks) the prompt's attention mask is taken from
+        the running call so that sample keys match the final features.
+
+        Args:
+            input_ids: ``[N, S]`` the sequences so far.
+            mask: ``[N, S]`` token mask; every masked position must have been captured.
+            states: From :meth:`FlowRecorder.result`.
+        """
+        att = torch.ones_like(input_ids)
+        prompt = self._active_prompt_mask
+        if prompt is not None:
+            att[:, : prompt.shape[1]] = prompt.to(att.device)
+        return self._assemble(input_ids, att, mask, states, None)
 
     # ------------------------------------------------------------------------------ assembly
     def _assemble(

@@ -19,6 +19,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import weakref
 from collections import OrderedDict
 from collections.abc import Iterable, Mapping
 from typing import Any
@@ -54,7 +55,7 @@ CHECKED_FIELDS: tuple[str, ...] = ("model_type", "num_blocks", "hidden_size", "v
 
 # Rows hashed per chunk: bounds the float32 copy to ~chunk*d*4 bytes even for large vocabularies.
 _CHUNK_ROWS = 8192
-_HASH_CACHE: OrderedDict[tuple[Any, ...], str] = OrderedDict()
+_HASH_CACHE: OrderedDict[int, tuple[weakref.ref, tuple[Any, ...], str]] = OrderedDict()
 _HASH_CACHE_SIZE = 16
 
 
@@ -62,15 +63,17 @@ class FingerprintMismatchError(ValueError):
     """A detector is used with a base model other than the one it was trained on."""
 
 
-def readout_sha256(weight: torch.Tensor) -> str:
+def readout_sha256(weight: torch.Tensor, *, cache: bool = True) -> str:
     """SHA-256 of a readout weight's values as little-endian float32 bytes.
 
     The weight is copied to the CPU in chunks of rows, so the peak extra memory is small. Results
-    are cached per storage (data pointer, shape, dtype, device and in-place version counter), so
-    repeated checks against the same loaded model are free.
+    are cached per tensor object (checked against its data pointer, shape, dtype, device and in-place
+    version counter), so repeated checks against the same loaded model are free. Edits through
+    ``weight.data`` bypass the version counter; pass ``cache=False`` after such edits.
 
     Args:
         weight: ``[V, d]`` readout (unembedding) weight, any dtype and device.
+        cache: Use and fill the cache.
 
     Returns:
         The hex digest (64 characters).
@@ -83,11 +86,13 @@ def readout_sha256(weight: torch.Tensor) -> str:
             "The readout weight is on the 'meta' device (not loaded), so it cannot be fingerprinted. "
             "Load the model's weights (e.g. without low_cpu_mem_usage/empty-weights tricks) before checking."
         )
-    key = (weight.data_ptr(), tuple(weight.shape), str(weight.dtype), str(weight.device), weight._version)
-    cached = _HASH_CACHE.get(key)
-    if cached is not None:
-        _HASH_CACHE.move_to_end(key)
-        return cached
+    # Keyed by the tensor object itself (a weak reference), never by address alone: a freed weight's
+    # address may be reused by another model's readout.
+    meta = (weight.data_ptr(), tuple(weight.shape), str(weight.dtype), str(weight.device), weight._version)
+    entry = _HASH_CACHE.get(id(weight))
+    if cache and entry is not None and entry[0]() is weight and entry[1] == meta:
+        _HASH_CACHE.move_to_end(id(weight))
+        return entry[2]
     h = hashlib.sha256()
     w = weight.detach()
     if w.dim() == 1:
@@ -97,7 +102,10 @@ def readout_sha256(weight: torch.Tensor) -> str:
         chunk = w[start : start + _CHUNK_ROWS].to(device="cpu", dtype=torch.float32).contiguous()
         h.update(chunk.numpy().astype("<f4", copy=False).tobytes())
     digest = h.hexdigest()
-    _HASH_CACHE[key] = digest
+    if not cache:
+        return digest
+    _HASH_CACHE[id(weight)] = (weakref.ref(weight), meta, digest)
+    _HASH_CACHE.move_to_end(id(weight))
     while len(_HASH_CACHE) > _HASH_CACHE_SIZE:
         _HASH_CACHE.popitem(last=False)
     return digest

@@ -368,13 +368,15 @@ def _resolve_state(accelerator: Any) -> Any:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate/torchrun: join the group
         from accelerate import PartialState
 
-        return PartialState()
+        xpu = getattr(torch, "xpu", None)
+        has_accel = torch.cuda.is_available() or (xpu is not None and xpu.is_available())
+        return PartialState(cpu=not has_accel)  # cpu=True: gloo process group on CPU-only machines
     return _SingleProcess()
 
 
 # ------------------------------------------------------------------------------- manifest
 def _describe(value: Any) -> str:
-    text = json.dumps(value, sort_keys=True, default=str)
+    text = json.dumps(value, sort_keys=True, default=lambda o: type(o).__name__)
     return text if len(text) <= 300 else text[:297] + "..."
 
 
@@ -718,6 +720,12 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--dtype", default=None, help="Model dtype (float32, bfloat16, float16); default float32.")
     parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
+    parser.add_argument(
+        "--stop-at-newline",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="Generated protocol: stop a row at its first newline (the judged answer is the first line).",
+    )
     parser.add_argument("--no-resume", action="store_true", help="Refuse an existing out_dir instead of resuming.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
     group = parser.add_argument_group("flow configuration (FlowConfig fields)")
@@ -807,6 +815,11 @@ def run_extract(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             prompt_fn=prompt_fn,
             dataset={"name": args.dataset, "limit": args.limit, "prompt_style": args.prompt_style},
+            generate_kwargs=(
+                {"stop_strings": ["\n"], "tokenizer": tokenizer}
+                if protocol == "generated" and getattr(args, "stop_at_newline", False)
+                else None
+            ),
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FeatureStoreError) as err:
         print(f"flowcheck extract: error: {err}", file=sys.stderr)

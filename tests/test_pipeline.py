@@ -264,13 +264,15 @@ torch.set_num_threads(1)
 from accelerate import PartialState
 from conftest import make_tiny_model, tiny_flow_config
 from test_pipeline import CharTokenizer, paired
+from hf_flowcheck import pipeline
 from hf_flowcheck.pipeline import extract_dataset
 
-state = PartialState(cpu=True)
-assert state.num_processes == 2, state
+pipeline._after_shard_hook = lambda i: print("wrote shard", i, "in", PartialState().process_index, flush=True)
+# accelerator=None: extract_dataset joins the launched process group itself (WORLD_SIZE=2).
 store = extract_dataset(make_tiny_model("llama"), CharTokenizer(), paired(), sys.argv[1], config=tiny_flow_config(),
-                        protocol="paired", batch_size=3, shard_size=4, progress=False, accelerator=state)
-print("process", state.process_index, "samples", len(store))
+                        protocol="paired", batch_size=3, shard_size=4, progress=False)
+state = PartialState()
+print("process", state.process_index, "of", state.num_processes, "samples", len(store), flush=True)
 """
 
 
@@ -284,14 +286,18 @@ def test_two_accelerate_processes_equal_one(reference, tmp_path):
     script = tmp_path / "extract_two.py"
     script.write_text(ACCELERATE_SCRIPT.format(tests=str(TESTS)))
     out = tmp_path / "two"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(TESTS.parent)}
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(TESTS.parent), "CUDA_VISIBLE_DEVICES": ""}
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (multi-CPU needs mpirun); `--multi_gpu`
+    # starts two via torchrun, and on a CPU-only machine the pipeline's PartialState(cpu=True) uses gloo.
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
     cmd += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     cmd += ["--main_process_port", str(_free_port()), str(script), str(out)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "process 0 samples 12" in proc.stdout and "process 1 samples 12" in proc.stdout
+    assert "process 0 of 2 samples 12" in proc.stdout and "process 1 of 2 samples 12" in proc.stdout
+    wrote = sorted(line for line in proc.stdout.splitlines() if line.startswith("wrote"))
+    assert wrote == ["wrote shard 0 in 0", "wrote shard 1 in 1", "wrote shard 2 in 0"]  # shard i -> process i % 2
     store = FeatureStore.open(out)
     assert_same_features(store, reference)
     assert [e["sha256"] for e in store.shards] == [e["sha256"] for e in reference.shards]

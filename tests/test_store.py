@@ -116,7 +116,7 @@ def test_missing_or_incomplete_manifest(tmp_path):
         FeatureStore.open(tmp_path)
     manifest = _make_store(tmp_path, [_shard(2, 2, 0)])
     write_manifest(tmp_path, {**manifest, "status": "in_progress"})
-    with pytest.raises(FeatureStoreError, match="has not finished.*resume"):
+    with pytest.raises(FeatureStoreError, match=r"has not finished.*resume"):
         FeatureStore.open(tmp_path)
     assert len(FeatureStore.open(tmp_path, allow_incomplete=True)) == 2
     write_manifest(tmp_path, {**manifest, "format_version": STORE_FORMAT_VERSION + 1})

@@ -634,9 +634,9 @@ class FlowValidator(
             )
         except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
             raise CheckpointError(
-                f"Could not fetch the validator {name!r}: {str(err).rstrip('.')}. Check the repo id / folder; when offline "
-                "(HF_HUB_OFFLINE=1) the files must already be in the Hugging Face cache (download them once "
-                "online, or pass a local folder)."
+                f"Could not fetch the validator {name!r}: {str(err).rstrip('.')}. Check the repo id / folder; "
+                "when offline (HF_HUB_OFFLINE=1) the files must already be in the Hugging Face cache "
+                "(download them once online, or pass a local folder)."
             ) from err
         if base_model is not None:
             validator.check_compatible(base_model)
@@ -713,9 +713,9 @@ class FlowValidator(
             state = load_file(str(path), device=str(map_location))
         except Exception as err:  # safetensors raises SafetensorError / OSError on bad files
             raise CheckpointError(
-                f"Could not read the validator weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted or truncated "
-                "(e.g. an interrupted download or copy); re-download it (from_pretrained(..., force_download=True)) "
-                "or save the validator again."
+                f"Could not read the validator weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted "
+                "or truncated (e.g. an interrupted download or copy); re-download it "
+                "(from_pretrained(..., force_download=True)) or save the validator again."
             ) from err
         own = self.state_dict()
         missing = sorted(set(own) - set(state))

@@ -1,0 +1,51 @@
+"""Validators shipped inside the package, and how a base model finds its default one."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+VALIDATORS_DIR = Path(__file__).parent / "validators"
+
+
+def bundled_validators() -> dict[str, Path]:
+    """Name → folder of every bundled validator (folders holding a ``config.json``)."""
+    if not VALIDATORS_DIR.is_dir():
+        return {}
+    return {p.name: p for p in sorted(VALIDATORS_DIR.iterdir()) if (p / "config.json").is_file()}
+
+
+def _fingerprint(folder: Path) -> dict[str, Any]:
+    cfg = json.loads((folder / "config.json").read_text())
+    return cfg.get("base_fingerprint") or {}
+
+
+def default_validator_for(model: nn.Module, name: str | None = None) -> Any:
+    """The bundled validator trained on ``model``, or ``None`` when there is none.
+
+    A validator matches when the model's architecture, sizes and readout-weight hash equal its
+    recorded base-model fingerprint, whatever name or path the model was loaded from.
+    """
+    from hf_flowcheck.hub import model_fingerprint
+
+    candidates = bundled_validators()
+    if not candidates:
+        return None
+    fp = None
+    for folder in candidates.values():
+        want = _fingerprint(folder)
+        cfg = getattr(model, "config", None)
+        if want.get("num_blocks") != getattr(cfg, "num_hidden_layers", None):
+            continue
+        if want.get("hidden_size") != getattr(cfg, "hidden_size", None):
+            continue
+        if fp is None:
+            fp = model_fingerprint(model)
+        if want.get("readout_sha256") == fp.get("readout_sha256"):
+            from hf_flowcheck.detectors.flow_validator import FlowValidator
+
+            return FlowValidator.from_pretrained(str(folder))
+    return None

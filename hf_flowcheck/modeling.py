@@ -1,0 +1,296 @@
+"""`FlowCheckedModelForCausalLM`: a causal LM whose ``generate()`` can report flow scores.
+
+It wraps (does not subclass) a transformers model, PEFT models included: unknown attributes go to
+the base model, ``get_base_model()`` returns it, and with no flow flag set ``generate()`` is the base
+model's ``generate()`` untouched.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from hf_flowcheck.architectures import unwrap_model
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
+
+#: generate() keyword arguments that belong to hf_flowcheck (never passed to transformers).
+FLOW_GENERATE_KWARGS = (
+    "return_flow_scores",
+    "return_flow_features",
+    "flow_check_every",
+    "flow_abstain_threshold",
+    "flow_abstain_message",
+)
+FLOW_CONFIG_NAME = "flow_config.json"
+VALIDATOR_SUBFOLDER = "validator"
+_MISSING = object()
+
+
+class NoValidatorError(ValueError):
+    """``return_flow_scores=True`` without a validator."""
+
+
+def _load_validator(validator: Any, **hub_kwargs: Any):
+    from hf_flowcheck.detectors.flow_validator import FlowValidator
+
+    if validator is None or isinstance(validator, FlowValidator):
+        return validator
+    if isinstance(validator, (str, os.PathLike)):
+        return FlowValidator.from_pretrained(os.fspath(validator), **hub_kwargs)
+    raise TypeError(f"validator must be a FlowValidator, a local folder or a Hub id, got {type(validator).__name__}.")
+
+
+class FlowCheckedModelForCausalLM(nn.Module):
+    """A causal LM plus a flow validator.
+
+    Args:
+        model: A transformers ``*ForCausalLM`` (or a PEFT model around one).
+        validator: A :class:`~hf_flowcheck.FlowValidator`, a folder, a Hub id, or ``None``.
+        flow_config: How to extract signatures; defaults to the validator's, else ``FlowConfig()``.
+        tokenizer: Optional; used for special tokens and the abstention message.
+        check_compatibility: Check the validator's base-model fingerprint against ``model``.
+
+    Example:
+        >>> model = FlowCheckedModelForCausalLM.from_pretrained("SmolLM2-135M-Instruct")  # doctest: +SKIP
+        >>> out = model.generate(**inputs, max_new_tokens=32, return_flow_scores=True)  # doctest: +SKIP
+        >>> out.flow_scores  # one score per row in [0, 1], higher = more likely hallucinated  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        validator: Any = None,
+        flow_config: FlowConfig | None = None,
+        tokenizer: Any = None,
+        check_compatibility: bool = True,
+    ) -> None:
+        super().__init__()
+        self.base_model = model
+        validator = _load_validator(validator)
+        if validator is not None and check_compatibility and validator.base_fingerprint:
+            validator.check_compatible(model)
+        self.validator = validator
+        if flow_config is None:
+            flow_config = getattr(validator, "flow_config", None) or FlowConfig()
+        elif validator is not None and validator.flow_config is not None and validator.flow_config != flow_config:
+            raise ValueError(
+                f"flow_config {flow_config} differs from the one the validator was trained with "
+                f"({validator.flow_config}); its scores would be meaningless. Leave flow_config=None."
+            )
+        self.flow_config = flow_config
+        self.tokenizer = tokenizer
+        self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)
+        if validator is not None:
+            validator.to(self.extractor.arch.readout.device).eval()
+
+    # --------------------------------------------------------------------------- loading
+    @classmethod
+    def from_pretrained(
+        cls,
+        base: str | os.PathLike[str],
+        validator: Any = _MISSING,
+        flow_config: FlowConfig | None = None,
+        *,
+        load_tokenizer: bool = True,
+        **from_pretrained_kwargs: Any,
+    ) -> FlowCheckedModelForCausalLM:
+        """Load a base model (offline name, folder or Hub id) and its validator.
+
+        Args:
+            base: ``"SmolLM2-135M-Instruct"`` (offline registry), a local folder, or a Hub id.
+            validator: A :class:`FlowValidator`, folder or Hub id. Left out: the bundled default
+                validator for this base model if there is one (else none). ``None``: no validator.
+            flow_config: Extraction settings (default: the validator's).
+            load_tokenizer: Also load the tokenizer (kept as ``.tokenizer``).
+            **from_pretrained_kwargs: For ``AutoModelForCausalLM.from_pretrained`` (``dtype``,
+                ``device_map``, ``revision``, ...).
+        """
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from hf_flowcheck.offline_models import resolve_model
+
+        path = resolve_model(base)
+        model = AutoModelForCausalLM.from_pretrained(path, **from_pretrained_kwargs).eval()
+        tokenizer = None
+        if load_tokenizer:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(path)
+            except (OSError, ValueError):
+                tokenizer = None
+        if validator is _MISSING:
+            from hf_flowcheck.bundled import default_validator_for
+
+            validator = default_validator_for(model, name=os.fspath(base))
+        return cls(model, validator, flow_config, tokenizer=tokenizer)
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+        """Save the validator (``validator/``) and the flow config — not the base weights."""
+        out = Path(save_directory)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / FLOW_CONFIG_NAME).write_text(json.dumps(self.flow_config.to_dict(), indent=2, sort_keys=True))
+        if self.validator is not None:
+            self.validator.save_pretrained(out / VALIDATOR_SUBFOLDER, **kwargs)
+
+    def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
+        """Push the validator (with its flow config and model card) to the Hub."""
+        if self.validator is None:
+            raise NoValidatorError("There is no validator to push; train one first (flowcheck train).")
+        return self.validator.push_to_hub(repo_id, **kwargs)
+
+    # ------------------------------------------------------------------------- delegation
+    def get_base_model(self) -> nn.Module:
+        return self.base_model
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.base_model(*args, **kwargs)
+
+    # --------------------------------------------------------------------------- generate
+    def _pop_flow_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
+        gen_cfg = kwargs.get("generation_config")
+        flags = {}
+        for name in FLOW_GENERATE_KWARGS:
+            value = kwargs.pop(name, None)
+            if value is None and gen_cfg is not None:
+                value = getattr(gen_cfg, name, None)
+            flags[name] = value
+        if gen_cfg is not None and any(hasattr(gen_cfg, n) for n in FLOW_GENERATE_KWARGS):
+            gen_cfg = gen_cfg.__class__.from_dict(
+                {k: v for k, v in gen_cfg.to_dict().items() if k not in FLOW_GENERATE_KWARGS}
+            )
+            kwargs["generation_config"] = gen_cfg
+        return flags
+
+    def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
+        """``generate()`` of the base model, plus flow scores when asked.
+
+        Args:
+            input_ids: ``[batch, prompt]`` (left padding for batches).
+            return_flow_scores: Return a :class:`FlowGenerateOutput` with ``flow_scores``,
+                ``flow_event_scores``, ``flow_culprits``. Also read from ``generation_config``.
+            return_flow_features: Also return the :class:`FlowFeatures`.
+            flow_check_every: Score every row every this many tokens while generating.
+            flow_abstain_threshold: With ``flow_check_every``: a row whose running score exceeds
+                this stops and ends with ``flow_abstain_message``.
+            flow_abstain_message: Default ``"I am not sure."``.
+            **kwargs: Everything ``transformers`` ``generate()`` takes.
+
+        Returns:
+            The base ``generate()`` result when no flow flag is set; else a :class:`FlowGenerateOutput`.
+        """
+        flags = self._pop_flow_kwargs(kwargs)
+        want_scores = bool(flags["return_flow_scores"])
+        want_feats = bool(flags["return_flow_features"])
+        check_every = flags["flow_check_every"]
+        if not (want_scores or want_feats or check_every):
+            return (
+                self.base_model.generate(input_ids=input_ids, **kwargs)
+                if input_ids is not None
+                else (self.base_model.generate(**kwargs))
+            )
+        if input_ids is None:
+            input_ids = kwargs.pop("inputs", None)
+        if input_ids is None:
+            raise ValueError("Flow-checked generate() needs input_ids (inputs_embeds are not supported).")
+        if (want_scores or check_every) and self.validator is None:
+            raise NoValidatorError(
+                "return_flow_scores=True (or a streaming check) needs a validator: pass validator='org/name' "
+                "or a folder to FlowCheckedModelForCausalLM.from_pretrained, train one with `flowcheck train`, "
+                "or ask only for return_flow_features=True to get the raw signatures."
+            )
+        attention_mask = kwargs.pop("attention_mask", None)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        self._check_context(input_ids, kwargs)
+        prompt_len = input_ids.shape[1]
+
+        stream = None
+        if check_every:
+            stream = self._streaming_check(prompt_len, check_every, flags)
+            from transformers import LogitsProcessorList
+
+            procs = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
+            procs.append(stream)
+            kwargs["logits_processor"] = procs
+        kwargs.setdefault("return_dict_in_generate", True)
+        want_dict = kwargs.pop("return_dict_in_generate")
+        out, feats = self.extractor.generate(
+            input_ids,
+            attention_mask=attention_mask,
+            mask_fn=stream.final_mask if stream is not None else None,
+            return_dict_in_generate=True,
+            **kwargs,
+        )
+        del want_dict  # flow outputs are always a FlowGenerateOutput
+        result = FlowGenerateOutput(**{k: v for k, v in out.items()}, prompt_length=prompt_len)
+        if want_scores or check_every:
+            self._attach_scores(result, feats)
+        if want_feats:
+            result.flow_features = feats
+        if stream is not None:
+            running, steps, abstained = stream.summary(input_ids.shape[0])
+            result.flow_running_scores, result.flow_check_steps, result.flow_abstained = running, steps, abstained
+        return result
+
+    def _attach_scores(self, result: FlowGenerateOutput, feats: FlowFeatures) -> None:
+        out = self.validator.score_features(feats)
+        result.flow_scores = out.scores
+        result.flow_event_scores = out.event_logits
+        result.flow_event_mask = feats.valid.to(out.event_logits.device)
+        result.flow_positions = feats.positions
+        result.flow_culprits = torch.stack([out.culprit_position, out.culprit_block], dim=-1)
+        result.flow_has_events = out.has_events
+
+    def score(self, features: FlowFeatures) -> Any:
+        """Run the validator on features (e.g. from ``self.extractor.extract``)."""
+        if self.validator is None:
+            raise NoValidatorError("No validator loaded; pass validator=... to from_pretrained.")
+        return self.validator.score_features(features)
+
+    def _streaming_check(self, prompt_len: int, check_every: int, flags: dict[str, Any]) -> FlowStreamingCheck:
+        threshold = flags["flow_abstain_threshold"]
+        message = flags["flow_abstain_message"]
+        if message is None:
+            message = "I am not sure."
+        ids: list[int] = []
+        if threshold is not None:
+            if self.tokenizer is None:
+                raise ValueError("Abstention needs the tokenizer (to write the abstention message); pass tokenizer=.")
+            ids = self.tokenizer(" " + message.strip(), add_special_tokens=False).input_ids
+        gen_cfg = getattr(unwrap_model(self.base_model), "generation_config", None)
+        eos = getattr(gen_cfg, "eos_token_id", None)
+        if isinstance(eos, (list, tuple)):
+            eos = eos[0] if eos else None
+        if eos is None and self.tokenizer is not None:
+            eos = self.tokenizer.eos_token_id
+        return FlowStreamingCheck(self.extractor, self.validator, prompt_len, int(check_every), threshold, ids, eos)
+
+    def _check_context(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
+        cfg = getattr(unwrap_model(self.base_model), "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None)
+        max_new = kwargs.get("max_new_tokens")
+        if max_new is None:
+            gen_cfg = kwargs.get("generation_config") or getattr(
+                unwrap_model(self.base_model), "generation_config", None
+            )
+            max_new = getattr(gen_cfg, "max_new_tokens", None) or 0
+        if limit and input_ids.shape[1] + int(max_new) > limit:
+            raise ValueError(
+                f"The prompt has {input_ids.shape[1]} tokens and max_new_tokens={max_new}, more than the "
+                f"model's context of {limit} positions. Truncate the prompt (tokenizer(..., truncation=True, "
+                f"max_length={max(1, limit - int(max_new))})) or lower max_new_tokens."
+            )

@@ -1,0 +1,184 @@
+"""FlowCheckedModelForCausalLM on tiny models: parity, scores == teacher-forced, streaming, errors."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config
+from transformers import GenerationConfig
+
+from hf_flowcheck import FlowCheckedModelForCausalLM, FlowGenerateOutput
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+from hf_flowcheck.hub import FingerprintMismatchError
+
+
+def _validator(model, cfg=None, seed=0):
+    cfg = cfg or tiny_flow_config()
+    torch.manual_seed(seed)
+    v = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
+    )
+    v.set_base_model(model)
+    return v.eval()
+
+
+@pytest.fixture
+def wrapped():
+    model = make_tiny_model("llama")
+    return FlowCheckedModelForCausalLM(model, _validator(model))
+
+
+def _batch():
+    ids = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5]])
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    return ids, att
+
+
+def test_flag_off_is_the_base_generate(wrapped):
+    ids, att = _batch()
+    plain = wrapped.base_model.generate(input_ids=ids, attention_mask=att, max_new_tokens=6, do_sample=False)
+    same = wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=6, do_sample=False)
+    assert torch.equal(plain, same)
+    assert wrapped.config is wrapped.base_model.config  # delegation
+    assert wrapped.get_base_model() is wrapped.base_model
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_scores_equal_teacher_forced_validator(wrapped, do_sample):
+    ids, att = _batch()
+    torch.manual_seed(0)
+    out = wrapped.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=6,
+        do_sample=do_sample,
+        return_flow_scores=True,
+        return_flow_features=True,
+    )
+    assert isinstance(out, FlowGenerateOutput)
+    assert out.flow_scores.shape == (2,) and ((out.flow_scores >= 0) & (out.flow_scores <= 1)).all()
+    p = ids.shape[1]
+    full_att = torch.cat([att, torch.ones_like(out.sequences[:, p:])], 1)
+    resp = torch.zeros_like(out.sequences)
+    resp[:, p:] = 1
+    replay = wrapped.extractor.extract(out.sequences, full_att, resp)
+    ref = wrapped.validator.score_features(replay)
+    torch.testing.assert_close(out.flow_scores, ref.scores, atol=1e-5, rtol=0)
+    assert torch.equal(out.flow_culprits[:, 1], ref.culprit_block)
+    assert torch.equal(out.flow_culprits[:, 0], ref.culprit_position)
+    # The culprit is the arg-max event, and lies in the generated part.
+    assert (out.flow_culprits[:, 0] >= p).all()
+    ev = out.flow_event_scores.masked_fill(~out.flow_event_mask, float("-inf"))
+    assert torch.equal(ev.flatten(1).argmax(-1) // ev.shape[2], out.flow_culprits[:, 1])
+
+
+def test_generation_config_flag(wrapped):
+    ids, att = _batch()
+    gc = GenerationConfig(max_new_tokens=4, do_sample=False, return_flow_scores=True)
+    out = wrapped.generate(input_ids=ids, attention_mask=att, generation_config=gc)
+    assert out.flow_scores is not None and out.flow_scores.shape == (2,)
+
+
+def test_no_validator_error_but_features_allowed():
+    model = make_tiny_model("llama")
+    fc = FlowCheckedModelForCausalLM(model, None, tiny_flow_config())
+    ids, att = _batch()
+    with pytest.raises(ValueError, match="needs a validator"):
+        fc.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, return_flow_scores=True)
+    out = fc.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, return_flow_features=True)
+    assert out.flow_features is not None and out.flow_scores is None
+
+
+def test_wrong_base_model_is_refused():
+    v = _validator(make_tiny_model("llama", seed=0))
+    with pytest.raises(FingerprintMismatchError, match="readout_sha256"):
+        FlowCheckedModelForCausalLM(make_tiny_model("llama", seed=1), v)
+
+
+def test_beams_zero_tokens_and_long_prompts(wrapped):
+    ids, att = _batch()
+    with pytest.raises(ValueError, match="num_beams"):
+        wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, num_beams=2, return_flow_scores=True)
+    long_ids = torch.randint(2, 97, (1, 250))
+    with pytest.raises(ValueError, match="context of 256"):
+        wrapped.generate(input_ids=long_ids, max_new_tokens=10, return_flow_scores=True)
+
+
+def test_only_end_token_gives_nan_with_flag(wrapped):
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class ForceEos(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            scores[:] = -float("inf")
+            scores[:, 98] = 0.0
+            return scores
+
+    ids, att = _batch()
+    out = wrapped.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=4,
+        return_flow_scores=True,
+        logits_processor=LogitsProcessorList([ForceEos()]),
+    )
+    assert torch.isnan(out.flow_scores).all() and not out.flow_has_events.any()
+    assert (out.flow_culprits == -1).all()
+
+
+def test_streaming_records_running_scores_and_abstains(wrapped):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(99)}
+    vocab.update({"I": 60, "am": 61, "not": 62, "sure.": 63})
+    tk = Tokenizer(models.WordLevel({k: v for k, v in vocab.items()}, unk_token="w3"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    wrapped.tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w98", pad_token="w0")
+    ids, att = _batch()
+    out = wrapped.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=12,
+        do_sample=False,
+        return_flow_scores=True,
+        flow_check_every=3,
+    )
+    assert out.flow_running_scores.shape == (3, 2) and out.flow_check_steps.tolist() == [3, 6, 9]
+    assert not out.flow_abstained.any()
+    # Threshold 0: every row abstains at the first check and ends with the message and EOS.
+    out = wrapped.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=12,
+        do_sample=False,
+        return_flow_scores=True,
+        flow_check_every=3,
+        flow_abstain_threshold=0.0,
+        flow_abstain_message="I am not sure.",
+    )
+    assert out.flow_abstained.all()
+    p = ids.shape[1]
+    msg = wrapped.tokenizer(" I am not sure.", add_special_tokens=False).input_ids
+    for row in range(2):
+        gen = out.sequences[row, p:].tolist()
+        assert gen[3 : 3 + len(msg)] == msg and gen[3 + len(msg)] == 98
+    # The final score covers only the 3 tokens before the abstention.
+    assert (out.flow_positions >= 0).sum(-1).tolist() == [3, 3]
+
+
+def test_save_and_reload(tmp_path, wrapped):
+    wrapped.save_pretrained(tmp_path)
+    assert (tmp_path / "flow_config.json").is_file() and (tmp_path / "validator" / "model.safetensors").is_file()
+    again = FlowCheckedModelForCausalLM(wrapped.base_model, str(tmp_path / "validator"))
+    ids, att = _batch()
+    a = wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=4, return_flow_scores=True)
+    b = again.generate(input_ids=ids, attention_mask=att, max_new_tokens=4, return_flow_scores=True)
+    torch.testing.assert_close(a.flow_scores, b.flow_scores)
+
+
+def test_peft_lora_wrapped():
+    peft = pytest.importorskip("peft")
+    model = make_tiny_model("llama")
+    v = _validator(model)
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
+    fc = FlowCheckedModelForCausalLM(lora, v)
+    out = fc.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, return_flow_scores=True)
+    assert out.flow_scores.shape == (1,)
