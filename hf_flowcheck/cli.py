@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
     ext = sub.add_parser("extract", help="Extract flow signatures of a dataset into resumable safetensors shards.")
     add_extract_arguments(ext)
     ext.set_defaults(func=run_extract)
+
+    from hf_flowcheck.experiments import add_evaluate_arguments, add_train_arguments, cmd_evaluate, cmd_train
+
+    train = sub.add_parser("train", help="Train a flow validator on a feature store (validation-selected).")
+    add_train_arguments(train)
+    train.set_defaults(func=cmd_train)
+    evaluate = sub.add_parser("evaluate", help="Evaluate a validator on a split of a feature store.")
+    add_evaluate_arguments(evaluate)
+    evaluate.set_defaults(func=cmd_evaluate)
     return parser
 
 

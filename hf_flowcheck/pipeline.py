@@ -313,7 +313,8 @@ def _extract_shard(
             feats, p_lens = _run_paired(ext, tokenizer, batch, pad_id)
             for j, (pos, it) in enumerate(zip(idx, batch)):
                 counts["inputs"] += 1
-                kept.append((pos, feats[j], int(it.label), p_lens[j], {"source": it.source}))
+                meta = {"source": it.source, "answer": it.completion.strip()}
+                kept.append((pos, feats[j], int(it.label), p_lens[j], meta))
         on_batch(len(batch))
     kept.sort(key=lambda r: r[0])
     for _, _, label, _, _ in kept:
@@ -330,7 +331,7 @@ def _extract_shard(
             names,
             [],
         )
-    meta_keys = list(kept[0][4]) if kept else (["source"] if protocol != "generated" else [])
+    meta_keys = list(kept[0][4]) if kept else (["source", "answer"] if protocol != "generated" else [])
     metadata: dict[str, Any] = {f"{k}s": [r[4][k] for r in kept] for k in meta_keys}
     metadata.update({"shard": shard_index, "plan_key": plan_key, "counts": counts, "protocol": protocol})
     return ShardData(

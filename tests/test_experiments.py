@@ -1,0 +1,80 @@
+"""`flowcheck train` / `flowcheck evaluate` on a small paired store from a tiny model."""
+
+import json
+
+import pytest
+from conftest import make_tiny_model, tiny_flow_config
+from test_pipeline import CharTokenizer
+
+from hf_flowcheck import pipeline as pl
+from hf_flowcheck.cli import main
+from hf_flowcheck.data import LabeledExample
+from hf_flowcheck.detectors.flow_validator import FlowValidator
+from hf_flowcheck.experiments import train_from_store
+
+
+def _pairs(n):
+    out = []
+    for i in range(n):
+        prompt = f"Q{i}: who wrote it?\nAnswer:"
+        out.append(LabeledExample(f"r:{i}", "qa", prompt, "Ann Lee", 0, "right"))
+        out.append(LabeledExample(f"r:{i}", "qa", prompt, f"It was written by somebody else {i}.", 1, "hallucinated"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("store")
+    pl.extract_dataset(
+        make_tiny_model("llama"),
+        CharTokenizer(),
+        _pairs(40),
+        out,
+        config=tiny_flow_config(),
+        protocol="paired",
+        batch_size=8,
+        shard_size=32,
+        progress=False,
+    )
+    return out
+
+
+def test_train_then_evaluate_cli(store_dir, tmp_path, capsys):
+    out = tmp_path / "validator"
+    _, report = train_from_store(
+        store_dir, out, epochs=4, batch_size=8, n_bootstrap=50, progress=False, command="flowcheck train ..."
+    )
+    split = report["split"]
+    assert split["train"] + split["validation"] + split["test"] == 80 and split["test"] > 0
+    assert (out / "README.md").read_text().count("flowcheck train ...") >= 1
+    assert {"flow validator", "length-only (answer tokens)"} <= set(report["rows"])
+    assert report["length_matched_pairs"] == 0  # the answers differ in length by construction
+    v = FlowValidator.from_pretrained(str(out))
+    assert v.flow_config == tiny_flow_config()
+    rc = main(
+        [
+            "evaluate",
+            "--validator",
+            str(out),
+            "--features",
+            str(store_dir),
+            "--bootstrap",
+            "50",
+            "--json",
+            str(tmp_path / "eval.json"),
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "auroc" in printed.lower() and "length-only" in printed
+    saved = json.loads((tmp_path / "eval.json").read_text())
+    assert saved["n"] == split["test"]
+    assert saved["rows"]["flow validator"]["metrics"]["auroc"]["value"] == pytest.approx(
+        report["rows"]["flow validator"]["metrics"]["auroc"]["value"]
+    )
+
+
+def test_evaluate_bad_paths_give_clear_errors(tmp_path, capsys):
+    rc = main(["evaluate", "--validator", str(tmp_path / "nope"), "--features", str(tmp_path)])
+    assert rc == 2
+    assert "error" in capsys.readouterr().err
