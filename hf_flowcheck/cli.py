@@ -70,6 +70,67 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _qa_prompt(question: str, context: str | None) -> str:
+    """The same 2-shot plain prompt the bundled validator's training answers were generated with."""
+    from hf_flowcheck.data import Example, generation_prompt
+
+    fields = {"knowledge": context or "", "question": question}
+    return generation_prompt(Example(uid="cli", task="qa", prompt_fields=fields))
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Flow-checked generation: answer, score, culprit, heatmap."""
+    import torch
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    t0 = time.perf_counter()
+    kwargs = {} if args.validator is None else {"validator": args.validator}
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    tok = model.tokenizer
+    if model.validator is None:
+        print(
+            f"flowcheck generate: error: no validator for {args.model}. Pass --validator FOLDER_OR_HUB_ID "
+            "(train one with `flowcheck extract` + `flowcheck train`).",
+            file=sys.stderr,
+        )
+        return 2
+    print(f"Loaded {args.model} with its validator in {time.perf_counter() - t0:.1f} s")
+    prompt = _qa_prompt(args.question, args.context) if not args.raw_prompt else args.question
+    enc = tok(prompt, return_tensors="pt")
+    t0 = time.perf_counter()
+    out = model.generate(
+        **enc, max_new_tokens=args.max_new_tokens, do_sample=False, return_flow_scores=True,
+        return_flow_features=True, stop_strings=["\n"] if not args.raw_prompt else None, tokenizer=tok,
+        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+    )
+    dt = time.perf_counter() - t0
+    p = enc.input_ids.shape[1]
+    answer = tok.decode(out.sequences[0, p:], skip_special_tokens=True).strip()
+    print(f"Question: {args.question}")
+    print(f"Answer:   {answer}")
+    score = float(out.flow_scores[0])
+    if not bool(out.flow_has_events[0]):
+        print("Flow score: n/a (the answer has no scored token)")
+        return 0
+    verdict = "likely hallucinated" if score > args.threshold else "looks grounded"
+    print(f"Flow score: {score:.3f} ({verdict}; higher = more likely hallucinated; threshold {args.threshold})")
+    pos, block = (int(x) for x in out.flow_culprits[0])
+    print(f"Culprit:  token {tok.decode(out.sequences[0, pos])!r} at position {pos - p} of the answer, block {block}")
+    print(f"Generated and scored in {dt:.2f} s")
+    if args.heatmap:
+        try:
+            from hf_flowcheck.report import report_items_from_output, save_heatmap_png
+
+            item = report_items_from_output(out, tok, prompts=[prompt])[0]
+            save_heatmap_png(item, args.heatmap)
+            print(f"Wrote the depth x token heatmap of event scores to {args.heatmap}")
+        except ImportError as err:
+            print(f"(no heatmap: {err}; pip install matplotlib)", file=sys.stderr)
+    del torch
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_flowcheck.offline_models import DEFAULT_MODEL
 
@@ -81,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
     demo.add_argument("--max-new-tokens", type=int, default=24)
     demo.set_defaults(func=cmd_demo)
+
+    gen = sub.add_parser("generate", help="Answer a question with flow checking: score, culprit and heatmap.")
+    gen.add_argument("question")
+    gen.add_argument("--context", default=None, help="Knowledge passage the answer should rest on.")
+    gen.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
+    gen.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--threshold", type=float, default=0.5)
+    gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
+    gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
+    gen.set_defaults(func=cmd_generate)
 
     from hf_flowcheck.pipeline import add_extract_arguments, run_extract
 
