@@ -32,6 +32,27 @@ FULL_FEATURES: tuple[str, ...] = (
 PAPER_FEATURES: tuple[str, ...] = FULL_FEATURES[:8]
 
 
+def versioned_fields(cls: type, data: dict[str, Any], format_version: int) -> dict[str, Any]:
+    """Check a saved config dict against a dataclass: strip version stamps, refuse newer formats
+    and unknown fields, and return the constructor keyword arguments."""
+    name = cls.__name__
+    if not isinstance(data, dict):
+        raise ValueError(f"{name}.from_dict() needs a dict, got {type(data).__name__}.")
+    data = dict(data)
+    fmt = data.pop("format_version", format_version)
+    data.pop("hf_flowcheck_version", None)
+    if fmt > format_version:
+        raise ValueError(
+            f"{name} format_version {fmt} is newer than this hf_flowcheck understands ({format_version}); "
+            "upgrade hf_flowcheck."
+        )
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"Unknown {name} field(s) {unknown}; known fields: {sorted(known)}.")
+    return data
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
@@ -127,19 +148,7 @@ class FlowConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
         """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        data = dict(data)
-        fmt = data.pop("format_version", cls.FORMAT_VERSION)
-        data.pop("hf_flowcheck_version", None)
-        if fmt > cls.FORMAT_VERSION:
-            raise ValueError(
-                f"FlowConfig format_version {fmt} is newer than this hf_flowcheck understands "
-                f"({cls.FORMAT_VERSION}); upgrade hf_flowcheck."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown FlowConfig field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
+        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -261,6 +261,22 @@ class FlowCheckedModelForCausalLM(nn.Module):
             raise NoValidatorError("No validator loaded; pass validator=... to from_pretrained.")
         return self.validator.score_features(features)
 
+    def refine(self, output: FlowGenerateOutput, **kwargs: Any) -> Any:
+        """Roll flagged answers back to their culprit and regenerate them under the block clamp.
+
+        Delegates to :func:`hf_flowcheck.refinement.refine` (spec §7); see it for the arguments
+        (``strategy``, ``alpha``, ``threshold``, ``rows``, generate settings...).
+
+        Args:
+            output: From ``self.generate(..., return_flow_scores=True)``.
+
+        Returns:
+            A :class:`~hf_flowcheck.refinement.RefinementResult`.
+        """
+        from hf_flowcheck.refinement import refine
+
+        return refine(self, output, **kwargs)
+
     def _streaming_check(self, prompt_len: int, check_every: int, flags: dict[str, Any]) -> FlowStreamingCheck:
         threshold = flags["flow_abstain_threshold"]
         message = flags["flow_abstain_message"]

@@ -41,7 +41,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from torch import nn
 
-from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.configuration import FlowConfig, versioned_fields
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
@@ -137,21 +137,7 @@ class ValidatorConfig:
         """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
         if isinstance(data, cls):
             return data
-        if not isinstance(data, dict):
-            raise ValueError(f"ValidatorConfig.from_dict() needs a dict, got {type(data).__name__}.")
-        data = dict(data)
-        fmt = data.pop("format_version", cls.FORMAT_VERSION)
-        data.pop("hf_flowcheck_version", None)
-        if fmt > cls.FORMAT_VERSION:
-            raise ValueError(
-                f"ValidatorConfig format_version {fmt} is newer than this hf_flowcheck understands "
-                f"({cls.FORMAT_VERSION}); upgrade hf_flowcheck."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown ValidatorConfig field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
+        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
 
 
 # ---------------------------------------------------------------------------------------------

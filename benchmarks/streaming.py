@@ -1,0 +1,79 @@
+"""Cost of streaming flow checks against ``check_every``, as ratios measured in one run.
+
+For each ``check_every`` in the list, times ``FlowCheckedModelForCausalLM.generate`` with
+``flow_check_every=k`` (no abstention, so every row runs to the full budget) against plain
+``model.generate`` and against flow scoring at the end only, on the same HaluEval-QA prompts
+(greedy, fixed number of new tokens). The validator's weights do not change the cost: the bundled
+validator is used when present, else a randomly initialised one of the same shape.
+
+Run: ``python benchmarks/streaming.py [--batch 4] [--new-tokens 32] [--every 2 4 8 16]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import torch
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--new-tokens", type=int, default=32)
+    ap.add_argument("--every", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM, FlowConfig, FlowValidator, ValidatorConfig
+    from hf_flowcheck.data import generation_prompt, load_halueval_qa
+
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model)
+    which = "bundled"
+    if model.validator is None:
+        cfg = FlowConfig()
+        v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names), flow_config=cfg).eval()
+        model = FlowCheckedModelForCausalLM(model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False)
+        which = "random (same shape)"
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    records = load_halueval_qa(limit=args.batch + 10)[10 : 10 + args.batch]
+    enc = tok([generation_prompt(r) for r in records], return_tensors="pt", padding=True)
+    kw = dict(
+        max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
+    )
+    print(f"model={args.model} validator={which} batch={args.batch} new_tokens={args.new_tokens} threads={args.threads}")
+
+    def run(mode):
+        t0 = time.perf_counter()
+        if mode == "plain":
+            model.generate(**enc, **kw)
+        elif mode == "final":
+            model.generate(**enc, **kw, return_flow_scores=True)
+        else:
+            model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode)
+        return time.perf_counter() - t0
+
+    run("final")  # warm-up
+    modes = ["plain", "final", *args.every]
+    times = {m: [] for m in modes}
+    for _ in range(args.reps):
+        for m in modes:
+            times[m].append(run(m))
+    plain = statistics.median(times["plain"])
+    print("| mode | seconds | ratio to plain generate | checks per row |")
+    print("|---|---|---|---|")
+    for m in modes:
+        t = statistics.median(times[m])
+        label = {"plain": "plain generate", "final": "flow score at the end"}.get(m, f"check_every={m}")
+        checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // m)
+        print(f"| {label} | {t:.2f} | {t / plain:.2f}x | {checks} |")
+
+
+if __name__ == "__main__":
+    main()

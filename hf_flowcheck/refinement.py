@@ -1,0 +1,796 @@
+"""Flow-guided refinement (spec ``flow-signatures.md`` §7; paper §3.5, A.9, B.11).
+
+A flagged answer is rolled back to its culprit position ``t0`` and regenerated while one block
+(``b0``, the culprit block) is patched by a readout-aligned step clamp:
+
+* ``U`` (``[d, k]``) is fitted once from the competitor directions ``w_top - w_y`` of the readout of
+  the monitored state ``N_{b0}(r[t0, b0])`` (or raw ``r[t0, b0]`` with ``boundary='residual'``),
+  then frozen; ``R = I_k``.
+* ``Δp = Uᵀ(h_out - h_in)`` on the block's raw residual input and output.
+* ``s_ref`` is the median of ``‖Δp‖`` over the last ``n_cal`` prefix positions before ``t0``.
+* For every position ``>= t0``: ``λ = min(1, α·s_ref/(‖Δp‖ + eps))`` and
+  ``h_out' = h_out + U(λΔp - Δp)``; the component orthogonal to ``U`` is untouched.
+
+The KV cache that ``generate`` returned is reused: the prefix is never replayed, only the last
+``n_cal`` prefix positions (the calibration span) and position ``t0`` are recomputed, in the same
+forward call that starts the regeneration. The patch is a plain torch hook pair owned by
+:class:`BlockClamp`, removed in ``finally``.
+
+Conventions (documented choices):
+
+* **Left padding.** Each refined row is processed alone with its pad columns removed (the prompt's
+  attention mask is taken from ``attention_mask=`` or, if not given, from leading pad tokens); the
+  cached keys/values of the kept columns are copied, so positions are unchanged and the user's
+  cache is never mutated.
+* **Budget.** The original budget ``T`` is ``sequences.shape[1] - prompt_length`` (override with
+  ``max_new_tokens=``); the regeneration gets ``T - (t0 + 1 - prompt_length)`` new tokens, so the
+  refined answer has at most the original length (§3.5) or stops at end of sequence.
+* **Culprit at the last position.** Nothing of the budget is left after it; refinement still
+  recomputes ``t0`` under the patch and generates the one token that the culprit state decides
+  (budget ``T + 1`` for that row; recorded in :attr:`RefinedRow.max_new_tokens`).
+* **Culprit in the prompt** (possible with ``token_mask='all'``), rows with no generated tokens or no
+  scored events, and rows with an empty prefix (nothing to calibrate on) are skipped; the reason is
+  recorded in :attr:`RefinementResult.skipped`.
+* **Random depth.** ``strategy='random_depth'`` applies the same operator at a block drawn uniformly
+  from ``0..B-1`` with a seeded generator; ``U`` and ``s_ref`` are fitted at that block.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from hf_flowcheck.configuration import EPS
+from hf_flowcheck.signatures import competitor_directions, fit_basis
+
+if TYPE_CHECKING:  # pragma: no cover
+    from hf_flowcheck.generation import FlowGenerateOutput
+    from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
+
+STRATEGIES = ("flow", "random_depth", "regenerate")
+
+#: ``basis_fn(h_in [d]) -> U [d, k]``: fits the basis from the block input at ``t0`` (first row).
+BasisFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+class RefinementError(ValueError):
+    """Refinement was asked for something it cannot do (the message says what to change)."""
+
+
+# ------------------------------------------------------------------------------------- the patch
+def _hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
+    if args:
+        return args[0]
+    return kwargs["hidden_states"]
+
+
+@dataclass
+class ClampStats:
+    """What a :class:`BlockClamp` did.
+
+    Attributes:
+        s_ref: The reference step scale (``nan`` before it is known).
+        n_cal_used: Calibration positions ``s_ref`` was computed from (0 when ``s_ref`` was given).
+        positions_patched: ``(row, position)`` pairs at positions ``>= t0`` that went through the clamp.
+        positions_clamped: Those with ``λ < 1``.
+        lambdas: ``λ`` of every patched pair, in call order.
+    """
+
+    s_ref: float = float("nan")
+    n_cal_used: int = 0
+    positions_patched: int = 0
+    positions_clamped: int = 0
+    lambdas: list[float] = field(default_factory=list)
+
+    @property
+    def mean_lambda(self) -> float:
+        """Mean ``λ`` over patched positions (``nan`` if none)."""
+        return sum(self.lambdas) / len(self.lambdas) if self.lambdas else float("nan")
+
+    @property
+    def max_lambda(self) -> float:
+        return max(self.lambdas) if self.lambdas else float("nan")
+
+
+class BlockClamp:
+    """The readout-aligned step clamp of spec §7 on one block, as a reversible hook pair.
+
+    A forward pre-hook keeps the block's raw residual input ``h_in`` ``[batch, S, d]``; a forward
+    hook rewrites its output ``h_out`` (the first element when the block returns a tuple; the same
+    structure is returned). Positions are tracked as absolute sequence indices: the first forward
+    call through the block covers ``start .. start+S-1``, each later call continues where the
+    previous one ended (a decode step is one position). All rows of a batch share the positions.
+
+    For positions ``>= t0``: ``Δp = Uᵀ(h_out - h_in)``, ``λ = min(1, α·s_ref/(‖Δp‖ + eps))``,
+    ``h_out' = h_out + U(λΔp - Δp)`` (computed in float32, cast back).
+
+    ``basis`` and ``s_ref`` may be given, or found on the fly: ``basis_fn`` receives the float32
+    block input at ``t0`` of the first row (``[d]``) when ``t0`` is first seen; with ``s_ref=None``
+    the reference scale is the median of ``‖Uᵀ(h_out - h_in)‖`` over the positions
+    ``calibration_start .. t0-1`` (all rows) seen before or in the call that reaches ``t0``.
+
+    Args:
+        block: The block module to patch.
+        t0: First patched sequence position.
+        basis: ``U``, ``[d, k]`` with orthonormal columns, or ``None`` with ``basis_fn``.
+        s_ref: Reference step scale, or ``None`` to calibrate.
+        alpha: Clamp ratio ``α`` (``> 0``; the paper uses ``1.05``).
+        start: Absolute position of the first token of the first forward call.
+        calibration_start: First calibration position (default ``max(start, t0 - 64)``).
+        basis_fn: Fits ``U`` from the block input at ``t0`` when ``basis`` is ``None``.
+        eps: Denominator safeguard (default :data:`hf_flowcheck.configuration.EPS`).
+
+    Example:
+        >>> from transformers import LlamaConfig, LlamaForCausalLM
+        >>> model = LlamaForCausalLM(LlamaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=2,
+        ...     num_attention_heads=4, intermediate_size=37)).eval()
+        >>> u, _ = torch.linalg.qr(torch.randn(32, 4))
+        >>> with BlockClamp(model.model.layers[1], t0=3, basis=u, alpha=1e-3, s_ref=1.0) as clamp:
+        ...     _ = model(torch.tensor([[5, 6, 7, 8, 9]]))
+        >>> clamp.stats.positions_patched, clamp.stats.max_lambda <= 1.0
+        (2, True)
+    """
+
+    def __init__(
+        self,
+        block: nn.Module,
+        t0: int,
+        *,
+        basis: torch.Tensor | None = None,
+        s_ref: float | None = None,
+        alpha: float = 1.05,
+        start: int = 0,
+        calibration_start: int | None = None,
+        basis_fn: BasisFn | None = None,
+        eps: float = EPS,
+    ) -> None:
+        if basis is None and basis_fn is None:
+            raise ValueError("BlockClamp needs basis=U ([d, k]) or basis_fn to fit it at t0.")
+        if basis is not None and basis.dim() != 2:
+            raise ValueError(f"basis must be [d, k], got shape {tuple(basis.shape)}.")
+        if not float(alpha) > 0:
+            raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
+        if s_ref is not None and not float(s_ref) >= 0:
+            raise ValueError(f"s_ref={s_ref!r} must be a non-negative number.")
+        if t0 < start:
+            raise ValueError(f"t0={t0} lies before the first position the hook will see (start={start}).")
+        self.block = block
+        self.t0 = int(t0)
+        self.alpha = float(alpha)
+        self.eps = float(eps)
+        self.start = int(start)
+        self.calibration_start = max(self.start, self.t0 - 64) if calibration_start is None else calibration_start
+        self.basis = basis.detach().float() if basis is not None else None
+        self.basis_fn = basis_fn
+        self.stats = ClampStats()
+        if s_ref is not None:
+            self.stats.s_ref = float(s_ref)
+        self._s_ref_known = s_ref is not None
+        self._cal: list[torch.Tensor] = []
+        self._next = self.start
+        self._h_in: torch.Tensor | None = None
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    # ----------------------------------------------------------------------------- lifecycle
+    def __enter__(self) -> BlockClamp:
+        try:
+            self._handles.append(self.block.register_forward_pre_hook(self._pre_hook, with_kwargs=True))
+            self._handles.append(self.block.register_forward_hook(self._hook))
+        except BaseException:
+            self.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def remove(self) -> None:
+        """Remove both hooks (idempotent)."""
+        while self._handles:
+            self._handles.pop().remove()
+        self._h_in = None
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    # --------------------------------------------------------------------------------- hooks
+    def _pre_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        self._h_in = _hidden_from_args(args, kwargs).detach().clone()
+        return None
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        is_seq = isinstance(output, (tuple, list))
+        h_out = output[0] if is_seq else output
+        h_in = self._h_in
+        self._h_in = None
+        seq = h_out.shape[-2]
+        first = self._next
+        self._next += seq
+        if h_in is None or h_in.shape != h_out.shape:
+            raise RuntimeError(
+                f"BlockClamp saw an output of shape {tuple(h_out.shape)} but an input of shape "
+                f"{None if h_in is None else tuple(h_in.shape)}; the patched module is not a residual block."
+            )
+        pos = torch.arange(first, first + seq)
+        cal = (pos >= self.calibration_start) & (pos < self.t0)
+        if bool(cal.any()) and not self._s_ref_known:
+            idx = cal.nonzero().squeeze(-1).to(h_out.device)
+            diff = (h_out.index_select(-2, idx) - h_in.index_select(-2, idx)).float()
+            self._cal.append(diff.reshape(-1, diff.shape[-1]))
+        hit = pos >= self.t0
+        if not bool(hit.any()):
+            return None
+        if self.basis is None:
+            col = max(0, self.t0 - first)
+            h0 = h_in.reshape(-1, seq, h_in.shape[-1])[0, col].float()
+            self.basis = self.basis_fn(h0).detach().float()
+        u = self.basis.to(h_out.device)
+        if not self._s_ref_known:
+            self._calibrate(u)
+        idx = hit.nonzero().squeeze(-1).to(h_out.device)
+        diff = (h_out.index_select(-2, idx) - h_in.index_select(-2, idx)).float()
+        dp = diff @ u  # [..., n, k]
+        norm = dp.norm(dim=-1)
+        lam = torch.clamp(self.alpha * self.stats.s_ref / (norm + self.eps), max=1.0)
+        delta = ((lam - 1.0).unsqueeze(-1) * dp) @ u.T  # U(λΔp - Δp)
+        new = h_out.clone()
+        new.index_add_(-2, idx, delta.to(h_out.dtype))
+        lam_list = lam.flatten().tolist()
+        self.stats.lambdas.extend(lam_list)
+        self.stats.positions_patched += len(lam_list)
+        self.stats.positions_clamped += sum(1 for v in lam_list if v < 1.0)
+        if is_seq:
+            return type(output)((new, *output[1:])) if isinstance(output, tuple) else [new, *output[1:]]
+        return new
+
+    def _calibrate(self, u: torch.Tensor) -> None:
+        if not self._cal:
+            raise RefinementError(
+                f"BlockClamp has no calibration positions before t0={self.t0} (calibration_start="
+                f"{self.calibration_start}); pass s_ref= or start the forward earlier in the sequence."
+            )
+        diffs = torch.cat(self._cal).to(u.device)
+        norms = (diffs @ u).norm(dim=-1)
+        self.stats.s_ref = float(torch.quantile(norms, 0.5))
+        self.stats.n_cal_used = int(norms.numel())
+        self._s_ref_known = True
+        self._cal = []
+
+
+# --------------------------------------------------------------------------------- the results
+@dataclass
+class RefinedRow:
+    """One refined answer.
+
+    Token lists hold the prompt without its pad tokens followed by the answer; ``prompt_length``
+    counts the prompt part. Positions ``t0`` are columns of the original ``output.sequences``.
+
+    Attributes:
+        row: Batch row in the original output.
+        strategy: ``"flow"``, ``"random_depth"`` or ``"regenerate"``.
+        original_ids: Prompt + original answer (up to and including its end-of-sequence token).
+        refined_ids: Prompt + answer kept up to ``t0`` + the regenerated suffix.
+        prompt_length: Prompt tokens at the start of both lists.
+        score_before: The original flow score.
+        score_after: The refined answer's flow score (teacher-forced, patch off); ``nan`` if it has
+            no scored token.
+        culprit_before: ``(t0, b0)`` used, ``t0`` a column of ``output.sequences``.
+        culprit_after: ``(t, b)`` of the refined answer's culprit in ``refined_ids`` (``-1`` if none).
+        patched_block: The block the clamp was on (``None`` for ``"regenerate"``).
+        s_ref: Reference step scale (``nan`` without a patch).
+        n_cal_used: Calibration positions behind ``s_ref``.
+        positions_patched: Positions that went through the clamp.
+        positions_clamped: Those with ``λ < 1``.
+        mean_lambda: Mean ``λ`` over patched positions.
+        max_lambda: Largest ``λ`` (always ``<= 1``).
+        max_new_tokens: New-token budget of the regeneration.
+        forward_tokens: Token positions the regeneration pushed through the model (prefill + decode).
+        original_forward_tokens: Prompt + answer tokens of the original generation of this row.
+        cost_ratio: ``forward_tokens / original_forward_tokens``; with the cached prefix this is
+            about ``(n_cal + 1 + suffix) / (prompt + T)``.
+        wall_time_s: Seconds for the regeneration and re-scoring of this row.
+        cache_reused: Whether the original KV cache was reused (``False``: the prefix was replayed).
+        note: Why the cache was not reused, or other remarks.
+    """
+
+    row: int
+    strategy: str
+    original_ids: list[int]
+    refined_ids: list[int]
+    prompt_length: int
+    score_before: float
+    score_after: float
+    culprit_before: tuple[int, int]
+    culprit_after: tuple[int, int]
+    patched_block: int | None
+    s_ref: float
+    n_cal_used: int
+    positions_patched: int
+    positions_clamped: int
+    mean_lambda: float
+    max_lambda: float
+    max_new_tokens: int
+    forward_tokens: int
+    original_forward_tokens: int
+    cost_ratio: float
+    wall_time_s: float
+    cache_reused: bool
+    note: str | None = None
+
+    @property
+    def original_answer_ids(self) -> list[int]:
+        return self.original_ids[self.prompt_length :]
+
+    @property
+    def refined_answer_ids(self) -> list[int]:
+        return self.refined_ids[self.prompt_length :]
+
+
+@dataclass
+class RefinementResult:
+    """What :func:`refine` did.
+
+    Attributes:
+        strategy: The strategy used for every row.
+        rows: One :class:`RefinedRow` per refined row, in row order.
+        skipped: ``{row: reason}`` for selected rows that could not be refined.
+    """
+
+    strategy: str
+    rows: list[RefinedRow] = field(default_factory=list)
+    skipped: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __iter__(self) -> Iterator[RefinedRow]:
+        return iter(self.rows)
+
+    @property
+    def row_indices(self) -> list[int]:
+        return [r.row for r in self.rows]
+
+    @property
+    def scores_before(self) -> torch.Tensor:
+        """``[n_refined]`` float."""
+        return torch.tensor([r.score_before for r in self.rows], dtype=torch.float32)
+
+    @property
+    def scores_after(self) -> torch.Tensor:
+        """``[n_refined]`` float."""
+        return torch.tensor([r.score_after for r in self.rows], dtype=torch.float32)
+
+    def refined_sequences(self, pad_token_id: int = 0) -> torch.Tensor:
+        """``[n_refined, S]`` long, the refined token lists left-padded with ``pad_token_id``."""
+        width = max((len(r.refined_ids) for r in self.rows), default=0)
+        out = torch.full((len(self.rows), width), pad_token_id, dtype=torch.long)
+        for i, r in enumerate(self.rows):
+            if r.refined_ids:
+                out[i, width - len(r.refined_ids) :] = torch.tensor(r.refined_ids)
+        return out
+
+
+# ---------------------------------------------------------------------------------- internals
+@contextmanager
+def _count_tokens(block: nn.Module) -> Iterator[list[int]]:
+    """Counts ``batch * S`` token positions entering ``block`` (hook removed in ``finally``)."""
+    count = [0]
+
+    def hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
+        h = _hidden_from_args(args, kwargs)
+        count[0] += int(h.shape[0]) * int(h.shape[-2]) if h.dim() >= 3 else int(h.shape[-2])
+
+    handle = block.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield count
+    finally:
+        handle.remove()
+
+
+def _pad_id(model: FlowCheckedModelForCausalLM) -> int | None:
+    base = model.extractor.base
+    for src in (getattr(base, "generation_config", None), getattr(base, "config", None), model.tokenizer):
+        pid = getattr(src, "pad_token_id", None) if src is not None else None
+        if isinstance(pid, int):
+            return pid
+    return None
+
+
+def _prompt_mask(
+    model: FlowCheckedModelForCausalLM, prompt: torch.Tensor, attention_mask: torch.Tensor | None
+) -> torch.Tensor:
+    """``[batch, P]`` bool: real (non-pad) prompt columns."""
+    if attention_mask is not None:
+        if attention_mask.shape != prompt.shape:
+            raise RefinementError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but the prompt part of "
+                f"output.sequences is {tuple(prompt.shape)}; pass the mask given to generate()."
+            )
+        return attention_mask.to(prompt.device).bool()
+    pad = _pad_id(model)
+    if pad is None:
+        return torch.ones_like(prompt, dtype=torch.bool)
+    # Only *leading* pad tokens are padding (left padding); a pad id inside the prompt is kept.
+    return torch.cumsum((prompt != pad).long(), dim=-1) > 0
+
+
+def _answer_end(model: FlowCheckedModelForCausalLM, answer: torch.Tensor) -> int:
+    """Length of a row's answer up to and including its first end-of-sequence token."""
+    eos = model.extractor.eos_ids
+    if eos:
+        hits = torch.isin(answer, torch.tensor(sorted(eos), device=answer.device)).nonzero()
+        if hits.numel():
+            return int(hits[0]) + 1
+    return int(answer.numel())
+
+
+def _usable_cache(cache: Any, need: int) -> str | None:
+    """``None`` if the first ``need`` columns of every layer can be copied out, else the reason."""
+    from transformers import DynamicCache
+
+    if cache is None:
+        return "the output has no past_key_values (generate was called with use_cache=False)"
+    if not isinstance(cache, DynamicCache):
+        return f"{type(cache).__name__} is not a DynamicCache; its columns cannot be copied out"
+    for i, layer in enumerate(cache.layers):
+        keys = getattr(layer, "keys", None)
+        if keys is None or not getattr(layer, "is_initialized", True):
+            return f"layer {i} of the cache is empty"
+        stored, total = keys.shape[-2], layer.get_seq_length()
+        if stored != total:
+            return f"layer {i} is a sliding-window layer that already dropped early positions"
+        if stored < need:
+            return f"the cache holds {stored} positions, fewer than the {need} needed"
+    return None
+
+
+def _row_cache(cache: Any, row: int, cols: torch.Tensor, config: Any) -> Any:
+    """A new ``DynamicCache`` with the keys/values of ``row`` at sequence columns ``cols`` (copies)."""
+    from transformers import DynamicCache
+
+    data = []
+    for layer in cache.layers:
+        c = cols.to(layer.keys.device)
+        data.append(
+            (
+                layer.keys[row : row + 1].index_select(-2, c).clone(),
+                layer.values[row : row + 1].index_select(-2, c).clone(),
+            )
+        )
+    return DynamicCache(ddp_cache_data=data, config=config)
+
+
+def _basis_fn(model: FlowCheckedModelForCausalLM, block: int, num_competitors: int, subspace_dim: int) -> BasisFn:
+    ext = model.extractor
+    norms = ext.norms  # float32 copies of N_0..N_B (also prepares the float32 readout)
+    readout = ext._readout
+    boundary = ext.config.boundary
+
+    def fit(h_in: torch.Tensor) -> torch.Tensor:
+        x = h_in.float().to(readout.device)[None]
+        state = norms[block](x).float() if boundary == "normalized" else x
+        logits = state @ readout.T  # [1, V]
+        dirs = competitor_directions(logits, readout, num_competitors)
+        return fit_basis(dirs, readout.shape[1], subspace_dim)
+
+    return fit
+
+
+def _check_args(
+    model: FlowCheckedModelForCausalLM,
+    output: Any,
+    strategy: str,
+    alpha: float,
+    num_competitors: int,
+    subspace_dim: int,
+    n_cal: int,
+) -> None:
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy={strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}.")
+    for name, value in (("num_competitors", num_competitors), ("subspace_dim", subspace_dim), ("n_cal", n_cal)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    if not float(alpha) > 0:
+        raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
+    vocab, dim = model.extractor.arch.readout.shape
+    if subspace_dim > dim:
+        raise ValueError(f"subspace_dim={subspace_dim} exceeds the hidden size {dim}; use subspace_dim<={dim}.")
+    if num_competitors >= vocab:
+        raise ValueError(f"num_competitors={num_competitors} must be smaller than the vocabulary ({vocab}).")
+    if model.validator is None:
+        from hf_flowcheck.modeling import NoValidatorError
+
+        raise NoValidatorError("refine() re-scores the refined answers and needs a validator; pass validator=....")
+    missing = [
+        name
+        for name in ("sequences", "flow_scores", "flow_culprits", "flow_has_events", "prompt_length")
+        if getattr(output, name, None) is None
+    ]
+    if missing:
+        raise RefinementError(
+            f"The output has no {', '.join(missing)}: refine() needs the culprits of a flow-checked "
+            "generation. Call model.generate(..., return_flow_scores=True) and pass its result."
+        )
+
+
+def _select_rows(output: Any, rows: Sequence[int] | None, threshold: float) -> list[int]:
+    n = output.sequences.shape[0]
+    if rows is None:
+        scores = output.flow_scores.detach().float().cpu()
+        has = output.flow_has_events.detach().bool().cpu()
+        return [i for i in range(n) if bool(has[i]) and float(scores[i]) > threshold]
+    picked = []
+    for r in rows:
+        if isinstance(r, bool) or not isinstance(r, int) or not -n <= r < n:
+            raise ValueError(f"rows contains {r!r}; the output has {n} rows (0..{n - 1}).")
+        picked.append(r % n)
+    return sorted(set(picked))
+
+
+# --------------------------------------------------------------------------------------- refine
+@torch.no_grad()
+def refine(
+    model: FlowCheckedModelForCausalLM,
+    output: FlowGenerateOutput,
+    strategy: str = "flow",
+    alpha: float = 1.05,
+    num_competitors: int = 32,
+    subspace_dim: int = 16,
+    n_cal: int = 64,
+    threshold: float = 0.5,
+    rows: Sequence[int] | None = None,
+    seed: int | None = None,
+    *,
+    attention_mask: torch.Tensor | None = None,
+    use_cache_prefix: bool = True,
+    **generate_kwargs: Any,
+) -> RefinementResult:
+    """Roll flagged answers back to their culprit and regenerate them under the block clamp.
+
+    Each selected row is processed alone (no batching): its cached prefix is copied from
+    ``output.past_key_values`` (the user's cache is not changed), block ``b0`` is patched with a
+    :class:`BlockClamp` for the regeneration only, and the refined answer is re-scored
+    teacher-forced with the validator after the patch is removed.
+
+    Args:
+        model: The flow-checked model that produced ``output`` (it needs its validator).
+        output: From ``model.generate(..., return_flow_scores=True)``; uses ``sequences``
+            ``[batch, S]``, ``flow_scores`` ``[batch]``, ``flow_culprits`` ``[batch, 2]``,
+            ``flow_has_events`` ``[batch]``, ``prompt_length`` and ``past_key_values``.
+        strategy: ``"flow"`` (clamp at the culprit block), ``"random_depth"`` (the same clamp at a
+            uniformly random block drawn with ``seed``) or ``"regenerate"`` (rollback, no clamp).
+        alpha: Clamp ratio ``α``.
+        num_competitors: ``K`` competitors of the top token for the basis.
+        subspace_dim: ``k``, columns of ``U``.
+        n_cal: Prefix positions before ``t0`` that give ``s_ref`` (fewer if the prefix is shorter;
+            the count used is recorded).
+        threshold: With ``rows=None``, refine rows whose flow score is above this and that have events.
+        rows: Refine exactly these rows instead.
+        seed: Seeds the random-depth draw (default 0) and, when given, ``torch.manual_seed(seed)``
+            before each row's generation (for sampling).
+        attention_mask: ``[batch, P]`` prompt mask given to ``generate`` (default: leading pad tokens
+            are padding).
+        use_cache_prefix: Reuse the output's KV cache (default). ``False`` replays the whole prefix
+            (a reference for tests and for outputs without a usable cache, which fall back to it).
+        **generate_kwargs: Decoding settings for ``generate`` (``do_sample``, ``temperature``,
+            ``logits_processor``, ``generation_config``...). Default: greedy. ``max_new_tokens``, if
+            given, is taken as the original budget ``T``.
+
+    Returns:
+        A :class:`RefinementResult`.
+
+    Raises:
+        RefinementError: If ``output`` lacks flow scores or culprits.
+        ValueError: For a bad strategy, parameter or row index.
+
+    Example:
+        >>> out = model.generate(**inputs, max_new_tokens=64, return_flow_scores=True)  # doctest: +SKIP
+        >>> res = refine(model, out)  # doctest: +SKIP
+        >>> res.rows[0].score_before, res.rows[0].score_after  # doctest: +SKIP
+    """
+    _check_args(model, output, strategy, alpha, num_competitors, subspace_dim, n_cal)
+    seqs = output.sequences
+    prompt_len = int(output.prompt_length)
+    budget = generate_kwargs.pop("max_new_tokens", None)
+    generate_kwargs.pop("max_length", None)
+    for name in ("return_flow_scores", "return_flow_features", "flow_check_every", "flow_abstain_threshold"):
+        if generate_kwargs.pop(name, None):
+            raise ValueError(f"{name} is not supported inside refine(); the refined answer is re-scored already.")
+    budget = int(budget) if budget is not None else seqs.shape[1] - prompt_len
+    if "generation_config" not in generate_kwargs and "do_sample" not in generate_kwargs:
+        generate_kwargs["do_sample"] = False
+    generate_kwargs.pop("return_dict_in_generate", None)
+    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
+    n_blocks = model.extractor.arch.num_blocks
+    real = _prompt_mask(model, seqs[:, :prompt_len], attention_mask)
+    result = RefinementResult(strategy)
+    for row in _select_rows(output, rows, threshold):
+        # Draw for every selected row (also skipped ones) so a row's block does not depend on others.
+        drawn = int(torch.randint(n_blocks, (1,), generator=gen))
+        reason = _skip_reason(output, row, prompt_len, real[row])
+        if reason is not None:
+            result.skipped[row] = reason
+            continue
+        t0, b0 = (int(v) for v in output.flow_culprits[row].tolist())
+        patched = None if strategy == "regenerate" else (b0 if strategy == "flow" else drawn)
+        if seed is not None:
+            torch.manual_seed(int(seed))
+        result.rows.append(
+            _refine_row(
+                model,
+                output,
+                row,
+                t0,
+                b0,
+                patched,
+                real[row],
+                budget,
+                strategy,
+                alpha,
+                num_competitors,
+                subspace_dim,
+                n_cal,
+                use_cache_prefix,
+                dict(generate_kwargs),
+            )
+        )
+    return result
+
+
+def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor) -> str | None:
+    seqs = output.sequences
+    if seqs.shape[1] <= prompt_len:
+        return "the output has no generated tokens"
+    if not bool(output.flow_has_events[row]):
+        return "the row has no scored token (empty answer or only special tokens), so no culprit"
+    t0, b0 = (int(v) for v in output.flow_culprits[row].tolist())
+    if t0 < 0 or b0 < 0:
+        return "the row has no culprit"
+    if t0 < prompt_len:
+        return (
+            f"the culprit t0={t0} lies in the prompt (prompt_length={prompt_len}); refinement only rewrites the "
+            "answer, so there is nothing to roll back to"
+        )
+    if t0 >= seqs.shape[1]:
+        return f"the culprit t0={t0} lies beyond the sequence ({seqs.shape[1]} columns)"
+    if int(real.sum()) + (t0 - prompt_len) < 1:
+        return "the prefix before t0 is empty (the prompt is all padding): nothing to calibrate s_ref on"
+    return None
+
+
+def _refine_row(
+    model: FlowCheckedModelForCausalLM,
+    output: Any,
+    row: int,
+    t0: int,
+    b0: int,
+    patched: int | None,
+    real: torch.Tensor,
+    budget: int,
+    strategy: str,
+    alpha: float,
+    num_competitors: int,
+    subspace_dim: int,
+    n_cal: int,
+    use_cache_prefix: bool,
+    generate_kwargs: dict[str, Any],
+) -> RefinedRow:
+    started = time.perf_counter()
+    ext = model.extractor
+    seqs = output.sequences
+    prompt_len = int(output.prompt_length)
+    device = ext._device()
+    real_cols = real.nonzero().squeeze(-1).to(seqs.device)
+    p_real = int(real_cols.numel())
+    # Columns of this row without its pads, in sequence order: real prompt columns, then the answer.
+    cols = torch.cat([real_cols, torch.arange(prompt_len, seqs.shape[1], device=seqs.device)])
+    ids = seqs[row, cols]
+    answer = seqs[row, prompt_len:]
+    ans_len = _answer_end(model, answer)
+    original = ids[: p_real + ans_len].tolist()
+    t0_row = p_real + (t0 - prompt_len)  # t0 in the pad-free row
+    prefix = ids[: t0_row + 1]
+    max_new = budget - (t0 + 1 - prompt_len)
+    note = None
+    if max_new < 1:
+        max_new = 1
+        note = "the culprit is the last position of the budget: one token past the budget was generated"
+
+    # Which positions the first forward call must cover: t0, plus the calibration span with a patch.
+    cal_start = max(0, t0_row - n_cal) if patched is not None else t0_row
+    cache = None
+    start = 0
+    cache_reused = False
+    if use_cache_prefix:
+        why = _usable_cache(getattr(output, "past_key_values", None), int(cols[cal_start - 1]) + 1 if cal_start else 0)
+        if why is None:
+            start = cal_start
+            if cal_start > 0:
+                config = getattr(ext.base, "config", None)
+                cache = _row_cache(output.past_key_values, row, cols[:cal_start], config)
+                cache_reused = True
+        else:
+            note = f"prefix replayed: {why}" + (f"; {note}" if note else "")
+    clamp = None
+    if patched is not None:
+        clamp = BlockClamp(
+            ext.arch.blocks[patched],
+            t0_row,
+            alpha=alpha,
+            start=start,
+            calibration_start=cal_start,
+            basis_fn=_basis_fn(model, patched, num_competitors, subspace_dim),
+        )
+    kwargs = dict(generate_kwargs)
+    kwargs.update(
+        input_ids=prefix[None].to(device),
+        attention_mask=torch.ones(1, prefix.numel(), dtype=torch.long, device=device),
+        max_new_tokens=max_new,
+        return_dict_in_generate=True,
+    )
+    if cache is not None:
+        kwargs["past_key_values"] = cache
+    with _count_tokens(ext.arch.blocks[0]) as count:
+        if clamp is not None:
+            with clamp:
+                out = model.base_model.generate(**kwargs)
+        else:
+            out = model.base_model.generate(**kwargs)
+    new_seq = out.sequences[0].to(seqs.device)
+    new_answer = new_seq[p_real:]
+    refined = new_seq[: p_real + _answer_end(model, new_answer)].tolist()
+
+    # Re-score teacher-forced, with the patch removed.
+    r_ids = torch.tensor([refined], dtype=torch.long)
+    resp = torch.zeros_like(r_ids)
+    resp[:, p_real:] = 1
+    feats = ext.extract(r_ids.to(device), torch.ones_like(r_ids).to(device), resp.to(device))
+    scored = model.validator.score_features(feats)
+    has = bool(scored.has_events[0])
+    score_after = float(scored.scores[0]) if has else float("nan")
+    culprit_after = (int(scored.culprit_position[0]), int(scored.culprit_block[0])) if has else (-1, -1)
+    stats = clamp.stats if clamp is not None else ClampStats()
+    orig_tokens = len(original)
+    return RefinedRow(
+        row=row,
+        strategy=strategy,
+        original_ids=original,
+        refined_ids=refined,
+        prompt_length=p_real,
+        score_before=float(output.flow_scores[row]),
+        score_after=score_after,
+        culprit_before=(t0, b0),
+        culprit_after=culprit_after,
+        patched_block=patched,
+        s_ref=stats.s_ref,
+        n_cal_used=stats.n_cal_used,
+        positions_patched=stats.positions_patched,
+        positions_clamped=stats.positions_clamped,
+        mean_lambda=stats.mean_lambda,
+        max_lambda=stats.max_lambda,
+        max_new_tokens=max_new,
+        forward_tokens=count[0],
+        original_forward_tokens=orig_tokens,
+        cost_ratio=count[0] / max(1, orig_tokens),
+        wall_time_s=time.perf_counter() - started,
+        cache_reused=cache_reused,
+        note=note,
+    )
+
+
+__all__ = [
+    "STRATEGIES",
+    "BlockClamp",
+    "ClampStats",
+    "RefinedRow",
+    "RefinementError",
+    "RefinementResult",
+    "refine",
+]

@@ -1,0 +1,388 @@
+"""Flow-guided refinement (spec §7): the block clamp's invariants, rollback parity, hook hygiene, errors."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config
+from torch import nn
+
+from hf_flowcheck import FlowCheckedModelForCausalLM
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+from hf_flowcheck.refinement import BlockClamp, RefinementError, RefinementResult, refine
+
+FAMS = ["llama", "gemma2"]
+#: Small-model settings: k and K must fit hidden 32 / vocab 99; the tiny models are kept off EOS.
+SMALL = dict(subspace_dim=4, num_competitors=4, n_cal=4, suppress_tokens=[98])
+
+
+def _validator(model, seed=0):
+    cfg = tiny_flow_config()
+    torch.manual_seed(seed)
+    v = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
+    )
+    v.set_base_model(model)
+    return v.eval()
+
+
+def _batch():
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]])
+    att = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    return ids, att
+
+
+@pytest.fixture(scope="module", params=FAMS)
+def setup(request):
+    model = make_tiny_model(request.param)
+    fc = FlowCheckedModelForCausalLM(model, _validator(model))
+    ids, att = _batch()
+    out = fc.generate(
+        input_ids=ids, attention_mask=att, max_new_tokens=8, do_sample=False, return_flow_scores=True,
+        suppress_tokens=[98],
+    )
+    return fc, out, att
+
+
+def _block_outputs(model, blocks, ids, clamp=None):
+    """Outputs ``[B, S, d]`` of every block for a teacher-forced forward (optionally patched)."""
+    got = {}
+    handles = [
+        blk.register_forward_hook(lambda m, a, o, b=b: got.__setitem__(b, (o[0] if isinstance(o, tuple) else o)[0]))
+        for b, blk in enumerate(blocks)
+    ]
+    try:
+        if clamp is None:
+            logits = model(ids).logits
+        else:
+            with clamp:
+                logits = model(ids).logits
+    finally:
+        for h in handles:
+            h.remove()
+    return torch.stack([got[b] for b in range(len(blocks))]), logits
+
+
+def _orthonormal(d, k, seed=0):
+    q, _ = torch.linalg.qr(torch.randn(d, k, generator=torch.Generator().manual_seed(seed)))
+    return q
+
+
+def _no_hooks(fc):
+    for blk in fc.extractor.arch.blocks:
+        assert not blk._forward_hooks and not blk._forward_pre_hooks
+
+
+# --------------------------------------------------------------------------------- the clamp
+@pytest.mark.parametrize("family", FAMS)
+def test_patch_touches_only_block_b0_at_positions_from_t0(family):
+    model = make_tiny_model(family)
+    blocks = FlowCheckedModelForCausalLM(model).extractor.arch.blocks
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12, 13]])
+    b0, t0 = 1, 4
+    u = _orthonormal(32, 4)
+    ref, ref_logits = _block_outputs(model, blocks, ids)
+    clamp = BlockClamp(blocks[b0], t0, basis=u, s_ref=1e-4, alpha=1.05)
+    got, logits = _block_outputs(model, blocks, ids, clamp)
+    assert not clamp.active
+    # Blocks before b0: identical everywhere; every block: identical before t0.
+    torch.testing.assert_close(got[:b0], ref[:b0], rtol=0, atol=0)
+    torch.testing.assert_close(got[:, :t0], ref[:, :t0], rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(logits[:, :t0], ref_logits[:, :t0], rtol=1e-6, atol=1e-6)
+    # Block b0 changes at every position >= t0, but only inside span(U).
+    diff = got[b0, t0:] - ref[b0, t0:]
+    assert (diff.norm(dim=-1) > 1e-6).all()
+    orth = diff - (diff @ u) @ u.T
+    assert orth.abs().max() < 1e-6
+    # The clamped step norm is alpha * s_ref.
+    h_in = ref[b0 - 1, t0:]
+    dp_new = (got[b0, t0:] - h_in) @ u
+    torch.testing.assert_close(dp_new.norm(dim=-1), torch.full((ids.shape[1] - t0,), 1.05e-4), rtol=1e-3, atol=1e-7)
+    st = clamp.stats
+    assert st.positions_patched == ids.shape[1] - t0 == st.positions_clamped
+    assert all(0 <= lam <= 1 for lam in st.lambdas)
+
+
+def test_lambda_never_exceeds_one_and_large_alpha_is_identity():
+    model = make_tiny_model("llama")
+    blocks = FlowCheckedModelForCausalLM(model).extractor.arch.blocks
+    ids = torch.randint(2, 97, (2, 12), generator=torch.Generator().manual_seed(1))
+    ref, _ = _block_outputs(model, blocks, ids)
+    for alpha in (1e-3, 0.5, 1.05, 3.0):
+        clamp = BlockClamp(blocks[2], 3, basis=_orthonormal(32, 4), s_ref=0.01, alpha=alpha)
+        _block_outputs(model, blocks, ids, clamp)
+        assert clamp.stats.positions_patched == 2 * 9  # both rows share the positions
+        assert max(clamp.stats.lambdas) <= 1.0
+    clamp = BlockClamp(blocks[2], 3, basis=_orthonormal(32, 4), s_ref=0.01, alpha=1e9)
+    got, _ = _block_outputs(model, blocks, ids, clamp)
+    assert clamp.stats.positions_clamped == 0 and clamp.stats.mean_lambda == 1.0
+    assert torch.equal(got, ref)
+
+
+def test_calibrated_s_ref_is_the_median_over_the_span():
+    model = make_tiny_model("gemma2")
+    blocks = FlowCheckedModelForCausalLM(model).extractor.arch.blocks
+    ids = torch.randint(2, 97, (1, 10), generator=torch.Generator().manual_seed(2))
+    ref, _ = _block_outputs(model, blocks, ids)
+    u = _orthonormal(32, 4, seed=3)
+    clamp = BlockClamp(blocks[2], 7, basis=u, alpha=1.05, calibration_start=2)
+    _block_outputs(model, blocks, ids, clamp)
+    norms = ((ref[2, 2:7] - ref[1, 2:7]) @ u).norm(dim=-1)
+    assert clamp.stats.n_cal_used == 5
+    assert clamp.stats.s_ref == pytest.approx(float(torch.quantile(norms, 0.5)), rel=1e-5)
+
+
+def test_positions_are_tracked_across_decode_steps():
+    model = make_tiny_model("llama")
+    blocks = FlowCheckedModelForCausalLM(model).extractor.arch.blocks
+    ids = torch.randint(2, 97, (1, 9), generator=torch.Generator().manual_seed(4))
+    u = _orthonormal(32, 4)
+    with BlockClamp(blocks[1], 5, basis=u, s_ref=1e-4, calibration_start=0):
+        full = model(ids).logits
+    clamp = BlockClamp(blocks[1], 5, basis=u, s_ref=1e-4, start=0)
+    steps = []
+    with clamp:
+        out = model(ids[:, :3], use_cache=True)
+        steps.append(out.logits)
+        cache = out.past_key_values
+        for i in range(3, ids.shape[1]):
+            out = model(ids[:, i : i + 1], past_key_values=cache, use_cache=True)
+            steps.append(out.logits)
+    torch.testing.assert_close(torch.cat(steps, 1), full, rtol=1e-4, atol=1e-5)
+    assert clamp.stats.positions_patched == 4
+
+
+def test_tuple_output_stays_a_tuple():
+    class Block(nn.Module):
+        def forward(self, x):
+            return (2 * x, "extra")
+
+    blk = Block()
+    x = torch.randn(1, 5, 8)
+    with BlockClamp(blk, 2, basis=_orthonormal(8, 2), s_ref=0.0, alpha=1.0) as clamp:
+        y = blk(x)
+    assert isinstance(y, tuple) and y[1] == "extra"
+    assert torch.equal(y[0][:, :2], 2 * x[:, :2])
+    assert clamp.stats.positions_clamped == 3
+    with pytest.raises(ValueError, match="basis"):
+        BlockClamp(blk, 2)
+    with pytest.raises(ValueError, match="alpha"):
+        BlockClamp(blk, 2, basis=_orthonormal(8, 2), alpha=0)
+
+
+# ---------------------------------------------------------------------------------- refine()
+def test_huge_alpha_equals_plain_rollback(setup):
+    fc, out, att = setup
+    flow = fc.refine(out, strategy="flow", alpha=1e9, threshold=0.0, attention_mask=att, **SMALL)
+    plain = fc.refine(out, strategy="regenerate", threshold=0.0, attention_mask=att, **SMALL)
+    assert flow.row_indices == plain.row_indices == [0, 1]
+    for a, b in zip(flow, plain):
+        assert a.refined_ids == b.refined_ids
+        assert a.positions_patched > 0 and a.positions_clamped == 0 and a.max_lambda == 1.0
+        assert a.patched_block == a.culprit_before[1] and b.patched_block is None
+        assert a.score_after == pytest.approx(b.score_after, abs=1e-5)
+        # Greedy rollback with no clamp reproduces the original answer.
+        assert b.refined_ids == b.original_ids
+        assert b.score_after == pytest.approx(b.score_before, abs=1e-5)
+
+
+def test_cached_prefix_equals_replayed_prefix(setup):
+    fc, out, att = setup
+    kw = dict(strategy="flow", alpha=0.3, threshold=0.0, attention_mask=att, **SMALL)
+    cached = fc.refine(out, **kw)
+    replay = fc.refine(out, use_cache_prefix=False, **kw)
+    for a, b in zip(cached, replay):
+        assert a.cache_reused and not b.cache_reused
+        assert a.refined_ids == b.refined_ids
+        assert a.score_after == pytest.approx(b.score_after, abs=1e-4)
+        assert a.s_ref == pytest.approx(b.s_ref, rel=1e-4)
+        assert a.n_cal_used == b.n_cal_used == 4
+        assert a.positions_clamped == b.positions_clamped > 0
+        assert a.forward_tokens < b.forward_tokens
+        # Cached: n_cal + 1 positions in the first call, then one per further new token.
+        assert a.forward_tokens == SMALL["n_cal"] + 1 + a.max_new_tokens - 1
+
+
+def test_fixed_budget_and_answer_shape(setup):
+    fc, out, att = setup
+    res = fc.refine(out, strategy="flow", alpha=0.1, threshold=0.0, attention_mask=att, **SMALL)
+    budget = out.sequences.shape[1] - out.prompt_length
+    for r in res:
+        t0 = r.culprit_before[0]
+        kept = t0 + 1 - out.prompt_length
+        assert r.max_new_tokens == budget - kept
+        assert len(r.refined_answer_ids) == budget  # EOS is suppressed, so the full budget is used
+        assert r.refined_answer_ids[:kept] == r.original_answer_ids[:kept]
+        assert 0 < r.cost_ratio < 1 and r.wall_time_s > 0
+        assert r.score_after == r.score_after  # not nan
+
+
+def test_left_padded_row_equals_the_unpadded_prompt():
+    model = make_tiny_model("llama")
+    fc = FlowCheckedModelForCausalLM(model, _validator(model))
+    ids, att = _batch()
+    kw = dict(max_new_tokens=8, do_sample=False, return_flow_scores=True, suppress_tokens=[98])
+    batched = fc.generate(input_ids=ids, attention_mask=att, **kw)
+    alone = fc.generate(input_ids=ids[:1, 2:], **kw)
+    assert batched.flow_culprits[0, 0] - 2 == alone.flow_culprits[0, 0]
+    a = fc.refine(batched, rows=[0], alpha=0.3, attention_mask=att, **SMALL).rows[0]
+    b = fc.refine(alone, rows=[0], alpha=0.3, **SMALL).rows[0]
+    assert a.prompt_length == b.prompt_length == 6
+    assert a.original_ids == b.original_ids and a.refined_ids == b.refined_ids
+    assert a.score_after == pytest.approx(b.score_after, abs=1e-4)
+    # Without attention_mask, leading pad tokens are taken as padding.
+    c = fc.refine(batched, rows=[0], alpha=0.3, **SMALL).rows[0]
+    assert c.refined_ids == a.refined_ids
+
+
+def test_no_patch_left_after_refine_or_error(setup):
+    fc, out, att = setup
+    probe = torch.tensor([[3, 4, 5, 6, 7, 8]])
+    before = fc(probe).logits
+    cache_len = out.past_key_values.get_seq_length()
+    keys0 = out.past_key_values.layers[0].keys.clone()
+    fc.refine(out, strategy="random_depth", alpha=0.1, threshold=0.0, attention_mask=att, seed=3, **SMALL)
+    _no_hooks(fc)
+    assert torch.equal(fc(probe).logits, before)
+
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    class Boom(LogitsProcessor):
+        def __init__(self):
+            self.calls = 0
+
+        def __call__(self, input_ids, scores):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("boom")
+            return scores
+
+    with pytest.raises(RuntimeError, match="boom"):
+        fc.refine(
+            out, alpha=0.1, threshold=0.0, attention_mask=att, logits_processor=LogitsProcessorList([Boom()]), **SMALL
+        )
+    _no_hooks(fc)
+    assert torch.equal(fc(probe).logits, before)
+    # The user's cache is untouched.
+    assert out.past_key_values.get_seq_length() == cache_len
+    assert torch.equal(out.past_key_values.layers[0].keys, keys0)
+
+
+def test_random_depth_is_seeded(setup):
+    fc, out, att = setup
+    kw = dict(strategy="random_depth", alpha=0.3, threshold=0.0, attention_mask=att, **SMALL)
+    a = fc.refine(out, seed=7, **kw)
+    b = fc.refine(out, seed=7, **kw)
+    assert [r.patched_block for r in a] == [r.patched_block for r in b]
+    assert all(0 <= r.patched_block < 4 for r in a)
+    assert [r.refined_ids for r in a] == [r.refined_ids for r in b]
+
+
+def test_row_selection(setup):
+    fc, out, att = setup
+    assert len(fc.refine(out, threshold=1.0, attention_mask=att, **SMALL)) == 0
+    res = fc.refine(out, rows=[1], attention_mask=att, **SMALL)
+    assert isinstance(res, RefinementResult) and res.row_indices == [1]
+    assert res.scores_before.shape == res.scores_after.shape == (1,)
+    assert res.refined_sequences(0).shape[0] == 1
+    with pytest.raises(ValueError, match="rows contains 5"):
+        fc.refine(out, rows=[5], **SMALL)
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def test_output_without_flow_scores_is_refused(setup):
+    fc, out, att = setup
+    ids, att = _batch()
+    plain = fc.base_model.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, return_dict_in_generate=True)
+    with pytest.raises(RefinementError, match="return_flow_scores=True"):
+        refine(fc, plain)
+    with pytest.raises(ValueError, match="strategy='clamp'"):
+        fc.refine(out, strategy="clamp")
+    with pytest.raises(ValueError, match="subspace_dim=64"):
+        fc.refine(out, subspace_dim=64)
+    with pytest.raises(ValueError, match="no validator|needs a validator"):
+        FlowCheckedModelForCausalLM(fc.base_model, None, tiny_flow_config()).refine(out)
+
+
+def _doctored(out, **fields):
+    import copy
+
+    new = copy.copy(out)
+    for k, v in fields.items():
+        setattr(new, k, v)
+    return new
+
+
+def test_culprit_in_prompt_and_rows_without_events_are_skipped(setup):
+    fc, out, att = setup
+    culprits = out.flow_culprits.clone()
+    culprits[0, 0] = 3  # inside the prompt
+    has = out.flow_has_events.clone()
+    has[1] = False
+    doc = _doctored(out, flow_culprits=culprits, flow_has_events=has)
+    res = fc.refine(doc, rows=[0, 1], attention_mask=att, **SMALL)
+    assert len(res) == 0
+    assert "lies in the prompt" in res.skipped[0]
+    assert "no scored token" in res.skipped[1]
+
+
+def test_culprit_at_last_position_regenerates_one_token(setup):
+    fc, out, att = setup
+    culprits = out.flow_culprits.clone()
+    last = out.sequences.shape[1] - 1
+    culprits[:, 0] = last
+    doc = _doctored(out, flow_culprits=culprits)
+    res = fc.refine(doc, threshold=0.0, alpha=0.1, attention_mask=att, **SMALL)
+    budget = out.sequences.shape[1] - out.prompt_length
+    for r in res:
+        assert r.max_new_tokens == 1 and "past the budget" in r.note
+        assert len(r.refined_answer_ids) == budget + 1
+        assert r.refined_answer_ids[:budget] == r.original_answer_ids[:budget]
+
+
+def test_short_prefix_uses_what_exists(setup):
+    fc, out, att = setup
+    res = fc.refine(out, threshold=0.0, attention_mask=att, **{**SMALL, "n_cal": 64})
+    for r in res:
+        t0_row = r.prompt_length + r.culprit_before[0] - out.prompt_length
+        assert r.n_cal_used == t0_row < 64
+        assert not r.cache_reused  # the whole prefix is the calibration span: nothing to reuse
+
+
+def test_no_generated_tokens_is_skipped(setup):
+    fc, out, att = setup
+    doc = _doctored(out, sequences=out.sequences[:, : out.prompt_length])
+    res = fc.refine(doc, rows=[0], **SMALL)
+    assert len(res) == 0 and "no generated tokens" in res.skipped[0]
+
+
+# ------------------------------------------------------------------------------------ real model
+@pytest.mark.slow
+def test_refine_real_model_end_to_end():
+    from hf_flowcheck import FlowConfig
+    from hf_flowcheck.offline_models import load_model
+
+    model, tok = load_model("SmolLM2-135M-Instruct")
+    tok.padding_side = "left"
+    cfg = FlowConfig()
+    torch.manual_seed(0)
+    v = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
+    )
+    v.set_base_model(model)
+    fc = FlowCheckedModelForCausalLM(model, v.eval(), tokenizer=tok)
+    enc = tok(
+        ["Question: What is the capital of France?\nAnswer:", "Question: Who wrote Hamlet?\nAnswer:"],
+        return_tensors="pt",
+        padding=True,
+    )
+    kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
+    out = fc.generate(**enc, max_new_tokens=12, return_flow_scores=True, **kw)
+    probe = fc(enc.input_ids[1:]).logits
+    res = fc.refine(out, rows=[0], threshold=0.0, attention_mask=enc.attention_mask, **kw)
+    assert res.row_indices == [0] and not res.skipped
+    r = res.rows[0]
+    assert r.patched_block == r.culprit_before[1] and r.s_ref > 0 and r.max_lambda <= 1.0
+    assert r.cache_reused and r.positions_patched >= 1
+    assert len(r.refined_answer_ids) <= out.sequences.shape[1] - out.prompt_length
+    assert r.score_after != r.score_after or 0 <= r.score_after <= 1
+    _no_hooks(fc)
+    assert torch.equal(fc(enc.input_ids[1:]).logits, probe)
