@@ -12,9 +12,11 @@ from hf_flowcheck.detectors.flow_validator import FlowValidator, FlowValidatorOu
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
 from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
+from hf_flowcheck.refinement import BlockClamp, RefinementResult, refine
 from hf_flowcheck.version import __version__
 
 __all__ = [
+    "BlockClamp",
     "ArchitectureSpec",
     "FlowCheckedModelForCausalLM",
     "FlowConfig",
@@ -26,9 +28,11 @@ __all__ = [
     "FlowValidator",
     "FlowValidatorOutput",
     "NonFiniteStateError",
+    "RefinementResult",
     "UnsupportedArchitectureError",
     "ValidatorConfig",
     "__version__",
+    "refine",
     "register_architecture",
     "supported_architectures",
 ]

@@ -191,6 +191,17 @@ class FlowExtractor:
         self._math_device = device
 
     @property
+    def readout(self) -> torch.Tensor:
+        """The readout ``W`` ``[V, d]`` in float32 (on the device of the math)."""
+        self._prepare_math(self._math_device or self.arch.readout.device)
+        return self._readout
+
+    @property
+    def device(self) -> torch.device:
+        """Device of the model's input embeddings (where ``input_ids`` go)."""
+        return self._device()
+
+    @property
     def norms(self) -> list[nn.Module]:
         """Float32 copies of ``N_0..N_B``."""
         self._prepare_math(self.arch.readout.device)

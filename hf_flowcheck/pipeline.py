@@ -769,6 +769,14 @@ def _load_records(args: argparse.Namespace) -> list[Example]:
     raise ValueError(f"--dataset {name!r} is neither one of {', '.join(DATASETS)} nor an existing JSON Lines file.")
 
 
+def _newline_stop(tokenizer: Any) -> dict[str, Any]:
+    """``generate`` kwargs that end a row at its first newline (built once: the vocabulary scan is slow)."""
+    from transformers import StoppingCriteriaList
+    from transformers.generation.stopping_criteria import StopStringCriteria
+
+    return {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, ["\n"])])}
+
+
 def run_extract(args: argparse.Namespace) -> int:
     """Run ``flowcheck extract`` from parsed arguments; returns the exit status (0 ok, 2 user error)."""
     from hf_flowcheck import data
@@ -816,11 +824,7 @@ def run_extract(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             prompt_fn=prompt_fn,
             dataset={"name": args.dataset, "limit": args.limit, "prompt_style": args.prompt_style},
-            generate_kwargs=(
-                {"stop_strings": ["\n"], "tokenizer": tokenizer}
-                if protocol == "generated" and getattr(args, "stop_at_newline", False)
-                else None
-            ),
+            generate_kwargs=_newline_stop(tokenizer) if protocol == "generated" and args.stop_at_newline else None,
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FeatureStoreError) as err:
         print(f"flowcheck extract: error: {err}", file=sys.stderr)

@@ -470,7 +470,7 @@ def _row_cache(cache: Any, row: int, cols: torch.Tensor, config: Any) -> Any:
 def _basis_fn(model: FlowCheckedModelForCausalLM, block: int, num_competitors: int, subspace_dim: int) -> BasisFn:
     ext = model.extractor
     norms = ext.norms  # float32 copies of N_0..N_B (also prepares the float32 readout)
-    readout = ext._readout
+    readout = ext.readout
     boundary = ext.config.boundary
 
     def fit(h_in: torch.Tensor) -> torch.Tensor:
@@ -603,6 +603,9 @@ def refine(
     for name in ("return_flow_scores", "return_flow_features", "flow_check_every", "flow_abstain_threshold"):
         if generate_kwargs.pop(name, None):
             raise ValueError(f"{name} is not supported inside refine(); the refined answer is re-scored already.")
+    for name in ("input_ids", "inputs", "past_key_values", "inputs_embeds"):
+        if name in generate_kwargs:
+            raise ValueError(f"{name} cannot be given to refine(); the prefix and its cache come from `output`.")
     budget = int(budget) if budget is not None else seqs.shape[1] - prompt_len
     if "generation_config" not in generate_kwargs and "do_sample" not in generate_kwargs:
         generate_kwargs["do_sample"] = False
@@ -686,7 +689,7 @@ def _refine_row(
     ext = model.extractor
     seqs = output.sequences
     prompt_len = int(output.prompt_length)
-    device = ext._device()
+    device = ext.device
     real_cols = real.nonzero().squeeze(-1).to(seqs.device)
     p_real = int(real_cols.numel())
     # Columns of this row without its pads, in sequence order: real prompt columns, then the answer.
@@ -718,6 +721,9 @@ def _refine_row(
                 cache_reused = True
         else:
             note = f"prefix replayed: {why}" + (f"; {note}" if note else "")
+        if why is None and cal_start == 0:
+            whole = "the calibration span covers the whole prefix: nothing cached to reuse"
+            note = whole + (f"; {note}" if note else "")
     clamp = None
     if patched is not None:
         clamp = BlockClamp(

@@ -355,9 +355,10 @@ section.gen { border: 1px solid var(--line); border-radius: 10px; padding: 18px 
 svg text { font-family: system-ui, -apple-system, "Segoe UI", Roboto, sans-serif; }
 svg .cell:hover { stroke: #1b1b1f; stroke-width: 1.5; }
 svg .col-hl { stroke: #1b1b1f; stroke-width: 1.5; }
-.curves { display: grid; grid-template-columns: repeat(auto-fill, minmax(240px, 1fr)); gap: 10px; }
+.curves { display: grid; grid-template-columns: repeat(auto-fill, minmax(220px, 1fr)); gap: 10px; }
 .curve { background: var(--card); border-radius: 6px; padding: 6px 8px; }
 .curve .name { font-weight: 600; font-size: 12.5px; }
+.curve-svg { width: 100%; height: auto; }
 .refine { display: grid; grid-template-columns: 1fr 1fr; gap: 14px; }
 .refine > div { background: var(--card); border-radius: 6px; padding: 10px 12px; }
 .refine .txt { white-space: pre-wrap; font-size: 15px; }
@@ -522,7 +523,7 @@ def _curve_svg(ys: list[float], ref: list[float], mark: int | None) -> str:
             pen = "L"
         return " ".join(pts)
 
-    out = [f'<svg width="{w:.0f}" height="{h:.0f}" viewBox="0 0 {w:.0f} {h:.0f}">']
+    out = [f'<svg class="curve-svg" width="{w:.0f}" height="{h:.0f}" viewBox="0 0 {w:.0f} {h:.0f}">']
     out.append(f'<line x1="{l}" y1="{h - b}" x2="{w - r}" y2="{h - b}" stroke="#c4c7cc"/>')
     out.append(f'<line x1="{l}" y1="{t}" x2="{l}" y2="{h - b}" stroke="#c4c7cc"/>')
     for v in (lo, hi):

@@ -36,28 +36,38 @@ def setup(request):
     fc = FlowCheckedModelForCausalLM(model, _validator(model))
     ids, att = _batch()
     out = fc.generate(
-        input_ids=ids, attention_mask=att, max_new_tokens=8, do_sample=False, return_flow_scores=True,
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=8,
+        do_sample=False,
+        return_flow_scores=True,
         suppress_tokens=[98],
     )
     return fc, out, att
 
 
+@torch.no_grad()
 def _block_outputs(model, blocks, ids, clamp=None):
     """Outputs ``[B, S, d]`` of every block for a teacher-forced forward (optionally patched)."""
     got = {}
-    handles = [
-        blk.register_forward_hook(lambda m, a, o, b=b: got.__setitem__(b, (o[0] if isinstance(o, tuple) else o)[0]))
-        for b, blk in enumerate(blocks)
-    ]
-    try:
-        if clamp is None:
-            logits = model(ids).logits
-        else:
-            with clamp:
-                logits = model(ids).logits
-    finally:
-        for h in handles:
-            h.remove()
+
+    def run():
+        # Registered after the clamp, so these hooks see the patched outputs.
+        handles = [
+            blk.register_forward_hook(lambda m, a, o, b=b: got.__setitem__(b, (o[0] if isinstance(o, tuple) else o)[0]))
+            for b, blk in enumerate(blocks)
+        ]
+        try:
+            return model(ids).logits
+        finally:
+            for h in handles:
+                h.remove()
+
+    if clamp is None:
+        logits = run()
+    else:
+        with clamp:
+            logits = run()
     return torch.stack([got[b] for b in range(len(blocks))]), logits
 
 
@@ -80,7 +90,7 @@ def test_patch_touches_only_block_b0_at_positions_from_t0(family):
     b0, t0 = 1, 4
     u = _orthonormal(32, 4)
     ref, ref_logits = _block_outputs(model, blocks, ids)
-    clamp = BlockClamp(blocks[b0], t0, basis=u, s_ref=1e-4, alpha=1.05)
+    clamp = BlockClamp(blocks[b0], t0, basis=u, s_ref=1e-3, alpha=1.05)
     got, logits = _block_outputs(model, blocks, ids, clamp)
     assert not clamp.active
     # Blocks before b0: identical everywhere; every block: identical before t0.
@@ -95,7 +105,7 @@ def test_patch_touches_only_block_b0_at_positions_from_t0(family):
     # The clamped step norm is alpha * s_ref.
     h_in = ref[b0 - 1, t0:]
     dp_new = (got[b0, t0:] - h_in) @ u
-    torch.testing.assert_close(dp_new.norm(dim=-1), torch.full((ids.shape[1] - t0,), 1.05e-4), rtol=1e-3, atol=1e-7)
+    torch.testing.assert_close(dp_new.norm(dim=-1), torch.full((ids.shape[1] - t0,), 1.05e-3), rtol=1e-3, atol=1e-6)
     st = clamp.stats
     assert st.positions_patched == ids.shape[1] - t0 == st.positions_clamped
     assert all(0 <= lam <= 1 for lam in st.lambdas)
@@ -298,7 +308,7 @@ def test_output_without_flow_scores_is_refused(setup):
         fc.refine(out, strategy="clamp")
     with pytest.raises(ValueError, match="subspace_dim=64"):
         fc.refine(out, subspace_dim=64)
-    with pytest.raises(ValueError, match="no validator|needs a validator"):
+    with pytest.raises(ValueError, match=r"no validator|needs a validator"):
         FlowCheckedModelForCausalLM(fc.base_model, None, tiny_flow_config()).refine(out)
 
 
@@ -348,7 +358,7 @@ def test_short_prefix_uses_what_exists(setup):
 
 
 def test_no_generated_tokens_is_skipped(setup):
-    fc, out, att = setup
+    fc, out, _ = setup
     doc = _doctored(out, sequences=out.sequences[:, : out.prompt_length])
     res = fc.refine(doc, rows=[0], **SMALL)
     assert len(res) == 0 and "no generated tokens" in res.skipped[0]
@@ -377,12 +387,16 @@ def test_refine_real_model_end_to_end():
     kw = dict(do_sample=False, pad_token_id=tok.pad_token_id)
     out = fc.generate(**enc, max_new_tokens=12, return_flow_scores=True, **kw)
     probe = fc(enc.input_ids[1:]).logits
-    res = fc.refine(out, rows=[0], threshold=0.0, attention_mask=enc.attention_mask, **kw)
-    assert res.row_indices == [0] and not res.skipped
+    res = fc.refine(out, threshold=0.0, attention_mask=enc.attention_mask, **kw)
+    flagged = out.flow_has_events.nonzero().squeeze(-1).tolist()
+    assert flagged and res.row_indices == flagged
     r = res.rows[0]
     assert r.patched_block == r.culprit_before[1] and r.s_ref > 0 and r.max_lambda <= 1.0
-    assert r.cache_reused and r.positions_patched >= 1
+    assert r.positions_patched >= 1 and r.n_cal_used >= 1
     assert len(r.refined_answer_ids) <= out.sequences.shape[1] - out.prompt_length
     assert r.score_after != r.score_after or 0 <= r.score_after <= 1
+    # With a calibration span shorter than the prefix, the generated cache is reused.
+    short = fc.refine(out, rows=[r.row], n_cal=4, attention_mask=enc.attention_mask, **kw)
+    assert short.rows[0].cache_reused and short.rows[0].n_cal_used == 4
     _no_hooks(fc)
     assert torch.equal(fc(enc.input_ids[1:]).logits, probe)

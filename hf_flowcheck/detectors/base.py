@@ -329,7 +329,9 @@ def load_safetensors_strict(
             "config.json and model.safetensors come from different checkpoints."
         )
     bad = [
-        k for k in sorted(set(own) & set(state)) if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
+        k
+        for k in sorted(set(own) & set(state))
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
     ]
     if bad:
         raise error(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")

@@ -73,6 +73,8 @@ __all__ = [
     "gradient_signatures",
     "is_abstention",
     "signature_features",
+    "sketch_matrix",
+    "sketch_weight_gradient",
 ]
 
 CONFIG_NAME = "config.json"
@@ -124,13 +126,17 @@ class GradientConfig:
 
     layers: int | list[int] | str = field(
         default=5,
-        metadata={"help": "Blocks whose gradients are taken: an int n (the last n blocks), a list of block indices "
-                  "(negative counts from the end), or 'all'."},
+        metadata={
+            "help": "Blocks whose gradients are taken: an int n (the last n blocks), a list of block indices "
+            "(negative counts from the end), or 'all'."
+        },
     )
     sketch: int | None = field(
         default=32,
-        metadata={"help": "Rows k of the Gaussian sketches P, Q of each linear weight's gradient (k*k numbers per "
-                  "linear); None = exact full weight gradients (small models only)."},
+        metadata={
+            "help": "Rows k of the Gaussian sketches P, Q of each linear weight's gradient (k*k numbers per "
+            "linear); None = exact full weight gradients (small models only)."
+        },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sketches and of the reader's training."})
     classes: int = field(
@@ -154,8 +160,10 @@ class GradientConfig:
     )
     abstention_patterns: tuple[str, ...] = field(
         default=ABSTENTION_PATTERNS,
-        metadata={"help": "Case-insensitive regular expressions; an answer matching any is 'did not answer' "
-                  "(class 2) when classes=3."},
+        metadata={
+            "help": "Case-insensitive regular expressions; an answer matching any is 'did not answer' "
+            "(class 2) when classes=3."
+        },
     )
 
     def __post_init__(self) -> None:
@@ -174,9 +182,7 @@ class GradientConfig:
                 )
             self.layers = [int(i) for i in self.layers]
         else:
-            raise ValueError(
-                f"GradientConfig.layers={self.layers!r} must be an int, a list of ints or 'all'."
-            )
+            raise ValueError(f"GradientConfig.layers={self.layers!r} must be an int, a list of ints or 'all'.")
         if self.sketch is not None:
             _pos_int("sketch", self.sketch)
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -188,23 +194,27 @@ class GradientConfig:
         for name in ("d_model", "reader_layers", "num_heads", "epochs", "batch_size", "patience"):
             _pos_int(name, getattr(self, name))
         if self.d_model % self.num_heads:
-            raise ValueError(
-                f"GradientConfig.num_heads={self.num_heads} must divide d_model={self.d_model}."
-            )
+            raise ValueError(f"GradientConfig.num_heads={self.num_heads} must divide d_model={self.d_model}.")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1) or isinstance(self.dropout, bool):
             raise ValueError(f"GradientConfig.dropout={self.dropout!r} must be a number in [0, 1).")
         for name in ("lr", "weight_decay"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0 or (name == "lr" and v == 0):
-                raise ValueError(f"GradientConfig.{name}={v!r} must be a {'positive' if name == 'lr' else 'non-negative'} number.")
+                raise ValueError(
+                    f"GradientConfig.{name}={v!r} must be a {'positive' if name == 'lr' else 'non-negative'} number."
+                )
         if isinstance(self.abstention_patterns, str):
-            raise ValueError("GradientConfig.abstention_patterns must be a sequence of regular expressions, not one string.")
+            raise ValueError(
+                "GradientConfig.abstention_patterns must be a sequence of regular expressions, not one string."
+            )
         self.abstention_patterns = tuple(self.abstention_patterns)
         for p in self.abstention_patterns:
             try:
                 re.compile(p)
             except re.error as err:
-                raise ValueError(f"GradientConfig.abstention_patterns holds an invalid regular expression {p!r}: {err}.") from None
+                raise ValueError(
+                    f"GradientConfig.abstention_patterns holds an invalid regular expression {p!r}: {err}."
+                ) from None
         self.dropout, self.lr, self.weight_decay = float(self.dropout), float(self.lr), float(self.weight_decay)
 
     def select_blocks(self, num_blocks: int) -> list[int]:
@@ -366,6 +376,47 @@ def _projection(seed: int, block: int, name: str, which: str, k: int, dim: int, 
     return mat
 
 
+def sketch_matrix(k: int, dim: int, *, seed: int = 0, block: int = 0, name: str = "", which: str = "P") -> torch.Tensor:
+    """The fixed Gaussian sketch used for one side of one linear weight.
+
+    Args:
+        k: Sketch rows (``GradientConfig.sketch``).
+        dim: Side length (``out_features`` for ``P``, ``in_features`` for ``Q``).
+        seed: ``GradientConfig.seed``.
+        block: Block index of the linear.
+        name: The linear's module path inside its block (e.g. ``"mlp.down_proj"``).
+        which: ``"P"`` (output side) or ``"Q"`` (input side).
+
+    Returns:
+        ``float32 [k, dim]`` (CPU) with i.i.d. ``N(0, 1/k)`` entries, so ``E[PᵀP] = I``.
+    """
+    if which not in ("P", "Q"):
+        raise ValueError(f"which={which!r} must be 'P' or 'Q'.")
+    return _projection(seed, block, name, which, k, dim, torch.device("cpu")).clone()
+
+
+def sketch_weight_gradient(
+    x: torch.Tensor, delta: torch.Tensor, p: torch.Tensor | None = None, q: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Sketch ``S = Σ_t (P δ_t)(Q x_t)ᵀ = P G Qᵀ`` of a linear weight's gradient ``G = Σ_t δ_t x_tᵀ``.
+
+    The reference math of what :func:`gradient_signature` computes with hooks (``Q x_t`` in the
+    forward hook, ``P δ_t`` in the backward hook), never forming ``G`` when ``P`` and ``Q`` are given.
+
+    Args:
+        x: ``[T, in]`` input activations of the linear.
+        delta: ``[T, out]`` gradients of the loss with respect to its outputs.
+        p: ``[k, out]`` output-side sketch, or ``None`` (no sketch on that side).
+        q: ``[k, in]`` input-side sketch, or ``None``.
+
+    Returns:
+        ``[k, k]`` (both sketches), or ``G`` ``[out, in]`` when both are ``None``.
+    """
+    left = delta if p is None else delta @ p.T
+    right = x if q is None else x @ q.T
+    return left.T @ right
+
+
 _PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, list[_BlockPlan]] = weakref.WeakKeyDictionary()
 
 
@@ -387,7 +438,9 @@ def _accepts(fn: Callable[..., Any], name: str) -> bool:
     return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
 
 
-def _as_batch(t: torch.Tensor | Sequence[int] | None, name: str, like: torch.Tensor | None = None) -> torch.Tensor | None:
+def _as_batch(
+    t: torch.Tensor | Sequence[int] | None, name: str, like: torch.Tensor | None = None
+) -> torch.Tensor | None:
     if t is None:
         return None
     t = torch.as_tensor(t)
@@ -489,10 +542,8 @@ def gradient_signature(
             x = inputs[0].detach().reshape(-1, lin.in_features).to(torch.float32)
             if x.shape[0] == valid.shape[0]:
                 x = x * valid
-            if k is None:
-                right = x  # [T, in]
-            else:
-                right = x @ _projection(cfg.seed, b, lin.name, "Q", k, lin.in_features, x.device).T  # [T, k]
+            # [T, in] exact, or [T, k] sketched
+            right = x if k is None else x @ _projection(cfg.seed, b, lin.name, "Q", k, lin.in_features, x.device).T
 
             def grad_hook(g: torch.Tensor) -> None:
                 d = g.detach().reshape(-1, lin.out_features).to(torch.float32)
@@ -903,7 +954,9 @@ class GradientDetector(
         return {
             "best_epoch": best_epoch,
             "epochs_run": epochs_run,
-            "selection": ("validation AUROC" if use_auroc else "validation cross-entropy") if vx is not None else "last epoch (no validation split)",
+            "selection": ("validation AUROC" if use_auroc else "validation cross-entropy")
+            if vx is not None
+            else "last epoch (no validation split)",
             "best_validation": None if vx is None else float(best),
         }
 
@@ -979,7 +1032,9 @@ class GradientDetector(
         from safetensors.torch import save_file
 
         if not self.is_fitted:
-            raise NotFittedError("Fit the gradient detector before saving it (save_pretrained() of an unfitted detector).")
+            raise NotFittedError(
+                "Fit the gradient detector before saving it (save_pretrained() of an unfitted detector)."
+            )
         save_directory = Path(save_directory)
         config = self.to_config_dict()
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
@@ -1008,13 +1063,18 @@ class GradientDetector(
             "",
             "## Configuration",
             "",
-            "`GradientConfig(" + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items()
-                                           if k != "abstention_patterns") + ")`",
+            "`GradientConfig("
+            + ", ".join(f"{k}={v!r}" for k, v in dataclasses.asdict(self.config).items() if k != "abstention_patterns")
+            + ")`",
             "",
             "## Base model",
             "",
         ]
-        lines += (["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()]) if fp else ["Not recorded."]
+        lines += (
+            (["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()])
+            if fp
+            else ["Not recorded."]
+        )
         lines += ["", "## Evaluation", ""]
         ev = self.training_metadata.get("evaluation")
         lines += ["```text", format_table(ev), "```"] if ev else ["No evaluation recorded."]
@@ -1078,13 +1138,22 @@ class GradientDetector(
                 f"{model_id!r} was written in format_version {fmt!r}; this hf_flowcheck ({__version__}) reads "
                 f"{cls.FORMAT_VERSION}. Upgrade hf_flowcheck."
             )
-        keys = ("gradient_config", "num_layers", "signature_dim", "block_indices", "base_fingerprint", "training_metadata")
+        keys = (
+            "gradient_config",
+            "num_layers",
+            "signature_dim",
+            "block_indices",
+            "base_fingerprint",
+            "training_metadata",
+        )
         try:
             det = cls(**{k: config.get(k) for k in keys})
         except ValueError as err:
             raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
         if det.reader is None:
-            raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} has no num_layers/signature_dim (an unfitted detector).")
+            raise CheckpointError(
+                f"The {CONFIG_NAME} of {model_id!r} has no num_layers/signature_dim (an unfitted detector)."
+            )
         if os.path.isdir(model_id):
             weights = os.path.join(model_id, WEIGHTS_NAME)
             if not os.path.isfile(weights):
@@ -1099,6 +1168,7 @@ class GradientDetector(
                 token=token,
                 local_files_only=local_files_only,
             )
-        load_safetensors_strict(det, weights, map_location=map_location, strict=strict, what="gradient detector",
-                                error=CheckpointError)
+        load_safetensors_strict(
+            det, weights, map_location=map_location, strict=strict, what="gradient detector", error=CheckpointError
+        )
         return det.eval()

@@ -1,0 +1,67 @@
+"""``boundary="normalized"`` (the paper's §3.1, our default) vs ``"residual"`` (the authors' code).
+
+Apples to apples on the HaluEval-QA *generated* set: the answers the model generated (and the
+judge's labels) are read from a generated feature store written by ``flowcheck extract``, then
+replayed teacher-forced with each boundary setting (the paper's own protocol: generate, then
+replay — capture during generation gives the same features, see ``tests/test_real_model.py``).
+Both validators use the same split, seeds and training settings; the table shows the test split.
+
+Run: ``python benchmarks/boundary_comparison.py --generated runs/qa-gen-normalized --out runs/boundary``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--generated", required=True, help="Generated-protocol store from `flowcheck extract`.")
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    args = ap.parse_args()
+
+    from hf_flowcheck import FlowConfig
+    from hf_flowcheck.data import LabeledExample, generation_prompt, load_halueval_qa
+    from hf_flowcheck.evaluation import format_table
+    from hf_flowcheck.experiments import train_from_store
+    from hf_flowcheck.offline_models import load_model
+    from hf_flowcheck.pipeline import extract_dataset
+    from hf_flowcheck.store import FeatureStore
+
+    store = FeatureStore.open(args.generated)
+    if store.protocol != "generated":
+        raise SystemExit(f"{args.generated} holds the {store.protocol!r} protocol; pass a generated store.")
+    samples = store.samples()
+    wanted = {s["uid"] for s in samples}
+    records = {r.uid: r for r in load_halueval_qa() if r.uid in wanted}
+    examples = [
+        LabeledExample(s["uid"], "qa", generation_prompt(records[s["uid"]]), s["answer"], int(s["label"]), "generated")
+        for s in samples
+    ]
+    model, tok = load_model(args.model)
+    out = Path(args.out)
+    rows = {}
+    for boundary in ("normalized", "residual"):
+        feats_dir = out / f"replay-{boundary}"
+        extract_dataset(
+            model, tok, examples, feats_dir, config=FlowConfig(boundary=boundary), protocol="natural",
+            batch_size=8, shard_size=256, progress=False,
+            dataset={"name": "halueval-qa generated answers (replayed)", "source": str(args.generated)},
+        )
+        _, report = train_from_store(
+            feats_dir, out / f"validator-{boundary}", epochs=args.epochs, n_bootstrap=args.bootstrap, progress=False,
+            command=f"python benchmarks/boundary_comparison.py --generated {args.generated} --out {args.out}",
+        )
+        rows[f"boundary={boundary}"] = report["rows"]["flow validator"]
+        print(f"{boundary}: split {report['split']}; best val AUROC {report['history']['best_val_auroc']:.3f}")
+    print(format_table(rows))
+    (out / "comparison.json").write_text(json.dumps(rows, indent=2, default=float))
+
+
+if __name__ == "__main__":
+    main()

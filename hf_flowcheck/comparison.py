@@ -1,0 +1,875 @@
+"""Side-by-side comparison of detectors on one model, one dataset and one split (``flowcheck compare``).
+
+:func:`compare_detectors` runs every detector on the same train / validation / test split
+(grouped by source record, ``evaluation.md``): trainable detectors are fitted on train and
+select on validation; every detector is scored on validation (for thresholds and the fused
+detector) and on test (the reported numbers, with 95% bootstrap intervals). Each detector's cost
+is the wall time of its model work per test sample divided by the time of plain greedy generation
+of the same prompts, measured once in the same run.
+
+Abstention: besides the area under the risk-coverage curve (AURC) of every detector, an
+:func:`abstention_policy` picks on validation the threshold with the largest coverage whose
+selective risk stays at or below a target, and the policy is then applied once to test.
+
+The fused detector stacks a logistic regression on the validation scores of the flow validator,
+the hidden-state probe and the four token-confidence statistics (whichever of them ran).
+
+:func:`gradient_layer_ablation` measures where the gradient signal lives (AUROC of each contiguous
+band of blocks and of all blocks, the share held by the last band) and what the band costs.
+
+Example:
+    >>> import numpy as np
+    >>> p = abstention_policy(np.array([0.1, 0.2, 0.3, 0.9]), np.array([0, 0, 1, 1]), target_risk=0.0)
+    >>> p["threshold"], p["coverage"]
+    (0.2, 0.5)
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import shlex
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from hf_flowcheck.architectures import unwrap_model
+from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples, scored_examples
+from hf_flowcheck.detectors.baselines import (
+    AnswerLengthDetector,
+    HiddenStateProbe,
+    SamplingAgreementDetector,
+    TokenConfidenceDetector,
+    train_logistic_regression,
+)
+from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector, gradient_signature, gradient_signatures
+from hf_flowcheck.evaluation import aurc, auroc, bootstrap_ci, evaluate_scores, format_table
+
+__all__ = [
+    "DETECTOR_CHOICES",
+    "FlowValidatorDetector",
+    "FusedDetector",
+    "abstention_policy",
+    "add_compare_arguments",
+    "apply_abstention",
+    "compare_detectors",
+    "examples_from_store",
+    "gradient_layer_ablation",
+    "run_compare",
+]
+
+SPLITS = ("train", "validation", "test")
+DETECTOR_CHOICES = ("flow", "gradient", "probe", "confidence", "sampling", "length")
+
+
+# ---------------------------------------------------------------------------------------------
+# Abstention
+# ---------------------------------------------------------------------------------------------
+
+
+def abstention_policy(val_scores: Any, val_labels: Any, target_risk: float = 0.1) -> dict[str, Any]:
+    """Choose on validation the threshold "answer when ``score <= threshold``, else abstain".
+
+    Among the thresholds at the distinct validation scores, the one with the largest coverage whose
+    selective risk (fraction of hallucinated among the answered) is at most ``target_risk``.
+    Ties are kept together (all items with the same score are answered or none).
+
+    Args:
+        val_scores: ``[M]`` validation scores (higher = more likely hallucinated).
+        val_labels: ``[M]`` 0/1 labels.
+        target_risk: Largest acceptable selective risk, in ``[0, 1]``.
+
+    Returns:
+        ``{"threshold", "target_risk", "coverage", "risk", "n"}`` on validation; ``threshold`` is
+        ``-inf`` (abstain on everything, coverage 0) when no threshold reaches the target.
+
+    Raises:
+        ValueError: ``target_risk`` outside ``[0, 1]``, or bad inputs.
+    """
+    if not 0.0 <= float(target_risk) <= 1.0:
+        raise ValueError(
+            f"target_risk={target_risk!r} must be in [0, 1] (e.g. 0.1 = at most 10% hallucinated answers)."
+        )
+    s = np.asarray(val_scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(val_labels, dtype=np.float64).reshape(-1)
+    if s.shape != y.shape or s.size == 0:
+        raise ValueError(f"val_scores ({s.size}) and val_labels ({y.size}) must be non-empty and of equal length.")
+    if np.isnan(s).any():
+        raise ValueError("val_scores contain NaN; drop those items before choosing a threshold.")
+    order = np.argsort(s, kind="mergesort")
+    s_sorted, y_sorted = s[order], y[order]
+    last = np.r_[np.flatnonzero(np.diff(s_sorted) != 0), s.size - 1]  # last index of each distinct value
+    kept = last + 1
+    risk = np.cumsum(y_sorted)[last] / kept
+    ok = np.flatnonzero(risk <= float(target_risk) + 1e-12)
+    if ok.size == 0:
+        return {
+            "threshold": float("-inf"),
+            "target_risk": float(target_risk),
+            "coverage": 0.0,
+            "risk": None,
+            "n": int(s.size),
+        }
+    i = ok[-1]
+    return {
+        "threshold": float(s_sorted[last[i]]),
+        "target_risk": float(target_risk),
+        "coverage": float(kept[i] / s.size),
+        "risk": float(risk[i]),
+        "n": int(s.size),
+    }
+
+
+def apply_abstention(scores: Any, labels: Any, threshold: float) -> dict[str, Any]:
+    """Coverage and selective risk of "answer when ``score <= threshold``" on a split.
+
+    Returns:
+        ``{"threshold", "coverage", "risk", "n_answered", "n"}`` (``risk`` is ``None`` when nothing is answered).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    y = np.asarray(labels, dtype=np.float64).reshape(-1)
+    keep = s <= threshold
+    n = int(keep.sum())
+    return {
+        "threshold": float(threshold),
+        "coverage": float(n / s.size) if s.size else 0.0,
+        "risk": float(y[keep].mean()) if n else None,
+        "n_answered": n,
+        "n": int(s.size),
+    }
+
+
+# ---------------------------------------------------------------------------------------------
+# Adapters
+# ---------------------------------------------------------------------------------------------
+
+
+class FlowValidatorDetector(Detector):
+    """A trained :class:`~hf_flowcheck.detectors.FlowValidator` behind the :class:`Detector` interface.
+
+    :meth:`featurize` extracts teacher-forced flow signatures of the answers with the validator's
+    own ``FlowConfig``; :meth:`score` is the validator's ``sigmoid(logit)`` in ``[0, 1]``. Samples
+    without any valid event (e.g. an answer made only of special tokens) get ``nan_score``.
+
+    Args:
+        validator: The trained validator.
+        tokenizer: Its special tokens are excluded from the token mask.
+        batch_size: Sequences per extraction pass.
+        nan_score: Score of samples without events (0.5: uninformative).
+    """
+
+    name = "flow validator"
+    score_range = "[0, 1]"
+
+    def __init__(self, validator: Any, *, tokenizer: Any = None, batch_size: int = 8, nan_score: float = 0.5) -> None:
+        self.validator = validator
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.nan_score = float(nan_score)
+        self.last_without_events = 0
+
+    @property
+    def is_fitted(self) -> bool:
+        return True  # trained elsewhere (flowcheck train)
+
+    def featurize(self, model: nn.Module, examples: Sequence[ScoredExample], *, tokenizer: Any = None) -> Any:
+        from hf_flowcheck.extraction import FlowExtractor
+        from hf_flowcheck.store import pad_features
+
+        if self.validator.base_fingerprint is not None:
+            self.validator.check_compatible(model)
+        cfg = self.validator.flow_config
+        if cfg is None:
+            raise ValueError(
+                "The flow validator carries no flow_config, so its features cannot be extracted; use a validator "
+                "trained with `flowcheck train` (it records the FlowConfig)."
+            )
+        ext = FlowExtractor(model, cfg, tokenizer=tokenizer or self.tokenizer)
+        pad = getattr(unwrap_model(model).config, "pad_token_id", None) or 0
+        parts = []
+        for start in range(0, len(examples), self.batch_size):
+            ids, att, ans = batch_examples(list(examples[start : start + self.batch_size]), pad)
+            parts.append(ext.extract(ids, att, ans).to("cpu"))
+        return pad_features(parts)
+
+    def score(self, features: Any) -> np.ndarray:
+        out = self.validator.score_features(features)
+        s = out.scores.detach().cpu().numpy().astype(np.float64)
+        nan = np.isnan(s)
+        self.last_without_events = int(nan.sum())
+        s[nan] = self.nan_score
+        return s
+
+
+class FusedDetector:
+    """Logistic regression stacked on other detectors' scores (fitted on the validation split).
+
+    Args:
+        l2: L2 penalty of the regression.
+
+    Score direction: ``P(hallucinated)`` in ``[0, 1]``, higher = more likely hallucinated.
+    """
+
+    name = "fused (stacked logistic regression)"
+
+    def __init__(self, l2: float = 1e-2) -> None:
+        self.l2 = float(l2)
+        self.columns: list[str] = []
+        self._mean = self._std = self._w = self._b = None
+
+    def fit(self, columns: Mapping[str, np.ndarray], labels: Any) -> FusedDetector:
+        """Fit on ``{detector name: validation scores [M]}`` and validation labels ``[M]``."""
+        if len(columns) < 2:
+            raise ValueError(f"The fused detector needs at least two component scores, got {list(columns)}.")
+        self.columns = list(columns)
+        x = torch.tensor(np.stack([np.asarray(columns[c], dtype=np.float64) for c in self.columns], 1))
+        self._mean, self._std = x.mean(0), x.std(0, unbiased=False).clamp_min(1e-9)
+        y = torch.as_tensor(np.asarray(labels, dtype=np.int64))
+        self._w, self._b = train_logistic_regression((x - self._mean) / self._std, y, l2=self.l2)
+        return self
+
+    def score(self, columns: Mapping[str, np.ndarray]) -> np.ndarray:
+        if self._w is None:
+            from hf_flowcheck.detectors.base import NotFittedError
+
+            raise NotFittedError("Fit the fused detector on validation scores first (FusedDetector.fit).")
+        missing = [c for c in self.columns if c not in columns]
+        if missing:
+            raise ValueError(f"The fused detector needs scores of {missing}.")
+        x = torch.tensor(np.stack([np.asarray(columns[c], dtype=np.float64) for c in self.columns], 1))
+        x = (x - self._mean) / self._std
+        return torch.sigmoid(x @ self._w + self._b).numpy().astype(np.float64)
+
+    def weights(self) -> dict[str, float]:
+        """Standardised coefficient of each component."""
+        return {c: float(w) for c, w in zip(self.columns, self._w.tolist())} if self._w is not None else {}
+
+
+# ---------------------------------------------------------------------------------------------
+# Timing
+# ---------------------------------------------------------------------------------------------
+
+
+def _sync(model: nn.Module) -> None:
+    dev = unwrap_model(model).get_input_embeddings().weight.device
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def _timed(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, float]:
+    _sync(model)
+    t0 = time.perf_counter()
+    out = fn()
+    _sync(model)
+    return out, time.perf_counter() - t0
+
+
+def _pad_id(model: nn.Module, tokenizer: Any = None) -> int:
+    from hf_flowcheck.detectors.baselines import _pad_id as pad_id
+
+    return pad_id(model, tokenizer)
+
+
+@torch.no_grad()
+def time_generation(
+    model: nn.Module,
+    examples: Sequence[ScoredExample],
+    *,
+    max_new_tokens: int = 32,
+    tokenizer: Any = None,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Seconds of plain greedy generation per distinct prompt (one prompt per ``generate`` call).
+
+    Returns:
+        ``{"seconds_per_prompt", "prompts", "mean_new_tokens", "max_new_tokens"}``.
+    """
+    dev = unwrap_model(model).get_input_embeddings().weight.device
+    prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in examples))
+    if not prompts:
+        raise ValueError("time_generation() got no examples.")
+    pad = _pad_id(model, tokenizer)
+    ids0 = torch.tensor([list(prompts[0])], device=dev)
+    model.generate(
+        input_ids=ids0, attention_mask=torch.ones_like(ids0), do_sample=False, max_new_tokens=2, pad_token_id=pad
+    )
+    total, new = 0.0, 0
+    for p in prompts:
+        ids = torch.tensor([list(p)], device=dev)
+        seqs, dt = _timed(
+            model,
+            lambda ids=ids: model.generate(
+                input_ids=ids,
+                attention_mask=torch.ones_like(ids),
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad,
+                **(generate_kwargs or {}),
+            ),
+        )
+        total += dt
+        new += int(seqs.shape[1] - ids.shape[1])
+    return {
+        "seconds_per_prompt": total / len(prompts),
+        "prompts": len(prompts),
+        "mean_new_tokens": new / len(prompts),
+        "max_new_tokens": int(max_new_tokens),
+    }
+
+
+@torch.no_grad()
+def time_forward(model: nn.Module, examples: Sequence[ScoredExample]) -> float:
+    """Seconds of one plain no-grad forward over ``prompt + answer`` per example (batch 1, after a warm-up)."""
+    if not examples:
+        raise ValueError("time_forward() got no examples.")
+    dev = unwrap_model(model).get_input_embeddings().weight.device
+    warm = torch.tensor([examples[0].input_ids], device=dev)
+    model(input_ids=warm, use_cache=False)
+    total = 0.0
+    for e in examples:
+        ids = torch.tensor([e.input_ids], device=dev)
+        _, dt = _timed(model, lambda ids=ids: model(input_ids=ids, use_cache=False))
+        total += dt
+    return total / len(examples)
+
+
+# ---------------------------------------------------------------------------------------------
+# The comparison
+# ---------------------------------------------------------------------------------------------
+
+
+def _split_parts(examples: Sequence[ScoredExample], split: Any) -> dict[str, list[ScoredExample]]:
+    sets = {name: set(split[name]) for name in SPLITS}
+    parts = {name: [e for e in examples if e.uid in sets[name]] for name in SPLITS}
+    for name in SPLITS:
+        if not parts[name]:
+            raise ValueError(
+                f"The {name} split holds none of the examples; build the split from these examples' uids "
+                "(hf_flowcheck.data.split_records([e.uid for e in examples]))."
+            )
+        missing = [i for i, e in enumerate(parts[name]) if e.label not in (0, 1)]
+        if missing:
+            raise ValueError(
+                f"{len(missing)} {name} example(s) have no 0/1 label (first uid {parts[name][missing[0]].uid!r}); "
+                "drop judge-dropped answers before comparing."
+            )
+    return parts
+
+
+def _labels(examples: Sequence[ScoredExample]) -> np.ndarray:
+    return np.asarray([int(e.label) for e in examples], dtype=np.int64)  # type: ignore[arg-type]
+
+
+def compare_detectors(
+    model: nn.Module,
+    tokenizer: Any,
+    examples: Sequence[ScoredExample],
+    split: Any,
+    detectors: Sequence[Detector],
+    *,
+    protocol: str | None = None,
+    n_bootstrap: int = 1000,
+    seed: int = 0,
+    target_risk: float = 0.1,
+    fuse: bool = True,
+    max_new_tokens: int = 32,
+    generate_kwargs: dict[str, Any] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """Run every detector on the same split and report metrics, costs and abstention.
+
+    Args:
+        model: The base causal LM (eval mode).
+        tokenizer: Its tokenizer (sampling agreement decodes text; special tokens for the flow
+            extraction).
+        examples: Labelled :class:`~hf_flowcheck.detectors.base.ScoredExample` items (``uid``,
+            ``label`` 0/1), e.g. from :func:`examples_from_store` or
+            :func:`~hf_flowcheck.detectors.base.scored_examples`.
+        split: A :class:`~hf_flowcheck.data.Split` (or ``{"train"|"validation"|"test": uids}``).
+        detectors: The detectors; trainable ones are fitted on train and select on validation
+            (an already-fitted detector is kept as is). Detectors whose ``protocols`` exclude
+            ``protocol`` are skipped (listed in ``"skipped"``).
+        protocol: ``"generated"``, ``"paired"`` or ``"natural"`` (recorded; filters detectors).
+        n_bootstrap: Bootstrap resamples of the 95% intervals (1000 for reported numbers).
+        seed: Bootstrap seed.
+        target_risk: Selective-risk target of the validation-chosen abstention policy.
+        fuse: Add the fused detector when at least two of flow validator / probe / confidence ran.
+        max_new_tokens: Length cap of the timed plain generation (the cost denominator).
+        generate_kwargs: Extra kwargs of the timed generation (e.g. ``stop_strings``).
+        progress: Optional ``callback(message)``.
+
+    Returns:
+        A JSON-serialisable dict: ``protocol``, ``sizes`` (per split), ``generation`` (the timed
+        denominator), ``rows`` (``{detector name: evaluate_scores result}`` on test, each with
+        ``cost_ratio``, ``cost_seconds_per_sample``, ``aurc``, ``abstention`` = the validation
+        policy and its test outcome), ``fused_weights``, ``skipped``, and ``scores``
+        (``{name: {"validation": [...], "test": [...]}}``) with ``labels`` per split.
+    """
+    say = progress or (lambda msg: None)
+    parts = _split_parts(examples, split)
+    labels = {name: _labels(parts[name]) for name in SPLITS}
+    say(f"timing plain greedy generation of {len(parts['test'])} test prompts")
+    gen = time_generation(
+        model, parts["test"], max_new_tokens=max_new_tokens, tokenizer=tokenizer, generate_kwargs=generate_kwargs
+    )
+    n_test_prompts = gen["prompts"]
+    gen_per_sample = gen["seconds_per_prompt"] * n_test_prompts / len(parts["test"])
+    cache: dict[tuple[str, str], tuple[Any, float]] = {}
+
+    def feats(det: Detector, name: str) -> tuple[Any, float]:
+        key = (det.feature_key, name)
+        if key not in cache:
+            say(f"{det.name}: {name} features ({len(parts[name])} examples)")
+            cache[key] = _timed(model, lambda: det.featurize(model, parts[name], tokenizer=tokenizer))
+        return cache[key]
+
+    rows: dict[str, Any] = {}
+    scores: dict[str, dict[str, list[float]]] = {}
+    skipped: dict[str, str] = {}
+    ran: list[tuple[str, Detector, float]] = []  # (row name, detector, seconds per test sample)
+    for det in detectors:
+        if protocol is not None and det.protocols is not None and protocol not in det.protocols:
+            skipped[det.name] = f"only meaningful for protocol(s) {list(det.protocols)}, not {protocol!r}"
+            continue
+        if det.trainable and not det.is_fitted:
+            tr, _ = feats(det, "train")
+            va, _ = feats(det, "validation")
+            say(f"{det.name}: fitting")
+            det.fit(tr, labels["train"], va, labels["validation"])
+        name = det.name  # after fitting: may name the selected layer
+        while name in rows:
+            name += "'"
+        va, _ = feats(det, "validation")
+        te, seconds = feats(det, "test")
+        s_val, s_test = det.score(va), det.score(te)
+        per_sample = seconds / len(parts["test"])
+        ran.append((name, det, per_sample))
+        scores[name] = {"validation": s_val.tolist(), "test": s_test.tolist()}
+        rows[name] = _row(
+            name, labels, s_val, s_test, per_sample / gen_per_sample, per_sample, n_bootstrap, seed, target_risk
+        )
+        rows[name]["score_range"] = det.score_range
+        rows[name]["trainable"] = bool(det.trainable)
+
+    fused_weights: dict[str, float] = {}
+    if fuse:
+        stackable = (FlowValidatorDetector, HiddenStateProbe, TokenConfidenceDetector)
+        comps = [(n, d, c) for n, d, c in ran if isinstance(d, stackable)]
+        names = [n for n, _, _ in comps]
+        if len(comps) >= 2:
+            say(f"fused detector over {names}")
+            fused = FusedDetector().fit({n: np.asarray(scores[n]["validation"]) for n in names}, labels["validation"])
+            s_val = fused.score({n: np.asarray(scores[n]["validation"]) for n in names})
+            s_test = fused.score({n: np.asarray(scores[n]["test"]) for n in names})
+            # components sharing a forward (the four confidence statistics) count it once
+            per_sample = sum({d.feature_key: c for _, d, c in comps}.values())
+            name = fused.name
+            scores[name] = {"validation": s_val.tolist(), "test": s_test.tolist()}
+            rows[name] = _row(
+                name, labels, s_val, s_test, per_sample / gen_per_sample, per_sample, n_bootstrap, seed, target_risk
+            )
+            rows[name]["components"] = names
+            rows[name]["trainable"] = True
+            rows[name]["note"] = (
+                "fitted on the validation split, so its validation-chosen abstention threshold is optimistic"
+            )
+            fused_weights = fused.weights()
+        else:
+            skipped["fused"] = f"needs two of flow validator / probe / token confidence, got {names}"
+
+    return {
+        "protocol": protocol,
+        "sizes": {name: len(parts[name]) for name in SPLITS},
+        "generation": {**gen, "seconds_per_sample": gen_per_sample},
+        "rows": rows,
+        "fused_weights": fused_weights,
+        "skipped": skipped,
+        "scores": scores,
+        "labels": {name: labels[name].tolist() for name in ("validation", "test")},
+        "uids": {name: [e.uid for e in parts[name]] for name in ("validation", "test")},
+        "target_risk": float(target_risk),
+    }
+
+
+def _row(
+    name: str,
+    labels: dict[str, np.ndarray],
+    s_val: np.ndarray,
+    s_test: np.ndarray,
+    cost_ratio: float,
+    seconds: float,
+    n_bootstrap: int,
+    seed: int,
+    target_risk: float,
+) -> dict[str, Any]:
+    row = evaluate_scores(labels["test"], s_test, name=name, n_bootstrap=n_bootstrap, seed=seed, cost_ratio=cost_ratio)
+    row["cost_seconds_per_sample"] = float(seconds)
+    row["aurc"] = aurc(labels["test"], s_test)
+    policy = abstention_policy(s_val, labels["validation"], target_risk)
+    row["abstention"] = {"validation": policy, "test": apply_abstention(s_test, labels["test"], policy["threshold"])}
+    return row
+
+
+# ---------------------------------------------------------------------------------------------
+# Layer ablation of the gradient signal
+# ---------------------------------------------------------------------------------------------
+
+
+def gradient_layer_ablation(
+    model: nn.Module,
+    train: Sequence[ScoredExample],
+    validation: Sequence[ScoredExample],
+    test: Sequence[ScoredExample],
+    *,
+    config: GradientConfig | None = None,
+    band: int = 5,
+    stride: int = 1,
+    n_bootstrap: int = 200,
+    seed: int = 0,
+    cost_examples: int = 8,
+) -> dict[str, Any]:
+    """AUROC of the gradient detector per contiguous band of blocks and for all blocks.
+
+    Signatures are computed once with ``layers="all"`` and sliced: the gradient of a block's
+    parameters does not depend on where the backward stops below it, so a band's slice equals
+    the signature computed with that band alone.
+
+    Args:
+        model: The base causal LM.
+        train: Training examples (fit references and reader).
+        validation: Validation examples (select the reader's epoch).
+        test: Test examples (AUROC with a 95% bootstrap interval).
+        config: Reader/sketch settings (``layers`` is replaced per band).
+        band: Blocks per band (5 in the article; capped at the number of blocks).
+        stride: Step between band starts (1: every contiguous band).
+        n_bootstrap: Resamples of the AUROC intervals.
+        seed: Bootstrap seed.
+        cost_examples: Test examples timed for the cost ratios.
+
+    Returns:
+        ``{"bands": [{"blocks", "auroc", "low", "high"}], "all": {...}, "last_band": {...},
+        "share_last_band": (AUROC_last − 0.5)/(AUROC_all − 0.5) or None, "cost": {"forward_seconds",
+        "last_band_ratio", "all_ratio"}}``; cost ratios are to one no-grad forward of the same sequence.
+    """
+    cfg = config or GradientConfig()
+    all_cfg = dataclasses.replace(cfg, layers="all")
+    sig = {
+        name: gradient_signatures(model, part, all_cfg)
+        for name, part in (("train", train), ("validation", validation), ("test", test))
+    }
+    y = {name: _labels(part) for name, part in (("train", train), ("validation", validation), ("test", test))}
+    n_blocks = sig["train"].shape[1]
+    band = min(int(band), n_blocks)
+
+    def run(blocks: list[int]) -> dict[str, Any]:
+        det = GradientDetector(dataclasses.replace(cfg, layers=blocks))
+        det.fit(sig["train"][:, blocks], y["train"], sig["validation"][:, blocks], y["validation"])
+        s = det.score(sig["test"][:, blocks])
+        lo, hi = bootstrap_ci(auroc, y["test"], s, n=n_bootstrap, seed=seed)
+        return {"blocks": blocks, "auroc": _nan_none(auroc(y["test"], s)), "low": _nan_none(lo), "high": _nan_none(hi)}
+
+    bands = [run(list(range(st, st + band))) for st in range(0, n_blocks - band + 1, max(1, int(stride)))]
+    last = list(range(n_blocks - band, n_blocks))
+    last_row = next((b for b in bands if b["blocks"] == last), None) or run(last)
+    all_row = run(list(range(n_blocks)))
+    share = None
+    if last_row["auroc"] is not None and all_row["auroc"] is not None and abs(all_row["auroc"] - 0.5) > 1e-12:
+        share = (last_row["auroc"] - 0.5) / (all_row["auroc"] - 0.5)
+
+    timed = list(test[: max(1, cost_examples)])
+    fwd = time_forward(model, timed)
+
+    def grad_time(layers: Any) -> float:
+        c = dataclasses.replace(cfg, layers=layers)
+        gradient_signature(model, *_one(timed[0]), c)  # warm-up
+        total = 0.0
+        for e in timed:
+            _, dt = _timed(model, lambda e=e: gradient_signature(model, *_one(e), c))
+            total += dt
+        return total / len(timed)
+
+    t_last, t_all = grad_time(band), grad_time("all")
+    return {
+        "num_blocks": int(n_blocks),
+        "band": band,
+        "bands": bands,
+        "last_band": last_row,
+        "all": all_row,
+        "share_last_band": share,
+        "cost": {
+            "forward_seconds": fwd,
+            "last_band_seconds": t_last,
+            "all_seconds": t_all,
+            "last_band_ratio": t_last / fwd,
+            "all_ratio": t_all / fwd,
+            "examples": len(timed),
+        },
+    }
+
+
+def _one(e: ScoredExample) -> tuple[torch.Tensor, None, torch.Tensor]:
+    ids = torch.tensor([e.input_ids], dtype=torch.long)
+    ans = torch.zeros_like(ids)
+    ans[0, len(e.prompt_ids) :] = 1
+    return ids, None, ans
+
+
+def _nan_none(x: float) -> float | None:
+    return None if x is None or (isinstance(x, float) and math.isnan(x)) else float(x)
+
+
+# ---------------------------------------------------------------------------------------------
+# From a feature store
+# ---------------------------------------------------------------------------------------------
+
+
+def _load_records(dataset: Mapping[str, Any], data_dir: str | None) -> list[Any]:
+    from hf_flowcheck import data
+
+    name = str(dataset.get("name") or "")
+    limit = dataset.get("limit")
+    if name.startswith("halueval-"):
+        return data.load_halueval(name[len("halueval-") :], data_dir, limit=limit)
+    if name == "selfaware":
+        return data.load_selfaware(data_dir, limit=limit)
+    if name and Path(name).is_file():
+        tasks = dataset.get("tasks") or ["qa"]
+        return data.load_jsonl(name, task=tasks[0], limit=limit)
+    raise ValueError(
+        f"The feature store's manifest names dataset {name!r}, which cannot be reloaded (neither a known dataset nor "
+        "an existing JSON Lines file); the prompts are rebuilt from the records, so the data must be available."
+    )
+
+
+def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = None) -> list[ScoredExample]:
+    """Rebuild the labelled examples of a feature store (``flowcheck extract`` output).
+
+    The store's uids and labels define the examples. Generated protocol: the prompt is rebuilt
+    with :func:`hf_flowcheck.data.generation_prompt` (the store's prompt style) from the record
+    of each uid and the answer is the store's ``answer`` metadata; paired / natural: the
+    examples of :func:`~hf_flowcheck.data.paired_examples` / ``natural_examples`` matched by
+    ``(uid, source)``.
+
+    Returns:
+        :class:`ScoredExample` items in store order.
+    """
+    from hf_flowcheck import data
+
+    manifest = store.manifest
+    dataset = manifest.get("dataset") or {}
+    records = _load_records(dataset, data_dir)
+    by_uid = {r.uid: r for r in records}
+    rows = store.samples()
+    protocol = store.protocol
+    labelled: list[Any] = []
+    if protocol == "generated":
+        style = dataset.get("prompt_style") or "plain"
+        for row in rows:
+            rec = by_uid.get(row["uid"])
+            if rec is None:
+                raise ValueError(
+                    f"uid {row['uid']!r} of the store is not among the reloaded records; check --data-dir."
+                )
+            if "answer" not in row:
+                raise ValueError(
+                    "The generated-protocol store has no 'answer' metadata; re-extract it with this version."
+                )
+            prompt = data.generation_prompt(rec, style=style, tokenizer=tokenizer)
+            labelled.append(data.LabeledExample(rec.uid, rec.task, prompt, row["answer"], row["label"], "generated"))
+    else:
+        made = data.paired_examples(records) if protocol == "paired" else data.natural_examples(records)
+        by_key = {(e.uid, e.source): e for e in made}
+        for row in rows:
+            ex = by_key.get((row["uid"], row.get("source")))
+            if ex is None or int(ex.label) != int(row["label"]):
+                raise ValueError(
+                    f"Store sample {row['uid']!r} ({row.get('source')}) does not match the reloaded records."
+                )
+            labelled.append(ex)
+    return scored_examples(tokenizer, labelled)
+
+
+def _build_detectors(args: argparse.Namespace, tokenizer: Any, protocol: str) -> list[Detector]:
+    wanted = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    bad = sorted(set(wanted) - set(DETECTOR_CHOICES))
+    if bad:
+        raise ValueError(f"--detectors: unknown {bad}; choose from {', '.join(DETECTOR_CHOICES)}.")
+    out: list[Detector] = []
+    for w in wanted:
+        if w == "flow":
+            if not args.validator:
+                print("flowcheck compare: skipping the flow validator (no --validator given)", file=sys.stderr)
+                continue
+            from hf_flowcheck.detectors.flow_validator import FlowValidator
+
+            out.append(FlowValidatorDetector(FlowValidator.from_pretrained(args.validator), tokenizer=tokenizer))
+        elif w == "gradient":
+            layers: Any = args.gradient_layers
+            layers = "all" if layers == "all" else int(layers)
+            sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
+            out.append(
+                GradientDetector(
+                    GradientConfig(layers=layers, sketch=sketch, reader=args.gradient_reader, seed=args.seed)
+                )
+            )
+        elif w == "probe":
+            out.append(HiddenStateProbe(seed=args.seed))
+        elif w == "confidence":
+            out += [TokenConfidenceDetector(s) for s in ("mean_logprob", "min_logprob", "mean_entropy", "perplexity")]
+        elif w == "sampling":
+            out.append(SamplingAgreementDetector(args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))
+        elif w == "length" and protocol == "paired":
+            out.append(AnswerLengthDetector())
+    return out
+
+
+def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add the ``flowcheck compare`` options (wire with ``set_defaults(func=run_compare)``)."""
+    from hf_flowcheck.offline_models import DEFAULT_MODEL
+
+    parser.add_argument(
+        "--features",
+        required=True,
+        help="Feature store written by `flowcheck extract`; its uids/labels define the examples.",
+    )
+    parser.add_argument("--validator", default=None, help="Trained flow validator (folder or Hub id) to include.")
+    parser.add_argument(
+        "--model", default=DEFAULT_MODEL, help="Base model (offline name, folder or Hub id); must be the store's model."
+    )
+    parser.add_argument("--data-dir", default=None, help="Data directory to reload the records (prompts).")
+    parser.add_argument(
+        "--detectors",
+        default=",".join(DETECTOR_CHOICES),
+        help=f"Comma-separated subset of {', '.join(DETECTOR_CHOICES)} (length: paired stores only).",
+    )
+    parser.add_argument("--split-seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="Seed of sketches, readers and sampling.")
+    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the 95%% intervals.")
+    parser.add_argument(
+        "--target-risk", type=float, default=0.1, help="Selective-risk target of the abstention policy."
+    )
+    parser.add_argument("--samples", type=int, default=5, help="Sampling agreement: samples per prompt (>= 2).")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="Timed generation and samples: length cap.")
+    parser.add_argument("--gradient-layers", default="5", help="Gradient detector: last n blocks, or 'all'.")
+    parser.add_argument("--gradient-sketch", type=int, default=32, help="Sketch rows (<= 0: exact gradients).")
+    parser.add_argument("--gradient-reader", choices=("transformer", "logistic"), default="transformer")
+    parser.add_argument(
+        "--layer-ablation",
+        action="store_true",
+        help="Also run the gradient layer ablation (AUROC per 5-block band, cost ratios).",
+    )
+    parser.add_argument(
+        "--max-per-split",
+        type=int,
+        default=None,
+        help="Keep at most this many examples per split (smoke runs; not for reported numbers).",
+    )
+    parser.add_argument("--dtype", default="float32", help="Model dtype (gradients need float32 on CPU).")
+    parser.add_argument("--json", default=None, help="Write the full report as JSON here.")
+    return parser
+
+
+def run_compare(args: argparse.Namespace) -> int:
+    """Run ``flowcheck compare``; returns the exit status (0 ok, 2 user error)."""
+    from hf_flowcheck.data.splits import split_records
+    from hf_flowcheck.offline_models import load_model
+    from hf_flowcheck.store import FeatureStore, FeatureStoreError
+
+    command = "flowcheck " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    try:
+        store = FeatureStore.open(args.features)
+        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        model.eval()
+        if store.model_fingerprint:
+            from hf_flowcheck.hub import check_fingerprint
+
+            check_fingerprint(store.model_fingerprint, model, what="feature store")
+        examples = examples_from_store(store, tokenizer, data_dir=args.data_dir)
+        split = split_records([e.uid for e in examples], seed=args.split_seed)
+        split_map: dict[str, Any] = {n: list(split[n]) for n in SPLITS}
+        if args.max_per_split:
+            split_map = {n: _cap(examples, split_map[n], args.max_per_split) for n in SPLITS}
+        detectors = _build_detectors(args, tokenizer, store.protocol)
+        report = compare_detectors(
+            model,
+            tokenizer,
+            examples,
+            split_map,
+            detectors,
+            protocol=store.protocol,
+            n_bootstrap=args.bootstrap,
+            seed=args.seed,
+            target_risk=args.target_risk,
+            max_new_tokens=args.max_new_tokens,
+            progress=lambda m: print(f"[compare] {m}", file=sys.stderr),
+        )
+        if args.layer_ablation:
+            parts = _split_parts(examples, split_map)
+            sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
+            report["layer_ablation"] = gradient_layer_ablation(
+                model,
+                parts["train"],
+                parts["validation"],
+                parts["test"],
+                config=GradientConfig(sketch=sketch, reader=args.gradient_reader, seed=args.seed),
+                n_bootstrap=min(args.bootstrap, 1000),
+                seed=args.seed,
+            )
+    except (ValueError, FileNotFoundError, FeatureStoreError, RuntimeError) as err:
+        print(f"flowcheck compare: error: {err}", file=sys.stderr)
+        return 2
+    report["command"] = command
+    report["features"] = str(args.features)
+    print(
+        f"{store.protocol} protocol, test split of {args.features}: "
+        + ", ".join(f"{k} {v}" for k, v in report["sizes"].items())
+    )
+    cols = ["auroc", "auprc", "precision_at_recall_0.8", "recall_at_precision_0.8", "aurc"]
+    print(format_table(report["rows"], metrics=cols))
+    print(
+        "\ncost per sample as a ratio to plain greedy generation "
+        f"({report['generation']['seconds_per_sample'] * 1000:.1f} ms/sample):"
+    )
+    for name, row in report["rows"].items():
+        ab = row["abstention"]["test"]
+        risk = "n/a" if ab["risk"] is None else f"{ab['risk']:.3f}"
+        print(
+            f"  {name}: cost x{row['cost_ratio']:.2f}; abstention at target risk {args.target_risk}: "
+            f"test coverage {ab['coverage']:.3f}, risk {risk}"
+        )
+    for name, why in report["skipped"].items():
+        print(f"  skipped {name}: {why}")
+    if "layer_ablation" in report:
+        la = report["layer_ablation"]
+        print(
+            f"\ngradient layer ablation: last {la['band']} blocks AUROC {la['last_band']['auroc']}, all blocks "
+            f"{la['all']['auroc']}, share {la['share_last_band']}; cost vs one forward: last band "
+            f"x{la['cost']['last_band_ratio']:.2f}, all x{la['cost']['all_ratio']:.2f}"
+        )
+    if args.json:
+        from hf_flowcheck.detectors.flow_validator import _jsonable
+
+        Path(args.json).write_text(json.dumps(_jsonable(report, "report"), indent=2))
+        print(f"Wrote {args.json}")
+    return 0
+
+
+def _cap(examples: Sequence[ScoredExample], uids: Sequence[str], limit: int) -> list[str]:
+    keep, count = [], 0
+    per_uid: dict[str, int] = {}
+    for e in examples:
+        per_uid[e.uid] = per_uid.get(e.uid, 0) + 1
+    for u in uids:
+        if count >= limit:
+            break
+        keep.append(u)
+        count += per_uid.get(u, 0)
+    return keep

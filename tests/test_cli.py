@@ -1,0 +1,48 @@
+"""The `flowcheck` command on a tiny model saved to a folder."""
+
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from hf_flowcheck.cli import main
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("cli")
+    model = make_tiny_model("llama")
+    model.generation_config.eos_token_id = 98
+    model.save_pretrained(root / "model")
+    vocab = {f"w{i}": i for i in range(99)}
+    tk = Tokenizer(models.WordLevel(vocab, unk_token="w3"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tk, eos_token="w98", pad_token="w0", bos_token="w1").save_pretrained(
+        root / "model"
+    )
+    cfg = tiny_flow_config()
+    torch.manual_seed(0)
+    v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names, hidden=8, embed=8, gru_hidden=8), flow_config=cfg)
+    v.set_base_model(model)
+    v.save_pretrained(root / "validator")
+    return root
+
+
+def test_generate_prints_score_and_culprit(folders, capsys, tmp_path):
+    heat = tmp_path / "heat.png"
+    rc = main([
+        "generate", "w5 w6 w7 w8", "--model", str(folders / "model"), "--validator", str(folders / "validator"),
+        "--raw-prompt", "--max-new-tokens", "6", "--heatmap", str(heat),
+    ])
+    out = capsys.readouterr().out
+    assert rc == 0
+    assert "Flow score:" in out and "Culprit:" in out and "block" in out
+    assert heat.is_file() and heat.stat().st_size > 1000
+
+
+def test_generate_without_validator_says_how_to_get_one(folders, capsys):
+    rc = main(["generate", "w5 w6", "--model", str(folders / "model"), "--raw-prompt", "--heatmap", ""])
+    assert rc == 2
+    assert "--validator" in capsys.readouterr().err
