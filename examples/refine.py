@@ -54,9 +54,7 @@ def main() -> None:
     )
     res = model.refine(out, rows=[0], strategy=args.strategy, seed=0)
     for row in res.rows:
-        print(
-            f"strategy {row.strategy}, culprit (position, block) {row.culprit_before}, block {row.patched_block}"
-        )
+        print(f"strategy {row.strategy}, culprit (position, block) {row.culprit_before}, block {row.patched_block}")
         print(f"before ({row.score_before:.3f}): {tok.decode(row.original_answer_ids, skip_special_tokens=True)!r}")
         print(f"after  ({row.score_after:.3f}): {tok.decode(row.refined_answer_ids, skip_special_tokens=True)!r}")
         print(

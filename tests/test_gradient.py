@@ -133,7 +133,7 @@ def test_exact_gradients_equal_autograd(family: str) -> None:
     model = make_tiny_model(family)
     ids, ans = _inputs(2)
     sig = gradient_signature(model, ids, None, ans, GradientConfig(layers=1, sketch=None))[0]
-    plan, norm_g, lin_g = _autograd_reference(model, ids, ans, 3)
+    _, norm_g, lin_g = _autograd_reference(model, ids, ans, 3)
     expected = torch.cat([g.reshape(-1) for g in norm_g] + [g.reshape(-1) for g in lin_g])
     torch.testing.assert_close(sig[: expected.numel()], expected, rtol=1e-4, atol=1e-6)
 
@@ -196,7 +196,7 @@ def test_half_precision_backward_failure_suggests_float32() -> None:
     ids, ans = _inputs()
 
     def no_half_backward(module, inputs, output):
-        raise RuntimeError('"addmm_impl_cpu_" not implemented for \'Half\'')
+        raise RuntimeError("\"addmm_impl_cpu_\" not implemented for 'Half'")
 
     handle = model.model.layers[3].mlp.down_proj.register_forward_hook(no_half_backward)
     before = _snapshot(model)
