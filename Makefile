@@ -29,5 +29,8 @@ lint:
 format:
 	ruff format hf_flowcheck tests benchmarks examples
 
+docs: install
+	mkdocs build --strict
+
 bench: install
 	$(PY) benchmarks/extraction.py

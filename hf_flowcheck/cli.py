@@ -168,6 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = sub.add_parser("evaluate", help="Evaluate a validator on a split of a feature store.")
     add_evaluate_arguments(evaluate)
     evaluate.set_defaults(func=cmd_evaluate)
+
+    from hf_flowcheck.comparison import add_compare_arguments, run_compare
+
+    compare = sub.add_parser("compare", help="Every detector on the same model, data and split, with 95% intervals.")
+    add_compare_arguments(compare)
+    compare.set_defaults(func=run_compare)
     return parser
 
 

@@ -63,6 +63,7 @@ __all__ = [
     "compare_detectors",
     "examples_from_store",
     "gradient_layer_ablation",
+    "measure_gradient_cost",
     "run_compare",
 ]
 
@@ -523,6 +524,64 @@ def _row(
 # ---------------------------------------------------------------------------------------------
 
 
+def measure_gradient_cost(
+    model: nn.Module,
+    examples: Sequence[ScoredExample],
+    *,
+    config: GradientConfig | None = None,
+    band: int = 5,
+    repeats: int = 3,
+) -> dict[str, Any]:
+    """Cost of one gradient signature as a ratio to one no-grad forward pass of the same sequence.
+
+    For each example the plain forward, the signature of the last ``band`` blocks and the signature
+    of all blocks are timed back to back (``repeats`` rounds, after a warm-up), so that they see the
+    same machine load; the ratios are of the medians.
+
+    Returns:
+        ``{"forward_seconds", "last_band_seconds", "all_seconds", "last_band_ratio", "all_ratio",
+        "band", "examples", "repeats"}``.
+    """
+    if not examples:
+        raise ValueError("measure_gradient_cost() needs at least one example.")
+    cfg = config or GradientConfig()
+    dev = unwrap_model(model).get_input_embeddings().weight.device
+    n_blocks = len(_block_count(model))
+    band = min(int(band), n_blocks)
+    c_last, c_all = dataclasses.replace(cfg, layers=band), dataclasses.replace(cfg, layers="all")
+
+    def forward(e: ScoredExample) -> None:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([e.input_ids], device=dev), use_cache=False)
+
+    for c in (c_last, c_all):  # warm-up (sketch matrices, allocator)
+        gradient_signature(model, *_one(examples[0]), c)
+    forward(examples[0])
+    times: dict[str, list[float]] = {"forward": [], "last": [], "all": []}
+    for _ in range(max(1, int(repeats))):
+        for e in examples:
+            times["forward"].append(_timed(model, lambda e=e: forward(e))[1])
+            times["last"].append(_timed(model, lambda e=e: gradient_signature(model, *_one(e), c_last))[1])
+            times["all"].append(_timed(model, lambda e=e: gradient_signature(model, *_one(e), c_all))[1])
+    med = {k: float(np.median(v)) for k, v in times.items()}
+    return {
+        "forward_seconds": med["forward"],
+        "last_band_seconds": med["last"],
+        "all_seconds": med["all"],
+        "last_band_ratio": med["last"] / med["forward"],
+        "all_ratio": med["all"] / med["forward"],
+        "band": band,
+        "examples": len(examples),
+        "repeats": int(repeats),
+    }
+
+
+def _block_count(model: nn.Module) -> list[Any]:
+    from hf_flowcheck.architectures import resolve_architecture
+
+    return resolve_architecture(model).blocks
+
+
 def gradient_layer_ablation(
     model: nn.Module,
     train: Sequence[ScoredExample],
@@ -556,8 +615,9 @@ def gradient_layer_ablation(
 
     Returns:
         ``{"bands": [{"blocks", "auroc", "low", "high"}], "all": {...}, "last_band": {...},
-        "share_last_band": (AUROC_last − 0.5)/(AUROC_all − 0.5) or None, "cost": {"forward_seconds",
-        "last_band_ratio", "all_ratio"}}``; cost ratios are to one no-grad forward of the same sequence.
+        "share_last_band": (AUROC_last − 0.5)/(AUROC_all − 0.5) or None, "cost": ...}`` where ``cost`` is
+        :func:`measure_gradient_cost` (ratios to one no-grad forward of the same sequence). The share is
+        only meaningful when ``AUROC_all`` is clearly above 0.5.
     """
     cfg = config or GradientConfig()
     all_cfg = dataclasses.replace(cfg, layers="all")
@@ -585,18 +645,7 @@ def gradient_layer_ablation(
         share = (last_row["auroc"] - 0.5) / (all_row["auroc"] - 0.5)
 
     timed = list(test[: max(1, cost_examples)])
-    fwd = time_forward(model, timed)
-
-    def grad_time(layers: Any) -> float:
-        c = dataclasses.replace(cfg, layers=layers)
-        gradient_signature(model, *_one(timed[0]), c)  # warm-up
-        total = 0.0
-        for e in timed:
-            _, dt = _timed(model, lambda e=e: gradient_signature(model, *_one(e), c))
-            total += dt
-        return total / len(timed)
-
-    t_last, t_all = grad_time(band), grad_time("all")
+    cost = measure_gradient_cost(model, timed, config=cfg, band=band)
     return {
         "num_blocks": int(n_blocks),
         "band": band,
@@ -604,14 +653,7 @@ def gradient_layer_ablation(
         "last_band": last_row,
         "all": all_row,
         "share_last_band": share,
-        "cost": {
-            "forward_seconds": fwd,
-            "last_band_seconds": t_last,
-            "all_seconds": t_all,
-            "last_band_ratio": t_last / fwd,
-            "all_ratio": t_all / fwd,
-            "examples": len(timed),
-        },
+        "cost": cost,
     }
 
 

@@ -208,14 +208,16 @@ def test_gradient_layer_ablation() -> None:
 
 
 # ------------------------------------------------------------------------------- from a store
-def test_examples_from_store_and_arguments(tmp_path) -> None:
+def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> None:
+    from hf_flowcheck import offline_models
+    from hf_flowcheck.comparison import run_compare
     from hf_flowcheck.data import load_jsonl, paired_examples
     from hf_flowcheck.pipeline import extract_dataset
 
     path = tmp_path / "qa.jsonl"
     rows = [
         {"knowledge": f"K{i}.", "question": f"Q{i}?", "right_answer": f"A{i}", "hallucinated_answer": f"Wrong {i}."}
-        for i in range(3)
+        for i in range(10)
     ]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     tok = CharTokenizer()
@@ -232,12 +234,23 @@ def test_examples_from_store_and_arguments(tmp_path) -> None:
         dataset={"name": str(path), "limit": None},
     )
     rebuilt = examples_from_store(store, tok)
-    assert len(rebuilt) == 6
+    assert len(rebuilt) == 20
     assert sorted((e.uid, e.label) for e in rebuilt) == sorted((e.uid, e.label) for e in examples)
     for e in rebuilt:
         assert tok.decode(e.answer_ids).strip() == e.answer
 
     parser = argparse.ArgumentParser()
     add_compare_arguments(parser)
-    args = parser.parse_args(["--features", str(tmp_path / "feats"), "--detectors", "gradient,confidence"])
-    assert args.gradient_layers == "5" and args.samples == 5 and args.target_risk == 0.1
+    defaults = parser.parse_args(["--features", "x"])
+    assert defaults.gradient_layers == "5" and defaults.samples == 5 and defaults.target_risk == 0.1
+    monkeypatch.setattr(offline_models, "load_model", lambda name, **kw: (make_tiny_model("llama"), tok))
+    out_json = tmp_path / "report.json"
+    argv = ["--features", str(tmp_path / "feats"), "--detectors", "confidence,length,probe", "--bootstrap", "5"]
+    argv += ["--max-new-tokens", "2", "--json", str(out_json)]
+    assert run_compare(parser.parse_args(argv)) == 0
+    printed = capsys.readouterr().out
+    assert "answer length (tokens)" in printed and "cost x" in printed
+    report = json.loads(out_json.read_text())
+    assert report["protocol"] == "paired" and "fused (stacked logistic regression)" in report["rows"]
+    bad = parser.parse_args(["--features", str(tmp_path / "nowhere")])
+    assert run_compare(bad) == 2

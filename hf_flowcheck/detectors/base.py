@@ -66,6 +66,7 @@ class ScoredExample:
         prompt: Prompt text (sampling detectors decode and compare texts).
         answer: Answer text (the model's own greedy answer in the generated protocol).
         source: ``"right"``/``"hallucinated"`` (paired), ``"generated"`` or ``"natural"``.
+        meta: Free per-example facts (not used by the detectors).
     """
 
     prompt_ids: list[int]

@@ -344,7 +344,12 @@ class FlowValidator(
         xc = xc.masked_fill(~keep[..., None], 0.0)
 
         h = self.embed_norm(self.mlp(self.input_norm(xc)))  # [N, L, embed]
-        states, _ = self.gru(h)  # causal: trailing padding cannot reach valid events
+        # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
+        # rows x longest row); trailing padding could not reach valid events anyway (causal).
+        packed = nn.utils.rnn.pack_padded_sequence(
+            h, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
+        )
+        states, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
         ev = self.head(states).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
 
         pooled = ev.max(dim=1).values if self.config.pooling == "max" else torch.logsumexp(ev, dim=1)

@@ -44,7 +44,6 @@ import json
 import math
 import os
 import re
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -328,6 +327,7 @@ class _Linear:
 @dataclass
 class _BlockPlan:
     index: int
+    module: nn.Module
     norm_params: list[tuple[str, nn.Parameter]]
     linears: list[_Linear]
 
@@ -354,7 +354,7 @@ def _block_plan(index: int, block: nn.Module) -> _BlockPlan:
             linears.append(_Linear(name, m, i, o))
         elif _is_norm(m):
             norms.extend((f"{name}.{pn}", p) for pn, p in m.named_parameters(recurse=False))
-    return _BlockPlan(index, norms, linears)
+    return _BlockPlan(index, block, norms, linears)
 
 
 _PROJ_CACHE: dict[tuple[Any, ...], torch.Tensor] = {}
@@ -417,25 +417,31 @@ def sketch_weight_gradient(
     return left.T @ right
 
 
-_PLAN_CACHE: weakref.WeakKeyDictionary[nn.Module, list[_BlockPlan]] = weakref.WeakKeyDictionary()
+def _plans(model: nn.Module, indices: Sequence[int] | None = None) -> list[_BlockPlan]:
+    """Norm parameters and linear modules of the blocks (rebuilt per call: adapters may have changed them)."""
+    blocks = resolve_architecture(unwrap_model(model)).blocks
+    idx = range(len(blocks)) if indices is None else indices
+    return [_block_plan(i, blocks[i]) for i in idx]
 
 
-def _plans(model: nn.Module) -> list[_BlockPlan]:
-    base = unwrap_model(model)
-    plans = _PLAN_CACHE.get(base)
-    if plans is None:
-        blocks = resolve_architecture(base).blocks
-        plans = [_block_plan(i, b) for i, b in enumerate(blocks)]
-        _PLAN_CACHE[base] = plans
-    return plans
+def _num_blocks(model: nn.Module) -> int:
+    return resolve_architecture(unwrap_model(model)).num_blocks
 
 
-def _accepts(fn: Callable[..., Any], name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+_ACCEPTS_CACHE: dict[tuple[type, str], bool] = {}
+
+
+def _accepts(model: nn.Module, name: str) -> bool:
+    """Whether ``model.forward`` takes keyword ``name`` (cached per class)."""
+    key = (type(model), name)
+    if key not in _ACCEPTS_CACHE:
+        try:
+            params = inspect.signature(model.forward).parameters
+            ok = name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
+        except (TypeError, ValueError):
+            ok = False
+        _ACCEPTS_CACHE[key] = ok
+    return _ACCEPTS_CACHE[key]
 
 
 def _as_batch(
@@ -507,8 +513,7 @@ def gradient_signature(
             "mean NLL of the answer tokens, so give at least one answer token after the prompt."
         )
     base = unwrap_model(model)
-    plans = _plans(base)
-    selected = [plans[i] for i in cfg.select_blocks(len(plans))]
+    selected = _plans(base, cfg.select_blocks(_num_blocks(base)))
     device = base.get_input_embeddings().weight.device
     ids, att = ids.to(device), att.to(device)
     pos = pos.to(device)
@@ -562,17 +567,15 @@ def gradient_signature(
             p.requires_grad_(False)
         for p in norm_params:
             p.requires_grad_(True)
-        first_block = resolve_architecture(base).blocks[selected[0].index]
-        handles.append(first_block.register_forward_pre_hook(pre_hook, with_kwargs=True))
+        handles.append(selected[0].module.register_forward_pre_hook(pre_hook, with_kwargs=True))
         for plan in selected:
             for j, lin in enumerate(plan.linears):
                 handles.append(lin.module.register_forward_hook(make_hook(plan.index, j, lin)))
         kwargs: dict[str, Any] = {"attention_mask": att, "use_cache": False}
-        fwd = base.forward
-        if _accepts(fwd, "position_ids"):
+        if _accepts(base, "position_ids"):
             kwargs["position_ids"] = (att.long().cumsum(-1) - 1).clamp_min(0)
         keep = seq - first
-        if _accepts(fwd, "logits_to_keep"):
+        if _accepts(base, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
         try:
             with torch.enable_grad():
