@@ -132,7 +132,12 @@ def train_from_store(
         flow_config=store.config,
         command=command,
     )
-    validator.base_fingerprint = dict(store.model_fingerprint) if store.model_fingerprint else None
+    fingerprint = dict(store.model_fingerprint) if store.model_fingerprint else None
+    if fingerprint:
+        from hf_flowcheck.hub import _upstream_id
+
+        fingerprint["base_id"] = _upstream_id(fingerprint.get("base_id"))
+    validator.base_fingerprint = fingerprint
     report = evaluate_validator_on_store(validator, store, split.test, n_bootstrap=n_bootstrap)
     report["split"] = {
         "seed": split_seed,

@@ -111,6 +111,24 @@ def readout_sha256(weight: torch.Tensor, *, cache: bool = True) -> str:
     return digest
 
 
+def _upstream_id(name_or_path: str | None) -> str | None:
+    """The upstream Hub id of an offline-converted model folder (its source record says), else as given."""
+    if not name_or_path:
+        return name_or_path
+    import json
+    from pathlib import Path
+
+    from hf_flowcheck.offline_models import SOURCE_FILENAME
+
+    source = Path(name_or_path) / SOURCE_FILENAME
+    if source.is_file():
+        try:
+            return json.loads(source.read_text()).get("hub_id") or name_or_path
+        except (OSError, ValueError):
+            return name_or_path
+    return name_or_path
+
+
 def model_fingerprint(model: nn.Module, base_id: str | None = None, revision: str | None = None) -> dict[str, Any]:
     """What identifies a base model for a flow detector.
 
@@ -129,7 +147,7 @@ def model_fingerprint(model: nn.Module, base_id: str | None = None, revision: st
     cfg = getattr(base, "config", None)
     readout = arch.readout
     if base_id is None:
-        base_id = getattr(cfg, "_name_or_path", None) or None
+        base_id = _upstream_id(getattr(cfg, "_name_or_path", None) or None)
     if revision is None:
         revision = getattr(cfg, "_commit_hash", None) or None
     return {
