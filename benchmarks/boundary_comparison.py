@@ -49,12 +49,23 @@ def main() -> None:
     for boundary in ("normalized", "residual"):
         feats_dir = out / f"replay-{boundary}"
         extract_dataset(
-            model, tok, examples, feats_dir, config=FlowConfig(boundary=boundary), protocol="natural",
-            batch_size=8, shard_size=256, progress=False,
+            model,
+            tok,
+            examples,
+            feats_dir,
+            config=FlowConfig(boundary=boundary),
+            protocol="natural",
+            batch_size=8,
+            shard_size=256,
+            progress=False,
             dataset={"name": "halueval-qa generated answers (replayed)", "source": str(args.generated)},
         )
         _, report = train_from_store(
-            feats_dir, out / f"validator-{boundary}", epochs=args.epochs, n_bootstrap=args.bootstrap, progress=False,
+            feats_dir,
+            out / f"validator-{boundary}",
+            epochs=args.epochs,
+            n_bootstrap=args.bootstrap,
+            progress=False,
             command=f"python benchmarks/boundary_comparison.py --generated {args.generated} --out {args.out}",
         )
         rows[f"boundary={boundary}"] = report["rows"]["flow validator"]

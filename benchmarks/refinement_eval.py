@@ -21,7 +21,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 
 STRATEGIES = ("regenerate", "random_depth", "flow")
 
@@ -32,8 +31,12 @@ def _rate(labels: list[int], n_boot: int = 1000, seed: int = 0) -> dict[str, flo
         return {"value": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
     rng = np.random.default_rng(seed)
     boots = [y[rng.integers(0, len(y), len(y))].mean() for _ in range(n_boot)]
-    return {"value": float(y.mean()), "low": float(np.quantile(boots, 0.025)),
-            "high": float(np.quantile(boots, 0.975)), "n": len(y)}
+    return {
+        "value": float(y.mean()),
+        "low": float(np.quantile(boots, 0.025)),
+        "high": float(np.quantile(boots, 0.975)),
+        "n": len(y),
+    }
 
 
 def main() -> None:
@@ -42,7 +45,7 @@ def main() -> None:
     ap.add_argument("--validator", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
-    ap.add_argument("--limit", type=int, default=None, help="At most this many questions per set.")
+    ap.add_argument("--limit", type=int, default=None, help="Refine at most this many test questions (seeded).")
     ap.add_argument("--max-new-tokens", type=int, default=32)
     ap.add_argument("--alpha", type=float, default=1.05)
     ap.add_argument("--split-seed", type=int, default=0)
@@ -62,8 +65,9 @@ def main() -> None:
     model = FlowCheckedModelForCausalLM.from_pretrained(args.model, validator=args.validator)
     tok = model.tokenizer
     judge = ReferenceF1Judge()
-    gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id,
-                  **_newline_stop(tok))
+    gen_kw = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, **_newline_stop(tok)
+    )
 
     def judge_ids(rec, ids, p):
         text = clean_generation(tok.decode(ids[p:], skip_special_tokens=True))
@@ -71,6 +75,10 @@ def main() -> None:
 
     rows = []
     uids = sorted(label_of)
+    if args.limit is not None:
+        # A seeded subset of the test split (not the first uids in string order).
+        rng = np.random.default_rng(args.split_seed)
+        uids = sorted(rng.choice(uids, size=min(args.limit, len(uids)), replace=False).tolist())
     for i, uid in enumerate(uids):
         rec = records[uid]
         enc = tok(generation_prompt(rec), return_tensors="pt")
@@ -79,8 +87,14 @@ def main() -> None:
         t_gen = time.perf_counter() - t0
         p = out.prompt_length
         initial, answer = judge_ids(rec, out.sequences[0].tolist(), p)
-        row = {"uid": uid, "store_label": label_of[uid], "initial": initial, "answer": answer,
-               "score": float(out.flow_scores[0]), "gen_s": t_gen}
+        row = {
+            "uid": uid,
+            "store_label": label_of[uid],
+            "initial": initial,
+            "answer": answer,
+            "score": float(out.flow_scores[0]),
+            "gen_s": t_gen,
+        }
         if bool(out.flow_has_events[0]):
             t_pos, _ = (int(x) for x in out.flow_culprits[0])
             n_new = int((out.sequences[0, p:] != tok.pad_token_id).sum())
@@ -92,9 +106,14 @@ def main() -> None:
                 if res.rows:
                     r = res.rows[0]
                     label, text = judge_ids(rec, r.refined_ids, r.prompt_length)
-                    row[strategy] = {"label": label, "answer": text, "score_after": r.score_after,
-                                     "cost": 1 + dt / t_gen, "positions_clamped": r.positions_clamped,
-                                     "mean_lambda": r.mean_lambda}
+                    row[strategy] = {
+                        "label": label,
+                        "answer": text,
+                        "score_after": r.score_after,
+                        "cost": 1 + dt / t_gen,
+                        "positions_clamped": r.positions_clamped,
+                        "mean_lambda": r.mean_lambda,
+                    }
                 else:
                     row[strategy] = {"label": None, "skipped": res.skipped.get(0)}
         rows.append(row)
@@ -111,13 +130,16 @@ def main() -> None:
 
     set_a = [r for r in rows if r["store_label"] == 1]
     set_b = [r for r in rows if r["score"] == r["score"] and r["score"] > 0.5]
-    result = {"a_hallucination_labelled": table(set_a, "(a) hallucination-labelled"),
-              "b_validator_flagged": table(set_b, "(b) validator-flagged (score > 0.5)"),
-              "cost": {s: float(np.mean([r[s]["cost"] for r in rows if s in r and "cost" in r[s]] or [np.nan]))
-                       for s in STRATEGIES},
-              "cost_bound": float(np.mean([r["cost_bound"] for r in rows if "cost_bound" in r] or [np.nan])),
-              "decoding": "greedy, 2-shot plain prompt, stop at newline, max_new_tokens=%d" % args.max_new_tokens,
-              "alpha": args.alpha}
+    result = {
+        "a_hallucination_labelled": table(set_a, "(a) hallucination-labelled"),
+        "b_validator_flagged": table(set_b, "(b) validator-flagged (score > 0.5)"),
+        "cost": {
+            s: float(np.mean([r[s]["cost"] for r in rows if s in r and "cost" in r[s]] or [np.nan])) for s in STRATEGIES
+        },
+        "cost_bound": float(np.mean([r["cost_bound"] for r in rows if "cost_bound" in r] or [np.nan])),
+        "decoding": "greedy, 2-shot plain prompt, stop at newline, max_new_tokens=%d" % args.max_new_tokens,
+        "alpha": args.alpha,
+    }
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "refinement.json").write_text(json.dumps({"summary": result, "rows": rows}, indent=2))
     print("| set | n | Initial | Regenerate | Random depth | Flow guided |")
@@ -126,10 +148,18 @@ def main() -> None:
         t = result[key]
 
         def f(m):
-            return "n/a" if m["n"] == 0 else f"{100 * m['value']:.1f}% [{100 * m['low']:.1f}, {100 * m['high']:.1f}] (n={m['n']})"
+            return (
+                "n/a"
+                if m["n"] == 0
+                else f"{100 * m['value']:.1f}% [{100 * m['low']:.1f}, {100 * m['high']:.1f}] (n={m['n']})"
+            )
 
-        print(f"| {t['set']} | {t['n']} | {f(t['initial'])} | {f(t['regenerate'])} | {f(t['random_depth'])} | {f(t['flow'])} |")
-    print(f"cost factor per refined row (measured, mean): {result['cost']}; bound 1+(t_cur-t0)/T mean: {result['cost_bound']:.2f}")
+        print(
+            f"| {t['set']} | {t['n']} | {f(t['initial'])} | {f(t['regenerate'])} | {f(t['random_depth'])} | {f(t['flow'])} |"
+        )
+    print(
+        f"cost factor per refined row (measured, mean): {result['cost']}; bound 1+(t_cur-t0)/T mean: {result['cost_bound']:.2f}"
+    )
     del torch
 
 

@@ -47,7 +47,9 @@ def main() -> None:
     kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
     )
-    print(f"model={args.model} validator={which} batch={args.batch} new_tokens={args.new_tokens} threads={args.threads}")
+    print(
+        f"model={args.model} validator={which} batch={args.batch} new_tokens={args.new_tokens} threads={args.threads}"
+    )
 
     def run(mode):
         t0 = time.perf_counter()
