@@ -137,7 +137,7 @@ def main() -> None:
             s: float(np.mean([r[s]["cost"] for r in rows if s in r and "cost" in r[s]] or [np.nan])) for s in STRATEGIES
         },
         "cost_bound": float(np.mean([r["cost_bound"] for r in rows if "cost_bound" in r] or [np.nan])),
-        "decoding": "greedy, 2-shot plain prompt, stop at newline, max_new_tokens=%d" % args.max_new_tokens,
+        "decoding": f"greedy, 2-shot plain prompt, stop at newline, max_new_tokens={args.max_new_tokens}",
         "alpha": args.alpha,
     }
     Path(args.out).mkdir(parents=True, exist_ok=True)
@@ -160,7 +160,6 @@ def main() -> None:
     print(
         f"cost factor per refined row (measured, mean): {result['cost']}; bound 1+(t_cur-t0)/T mean: {result['cost_bound']:.2f}"
     )
-    del torch
 
 
 if __name__ == "__main__":

@@ -80,8 +80,6 @@ def _qa_prompt(question: str, context: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Flow-checked generation: answer, score, culprit, heatmap."""
-    import torch
-
     from hf_flowcheck import FlowCheckedModelForCausalLM
 
     t0 = time.perf_counter()
@@ -127,7 +125,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
             print(f"Wrote the depth x token heatmap of event scores to {args.heatmap}")
         except ImportError as err:
             print(f"(no heatmap: {err}; pip install matplotlib)", file=sys.stderr)
-    del torch
     return 0
 
 
