@@ -16,8 +16,8 @@ from hf_flowcheck.refinement import BlockClamp, RefinementResult, refine
 from hf_flowcheck.version import __version__
 
 __all__ = [
-    "BlockClamp",
     "ArchitectureSpec",
+    "BlockClamp",
     "FlowCheckedModelForCausalLM",
     "FlowConfig",
     "FlowExtractor",

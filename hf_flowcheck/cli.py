@@ -98,8 +98,13 @@ def cmd_generate(args: argparse.Namespace) -> int:
     enc = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     out = model.generate(
-        **enc, max_new_tokens=args.max_new_tokens, do_sample=False, return_flow_scores=True,
-        return_flow_features=True, stop_strings=["\n"] if not args.raw_prompt else None, tokenizer=tok,
+        **enc,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        return_flow_scores=True,
+        return_flow_features=True,
+        stop_strings=["\n"] if not args.raw_prompt else None,
+        tokenizer=tok,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
     dt = time.perf_counter() - t0

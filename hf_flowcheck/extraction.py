@@ -433,9 +433,7 @@ class FlowExtractor:
                 return False
         return True
 
-    def features_from_states(
-        self, input_ids: torch.Tensor, mask: torch.Tensor, states: CapturedStates
-    ) -> FlowFeatures:
+    def features_from_states(self, input_ids: torch.Tensor, mask: torch.Tensor, states: CapturedStates) -> FlowFeatures:
         """Signatures of the masked tokens of ``input_ids`` from already captured states.
 
         During a ``generate`` call (streaming checks) the prompt's attention mask is taken from

