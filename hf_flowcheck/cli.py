@@ -14,60 +14,31 @@ SAMPLE_KNOWLEDGE = (
 SAMPLE_QUESTION = "Which engineer is the Eiffel Tower named after?"
 
 
-def _print_depth_summary(feats, row: int = 0, out=sys.stdout) -> None:
-    """Mean of each feature over the row's tokens, one line per block."""
-    names = feats.names
-    vals = feats.values[row]  # [B, T, F]
-    valid = feats.valid[row]  # [B, T]
-    n_tok = int(valid[0].sum()) if valid.numel() else 0
-    if n_tok == 0:
-        print("(no scored tokens: the answer was empty or only special tokens)", file=out)
+def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
+    """Per block: the culprit token's event score and features (the depth profile behind the flag)."""
+    feats = out.flow_features
+    pos = int(out.flow_culprits[row, 0])
+    cols = (feats.positions[row] == pos).nonzero()
+    if cols.numel() == 0:
         return
-    short = [n[:10] for n in names]
-    print("block " + " ".join(f"{s:>10}" for s in short), file=out)
-    for b in range(vals.shape[0]):
-        mean = vals[b, :n_tok].mean(0)
-        print(f"{b:5d} " + " ".join(f"{float(x):10.4f}" for x in mean), file=out)
+    col = int(cols[0])
+    names = feats.names
+    print("\nDepth profile of the culprit token (event score = sigmoid of the validator's event logit):", file=stream)
+    print("block  event " + " ".join(f"{n[:11]:>11}" for n in names), file=stream)
+    ev = out.flow_event_scores[row, :, col].sigmoid()
+    block = int(out.flow_culprits[row, 1])
+    for b in range(feats.values.shape[1]):
+        mark = " <- culprit" if b == block else ""
+        vals = " ".join(f"{float(x):11.4f}" for x in feats.values[row, b, col])
+        print(f"{b:5d} {float(ev[b]):6.3f} {vals}{mark}", file=stream)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    import torch
-
-    from hf_flowcheck import FlowConfig, FlowExtractor
-    from hf_flowcheck.offline_models import load_model
-
-    t0 = time.perf_counter()
-    model, tok = load_model(args.model)
-    print(
-        f"Loaded {args.model} ({model.config.model_type}, {model.config.num_hidden_layers} blocks) "
-        f"in {time.perf_counter() - t0:.1f} s"
-    )
-    prompt = f"Knowledge: {args.context}\nQuestion: {args.question}\nAnswer:"
-    enc = tok(prompt, return_tensors="pt")
-    ext = FlowExtractor(model, FlowConfig(), tokenizer=tok)
-    t0 = time.perf_counter()
-    seqs, feats = ext.generate(
-        enc.input_ids,
-        attention_mask=enc.attention_mask,
-        max_new_tokens=args.max_new_tokens,
-        do_sample=False,
-        pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
-    )
-    dt = time.perf_counter() - t0
-    answer = tok.decode(seqs[0, enc.input_ids.shape[1] :], skip_special_tokens=True)
-    print(f"Question: {args.question}\nAnswer: {answer.strip()}")
-    print(
-        f"Flow signatures of {int(feats.num_tokens()[0])} answer tokens x {feats.num_blocks} blocks x "
-        f"{len(feats.names)} features, generated and extracted in {dt:.2f} s:"
-    )
-    _print_depth_summary(feats)
-    with torch.no_grad():
-        step = feats.values[0, :, : int(feats.num_tokens()[0]), 0]
-    if step.numel():
-        b, t = divmod(int(step.argmax()), step.shape[1])
-        pos = int(feats.positions[0, t])
-        print(f"Largest transported step: block {b}, token {tok.decode(seqs[0, pos])!r} (position {pos}).")
-    return 0
+    """``make demo``: flow-checked generation of a sample question on the bundled model."""
+    args.validator = None
+    args.raw_prompt = False
+    args.depth_profile = True
+    return cmd_generate(args)
 
 
 def _qa_prompt(question: str, context: str | None) -> str:
@@ -121,6 +92,8 @@ def cmd_generate(args: argparse.Namespace) -> int:
     pos, block = (int(x) for x in out.flow_culprits[0])
     print(f"Culprit:  token {tok.decode(out.sequences[0, pos])!r} at position {pos - p} of the answer, block {block}")
     print(f"Generated and scored in {dt:.2f} s")
+    if getattr(args, "depth_profile", False):
+        _print_culprit_depth_profile(out)
     if args.heatmap:
         try:
             from hf_flowcheck.report import report_items_from_output, save_heatmap_png
@@ -138,11 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="flowcheck", description="Flow signatures for HuggingFace causal LMs.")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="Generate an answer on the bundled model and summarise its flow signatures.")
+    demo = sub.add_parser("demo", help="Flow-checked generation of a sample question on the bundled model.")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
     demo.add_argument("--question", default=SAMPLE_QUESTION)
     demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
-    demo.add_argument("--max-new-tokens", type=int, default=24)
+    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--threshold", type=float, default=0.5)
+    demo.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="Answer a question with flow checking: score, culprit and heatmap.")

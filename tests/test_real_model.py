@@ -64,3 +64,42 @@ def test_smollm2_batch_invariance_and_boundaries(smollm2):
         alone = ext.extract(enc.input_ids[:1, keep], response_mask=resp[:1, keep])
         n = alone.values.shape[2]
         torch.testing.assert_close(batch.values[0, :, :n], alone.values[0], atol=2e-3, rtol=2e-3)
+
+
+@pytest.fixture(scope="module")
+def checked():
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    model = FlowCheckedModelForCausalLM.from_pretrained("SmolLM2-135M-Instruct")
+    model.tokenizer.padding_side = "left"
+    return model
+
+
+def test_bundled_validator_scores_a_batch(checked):
+    assert checked.validator is not None, "the bundled default validator for SmolLM2 was not found"
+    tok = checked.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = checked.generate(**enc, max_new_tokens=10, do_sample=False, return_flow_scores=True)
+    assert out.flow_scores.shape == (2,) and ((out.flow_scores >= 0) & (out.flow_scores <= 1)).all()
+    p = enc.input_ids.shape[1]
+    assert (out.flow_culprits[:, 0] >= p).all() and (out.flow_culprits[:, 1] < 30).all()
+    full_att = torch.cat([enc.attention_mask, torch.ones_like(out.sequences[:, p:])], dim=1)
+    resp = torch.zeros_like(out.sequences)
+    resp[:, p:] = 1
+    ref = checked.validator.score_features(checked.extractor.extract(out.sequences, full_att, resp))
+    # Cached decoding vs one full forward: float rounding only.
+    torch.testing.assert_close(out.flow_scores, ref.scores, atol=1e-3, rtol=0)
+    plain = checked.generate(**enc, max_new_tokens=10, do_sample=False)
+    assert torch.equal(plain, out.sequences)
+
+
+def test_streaming_abstention_end_to_end(checked):
+    tok = checked.tokenizer
+    enc = tok(PROMPTS, return_tensors="pt", padding=True)
+    out = checked.generate(
+        **enc, max_new_tokens=16, do_sample=False, return_flow_scores=True, flow_check_every=2,
+        flow_abstain_threshold=0.0, flow_abstain_message="I am not sure.",
+    )
+    assert out.flow_abstained.all() and out.flow_running_scores.shape[1] == 2
+    texts = tok.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
+    assert all("I am not sure." in t for t in texts)
