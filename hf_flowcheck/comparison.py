@@ -712,6 +712,7 @@ def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = No
     rows = store.samples()
     protocol = store.protocol
     labelled: list[Any] = []
+    empty = 0
     if protocol == "generated":
         style = dataset.get("prompt_style") or "plain"
         for row in rows:
@@ -724,8 +725,18 @@ def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = No
                 raise ValueError(
                     "The generated-protocol store has no 'answer' metadata; re-extract it with this version."
                 )
+            if not str(row["answer"]).strip():
+                empty += 1  # the model answered nothing: no answer token for any detector to score
+                continue
             prompt = data.generation_prompt(rec, style=style, tokenizer=tokenizer)
             labelled.append(data.LabeledExample(rec.uid, rec.task, prompt, row["answer"], row["label"], "generated"))
+        if empty:
+            import sys
+
+            print(
+                f"examples_from_store: left out {empty} empty generated answers (nothing to score or judge).",
+                file=sys.stderr,
+            )
     else:
         made = data.paired_examples(records) if protocol == "paired" else data.natural_examples(records)
         by_key = {(e.uid, e.source): e for e in made}
