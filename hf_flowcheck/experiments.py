@@ -96,6 +96,7 @@ def train_from_store(
     patience: int = 5,
     seed: int = 0,
     pooling: str = "max",
+    input_transform: str = "log_standardize",
     n_bootstrap: int = 1000,
     command: str | None = None,
     progress: bool = True,
@@ -115,7 +116,7 @@ def train_from_store(
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, _ = parts["train"]
     val_f, val_y, _ = parts["validation"]
-    vcfg = ValidatorConfig.from_feature_names(train_f.names, pooling=pooling)
+    vcfg = ValidatorConfig.from_feature_names(train_f.names, pooling=pooling, input_transform=input_transform)
     validator, history = train_validator(
         train_f,
         train_y,
@@ -176,6 +177,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             patience=args.patience,
             seed=args.seed,
             pooling=args.pooling,
+            input_transform=args.input_transform,
             n_bootstrap=args.bootstrap,
             command=command,
             progress=not args.no_progress,
@@ -223,6 +225,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--patience", type=int, default=5, help="Early stopping on validation AUROC.")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--pooling", choices=["max", "logsumexp"], default="max")
+    p.add_argument(
+        "--input-transform",
+        choices=["log_standardize", "standardize", "none"],
+        default="log_standardize",
+        help="Per-feature input scaling before the LayerNorm ('none' = the spec's B.9 exactly).",
+    )
     p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command-text", default=None, help=argparse.SUPPRESS)

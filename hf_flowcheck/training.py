@@ -385,6 +385,7 @@ def train_validator(
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         model = FlowValidator(config, flow_config=flow_config, base_fingerprint=fingerprint).to(dev)
+        model.fit_input_transform(train.values, train.valid)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=dev))
         best_state: dict[str, torch.Tensor] | None = None

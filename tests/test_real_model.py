@@ -97,8 +97,13 @@ def test_streaming_abstention_end_to_end(checked):
     tok = checked.tokenizer
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
     out = checked.generate(
-        **enc, max_new_tokens=16, do_sample=False, return_flow_scores=True, flow_check_every=2,
-        flow_abstain_threshold=0.0, flow_abstain_message="I am not sure.",
+        **enc,
+        max_new_tokens=16,
+        do_sample=False,
+        return_flow_scores=True,
+        flow_check_every=2,
+        flow_abstain_threshold=0.0,
+        flow_abstain_message="I am not sure.",
     )
     assert out.flow_abstained.all() and out.flow_running_scores.shape[1] == 2
     texts = tok.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)

@@ -31,6 +31,9 @@ def reference_logits(v: FlowValidator, values: torch.Tensor, valid: torch.Tensor
     for i in range(values.shape[0]):
         b_idx, t_idx = valid[i].nonzero(as_tuple=True)  # row-major over [B, T] = depth-major
         x = values[i, b_idx, t_idx][None]  # [1, L, F]
+        x = torch.sign(x) * torch.log1p(x.abs()) if v.config.input_transform == "log_standardize" else x
+        if v.config.input_transform != "none":
+            x = (x - v.feature_shift) / v.feature_scale
         h = v.embed_norm(v.mlp(v.input_norm(x)))
         states, _ = v.gru(h)
         out.append(v.head(states)[0, :, 0])
@@ -64,6 +67,22 @@ def test_matches_depth_major_reference():
         ref = reference_logits(v, values, valid)
     for i, r in enumerate(ref):
         torch.testing.assert_close(out.event_logits[i][valid[i]], r, atol=1e-5, rtol=1e-5)
+
+
+def test_input_transform_is_fitted_per_feature_and_saved(tmp_path):
+    v = make_validator()
+    values, valid = random_batch(n=5, seed=4)
+    values = values * torch.tensor([100.0] + [1.0] * (values.shape[-1] - 1))
+    v.fit_input_transform(values, valid)
+    ev = v._transform_inputs(values[valid])
+    torch.testing.assert_close(ev.mean(0), torch.zeros(values.shape[-1]), atol=1e-4, rtol=0)
+    torch.testing.assert_close(ev.std(0), torch.ones(values.shape[-1]), atol=1e-4, rtol=0)
+    v.save_pretrained(tmp_path)
+    again = FlowValidator.from_pretrained(str(tmp_path))
+    torch.testing.assert_close(again.feature_scale, v.feature_scale)
+    spec = make_validator(input_transform="none")
+    spec.fit_input_transform(values, valid)  # the spec's B.9: no per-feature scaling
+    assert torch.equal(spec.feature_scale, torch.ones_like(spec.feature_scale))
 
 
 def test_logsumexp_pooling():

@@ -52,6 +52,7 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 POOLINGS: tuple[str, ...] = ("max", "logsumexp")
+INPUT_TRANSFORMS: tuple[str, ...] = ("log_standardize", "standardize", "none")
 
 
 class CheckpointError(ValueError):
@@ -88,6 +89,15 @@ class ValidatorConfig:
         default="max",
         metadata={"help": "Pooling of event logits into the sample logit: 'max' (default) or 'logsumexp'."},
     )
+    input_transform: str = field(
+        default="log_standardize",
+        metadata={
+            "help": "Per-feature input scaling before the spec's LayerNorm(F): 'log_standardize' (log1p, then "
+            "train-split mean/std; default), 'standardize' (mean/std only) or 'none' (the spec's B.9 exactly). "
+            "The features span three orders of magnitude (mlp_mag ~10-100, ratios ~0.1), and a LayerNorm across "
+            "one event's features lets the large ones drown the small ones."
+        },
+    )
     feature_names: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -106,6 +116,11 @@ class ValidatorConfig:
             raise ValueError(
                 f"ValidatorConfig.pooling={self.pooling!r} is not supported; "
                 f"use one of {', '.join(map(repr, POOLINGS))}."
+            )
+        if self.input_transform not in INPUT_TRANSFORMS:
+            raise ValueError(
+                f"ValidatorConfig.input_transform={self.input_transform!r} is not supported; "
+                f"use one of {', '.join(map(repr, INPUT_TRANSFORMS))}."
             )
         if isinstance(self.feature_names, str) or not all(isinstance(n, str) for n in self.feature_names):
             raise ValueError(
@@ -271,6 +286,9 @@ class FlowValidator(
         self.training_metadata: dict[str, Any] = dict(training_metadata or {})
 
         f, p = cfg.num_features, cfg.dropout
+        # Per-feature affine input scaling (fitted on the train split by fit_input_transform).
+        self.register_buffer("feature_shift", torch.zeros(f))
+        self.register_buffer("feature_scale", torch.ones(f))
         self.input_norm = nn.LayerNorm(f)
         self.mlp = nn.Sequential(
             nn.Linear(f, cfg.hidden),
@@ -311,6 +329,32 @@ class FlowValidator(
             )
         return valid
 
+    def _transform_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        mode = self.config.input_transform
+        if mode == "none":
+            return x
+        if mode == "log_standardize":
+            x = torch.sign(x) * torch.log1p(x.abs())
+        return (x - self.feature_shift) / self.feature_scale
+
+    @torch.no_grad()
+    def fit_input_transform(self, values: torch.Tensor, valid: torch.Tensor) -> None:
+        """Set the per-feature shift/scale from training events (no-op for ``input_transform='none'``).
+
+        Args:
+            values: ``[N, B, T, F]`` training features.
+            valid: ``[N, B, T]`` bool.
+        """
+        if self.config.input_transform == "none":
+            return
+        ev = values[valid.bool()].to(self.feature_shift.dtype)  # [E, F]
+        if ev.shape[0] < 2:
+            raise ValueError("fit_input_transform needs at least two valid training events.")
+        if self.config.input_transform == "log_standardize":
+            ev = torch.sign(ev) * torch.log1p(ev.abs())
+        self.feature_shift.copy_(ev.mean(0))
+        self.feature_scale.copy_(ev.std(0).clamp_min(1e-6))
+
     def forward(self, values: torch.Tensor, valid: torch.Tensor) -> FlowValidatorOutput:
         """Score samples from their event features.
 
@@ -326,7 +370,7 @@ class FlowValidator(
         dev = values.device
         dtype = self.head.weight.dtype
         e = b * t
-        x = values.reshape(n, e, f).to(dtype)
+        x = self._transform_inputs(values.reshape(n, e, f).to(dtype))
         v = valid.reshape(n, e).to(dev)
         lengths = v.sum(1)  # [N]
         has = lengths > 0
