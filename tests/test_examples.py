@@ -28,7 +28,7 @@ def _model_installed() -> bool:
 needs_model = pytest.mark.skipif(not _model_installed(), reason="offline SmolLM2-135M-Instruct not installed")
 
 
-def _run(script: str, *args: str, timeout: float = 300) -> str:
+def _run(script: str, *args: str, timeout: float = 900) -> str:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     env.setdefault("OMP_NUM_THREADS", "2")
     proc = subprocess.run(
