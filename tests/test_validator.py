@@ -34,7 +34,7 @@ def reference_logits(v: FlowValidator, values: torch.Tensor, valid: torch.Tensor
         x = torch.sign(x) * torch.log1p(x.abs()) if v.config.input_transform == "log_standardize" else x
         if v.config.input_transform != "none":
             x = (x - v.feature_shift) / v.feature_scale
-        h = v.embed_norm(v.mlp(v.input_norm(x)))
+        h = v.embed_norm(v.mlp(v.input_norm(x) if v.config.event_layernorm else x))
         states, _ = v.gru(h)
         out.append(v.head(states)[0, :, 0])
     return out

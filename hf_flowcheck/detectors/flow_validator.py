@@ -98,6 +98,14 @@ class ValidatorConfig:
             "one event's features lets the large ones drown the small ones."
         },
     )
+    event_layernorm: bool = field(
+        default=True,
+        metadata={
+            "help": "Apply the spec's LayerNorm across each event's F features (B.9). It also removes each "
+            "event's common magnitude (all features large or small together); with a per-feature "
+            "input_transform, False keeps that information."
+        },
+    )
     feature_names: tuple[str, ...] = field(
         default=(),
         metadata={
@@ -387,7 +395,9 @@ class FlowValidator(
         xc = x.gather(1, order[..., None].expand(n, length, f))
         xc = xc.masked_fill(~keep[..., None], 0.0)
 
-        h = self.embed_norm(self.mlp(self.input_norm(xc)))  # [N, L, embed]
+        if self.config.event_layernorm:
+            xc = self.input_norm(xc)
+        h = self.embed_norm(self.mlp(xc))  # [N, L, embed]
         # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
         # rows x longest row); trailing padding could not reach valid events anyway (causal).
         packed = nn.utils.rnn.pack_padded_sequence(
