@@ -78,7 +78,8 @@ class ValidatorConfig:
         'max'
     """
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    #: 2 added ``input_transform`` and ``event_layernorm``; format-1 files load as the spec's plain B.9.
+    FORMAT_VERSION: ClassVar[int] = 2
 
     num_features: int = field(metadata={"help": "F, the number of feature channels per event (10 'full', 8 'paper')."})
     hidden: int = field(default=256, metadata={"help": "Width of the MLP's hidden layer (F→hidden→embed)."})
@@ -160,6 +161,8 @@ class ValidatorConfig:
         """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
         if isinstance(data, cls):
             return data
+        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 2:
+            data = {"input_transform": "none", "event_layernorm": True, **data}
         return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
 
 
@@ -763,6 +766,10 @@ class FlowValidator(
                 "(from_pretrained(..., force_download=True)) or save the validator again."
             ) from err
         own = self.state_dict()
+        if self.config.input_transform == "none":
+            # Format-1 files predate the (then unused) input-scaling buffers.
+            for key in ("feature_shift", "feature_scale"):
+                state.setdefault(key, own[key])
         missing = sorted(set(own) - set(state))
         unexpected = sorted(set(state) - set(own))
         if strict and (missing or unexpected):
