@@ -568,7 +568,7 @@ class FlowValidator(
         lines += [
             f"# {title}",
             "",
-            "A hallucination detector built with [hf_flowcheck](https://github.com/hf-flowcheck/hf_flowcheck) from "
+            "A hallucination detector built with hf_flowcheck (`pip install hf-flowcheck`) from "
             "*flow signatures*: how the base model's residual stream moves between blocks, read through its "
             "own readout. `score` = `sigmoid(logit)` lies in [0, 1]; **higher = more likely hallucinated**. "
             "The culprit event (the arg-max per-event logit) names the token and block to refine.",
