@@ -58,9 +58,10 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
 
 
-def _positive_int(name: str, value: Any) -> None:
+def check_positive_int(name: str, value: Any, owner: str = "") -> None:
+    """Raise a ``ValueError`` naming ``owner.name`` unless ``value`` is an int >= 1 (bools refused)."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name}={value!r} must be a positive integer.")
+        raise ValueError(f"{owner + '.' if owner else ''}{name}={value!r} must be a positive integer.")
 
 
 @dataclass
@@ -118,7 +119,7 @@ class FlowConfig:
         _choice("drift_anchor", self.drift_anchor, ("end", "start"))
         _choice("features", self.features, ("full", "paper"))
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
-            _positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name))
         if self.window_stride > self.window_length:
             raise ValueError(
                 f"window_stride={self.window_stride} is larger than window_length={self.window_length}: "

@@ -41,7 +41,7 @@ from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from torch import nn
 
-from hf_flowcheck.configuration import FlowConfig, versioned_fields
+from hf_flowcheck.configuration import FlowConfig, check_positive_int, versioned_fields
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
@@ -62,11 +62,6 @@ class CheckpointError(ValueError):
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-
-
-def _pos_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"ValidatorConfig.{name}={value!r} must be a positive integer.")
 
 
 @dataclass
@@ -117,7 +112,7 @@ class ValidatorConfig:
 
     def __post_init__(self) -> None:
         for name in ("num_features", "hidden", "embed", "gru_hidden"):
-            _pos_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), "ValidatorConfig")
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"ValidatorConfig.dropout={self.dropout!r} must be a number in [0, 1).")
         self.dropout = float(self.dropout)

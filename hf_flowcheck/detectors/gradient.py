@@ -56,6 +56,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from torch import nn
 
 from hf_flowcheck.architectures import resolve_architecture, unwrap_model
+from hf_flowcheck.configuration import check_positive_int
 from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample, load_safetensors_strict
 from hf_flowcheck.detectors.flow_validator import CheckpointError, _jsonable
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
@@ -103,11 +104,6 @@ class GradientSignatureError(RuntimeError):
 # ---------------------------------------------------------------------------------------------
 # Configuration
 # ---------------------------------------------------------------------------------------------
-
-
-def _pos_int(name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"GradientConfig.{name}={value!r} must be a positive integer.")
 
 
 @dataclass
@@ -173,7 +169,7 @@ class GradientConfig:
                     "of block indices, or 'all'."
                 )
         elif isinstance(self.layers, int) and not isinstance(self.layers, bool):
-            _pos_int("layers", self.layers)
+            check_positive_int("layers", self.layers, "GradientConfig")
         elif isinstance(self.layers, (list, tuple)):
             if not self.layers or not all(isinstance(i, int) and not isinstance(i, bool) for i in self.layers):
                 raise ValueError(
@@ -183,7 +179,7 @@ class GradientConfig:
         else:
             raise ValueError(f"GradientConfig.layers={self.layers!r} must be an int, a list of ints or 'all'.")
         if self.sketch is not None:
-            _pos_int("sketch", self.sketch)
+            check_positive_int("sketch", self.sketch, "GradientConfig")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             raise ValueError(f"GradientConfig.seed={self.seed!r} must be an int.")
         if self.classes not in (2, 3):
@@ -191,7 +187,7 @@ class GradientConfig:
         if self.reader not in READERS:
             raise ValueError(f"GradientConfig.reader={self.reader!r} must be one of {', '.join(map(repr, READERS))}.")
         for name in ("d_model", "reader_layers", "num_heads", "epochs", "batch_size", "patience"):
-            _pos_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), "GradientConfig")
         if self.d_model % self.num_heads:
             raise ValueError(f"GradientConfig.num_heads={self.num_heads} must divide d_model={self.d_model}.")
         if not (isinstance(self.dropout, (int, float)) and 0 <= self.dropout < 1) or isinstance(self.dropout, bool):
