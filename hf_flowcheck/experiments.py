@@ -69,7 +69,7 @@ def evaluate_validator_on_store(
 
         count = token_counter(tokenizer)
         if answers is not None:
-            rows["length-only (answer tokens)"] = length_baseline(
+            rows["length-only (answer words)"] = length_baseline(
                 answers, y, count_fn=count, n_bootstrap=n_bootstrap, seed=seed
             )
             idx = length_matched_indices(uids, answers, y.tolist(), count_fn=count, max_diff=2)

@@ -47,7 +47,7 @@ def test_train_then_evaluate_cli(store_dir, tmp_path, capsys):
     split = report["split"]
     assert split["train"] + split["validation"] + split["test"] == 80 and split["test"] > 0
     assert (out / "README.md").read_text().count("flowcheck train ...") >= 1
-    assert {"flow validator", "length-only (answer tokens)"} <= set(report["rows"])
+    assert {"flow validator", "length-only (answer words)"} <= set(report["rows"])
     assert report["length_matched_pairs"] == 0  # the answers differ in length by construction
     v = FlowValidator.from_pretrained(str(out))
     assert v.flow_config == tiny_flow_config()
