@@ -774,6 +774,8 @@ def _newline_stop(tokenizer: Any) -> dict[str, Any]:
     from transformers import StoppingCriteriaList
     from transformers.generation.stopping_criteria import StopStringCriteria
 
+    if not hasattr(tokenizer, "get_vocab"):
+        return {}  # not a transformers tokenizer: rows run to max_new_tokens; the answer is still the first line
     return {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, ["\n"])])}
 
 
