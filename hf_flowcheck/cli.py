@@ -106,6 +106,38 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    """Flow-checked generation of one or more questions, optionally refined, as a self-contained HTML page."""
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.report import render_report, report_items_from_output
+
+    kwargs = {} if args.validator is None else {"validator": args.validator}
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if model.validator is None:
+        print(f"flowcheck report: error: no validator for {args.model}; pass --validator.", file=sys.stderr)
+        return 2
+    tok = model.tokenizer
+    tok.padding_side = "left"
+    prompts = [_qa_prompt(q, args.context) for q in args.questions]
+    enc = tok(prompts, return_tensors="pt", padding=True)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    out = model.generate(
+        **enc,
+        max_new_tokens=args.max_new_tokens,
+        do_sample=False,
+        return_flow_scores=True,
+        return_flow_features=True,
+        pad_token_id=pad,
+    )
+    refined = None
+    if args.refine:
+        refined = model.refine(out, threshold=0.0, attention_mask=enc.attention_mask, pad_token_id=pad)
+    items = report_items_from_output(out, tok, prompts=list(args.questions), refinements=refined)
+    render_report(items, args.out, subtitle=f"{args.model}, greedy, {args.max_new_tokens} new tokens")
+    print(f"Wrote {args.out} ({len(items)} generation(s); open it in a browser)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_flowcheck.offline_models import DEFAULT_MODEL
 
@@ -130,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
     gen.set_defaults(func=cmd_generate)
+
+    rep = sub.add_parser("report", help="Write a self-contained HTML report of flow-checked generations.")
+    rep.add_argument("questions", nargs="+")
+    rep.add_argument("--context", default=None, help="Knowledge passage shared by the questions.")
+    rep.add_argument("--model", default=DEFAULT_MODEL)
+    rep.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
+    rep.add_argument("--max-new-tokens", type=int, default=24)
+    rep.add_argument("--refine", action="store_true", help="Also refine each answer and show before/after.")
+    rep.add_argument("--out", default="flowcheck_report.html")
+    rep.set_defaults(func=cmd_report)
 
     from hf_flowcheck.pipeline import add_extract_arguments, run_extract
 

@@ -267,12 +267,14 @@ from test_pipeline import CharTokenizer, paired
 from hf_flowcheck import pipeline
 from hf_flowcheck.pipeline import extract_dataset
 
-pipeline._after_shard_hook = lambda i: print("wrote shard", i, "in", PartialState().process_index, flush=True)
+# One write per line: two processes share the pipe, and a single small write is atomic.
+pipeline._after_shard_hook = lambda i: sys.stdout.write(f"wrote shard {{i}} in {{PartialState().process_index}}\\n")
 # accelerator=None: extract_dataset joins the launched process group itself (WORLD_SIZE=2).
 store = extract_dataset(make_tiny_model("llama"), CharTokenizer(), paired(), sys.argv[1], config=tiny_flow_config(),
                         protocol="paired", batch_size=3, shard_size=4, progress=False)
 state = PartialState()
-print("process", state.process_index, "of", state.num_processes, "samples", len(store), flush=True)
+sys.stdout.write(f"process {{state.process_index}} of {{state.num_processes}} samples {{len(store)}}\\n")
+sys.stdout.flush()
 """
 
 
