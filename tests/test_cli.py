@@ -63,10 +63,22 @@ def test_generate_without_validator_says_how_to_get_one(folders, capsys):
 
 def test_report_writes_html(folders, tmp_path):
     out = tmp_path / "r.html"
-    rc = main([
-        "report", "w5 w6 w7", "w8 w9", "--model", str(folders / "model"), "--validator",
-        str(folders / "validator"), "--max-new-tokens", "4", "--refine", "--out", str(out),
-    ])
+    rc = main(
+        [
+            "report",
+            "w5 w6 w7",
+            "w8 w9",
+            "--model",
+            str(folders / "model"),
+            "--validator",
+            str(folders / "validator"),
+            "--max-new-tokens",
+            "4",
+            "--refine",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     html = out.read_text()
     assert html.count("<svg") >= 2 and "http://" not in html and "https://" not in html
