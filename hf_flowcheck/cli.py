@@ -190,7 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from hf_flowcheck.comparison import add_compare_arguments, run_compare
 
-    compare = sub.add_parser("compare", help="Every detector on the same model, data and split, with 95% intervals.")
+    compare = sub.add_parser("compare", help="Every detector on the same model, data and split, with 95%% intervals.")
     add_compare_arguments(compare)
     compare.set_defaults(func=run_compare)
     return parser

@@ -82,3 +82,12 @@ def test_report_writes_html(folders, tmp_path):
     assert rc == 0
     html = out.read_text()
     assert html.count("<svg") >= 2 and "http://" not in html and "https://" not in html
+
+
+@pytest.mark.parametrize("command", [None, "demo", "generate", "report", "extract", "train", "evaluate", "compare"])
+def test_every_help_page_renders(command, capsys):
+    argv = ["--help"] if command is None else [command, "--help"]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 0
+    assert "usage: flowcheck" in capsys.readouterr().out
