@@ -54,6 +54,7 @@ def main() -> None:
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.data import ReferenceF1Judge, clean_generation, generation_prompt, load_halueval_qa, split_records
     from hf_flowcheck.pipeline import _newline_stop
+    from hf_flowcheck.stopping import bind_prompt_width
     from hf_flowcheck.store import FeatureStore
 
     store = FeatureStore.open(args.features)
@@ -82,8 +83,9 @@ def main() -> None:
     for i, uid in enumerate(uids):
         rec = records[uid]
         enc = tok(generation_prompt(rec), return_tensors="pt")
+        row_kw = bind_prompt_width(gen_kw, enc.input_ids.shape[1])  # also right for refine: same prompt
         t0 = time.perf_counter()
-        out = model.generate(**enc, **gen_kw, return_flow_scores=True)
+        out = model.generate(**enc, **row_kw, return_flow_scores=True)
         t_gen = time.perf_counter() - t0
         p = out.prompt_length
         initial, answer = judge_ids(rec, out.sequences[0].tolist(), p)
@@ -101,7 +103,7 @@ def main() -> None:
             row["cost_bound"] = 1 + (p + n_new - 1 - t_pos) / max(1, n_new)
             for strategy in STRATEGIES:
                 t1 = time.perf_counter()
-                res = model.refine(out, strategy=strategy, rows=[0], alpha=args.alpha, seed=i, **gen_kw)
+                res = model.refine(out, strategy=strategy, rows=[0], alpha=args.alpha, seed=i, **row_kw)
                 dt = time.perf_counter() - t1
                 if res.rows:
                     r = res.rows[0]

@@ -52,6 +52,7 @@ def _qa_prompt(question: str, context: str | None) -> str:
 def cmd_generate(args: argparse.Namespace) -> int:
     """Flow-checked generation: answer, score, culprit, heatmap."""
     from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.stopping import AnswerLineStop
 
     t0 = time.perf_counter()
     kwargs = {} if args.validator is None else {"validator": args.validator}
@@ -74,13 +75,12 @@ def cmd_generate(args: argparse.Namespace) -> int:
         do_sample=False,
         return_flow_scores=True,
         return_flow_features=True,
-        stop_strings=["\n"] if not args.raw_prompt else None,
-        tokenizer=tok,
+        stopping_criteria=None if args.raw_prompt else [AnswerLineStop(tok, enc.input_ids.shape[1])],
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
     dt = time.perf_counter() - t0
     p = enc.input_ids.shape[1]
-    answer = tok.decode(out.sequences[0, p:], skip_special_tokens=True).strip()
+    answer = tok.decode(out.sequences[0, p:], skip_special_tokens=True).strip()  # the first non-empty line
     print(f"Question: {args.question}")
     print(f"Answer:   {answer}")
     score = float(out.flow_scores[0])

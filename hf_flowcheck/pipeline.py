@@ -39,6 +39,7 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width
 from hf_flowcheck.store import (
     STORE_FORMAT,
     STORE_FORMAT_VERSION,
@@ -238,7 +239,7 @@ def _run_generated(
     rows = [_encode(tokenizer, it.prompt) for it in batch]
     ids, att, offsets = _pad(rows, pad_id, left=True)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, **generate_kwargs}
-    seqs, feats = ext.generate(ids, att, **kwargs)
+    seqs, feats = ext.generate(ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
     seqs = seqs.to("cpu")
     width = ids.shape[1]
     raws, answers, limits = [], [], []
@@ -725,7 +726,8 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "--stop-at-newline",
         action=argparse.BooleanOptionalAction,
         default=True,
-        help="Generated protocol: stop a row at its first newline (the judged answer is the first line).",
+        help="Generated protocol: stop a row at the end of its first non-empty line (the judged answer); "
+        "leading newlines do not stop it.",
     )
     parser.add_argument("--no-resume", action="store_true", help="Refuse an existing out_dir instead of resuming.")
     parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
@@ -770,13 +772,17 @@ def _load_records(args: argparse.Namespace) -> list[Example]:
 
 
 def _newline_stop(tokenizer: Any) -> dict[str, Any]:
-    """``generate`` kwargs that end a row at its first newline (built once: the vocabulary scan is slow)."""
+    """``generate`` kwargs that end a row at the end of its first non-empty line.
+
+    Built once (the vocabulary scan is slow); :func:`~hf_flowcheck.stopping.bind_prompt_width`
+    binds it to each batch. Leading newlines do not stop a row: with a plain stop at ``"\\n"``,
+    21% of SmolLM2-135M's HaluEval-QA answers were empty.
+    """
     from transformers import StoppingCriteriaList
-    from transformers.generation.stopping_criteria import StopStringCriteria
 
     if not hasattr(tokenizer, "get_vocab"):
         return {}  # not a transformers tokenizer: rows run to max_new_tokens; the answer is still the first line
-    return {"stopping_criteria": StoppingCriteriaList([StopStringCriteria(tokenizer, ["\n"])])}
+    return {"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tokenizer)])}
 
 
 def run_extract(args: argparse.Namespace) -> int:

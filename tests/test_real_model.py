@@ -108,3 +108,21 @@ def test_streaming_abstention_end_to_end(checked):
     assert out.flow_abstained.all() and out.flow_running_scores.shape[1] == 2
     texts = tok.batch_decode(out.sequences[:, enc.input_ids.shape[1] :], skip_special_tokens=True)
     assert all("I am not sure." in t for t in texts)
+
+
+def test_answer_line_stop_skips_a_leading_newline(smollm2):
+    """A HaluEval-QA record whose greedy answer starts with a newline still gets an answer."""
+    from hf_flowcheck.data import clean_generation, load_halueval_qa, qa_fewshot_prompt
+    from hf_flowcheck.stopping import AnswerLineStop
+
+    model, tok = smollm2
+    rec = load_halueval_qa(limit=4)[3]
+    enc = tok(qa_fewshot_prompt(rec), return_tensors="pt")
+    p = enc.input_ids.shape[1]
+    kw = dict(max_new_tokens=32, do_sample=False, pad_token_id=tok.pad_token_id)
+    plain = model.generate(**enc, stop_strings=["\n"], tokenizer=tok, **kw)
+    assert clean_generation(tok.decode(plain[0, p:], skip_special_tokens=True)) == ""  # the problem this fixes
+    out = model.generate(**enc, stopping_criteria=[AnswerLineStop(tok, p)], **kw)
+    raw = tok.decode(out[0, p:], skip_special_tokens=True)
+    assert clean_generation(raw) != "" and raw.startswith("\n") and raw.endswith("\n")
+    assert raw.strip().count("\n") == 0  # stopped at the end of the first non-empty line
