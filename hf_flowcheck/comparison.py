@@ -826,6 +826,7 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="Keep at most this many examples per split (smoke runs; not for reported numbers).",
     )
     parser.add_argument("--dtype", default="float32", help="Model dtype (gradients need float32 on CPU).")
+    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. cuda or auto).")
     parser.add_argument("--json", default=None, help="Write the full report as JSON here.")
     return parser
 
@@ -839,7 +840,10 @@ def run_compare(args: argparse.Namespace) -> int:
     command = "flowcheck " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     try:
         store = FeatureStore.open(args.features)
-        model, tokenizer = load_model(args.model, dtype=getattr(torch, args.dtype))
+        load_kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
+        if args.device_map:
+            load_kwargs["device_map"] = args.device_map
+        model, tokenizer = load_model(args.model, **load_kwargs)
         model.eval()
         if store.model_fingerprint:
             from hf_flowcheck.hub import check_fingerprint

@@ -100,8 +100,11 @@ def train_from_store(
     n_bootstrap: int = 1000,
     command: str | None = None,
     progress: bool = True,
+    device: str | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a validator on a store's train split, select on validation, report on test, save.
+
+    ``device`` (e.g. ``"cuda"``) is where the GRU trains; the saved and returned validator is on CPU.
 
     Returns:
         ``(validator, report)``; the validator folder (``config.json``, ``model.safetensors``,
@@ -132,7 +135,9 @@ def train_from_store(
         progress=progress,
         flow_config=store.config,
         command=command,
+        device=device,
     )
+    validator = validator.to("cpu")
     fingerprint = dict(store.model_fingerprint) if store.model_fingerprint else None
     if fingerprint:
         from hf_flowcheck.hub import _upstream_id
@@ -181,6 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             n_bootstrap=args.bootstrap,
             command=command,
             progress=not args.no_progress,
+            device=args.device,
         )
     except (ValueError, FileNotFoundError) as err:
         print(f"flowcheck train: error: {err}", file=sys.stderr)
@@ -232,6 +238,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="Per-feature input scaling before the LayerNorm ('none' = the spec's B.9 exactly).",
     )
     p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
+    p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
 
