@@ -52,6 +52,7 @@ from hf_flowcheck.detectors.baselines import (
 )
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector, gradient_signature, gradient_signatures
 from hf_flowcheck.evaluation import aurc, auroc, bootstrap_ci, evaluate_scores, format_table
+from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 
 __all__ = [
     "DETECTOR_CHOICES",
@@ -305,15 +306,16 @@ def time_generation(
     total, new = 0.0, 0
     for p in prompts:
         ids = torch.tensor([list(p)], device=dev)
+        kwargs = bind_prompt_width(dict(generate_kwargs or {}), ids.shape[1])
         seqs, dt = _timed(
             model,
-            lambda ids=ids: model.generate(
+            lambda ids=ids, kwargs=kwargs: model.generate(
                 input_ids=ids,
                 attention_mask=torch.ones_like(ids),
                 do_sample=False,
                 max_new_tokens=max_new_tokens,
                 pad_token_id=pad,
-                **(generate_kwargs or {}),
+                **kwargs,
             ),
         )
         total += dt
@@ -383,6 +385,7 @@ def compare_detectors(
     fuse: bool = True,
     max_new_tokens: int = 32,
     generate_kwargs: dict[str, Any] | None = None,
+    timing_prompts: int | None = 32,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every detector on the same split and report metrics, costs and abstention.
@@ -404,7 +407,10 @@ def compare_detectors(
         target_risk: Selective-risk target of the validation-chosen abstention policy.
         fuse: Add the fused detector when at least two of flow validator / probe / confidence ran.
         max_new_tokens: Length cap of the timed plain generation (the cost denominator).
-        generate_kwargs: Extra kwargs of the timed generation (e.g. ``stop_strings``).
+        generate_kwargs: Extra kwargs of the timed generation, e.g. the generated protocol's
+            :class:`~hf_flowcheck.stopping.AnswerLineStop` (bound to each prompt's width).
+        timing_prompts: Time plain generation on the first this many distinct test prompts
+            (``None``: all); the per-sample denominator is scaled to the whole test split.
         progress: Optional ``callback(message)``.
 
     Returns:
@@ -417,12 +423,17 @@ def compare_detectors(
     say = progress or (lambda msg: None)
     parts = _split_parts(examples, split)
     labels = {name: _labels(parts[name]) for name in SPLITS}
-    say(f"timing plain greedy generation of {len(parts['test'])} test prompts")
+    test_prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in parts["test"]))
+    timed_prompts = set(test_prompts if timing_prompts is None else test_prompts[: max(1, int(timing_prompts))])
+    say(f"timing plain greedy generation of {len(timed_prompts)} of the {len(test_prompts)} test prompts")
     gen = time_generation(
-        model, parts["test"], max_new_tokens=max_new_tokens, tokenizer=tokenizer, generate_kwargs=generate_kwargs
+        model,
+        [e for e in parts["test"] if tuple(e.prompt_ids) in timed_prompts],
+        max_new_tokens=max_new_tokens,
+        tokenizer=tokenizer,
+        generate_kwargs=generate_kwargs,
     )
-    n_test_prompts = gen["prompts"]
-    gen_per_sample = gen["seconds_per_prompt"] * n_test_prompts / len(parts["test"])
+    gen_per_sample = gen["seconds_per_prompt"] * len(test_prompts) / len(parts["test"])
     cache: dict[tuple[str, str], tuple[Any, float]] = {}
 
     def feats(det: Detector, name: str) -> tuple[Any, float]:
@@ -826,6 +837,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="Keep at most this many examples per split (smoke runs; not for reported numbers).",
     )
     parser.add_argument("--dtype", default="float32", help="Model dtype (gradients need float32 on CPU).")
+    parser.add_argument(
+        "--timing-prompts",
+        type=int,
+        default=32,
+        help="Distinct test prompts timed for the plain-generation cost denominator (<= 0: all).",
+    )
     parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. cuda or auto).")
     parser.add_argument("--json", default=None, help="Write the full report as JSON here.")
     return parser
@@ -866,6 +883,12 @@ def run_compare(args: argparse.Namespace) -> int:
             seed=args.seed,
             target_risk=args.target_risk,
             max_new_tokens=args.max_new_tokens,
+            generate_kwargs=(
+                {"stopping_criteria": [AnswerLineStop(tokenizer)]}
+                if store.protocol == "generated" and supports_answer_line_stop(tokenizer)
+                else None
+            ),
+            timing_prompts=None if args.timing_prompts <= 0 else args.timing_prompts,
             progress=lambda m: print(f"[compare] {m}", file=sys.stderr),
         )
         if args.layer_ablation:

@@ -39,7 +39,7 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
-from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width
+from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 from hf_flowcheck.store import (
     STORE_FORMAT,
     STORE_FORMAT_VERSION,
@@ -706,6 +706,14 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "for halueval-general).",
     )
     parser.add_argument("--limit", type=int, default=None, help="Use only the first LIMIT source records.")
+    parser.add_argument(
+        "--sample",
+        type=int,
+        default=None,
+        help="Use a seeded random subset of SAMPLE records (after --limit), kept in file order; for files "
+        "sorted by label such as SelfAware, where the first records are all of one class.",
+    )
+    parser.add_argument("--sample-seed", type=int, default=0, help="Seed of --sample.")
     parser.add_argument("--out", required=True, help="Output directory of the feature store.")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--shard-size", type=int, default=256, help="Input examples per shard.")
@@ -756,6 +764,21 @@ def _flow_config_from_args(args: argparse.Namespace) -> FlowConfig:
 
 
 def _load_records(args: argparse.Namespace) -> list[Example]:
+    records = _read_records(args)
+    sample = getattr(args, "sample", None)
+    if sample is None:
+        return records
+    if sample < 1:
+        raise ValueError(f"--sample {sample} must be a positive number of records.")
+    if sample >= len(records):
+        return records
+    import numpy as np
+
+    keep = np.random.default_rng(args.sample_seed).choice(len(records), size=sample, replace=False)
+    return [records[i] for i in sorted(keep.tolist())]  # file order: shards stay reproducible
+
+
+def _read_records(args: argparse.Namespace) -> list[Example]:
     from hf_flowcheck import data
 
     name = args.dataset
@@ -780,7 +803,7 @@ def _newline_stop(tokenizer: Any) -> dict[str, Any]:
     """
     from transformers import StoppingCriteriaList
 
-    if not hasattr(tokenizer, "get_vocab"):
+    if not supports_answer_line_stop(tokenizer):
         return {}  # not a transformers tokenizer: rows run to max_new_tokens; the answer is still the first line
     return {"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tokenizer)])}
 
@@ -831,7 +854,13 @@ def run_extract(args: argparse.Namespace) -> int:
             resume=not args.no_resume,
             progress=not args.no_progress,
             prompt_fn=prompt_fn,
-            dataset={"name": args.dataset, "limit": args.limit, "prompt_style": args.prompt_style},
+            dataset={
+                "name": args.dataset,
+                "limit": args.limit,
+                "sample": args.sample,
+                "sample_seed": args.sample_seed if args.sample is not None else None,
+                "prompt_style": args.prompt_style,
+            },
             generate_kwargs=_newline_stop(tokenizer) if protocol == "generated" and args.stop_at_newline else None,
         )
     except (ValueError, TypeError, FileNotFoundError, FileExistsError, FeatureStoreError) as err:

@@ -19,7 +19,12 @@ from typing import Any
 import torch
 from transformers import StoppingCriteria
 
-__all__ = ["AnswerLineStop", "bind_prompt_width"]
+__all__ = ["AnswerLineStop", "bind_prompt_width", "supports_answer_line_stop"]
+
+
+def supports_answer_line_stop(tokenizer: Any) -> bool:
+    """Whether ``tokenizer`` offers what :class:`AnswerLineStop` reads (``get_vocab``, ``batch_decode``)."""
+    return hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "batch_decode")
 
 
 @dataclass(frozen=True)
@@ -35,7 +40,7 @@ class _TokenTable:
 
 
 def _token_table(tokenizer: Any) -> _TokenTable:
-    size = max(len(tokenizer), max(tokenizer.get_vocab().values()) + 1)
+    size = max(getattr(tokenizer, "__len__", lambda: 0)(), max(tokenizer.get_vocab().values()) + 1)
     texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
     has_nl = torch.tensor(["\n" in s for s in texts])
     blank = torch.tensor([s.strip() == "" for s in texts])

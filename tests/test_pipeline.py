@@ -305,3 +305,21 @@ def test_two_accelerate_processes_equal_one(reference, tmp_path):
     assert [e["sha256"] for e in store.shards] == [e["sha256"] for e in reference.shards]
     assert store.manifest["counts"] == reference.manifest["counts"]
     print(f"two-process extraction took {time.perf_counter() - t0:.1f} s")
+
+
+def test_extract_sample_is_a_seeded_subset_in_file_order():
+    from hf_flowcheck.pipeline import _load_records
+
+    def load(**kw):
+        base = dict(dataset="selfaware", data_dir=None, limit=None, task=None, sample=None, sample_seed=0)
+        return _load_records(argparse.Namespace(**{**base, **kw}))
+
+    full = load()
+    a, b, c = load(sample=60), load(sample=60), load(sample=60, sample_seed=1)
+    assert [r.uid for r in a] == [r.uid for r in b] != [r.uid for r in c]
+    order = {r.uid: i for i, r in enumerate(full)}
+    assert [order[r.uid] for r in a] == sorted(order[r.uid] for r in a)
+    assert {r.label for r in a} == {0, 1}  # the file's first 2,337 records are all answerable
+    assert len(load(limit=10, sample=50)) == 10
+    with pytest.raises(ValueError, match="--sample 0"):
+        load(sample=0)

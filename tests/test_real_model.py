@@ -126,3 +126,19 @@ def test_answer_line_stop_skips_a_leading_newline(smollm2):
     raw = tok.decode(out[0, p:], skip_special_tokens=True)
     assert clean_generation(raw) != "" and raw.startswith("\n") and raw.endswith("\n")
     assert raw.strip().count("\n") == 0  # stopped at the end of the first non-empty line
+
+
+def test_sampling_agreement_answer_line_stop_keeps_the_samples(smollm2):
+    """Stopping samples at their first non-empty line changes the cost, not the cleaned samples."""
+    from types import SimpleNamespace
+
+    from hf_flowcheck.detectors.base import scored_examples
+    from hf_flowcheck.detectors.baselines import SamplingAgreementDetector
+
+    model, tok = smollm2
+    ex = SimpleNamespace(prompt=PROMPTS[1], completion=" Gustave Eiffel", answer="Gustave Eiffel", label=0, uid="u0")
+    (scored,) = scored_examples(tok, [ex])
+    fast = SamplingAgreementDetector(3, max_new_tokens=24, seed=1)
+    slow = SamplingAgreementDetector(3, max_new_tokens=24, seed=1, stop_at_answer_line=False)
+    assert fast.stop_at_answer_line and not slow.stop_at_answer_line
+    assert fast.samples(model, scored, tok) == slow.samples(model, scored, tok)

@@ -41,6 +41,7 @@ from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
 from hf_flowcheck.evaluation import auroc
+from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
 
 __all__ = [
     "CONFIDENCE_STATISTICS",
@@ -185,6 +186,10 @@ class SamplingAgreementDetector(Detector):
         postprocess: Applied to each decoded sample (default: first line, stripped -- the same
             cleaning as the generated protocol's answers).
         generate_kwargs: Extra ``generate`` kwargs (e.g. ``top_p``).
+        stop_at_answer_line: End each sample at the end of its first non-empty line
+            (:class:`~hf_flowcheck.stopping.AnswerLineStop`). Default: on when ``postprocess`` is
+            :func:`~hf_flowcheck.data.clean_generation`, which keeps only that line anyway, so the
+            scores are the same and sampling stops as soon as all samples have their answer.
 
     Raises:
         ValueError: ``n < 2`` or ``temperature <= 0``.
@@ -202,6 +207,7 @@ class SamplingAgreementDetector(Detector):
         seed: int = 0,
         postprocess: Callable[[str], str] | None = clean_generation,
         generate_kwargs: dict[str, Any] | None = None,
+        stop_at_answer_line: bool | None = None,
     ) -> None:
         if isinstance(n, bool) or not isinstance(n, int) or n < 2:
             raise ValueError(
@@ -213,6 +219,10 @@ class SamplingAgreementDetector(Detector):
         self.n, self.temperature, self.max_new_tokens, self.seed = n, float(temperature), int(max_new_tokens), int(seed)
         self.postprocess = postprocess
         self.generate_kwargs = dict(generate_kwargs or {})
+        if stop_at_answer_line is None:
+            stop_at_answer_line = postprocess is clean_generation
+        self.stop_at_answer_line = bool(stop_at_answer_line)
+        self._line_stops: dict[int, AnswerLineStop] = {}  # per tokenizer: the vocabulary scan runs once
         self.name = f"sampling agreement (n={n})"
 
     def _seed_for(self, ex: ScoredExample) -> int:
@@ -236,6 +246,10 @@ class SamplingAgreementDetector(Detector):
                 "pad_token_id": pad,
                 **self.generate_kwargs,
             }
+            if self.stop_at_answer_line and supports_answer_line_stop(tokenizer) and "stopping_criteria" not in kwargs:
+                if id(tokenizer) not in self._line_stops:
+                    self._line_stops[id(tokenizer)] = AnswerLineStop(tokenizer)
+                kwargs["stopping_criteria"] = [self._line_stops[id(tokenizer)].for_prompt(ids.shape[1])]
             seqs = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kwargs)
         texts = tokenizer.batch_decode(seqs[:, ids.shape[1] :], skip_special_tokens=True)
         return [self.postprocess(t) if self.postprocess is not None else t for t in texts]
