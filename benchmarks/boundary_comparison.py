@@ -4,9 +4,14 @@ Apples to apples on the HaluEval-QA *generated* set: the answers the model gener
 judge's labels) are read from a generated feature store written by ``flowcheck extract``, then
 replayed teacher-forced with each boundary setting (the paper's own protocol: generate, then
 replay — capture during generation gives the same features, see ``tests/test_real_model.py``).
-Both validators use the same split, seeds and training settings; the table shows the test split.
+Both validators use the same split, seeds and training settings; the table shows the test split,
+for the GRU validator and for the pooled-feature logistic probe of ``pooled_flow_probe.py``.
 
-Run: ``python benchmarks/boundary_comparison.py --generated runs/qa-gen-normalized --out runs/boundary``
+``--reuse-generated`` takes the normalized side from the generated store itself (captured during
+generation, which equals the teacher-forced replay; ``tests/test_real_model.py``) when that store
+was extracted with ``boundary="normalized"``; only the residual side is replayed.
+
+Run: ``python benchmarks/boundary_comparison.py --generated runs/qa-gen-normalized --out runs/boundary --reuse-generated``
 """
 
 from __future__ import annotations
@@ -22,8 +27,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
     ap.add_argument("--epochs", type=int, default=30)
+    ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--reuse-generated", action="store_true", help="Normalized side = the generated store itself.")
     args = ap.parse_args()
+
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from pooled_flow_probe import probe_rows
 
     from hf_flowcheck import FlowConfig
     from hf_flowcheck.data import LabeledExample, generation_prompt, load_halueval_qa
@@ -47,7 +59,14 @@ def main() -> None:
     out = Path(args.out)
     rows = {}
     for boundary in ("normalized", "residual"):
-        feats_dir = out / f"replay-{boundary}"
+        if boundary == "normalized" and args.reuse_generated:
+            if store.config.boundary != "normalized":
+                raise SystemExit(
+                    f"--reuse-generated: {args.generated} was extracted with boundary={store.config.boundary!r}."
+                )
+            feats_dir = Path(args.generated)
+        else:
+            feats_dir = out / f"replay-{boundary}"
         extract_dataset(
             model,
             tok,
@@ -59,17 +78,21 @@ def main() -> None:
             shard_size=256,
             progress=False,
             dataset={"name": "halueval-qa generated answers (replayed)", "source": str(args.generated)},
-        )
+        ) if feats_dir != Path(args.generated) else None
         _, report = train_from_store(
             feats_dir,
             out / f"validator-{boundary}",
             epochs=args.epochs,
+            patience=args.patience,
             n_bootstrap=args.bootstrap,
             progress=False,
             command=f"python benchmarks/boundary_comparison.py --generated {args.generated} --out {args.out}",
         )
-        rows[f"boundary={boundary}"] = report["rows"]["flow validator"]
+        rows[f"boundary={boundary}: GRU validator"] = report["rows"]["flow validator"]
+        probe = probe_rows(FeatureStore.open(feats_dir), n_bootstrap=args.bootstrap)
+        rows[f"boundary={boundary}: pooled probe"] = probe["rows"]["pooled flow features + logistic regression"]
         print(f"{boundary}: split {report['split']}; best val AUROC {report['history']['best_val_auroc']:.3f}")
+        print(f"{boundary}: pooled probe validation AUROC {probe['validation_auroc']:.3f}")
     print(format_table(rows))
     (out / "comparison.json").write_text(json.dumps(rows, indent=2, default=float))
 

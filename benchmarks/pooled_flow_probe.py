@@ -46,21 +46,13 @@ def fit_logistic(x, y, l2=1e-2):
     return w.detach().numpy(), float(b.detach())
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--features", required=True)
-    ap.add_argument("--split-seed", type=int, default=0)
-    ap.add_argument("--bootstrap", type=int, default=1000)
-    ap.add_argument("--json", default=None)
-    args = ap.parse_args()
-
+def probe_rows(store, *, split_seed: int = 0, n_bootstrap: int = 1000) -> dict:
+    """Fit the pooled probe on the train split; test rows (probe, length), single-feature AUROCs."""
     from hf_flowcheck.data.splits import split_records
-    from hf_flowcheck.evaluation import auroc, evaluate_scores, format_table
-    from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.evaluation import auroc, evaluate_scores
 
-    store = FeatureStore.open(args.features)
     _, _, uids = store.load()
-    split = split_records(uids, seed=args.split_seed)
+    split = split_records(uids, seed=split_seed)
     xtr, ytr, _ = pooled(store, split.train)
     xva, yva, _ = pooled(store, split.validation)
     xte, yte, nte = pooled(store, split.test)
@@ -71,22 +63,44 @@ def main() -> None:
         return (x - mu) / sd @ w + b
 
     rows = {
-        "pooled flow features + logistic regression": evaluate_scores(yte, score(xte), n_bootstrap=args.bootstrap),
-        "answer length (tokens)": evaluate_scores(yte, nte, n_bootstrap=args.bootstrap),
+        "pooled flow features + logistic regression": evaluate_scores(yte, score(xte), n_bootstrap=n_bootstrap),
+        "answer length (tokens)": evaluate_scores(yte, nte, n_bootstrap=n_bootstrap),
     }
-    print(f"{args.features}: train {len(ytr)}, validation {len(yva)}, test {len(yte)} answers with events")
-    print(f"validation AUROC of the pooled probe: {auroc(yva, score(xva)):.3f}")
-    print(format_table(rows, metrics=["auroc", "auprc", "precision_at_recall_0.8"]))
     names = list(store.feature_names)
-    single = {}
-    for i, n in enumerate(names):
-        single[n] = {"mean": float(auroc(yte, xte[:, i])), "max": float(auroc(yte, xte[:, len(names) + i]))}
+    single = {
+        n: {"mean": float(auroc(yte, xte[:, i])), "max": float(auroc(yte, xte[:, len(names) + i]))}
+        for i, n in enumerate(names)
+    }
+    return {
+        "rows": rows,
+        "single": single,
+        "validation_auroc": float(auroc(yva, score(xva))),
+        "sizes": {"train": len(ytr), "validation": len(yva), "test": len(yte)},
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--features", required=True)
+    ap.add_argument("--split-seed", type=int, default=0)
+    ap.add_argument("--bootstrap", type=int, default=1000)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+
+    from hf_flowcheck.evaluation import format_table
+    from hf_flowcheck.store import FeatureStore
+
+    res = probe_rows(FeatureStore.open(args.features), split_seed=args.split_seed, n_bootstrap=args.bootstrap)
+    n = res["sizes"]
+    print(f"{args.features}: train {n['train']}, validation {n['validation']}, test {n['test']} answers with events")
+    print(f"validation AUROC of the pooled probe: {res['validation_auroc']:.3f}")
+    print(format_table(res["rows"], metrics=["auroc", "auprc", "precision_at_recall_0.8"]))
     print("single pooled features, test AUROC (mean over events / max over events):")
-    for n, v in single.items():
-        print(f"  {n:16s} {v['mean']:.3f} / {v['max']:.3f}")
+    for name, v in res["single"].items():
+        print(f"  {name:16s} {v['mean']:.3f} / {v['max']:.3f}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"rows": rows, "single": single}, fh, indent=2, default=float)
+            json.dump(res, fh, indent=2, default=float)
 
 
 if __name__ == "__main__":
