@@ -97,6 +97,7 @@ def train_from_store(
     seed: int = 0,
     pooling: str = "max",
     input_transform: str = "log_standardize",
+    event_layernorm: bool = True,
     n_bootstrap: int = 1000,
     command: str | None = None,
     progress: bool = True,
@@ -119,7 +120,9 @@ def train_from_store(
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, _ = parts["train"]
     val_f, val_y, _ = parts["validation"]
-    vcfg = ValidatorConfig.from_feature_names(train_f.names, pooling=pooling, input_transform=input_transform)
+    vcfg = ValidatorConfig.from_feature_names(
+        train_f.names, pooling=pooling, input_transform=input_transform, event_layernorm=event_layernorm
+    )
     validator, history = train_validator(
         train_f,
         train_y,
@@ -183,6 +186,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             seed=args.seed,
             pooling=args.pooling,
             input_transform=args.input_transform,
+            event_layernorm=args.event_layernorm,
             n_bootstrap=args.bootstrap,
             command=command,
             progress=not args.no_progress,
@@ -236,6 +240,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         choices=["log_standardize", "standardize", "none"],
         default="log_standardize",
         help="Per-feature input scaling before the LayerNorm ('none' = the spec's B.9 exactly).",
+    )
+    p.add_argument(
+        "--event-layernorm",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="LayerNorm across one event's features (spec B.9; on). Off keeps the event's common magnitude.",
     )
     p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
     p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")

@@ -78,3 +78,12 @@ def test_evaluate_bad_paths_give_clear_errors(tmp_path, capsys):
     rc = main(["evaluate", "--validator", str(tmp_path / "nope"), "--features", str(tmp_path)])
     assert rc == 2
     assert "error" in capsys.readouterr().err
+
+
+def test_train_cli_passes_validator_options(store_dir, tmp_path, capsys):
+    out = tmp_path / "v-options"
+    argv = ["train", "--features", str(store_dir), "--out", str(out), "--epochs", "1", "--bootstrap", "20"]
+    argv += ["--no-event-layernorm", "--input-transform", "standardize", "--device", "cpu", "--no-progress"]
+    assert main(argv) == 0
+    cfg = FlowValidator.from_pretrained(str(out)).config
+    assert cfg.event_layernorm is False and cfg.input_transform == "standardize"
