@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -43,7 +42,6 @@ __all__ = [
     "NotFittedError",
     "ScoredExample",
     "batch_examples",
-    "load_safetensors_strict",
     "scored_examples",
 ]
 
@@ -281,59 +279,3 @@ def _labels(examples: Sequence[ScoredExample]) -> np.ndarray:
             "(drop the judge-dropped ones)."
         )
     return np.asarray([int(e.label) for e in examples], dtype=np.int64)  # type: ignore[arg-type]
-
-
-def load_safetensors_strict(
-    module: nn.Module,
-    path: str | Path,
-    *,
-    map_location: str = "cpu",
-    strict: bool = True,
-    what: str = "detector",
-    error: type[Exception] = ValueError,
-) -> None:
-    """Load ``model.safetensors`` into ``module``, refusing missing/unexpected keys, shapes and NaN.
-
-    Args:
-        module: The module to fill.
-        path: The safetensors file.
-        map_location: Device for the tensors.
-        strict: Refuse missing or unexpected keys.
-        what: Name of the artifact in messages.
-        error: Exception class raised (e.g. ``CheckpointError``).
-    """
-    from safetensors.torch import load_file
-
-    try:
-        state = load_file(str(path), device=str(map_location))
-    except Exception as err:  # SafetensorError / OSError on bad files
-        raise error(
-            f"Could not read the {what} weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted or "
-            f"truncated; re-download it (force_download=True) or save the {what} again."
-        ) from err
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
-        raise error(
-            f"The weights in {str(path)!r} do not match this {what}: missing keys {missing}, unexpected keys "
-            f"{unexpected}. config.json and model.safetensors come from different checkpoints; save them together "
-            "with save_pretrained()."
-        )
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if shapes:
-        raise error(
-            f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(shapes)}); "
-            "config.json and model.safetensors come from different checkpoints."
-        )
-    bad = [
-        k
-        for k in sorted(set(own) & set(state))
-        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
-    ]
-    if bad:
-        raise error(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
-    module.load_state_dict(state, strict=strict)

@@ -37,11 +37,17 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from hf_flowcheck.configuration import FlowConfig, check_positive_int, versioned_fields
+from hf_flowcheck.detectors.checkpoint import (
+    CheckpointError,
+    check_checkpoint_config,
+    hub_fetch_errors,
+    load_safetensors_strict,
+    weights_file,
+)
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
@@ -53,10 +59,6 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 POOLINGS: tuple[str, ...] = ("max", "logsumexp")
 INPUT_TRANSFORMS: tuple[str, ...] = ("log_standardize", "standardize", "none")
-
-
-class CheckpointError(ValueError):
-    """A saved validator cannot be read: missing, corrupted, truncated or mismatched files."""
 
 
 # ---------------------------------------------------------------------------------------------
@@ -670,17 +672,10 @@ class FlowValidator(
             CheckpointError: Missing, corrupted, truncated or mismatched files.
             FingerprintMismatchError: ``base_model`` is not the model it was trained on.
         """
-        name = str(pretrained_model_name_or_path)
-        try:
+        with hub_fetch_errors("validator", str(pretrained_model_name_or_path)):
             validator = super().from_pretrained(
                 pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
             )
-        except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
-            raise CheckpointError(
-                f"Could not fetch the validator {name!r}: {str(err).rstrip('.')}. Check the repo id / folder; "
-                "when offline (HF_HUB_OFFLINE=1) the files must already be in the Hugging Face cache "
-                "(download them once online, or pass a local folder)."
-            ) from err
         if base_model is not None:
             validator.check_compatible(base_model)
         return validator
@@ -700,23 +695,9 @@ class FlowValidator(
         config: dict | None = None,
         **model_kwargs: Any,
     ) -> FlowValidator:
-        if not isinstance(config, dict):
-            raise CheckpointError(
-                f"No {CONFIG_NAME} found for {model_id!r}; a FlowValidator folder holds {CONFIG_NAME}, "
-                f"{WEIGHTS_NAME} and {MODEL_CARD_NAME} as written by FlowValidator.save_pretrained()."
-            )
-        if config.get("library") != "hf_flowcheck" or "validator_config" not in config:
-            raise CheckpointError(
-                f"{model_id!r} is not an hf_flowcheck FlowValidator checkpoint (its {CONFIG_NAME} has no "
-                "'validator_config'); load it with the library that wrote it."
-            )
-        fmt = config.get("format_version", cls.FORMAT_VERSION)
-        if not isinstance(fmt, int) or fmt > cls.FORMAT_VERSION:
-            raise CheckpointError(
-                f"{model_id!r} was written in format_version {fmt!r} by hf_flowcheck "
-                f"{config.get('hf_flowcheck_version')}; this hf_flowcheck ({__version__}) reads format "
-                f"{cls.FORMAT_VERSION}. Upgrade hf_flowcheck."
-            )
+        config = check_checkpoint_config(
+            config, model_id, key="validator_config", class_name="FlowValidator", format_version=cls.FORMAT_VERSION
+        )
         kwargs = {
             k: config.get(k) for k in ("validator_config", "flow_config", "base_fingerprint", "training_metadata")
         }
@@ -726,20 +707,15 @@ class FlowValidator(
         except ValueError as err:
             raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
 
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, WEIGHTS_NAME)
-            if not os.path.isfile(weights):
-                raise CheckpointError(f"{weights} is missing; re-save the validator with save_pretrained().")
-        else:
-            weights = hf_hub_download(
-                repo_id=model_id,
-                filename=WEIGHTS_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
+        weights = weights_file(
+            model_id,
+            what="validator",
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         model.load_weights_file(weights, map_location=map_location, strict=strict)
         return model.eval()
 
@@ -750,40 +726,17 @@ class FlowValidator(
             CheckpointError: Unreadable (corrupted/truncated) file, missing or unexpected keys,
                 shape mismatches, or non-finite weights.
         """
-        from safetensors.torch import load_file
-
-        try:
-            state = load_file(str(path), device=str(map_location))
-        except Exception as err:  # safetensors raises SafetensorError / OSError on bad files
-            raise CheckpointError(
-                f"Could not read the validator weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted "
-                "or truncated (e.g. an interrupted download or copy); re-download it "
-                "(from_pretrained(..., force_download=True)) or save the validator again."
-            ) from err
         own = self.state_dict()
-        if self.config.input_transform == "none":
-            # Format-1 files predate the (then unused) input-scaling buffers.
-            for key in ("feature_shift", "feature_scale"):
-                state.setdefault(key, own[key])
-        missing = sorted(set(own) - set(state))
-        unexpected = sorted(set(state) - set(own))
-        if strict and (missing or unexpected):
-            raise CheckpointError(
-                f"The weights in {str(path)!r} do not match this validator: missing keys {missing}, unexpected keys "
-                f"{unexpected}. The config.json and model.safetensors come from different validators (or another "
-                "library); save them together with save_pretrained(). Pass strict=False only to load a partial state."
-            )
-        shapes = [
-            f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-            for k in sorted(set(own) & set(state))
-            if tuple(state[k].shape) != tuple(own[k].shape)
-        ]
-        if shapes:
-            raise CheckpointError(
-                f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(shapes)}); "
-                "config.json and model.safetensors come from different validators."
-            )
-        bad = [k for k in sorted(set(own) & set(state)) if not bool(torch.isfinite(state[k]).all())]
-        if bad:
-            raise CheckpointError(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
-        self.load_state_dict(state, strict=strict)
+        # Format-1 files predate the (then unused) input-scaling buffers.
+        defaults = (
+            {k: own[k] for k in ("feature_shift", "feature_scale")} if self.config.input_transform == "none" else None
+        )
+        load_safetensors_strict(
+            self,
+            path,
+            map_location=map_location,
+            strict=strict,
+            what="validator",
+            error=CheckpointError,
+            defaults=defaults,
+        )

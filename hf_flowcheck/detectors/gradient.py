@@ -42,7 +42,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -51,14 +50,20 @@ from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin, hf_hub_download
-from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from huggingface_hub import ModelCard, PyTorchModelHubMixin
 from torch import nn
 
 from hf_flowcheck.architectures import resolve_architecture, unwrap_model
 from hf_flowcheck.configuration import check_positive_int
-from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample, load_safetensors_strict
-from hf_flowcheck.detectors.flow_validator import CheckpointError, _jsonable
+from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
+from hf_flowcheck.detectors.checkpoint import (
+    CheckpointError,
+    check_checkpoint_config,
+    hub_fetch_errors,
+    load_safetensors_strict,
+    weights_file,
+)
+from hf_flowcheck.detectors.flow_validator import _jsonable
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
 
@@ -1098,15 +1103,10 @@ class GradientDetector(
             CheckpointError: Missing, corrupted or mismatched files.
             FingerprintMismatchError: ``base_model`` is not the model it was trained on.
         """
-        try:
+        with hub_fetch_errors("gradient detector", str(pretrained_model_name_or_path)):
             det = super().from_pretrained(
                 pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
             )
-        except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
-            raise CheckpointError(
-                f"Could not fetch the gradient detector {str(pretrained_model_name_or_path)!r}: {err}. Check the repo "
-                "id / folder; offline, the files must already be in the Hugging Face cache."
-            ) from err
         if base_model is not None:
             det.check_compatible(base_model)
         return det
@@ -1126,17 +1126,9 @@ class GradientDetector(
         config: dict | None = None,
         **model_kwargs: Any,
     ) -> GradientDetector:
-        if not isinstance(config, dict) or config.get("library") != "hf_flowcheck" or "gradient_config" not in config:
-            raise CheckpointError(
-                f"{model_id!r} is not an hf_flowcheck GradientDetector folder (its {CONFIG_NAME} is missing or has no "
-                "'gradient_config'); save one with GradientDetector.save_pretrained()."
-            )
-        fmt = config.get("format_version", cls.FORMAT_VERSION)
-        if not isinstance(fmt, int) or fmt > cls.FORMAT_VERSION:
-            raise CheckpointError(
-                f"{model_id!r} was written in format_version {fmt!r}; this hf_flowcheck ({__version__}) reads "
-                f"{cls.FORMAT_VERSION}. Upgrade hf_flowcheck."
-            )
+        config = check_checkpoint_config(
+            config, model_id, key="gradient_config", class_name="GradientDetector", format_version=cls.FORMAT_VERSION
+        )
         keys = (
             "gradient_config",
             "num_layers",
@@ -1153,20 +1145,15 @@ class GradientDetector(
             raise CheckpointError(
                 f"The {CONFIG_NAME} of {model_id!r} has no num_layers/signature_dim (an unfitted detector)."
             )
-        if os.path.isdir(model_id):
-            weights = os.path.join(model_id, WEIGHTS_NAME)
-            if not os.path.isfile(weights):
-                raise CheckpointError(f"{weights} is missing; re-save the detector with save_pretrained().")
-        else:
-            weights = hf_hub_download(
-                repo_id=model_id,
-                filename=WEIGHTS_NAME,
-                revision=revision,
-                cache_dir=cache_dir,
-                force_download=force_download,
-                token=token,
-                local_files_only=local_files_only,
-            )
+        weights = weights_file(
+            model_id,
+            what="gradient detector",
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
         load_safetensors_strict(
             det, weights, map_location=map_location, strict=strict, what="gradient detector", error=CheckpointError
         )

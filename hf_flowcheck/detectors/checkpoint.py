@@ -1,0 +1,176 @@
+"""Reading hf_flowcheck detector checkpoints (validators, gradient detectors) strictly.
+
+The pieces every ``PyTorchModelHubMixin`` detector shares: the Hub-fetch error that says what to
+do offline, the ``config.json`` checks (our library, a readable format version), locating
+``model.safetensors`` in a folder or the Hub cache, and the strict weight load.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+from huggingface_hub import hf_hub_download
+from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
+from torch import nn
+
+from hf_flowcheck.version import __version__
+
+__all__ = ["CheckpointError", "check_checkpoint_config", "hub_fetch_errors", "load_safetensors_strict", "weights_file"]
+
+
+class CheckpointError(ValueError):
+    """A detector checkpoint is missing, corrupted, truncated, or does not match its config."""
+
+
+@contextmanager
+def hub_fetch_errors(what: str, name: str) -> Iterator[None]:
+    """Turn a Hub download failure into a :class:`CheckpointError` that says what to check.
+
+    Args:
+        what: The artifact, e.g. ``"validator"``.
+        name: The folder or repo id asked for.
+    """
+    try:
+        yield
+    except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
+        raise CheckpointError(
+            f"Could not fetch the {what} {name!r}: {str(err).rstrip('.')}. Check the repo id / folder; when offline "
+            "(HF_HUB_OFFLINE=1) the files must already be in the Hugging Face cache (download them once online, or "
+            "pass a local folder)."
+        ) from err
+
+
+def check_checkpoint_config(
+    config: Any, model_id: str, *, key: str, class_name: str, format_version: int
+) -> dict[str, Any]:
+    """Check that ``config`` (the parsed ``config.json``) is an hf_flowcheck checkpoint we can read.
+
+    Args:
+        config: The parsed ``config.json`` (``None`` when there was none).
+        model_id: Folder or repo id, for messages.
+        key: The entry that identifies the class's checkpoints (e.g. ``"validator_config"``).
+        class_name: The class that writes such folders (for messages).
+        format_version: Newest format this version of the class reads.
+
+    Returns:
+        ``config``.
+
+    Raises:
+        CheckpointError: No config, another library's config, or a newer format.
+    """
+    if not isinstance(config, dict):
+        raise CheckpointError(
+            f"No {CONFIG_NAME} found for {model_id!r}; a {class_name} folder holds {CONFIG_NAME} and "
+            f"{SAFETENSORS_SINGLE_FILE} as written by {class_name}.save_pretrained()."
+        )
+    if config.get("library") != "hf_flowcheck" or key not in config:
+        raise CheckpointError(
+            f"{model_id!r} is not an hf_flowcheck {class_name} checkpoint (its {CONFIG_NAME} has no {key!r}); "
+            f"load it with the library that wrote it, or save one with {class_name}.save_pretrained()."
+        )
+    fmt = config.get("format_version", format_version)
+    if not isinstance(fmt, int) or fmt > format_version:
+        raise CheckpointError(
+            f"{model_id!r} was written in format_version {fmt!r} by hf_flowcheck "
+            f"{config.get('hf_flowcheck_version')}; this hf_flowcheck ({__version__}) reads format {format_version}. "
+            "Upgrade hf_flowcheck."
+        )
+    return config
+
+
+def weights_file(
+    model_id: str,
+    *,
+    what: str,
+    revision: str | None = None,
+    cache_dir: str | Path | None = None,
+    force_download: bool = False,
+    token: str | bool | None = None,
+    local_files_only: bool = False,
+) -> str:
+    """Path of ``model.safetensors`` in the folder ``model_id``, or downloaded from the Hub repo.
+
+    Raises:
+        CheckpointError: A local folder without the weights file.
+    """
+    if os.path.isdir(model_id):
+        path = os.path.join(model_id, SAFETENSORS_SINGLE_FILE)
+        if not os.path.isfile(path):
+            raise CheckpointError(f"{path} is missing; re-save the {what} with save_pretrained().")
+        return path
+    return hf_hub_download(
+        repo_id=model_id,
+        filename=SAFETENSORS_SINGLE_FILE,
+        revision=revision,
+        cache_dir=cache_dir,
+        force_download=force_download,
+        token=token,
+        local_files_only=local_files_only,
+    )
+
+
+def load_safetensors_strict(
+    module: nn.Module,
+    path: str | Path,
+    *,
+    map_location: str = "cpu",
+    strict: bool = True,
+    what: str = "detector",
+    error: type[Exception] = CheckpointError,
+    defaults: Mapping[str, torch.Tensor] | None = None,
+) -> None:
+    """Load ``model.safetensors`` into ``module``, refusing missing/unexpected keys, shapes and NaN.
+
+    Args:
+        module: The module to fill.
+        path: The safetensors file.
+        map_location: Device for the tensors.
+        strict: Refuse missing or unexpected keys.
+        what: Name of the artifact in messages.
+        error: Exception class raised.
+        defaults: Values for keys an older format did not write (used only when absent).
+    """
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(path), device=str(map_location))
+    except Exception as err:  # SafetensorError / OSError on bad files
+        raise error(
+            f"Could not read the {what} weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted or "
+            "truncated (e.g. an interrupted download or copy); re-download it (force_download=True) or save the "
+            f"{what} again."
+        ) from err
+    for key, value in (defaults or {}).items():
+        state.setdefault(key, value)
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if strict and (missing or unexpected):
+        raise error(
+            f"The weights in {str(path)!r} do not match this {what}: missing keys {missing}, unexpected keys "
+            f"{unexpected}. config.json and model.safetensors come from different checkpoints (or another "
+            "library); save them together with save_pretrained(). Pass strict=False only to load a partial state."
+        )
+    shapes = [
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(state))
+        if tuple(state[k].shape) != tuple(own[k].shape)
+    ]
+    if shapes:
+        raise error(
+            f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(shapes)}); "
+            "config.json and model.safetensors come from different checkpoints."
+        )
+    bad = [
+        k
+        for k in sorted(set(own) & set(state))
+        if state[k].is_floating_point() and not bool(torch.isfinite(state[k]).all())
+    ]
+    if bad:
+        raise error(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
+    module.load_state_dict(state, strict=strict)
