@@ -702,12 +702,25 @@ def _load_records(dataset: Mapping[str, Any], data_dir: str | None) -> list[Any]
     )
 
 
+def generated_completion(raw: str | None, answer: str) -> str:
+    """The generated text up to the end of the judged ``answer`` (``""``: let the prompt decide).
+
+    The judged answer is the first non-empty line of the model's raw continuation; teacher-forcing
+    the raw text up to its end (leading newlines included) replays the tokens the model produced,
+    where ``" " + answer`` would not when the model began with a newline.
+    """
+    if not isinstance(raw, str) or not answer or answer not in raw:
+        return ""
+    return raw[: raw.index(answer) + len(answer)]
+
+
 def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = None) -> list[ScoredExample]:
     """Rebuild the labelled examples of a feature store (``flowcheck extract`` output).
 
     The store's uids and labels define the examples. Generated protocol: the prompt is rebuilt
     with :func:`hf_flowcheck.data.generation_prompt` (the store's prompt style) from the record
-    of each uid and the answer is the store's ``answer`` metadata; paired / natural: the
+    of each uid and the answer is the store's ``answer`` metadata, teacher-forced as the raw
+    generated text up to its end (:func:`generated_completion`); paired / natural: the
     examples of :func:`~hf_flowcheck.data.paired_examples` / ``natural_examples`` matched by
     ``(uid, source)``.
 
@@ -740,7 +753,12 @@ def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = No
                 empty += 1  # the model answered nothing: no answer token for any detector to score
                 continue
             prompt = data.generation_prompt(rec, style=style, tokenizer=tokenizer)
-            labelled.append(data.LabeledExample(rec.uid, rec.task, prompt, row["answer"], row["label"], "generated"))
+            completion = generated_completion(row.get("raw_answer"), str(row["answer"]))
+            labelled.append(
+                data.LabeledExample(
+                    rec.uid, rec.task, prompt, row["answer"], row["label"], "generated", completion=completion
+                )
+            )
         if empty:
             import sys
 

@@ -254,3 +254,15 @@ def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> N
     assert report["protocol"] == "paired" and "fused (stacked logistic regression)" in report["rows"]
     bad = parser.parse_args(["--features", str(tmp_path / "nowhere")])
     assert run_compare(bad) == 2
+
+
+def test_generated_completion_replays_the_models_own_text() -> None:
+    from hf_flowcheck.comparison import generated_completion
+
+    assert (
+        generated_completion("\n\nThe answer is: England\n", "The answer is: England") == "\n\nThe answer is: England"
+    )
+    assert generated_completion(" Paris\nKnowledge: ...", "Paris") == " Paris"
+    assert generated_completion(None, "Paris") == ""  # stores without raw text: the prompt's default spacing
+    assert generated_completion(" Paris.", "London") == ""
+    assert generated_completion("", "") == ""
