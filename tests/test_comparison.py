@@ -266,3 +266,19 @@ def test_generated_completion_replays_the_models_own_text() -> None:
     assert generated_completion(None, "Paris") == ""  # stores without raw text: the prompt's default spacing
     assert generated_completion(" Paris.", "London") == ""
     assert generated_completion("", "") == ""
+
+
+def test_compare_times_only_timing_prompts_but_scales_to_the_test_split() -> None:
+    model = make_tiny_model("llama")
+    examples = _examples()
+    common = dict(protocol="paired", n_bootstrap=5, max_new_tokens=3, fuse=False)
+    some = compare_detectors(
+        model, CharTokenizer(), examples, _split(examples), [AnswerLengthDetector()], timing_prompts=2, **common
+    )
+    every = compare_detectors(
+        model, CharTokenizer(), examples, _split(examples), [AnswerLengthDetector()], timing_prompts=None, **common
+    )
+    assert some["generation"]["prompts"] == 2 and every["generation"]["prompts"] == 3  # 6 paired test rows = 3 prompts
+    for rep in (some, every):  # per-sample denominator: seconds per prompt x 3 prompts / 6 rows
+        gen = rep["generation"]
+        assert gen["seconds_per_sample"] == pytest.approx(gen["seconds_per_prompt"] * 3 / 6)
