@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
+import sys
 from pathlib import Path
 
 
@@ -30,9 +32,15 @@ def main() -> None:
     ap.add_argument("--patience", type=int, default=5)
     ap.add_argument("--bootstrap", type=int, default=1000)
     ap.add_argument("--reuse-generated", action="store_true", help="Normalized side = the generated store itself.")
+    ap.add_argument(
+        "--keep-empty",
+        action="store_true",
+        help="Also use empty answers. Off by default: replayed, an empty answer becomes the token after "
+        "'Answer:' and gets events that only the residual side has, while all empty answers are labelled "
+        "hallucinated, which would hand that side a shortcut.",
+    )
+    ap.add_argument("--suffix", default="", help="Appended to the validator folder names.")
     args = ap.parse_args()
-
-    import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pooled_flow_probe import probe_rows
@@ -55,6 +63,9 @@ def main() -> None:
         LabeledExample(s["uid"], "qa", generation_prompt(records[s["uid"]]), s["answer"], int(s["label"]), "generated")
         for s in samples
     ]
+    empty = [s["uid"] for s in samples if not str(s["answer"]).strip()]
+    drop = None if args.keep_empty else empty
+    print(f"{len(empty)} empty answers: {'kept' if args.keep_empty else 'left out of every split (after splitting)'}")
     model, tok = load_model(args.model)
     out = Path(args.out)
     rows = {}
@@ -81,20 +92,21 @@ def main() -> None:
         ) if feats_dir != Path(args.generated) else None
         _, report = train_from_store(
             feats_dir,
-            out / f"validator-{boundary}",
+            out / f"validator-{boundary}{args.suffix}",
             epochs=args.epochs,
             patience=args.patience,
             n_bootstrap=args.bootstrap,
+            drop_uids=drop,
             progress=False,
-            command=f"python benchmarks/boundary_comparison.py --generated {args.generated} --out {args.out}",
+            command="python " + " ".join(shlex.quote(a) for a in sys.argv),
         )
         rows[f"boundary={boundary}: GRU validator"] = report["rows"]["flow validator"]
-        probe = probe_rows(FeatureStore.open(feats_dir), n_bootstrap=args.bootstrap)
+        probe = probe_rows(FeatureStore.open(feats_dir), n_bootstrap=args.bootstrap, drop_uids=drop)
         rows[f"boundary={boundary}: pooled probe"] = probe["rows"]["pooled flow features + logistic regression"]
         print(f"{boundary}: split {report['split']}; best val AUROC {report['history']['best_val_auroc']:.3f}")
         print(f"{boundary}: pooled probe validation AUROC {probe['validation_auroc']:.3f}")
     print(format_table(rows))
-    (out / "comparison.json").write_text(json.dumps(rows, indent=2, default=float))
+    (out / f"comparison{args.suffix}.json").write_text(json.dumps(rows, indent=2, default=float))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_flowcheck.data.splits import split_records
+from hf_flowcheck.data.splits import Split, split_records
 from hf_flowcheck.evaluation import evaluate_scores, format_table, length_baseline, length_matched_indices
 from hf_flowcheck.store import FeatureStore
 
@@ -102,8 +102,13 @@ def train_from_store(
     command: str | None = None,
     progress: bool = True,
     device: str | None = None,
+    drop_uids: Any = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a validator on a store's train split, select on validation, report on test, save.
+
+    ``drop_uids`` leaves those records out of every split *after* splitting all of the store's
+    uids, so the remaining records keep the split they have without the drop (for comparing two
+    stores of the same answers on exactly the same records).
 
     ``device`` (e.g. ``"cuda"``) is where the GRU trains; the saved and returned validator is on CPU.
 
@@ -117,6 +122,9 @@ def train_from_store(
     store = FeatureStore.open(features_dir)
     _, _, all_uids = store.load()
     split = split_records(all_uids, seed=split_seed)
+    if drop_uids is not None:
+        drop = set(drop_uids)
+        split = Split(*(tuple(u for u in getattr(split, n) if u not in drop) for n in SPLIT_NAMES), split.seed)
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, _ = parts["train"]
     val_f, val_y, _ = parts["validation"]

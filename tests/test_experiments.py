@@ -87,3 +87,19 @@ def test_train_cli_passes_validator_options(store_dir, tmp_path, capsys):
     assert main(argv) == 0
     cfg = FlowValidator.from_pretrained(str(out)).config
     assert cfg.event_layernorm is False and cfg.input_transform == "standardize"
+
+
+def test_drop_uids_keeps_every_other_record_in_its_split(store_dir, tmp_path):
+    from hf_flowcheck.data.splits import split_records
+    from hf_flowcheck.store import FeatureStore
+
+    _, _, uids = FeatureStore.open(store_dir).load()
+    full = split_records(uids, seed=0)
+    drop = set(full.test[:2]) | set(full.train[:1])
+    _, report = train_from_store(
+        store_dir, tmp_path / "v", epochs=1, batch_size=8, n_bootstrap=10, progress=False, drop_uids=drop
+    )
+    per_uid = 2  # the fixture store is paired: two answers per record
+    assert report["split"]["test"] == per_uid * (len(full.test) - 2)
+    assert report["split"]["train"] == per_uid * (len(full.train) - 1)
+    assert report["split"]["validation"] == per_uid * len(full.validation)
