@@ -854,6 +854,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         default=None,
         help="Keep at most this many examples per split (smoke runs; not for reported numbers).",
     )
+    parser.add_argument(
+        "--max-train",
+        type=int,
+        default=None,
+        help="Keep at most this many training examples (whole records, in the split's seeded order); validation "
+        "and test stay whole. Bounds the cost of fitting the trainable detectors; recorded in the report.",
+    )
     parser.add_argument("--dtype", default="float32", help="Model dtype (gradients need float32 on CPU).")
     parser.add_argument(
         "--timing-prompts",
@@ -889,6 +896,8 @@ def run_compare(args: argparse.Namespace) -> int:
         split_map: dict[str, Any] = {n: list(split[n]) for n in SPLITS}
         if args.max_per_split:
             split_map = {n: _cap(examples, split_map[n], args.max_per_split) for n in SPLITS}
+        if args.max_train:
+            split_map["train"] = _cap(examples, split_map["train"], args.max_train)
         detectors = _build_detectors(args, tokenizer, store.protocol)
         report = compare_detectors(
             model,
