@@ -19,6 +19,7 @@ def main() -> None:
     ap.add_argument("report", help="JSON written by `flowcheck compare --json`.")
     ap.add_argument("--out", required=True, help="PNG to write.")
     ap.add_argument("--title", default=None)
+    ap.add_argument("--positive", default="hallucinated", help="What label 1 means, for the axis label.")
     args = ap.parse_args()
 
     import matplotlib
@@ -38,11 +39,11 @@ def main() -> None:
     base = sum(labels) / len(labels)
     ax.axhline(base, ls="--", color="grey", lw=1, label=f"answer everything (risk {base:.3f})")
     ax.set_xlabel("coverage (fraction of answers kept)")
-    ax.set_ylabel("selective risk (hallucinated among kept)")
+    ax.set_ylabel(f"selective risk ({args.positive} among kept)")
     ax.set_title(args.title or f"{report.get('protocol', '')} protocol, test split (n = {len(labels)})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper left")
+    ax.legend(fontsize=7, loc="upper right")
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"Wrote {args.out}")
