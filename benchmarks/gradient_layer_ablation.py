@@ -56,13 +56,14 @@ def main() -> None:
     )
     res["sizes"] = {n: len(parts[n]) for n in SPLITS}
     res["command"] = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+
+    def ci(row: dict) -> str:
+        return " ".join("n/a" if row[k] is None else f"{row[k]:.3f}" for k in ("auroc", "low", "high"))
+
     print(f"{args.features}: " + ", ".join(f"{n} {len(parts[n])}" for n in SPLITS))
     for row in res["bands"]:
-        print(
-            f"  blocks {row['blocks'][0]:2d}-{row['blocks'][-1]:2d}: AUROC {row['auroc']:.3f} [{row['low']:.3f}, {row['high']:.3f}]"
-        )
-    a = res["all"]
-    print(f"  all {res['num_blocks']} blocks: AUROC {a['auroc']:.3f} [{a['low']:.3f}, {a['high']:.3f}]")
+        print(f"  blocks {row['blocks'][0]:2d}-{row['blocks'][-1]:2d}: AUROC, 95% interval {ci(row)}")
+    print(f"  all {res['num_blocks']} blocks: AUROC, 95% interval {ci(res['all'])}")
     print(f"  share of the last band: {res['share_last_band']}")
     print(f"  cost vs one forward: {res['cost']}")
     if args.json:
