@@ -32,7 +32,7 @@ def main() -> None:
     with open(args.report) as fh:
         report = json.load(fh)
     labels = report["labels"]["test"]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=150)
+    fig, ax = plt.subplots(figsize=(6.4, 6.0), dpi=150)
     for name, split_scores in report["scores"].items():
         curve = risk_coverage_curve(labels, split_scores["test"])
         ax.plot(curve["coverage"], curve["risk"], label=f"{name} (AURC {curve['aurc']:.3f})", lw=1.4)
@@ -43,7 +43,7 @@ def main() -> None:
     ax.set_title(args.title or f"{report.get('protocol', '')} protocol, test split (n = {len(labels)})")
     ax.set_xlim(0, 1)
     ax.set_ylim(0, 1)
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=2)  # below: curves fill the axes
     fig.tight_layout()
     fig.savefig(args.out)
     print(f"Wrote {args.out}")
