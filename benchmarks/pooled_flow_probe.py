@@ -51,16 +51,13 @@ def probe_rows(store, *, split_seed: int = 0, n_bootstrap: int = 1000, drop_uids
 
     ``drop_uids`` leaves records out after splitting (see ``train_from_store``).
     """
-    from hf_flowcheck.data.splits import Split, split_records
+    from hf_flowcheck.data.splits import split_records
     from hf_flowcheck.evaluation import auroc, evaluate_scores
 
     _, _, uids = store.load()
     split = split_records(uids, seed=split_seed)
     if drop_uids is not None:
-        drop = set(drop_uids)
-        split = Split(
-            *(tuple(u for u in getattr(split, n) if u not in drop) for n in ("train", "validation", "test")), split.seed
-        )
+        split = split.without(drop_uids)
     xtr, ytr, _ = pooled(store, split.train)
     xva, yva, _ = pooled(store, split.validation)
     xte, yte, nte = pooled(store, split.test)

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_flowcheck.data.splits import Split, split_records
+from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.evaluation import evaluate_scores, format_table, length_baseline, length_matched_indices
 from hf_flowcheck.store import FeatureStore
 
@@ -123,8 +123,7 @@ def train_from_store(
     _, _, all_uids = store.load()
     split = split_records(all_uids, seed=split_seed)
     if drop_uids is not None:
-        drop = set(drop_uids)
-        split = Split(*(tuple(u for u in getattr(split, n) if u not in drop) for n in SPLIT_NAMES), split.seed)
+        split = split.without(drop_uids)
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, _ = parts["train"]
     val_f, val_y, _ = parts["validation"]

@@ -253,7 +253,7 @@ def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> N
     report = json.loads(out_json.read_text())
     assert report["protocol"] == "paired" and "fused (stacked logistic regression)" in report["rows"]
     capped_json = tmp_path / "capped.json"
-    capped = argv[:-1] + [str(capped_json), "--max-train", "4"]
+    capped = [*argv[:-1], str(capped_json), "--max-train", "4"]
     assert run_compare(parser.parse_args(capped)) == 0
     sizes = json.loads(capped_json.read_text())["sizes"]
     assert sizes["train"] == 4 and report["sizes"]["train"] > 4  # whole records: 2 pairs

@@ -390,3 +390,13 @@ def test_split_errors():
         split_records(["a", "b", "c"])
     with pytest.raises(ValueError, match="fractions"):
         split_records([str(i) for i in range(100)], fractions=(0.5, 0.5, 0.5))
+
+
+def test_split_without_keeps_every_other_uid_in_place():
+    from hf_flowcheck.data.splits import split_records
+
+    uids = [f"u{i}" for i in range(40)]
+    full = split_records(uids, seed=3)
+    cut = full.without([full.train[0], full.test[1], "not-there"])
+    assert cut.train == full.train[1:] and cut.validation == full.validation
+    assert cut.test == full.test[:1] + full.test[2:] and cut.seed == 3

@@ -48,6 +48,11 @@ class Split:
             raise KeyError(f"unknown split {name!r}; use one of {SPLIT_NAMES}.")
         return getattr(self, name)
 
+    def without(self, uids: Iterable[str]) -> Split:
+        """This split with ``uids`` removed; every other uid stays in the split it is in."""
+        drop = {str(u) for u in uids}
+        return Split(*(tuple(u for u in self[n] if u not in drop) for n in SPLIT_NAMES), self.seed)
+
     def split_of(self, uid: str) -> str | None:
         """Name of the split holding ``uid``, or ``None`` when it is in none (e.g. excluded)."""
         for name in SPLIT_NAMES:
