@@ -11,6 +11,7 @@ import argparse
 import json
 import shlex
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -102,7 +103,7 @@ def train_from_store(
     command: str | None = None,
     progress: bool = True,
     device: str | None = None,
-    drop_uids: Any = None,
+    drop_uids: Iterable[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a validator on a store's train split, select on validation, report on test, save.
 
