@@ -46,6 +46,7 @@ def main() -> None:
     from pooled_flow_probe import probe_rows
 
     from hf_flowcheck import FlowConfig
+    from hf_flowcheck.comparison import generated_completion
     from hf_flowcheck.data import LabeledExample, generation_prompt, load_halueval_qa
     from hf_flowcheck.evaluation import format_table
     from hf_flowcheck.experiments import train_from_store
@@ -59,8 +60,16 @@ def main() -> None:
     samples = store.samples()
     wanted = {s["uid"] for s in samples}
     records = {r.uid: r for r in load_halueval_qa() if r.uid in wanted}
-    examples = [
-        LabeledExample(s["uid"], "qa", generation_prompt(records[s["uid"]]), s["answer"], int(s["label"]), "generated")
+    examples = [  # replay the model's own text, as `flowcheck compare` does
+        LabeledExample(
+            s["uid"],
+            "qa",
+            generation_prompt(records[s["uid"]]),
+            s["answer"],
+            int(s["label"]),
+            "generated",
+            completion=generated_completion(s.get("raw_answer"), str(s["answer"])),
+        )
         for s in samples
     ]
     empty = [s["uid"] for s in samples if not str(s["answer"]).strip()]
@@ -78,18 +87,19 @@ def main() -> None:
             feats_dir = Path(args.generated)
         else:
             feats_dir = out / f"replay-{boundary}"
-        extract_dataset(
-            model,
-            tok,
-            examples,
-            feats_dir,
-            config=FlowConfig(boundary=boundary),
-            protocol="natural",
-            batch_size=8,
-            shard_size=256,
-            progress=False,
-            dataset={"name": "halueval-qa generated answers (replayed)", "source": str(args.generated)},
-        ) if feats_dir != Path(args.generated) else None
+        if feats_dir != Path(args.generated):
+            extract_dataset(
+                model,
+                tok,
+                examples,
+                feats_dir,
+                config=FlowConfig(boundary=boundary),
+                protocol="natural",
+                batch_size=8,
+                shard_size=256,
+                progress=False,
+                dataset={"name": "halueval-qa generated answers (replayed)", "source": str(args.generated)},
+            )
         _, report = train_from_store(
             feats_dir,
             out / f"validator-{boundary}{args.suffix}",
