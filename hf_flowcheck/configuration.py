@@ -30,6 +30,9 @@ FULL_FEATURES: tuple[str, ...] = (
     "mlp_turn_ratio",
 )
 PAPER_FEATURES: tuple[str, ...] = FULL_FEATURES[:8]
+#: Readout-lens features of each (token, block) event, appended when ``FlowConfig.lens_features`` is on.
+LENS_FEATURES: tuple[str, ...] = ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
+STATE_SUMMARIES: tuple[str, ...] = ("none", "last", "mean")
 
 
 def versioned_fields(cls: type, data: dict[str, Any], format_version: int) -> dict[str, Any]:
@@ -111,6 +114,23 @@ class FlowConfig:
         default="full", metadata={"help": "'full' (10 features, the authors' validator) or 'paper' (the 8 of §3.4)."}
     )
     seed: int = field(default=0, metadata={"help": "seed0 of the direction-cap sampler."})
+    lens_features: bool = field(
+        default=False,
+        metadata={
+            "help": "Append 4 readout-lens features per event (after block b, through the final norm and the "
+            "full readout: top-1 probability, margin to the runner-up, entropy over the top num_competitors, "
+            "log1p rank of the token the model finally prefers). Not in the spec; costs one full-vocabulary "
+            "readout per (answer token, block)."
+        },
+    )
+    state_summary: str = field(
+        default="none",
+        metadata={
+            "help": "Also keep the residual state entering every block (and after the last) of the answer: "
+            "'last' (at the last answer token, the hidden-state probe's input), 'mean' (averaged over the "
+            "answer tokens) or 'none'. Read by flow + state validators."
+        },
+    )
 
     def __post_init__(self) -> None:
         _choice("boundary", self.boundary, ("normalized", "residual"))
@@ -118,6 +138,9 @@ class FlowConfig:
         _choice("center", self.center, ("geometric_median", "coordinate_median", "mean"))
         _choice("drift_anchor", self.drift_anchor, ("end", "start"))
         _choice("features", self.features, ("full", "paper"))
+        _choice("state_summary", self.state_summary, STATE_SUMMARIES)
+        if not isinstance(self.lens_features, bool):
+            raise ValueError(f"lens_features={self.lens_features!r} must be True or False.")
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
             check_positive_int(name, getattr(self, name))
         if self.window_stride > self.window_length:
@@ -133,7 +156,8 @@ class FlowConfig:
     @property
     def feature_names(self) -> tuple[str, ...]:
         """Names of the feature channels, in tensor order."""
-        return FULL_FEATURES if self.features == "full" else PAPER_FEATURES
+        base = FULL_FEATURES if self.features == "full" else PAPER_FEATURES
+        return base + LENS_FEATURES if self.lens_features else base
 
     @property
     def num_features(self) -> int:
@@ -157,4 +181,8 @@ class FlowConfig:
     def signature_key(self) -> str:
         """A string that identifies everything that changes the features (used by manifests)."""
         d = dataclasses.asdict(self)
+        # Fields added after format 1 are left out at their defaults, so earlier stores keep their key.
+        for name, default in (("lens_features", False), ("state_summary", "none")):
+            if d[name] == default:
+                del d[name]
         return json.dumps(d, sort_keys=True)

@@ -14,7 +14,7 @@ from torch import nn
 from hf_flowcheck.architectures import ArchitectureSpec, ResolvedArchitecture, resolve_architecture, unwrap_model
 from hf_flowcheck.capture import CapturedStates, FlowRecorder
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.signatures import SampleGeometry, sample_flow_features, token_key
+from hf_flowcheck.signatures import SampleGeometry, lens_features, sample_flow_features, token_key
 
 
 @dataclass
@@ -28,6 +28,8 @@ class FlowFeatures:
         names: The ``F`` feature names in order.
         sample_keys: The per-sample keys used by the direction-cap sampler.
         geometry: Per-sample window bases and transports (only kept when asked for).
+        states: ``[N, B+1, d]`` float32 residual-state summary of each sample's masked tokens
+            (``FlowConfig.state_summary``), zeros for samples without tokens; ``None`` when off.
     """
 
     values: torch.Tensor
@@ -36,6 +38,7 @@ class FlowFeatures:
     names: tuple[str, ...]
     sample_keys: list[int] = field(default_factory=list)
     geometry: list[SampleGeometry | None] | None = None
+    states: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -56,14 +59,16 @@ class FlowFeatures:
             self.names,
             list(self.sample_keys),
             self.geometry,
+            None if self.states is None else self.states.to(device),
         )
 
     def __getitem__(self, idx: int | slice) -> FlowFeatures:
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
         geo = self.geometry[idx] if self.geometry is not None else None
+        states = None if self.states is None else self.states[idx]
         return FlowFeatures(
-            self.values[idx], self.valid[idx], self.positions[idx], self.names, self.sample_keys[idx], geo
+            self.values[idx], self.valid[idx], self.positions[idx], self.names, self.sample_keys[idx], geo, states
         )
 
 
@@ -468,6 +473,11 @@ class FlowExtractor:
         values = torch.zeros(n, n_blocks, t_max, n_feat, device=device)
         valid = torch.zeros(n, n_blocks, t_max, dtype=torch.bool, device=device)
         positions = torch.full((n, t_max), -1, dtype=torch.long, device=device)
+        summary = self.config.state_summary
+        states_out = None
+        if summary != "none":
+            dim = self.arch.readout.shape[1]
+            states_out = torch.zeros(n, n_blocks + 1, dim, device=device)
         keys: list[int] = []
         geometry: list[SampleGeometry | None] | None = [] if self.keep_geometry else None
         if states is not None:
@@ -504,10 +514,16 @@ class FlowExtractor:
                 self.config,
                 key,
             )
+            if self.config.lens_features:
+                lens = lens_features(states.r[idx][:, 1:], self._norms[-1], self._readout, self.config.num_competitors)
+                feats = torch.cat([feats, lens], dim=-1)
+            if states_out is not None:
+                r_sel = states.r[idx]  # [R, B+1, d], positions ascending
+                states_out[i] = r_sel[-1] if summary == "last" else r_sel.mean(0)
             r_i = want.numel()
             values[i, :, :r_i] = feats
             valid[i, :, :r_i] = True
             positions[i, :r_i] = want
             if geometry is not None:
                 geometry.append(geo)
-        return FlowFeatures(values, valid, positions, self.config.feature_names, keys, geometry)
+        return FlowFeatures(values, valid, positions, self.config.feature_names, keys, geometry, states_out)

@@ -66,8 +66,10 @@ __all__ = [
     "run_extract",
 ]
 
-PROTOCOLS = ("paired", "generated", "natural")
-"""``paired``/``natural``: teacher-forced given answers; ``generated``: the model answers, a judge labels."""
+PROTOCOLS = ("paired", "generated", "natural", "replayed")
+"""``paired``/``natural``: teacher-forced given answers; ``generated``: the model answers, a judge labels;
+``replayed``: the model's answers from an answers file (``hf_flowcheck.workflows.answers``), teacher-forced
+token for token (capture during ``generate`` equals this replay)."""
 
 RECORD_LABEL = "record-label"
 """``judge=RECORD_LABEL`` labels a generated answer with its record's own label (SelfAware abstention)."""
@@ -101,6 +103,7 @@ class _Item:
     label: int | None
     source: str
     record: Example | None = None
+    token_ids: tuple[list[int], list[int]] | None = None  # replayed: (prompt ids, answer ids)
 
 
 def _items(
@@ -122,6 +125,19 @@ def _items(
                 continue
             prompt = prompt_fn(ex) if prompt_fn is not None else _default_generation_prompt(ex)
             items.append(_Item(i, ex.uid, prompt, "", None, "generated", ex))
+        elif protocol == "replayed":
+            if not hasattr(ex, "gen_ids") or not hasattr(ex, "answer_len"):
+                raise TypeError(
+                    f"protocol='replayed' needs AnswerRecord items (hf_flowcheck.workflows.answers.read_answers()), "
+                    f"got {type(ex).__name__} at position {i}."
+                )
+            if ex.label is None:
+                excluded += 1
+                continue
+            answer_ids = list(ex.gen_ids[: ex.answer_len])
+            items.append(
+                _Item(i, ex.uid, ex.prompt, ex.answer, int(ex.label), "replayed", token_ids=(None, answer_ids))
+            )
         else:
             if not isinstance(ex, LabeledExample):
                 raise TypeError(
@@ -139,7 +155,10 @@ def _items(
 def _plan_key(items: Sequence[_Item]) -> str:
     h = hashlib.sha256()
     for it in items:
-        h.update(json.dumps([it.index, it.uid, it.prompt, it.completion, it.label, it.source]).encode("utf-8"))
+        key = [it.index, it.uid, it.prompt, it.completion, it.label, it.source]
+        if it.token_ids is not None:
+            key.append(it.token_ids[1])
+        h.update(json.dumps(key).encode("utf-8"))
         h.update(b"\x00")
     return h.hexdigest()
 
@@ -192,7 +211,9 @@ def _shift_positions(feats: FlowFeatures, offsets: Sequence[int], limits: Sequen
     valid = feats.valid & keep.unsqueeze(1)
     values = feats.values * valid.unsqueeze(-1).to(feats.values.dtype)
     t = int(keep.sum(-1).max()) if keep.numel() else 0
-    return FlowFeatures(values[:, :, :t], valid[:, :, :t], pos[:, :t], feats.names, list(feats.sample_keys))
+    return FlowFeatures(
+        values[:, :, :t], valid[:, :, :t], pos[:, :t], feats.names, list(feats.sample_keys), states=feats.states
+    )
 
 
 def _answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess: Callable[[str], str] | None) -> int:
@@ -206,6 +227,23 @@ def _answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess
 
 
 # ------------------------------------------------------------------------------ per batch
+def _run_replayed(
+    ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: int
+) -> tuple[FlowFeatures, list[int]]:
+    """Teacher-force each prompt followed by the exact answer tokens the model generated."""
+    rows, starts = [], []
+    for it in batch:
+        p_ids = _encode(tokenizer, it.prompt)
+        rows.append(p_ids + list(it.token_ids[1]))
+        starts.append(len(p_ids))
+    ids, att, offsets = _pad(rows, pad_id, left=False)
+    resp = torch.zeros_like(ids)
+    for i, (row, start) in enumerate(zip(rows, starts)):
+        resp[i, start : len(row)] = 1
+    feats = ext.extract(ids, att, resp)
+    return _shift_positions(feats.to("cpu"), offsets), starts
+
+
 def _run_paired(ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: int) -> tuple[FlowFeatures, list[int]]:
     rows, starts = [], []
     for it in batch:
@@ -311,7 +349,8 @@ def _extract_shard(
                 meta = {"source": it.source, "answer": answers[j], "raw_answer": raws[j], "reason": res.reason}
                 kept.append((pos, feats[j], int(res.label), p_lens[j], meta))
         else:
-            feats, p_lens = _run_paired(ext, tokenizer, batch, pad_id)
+            run = _run_replayed if protocol == "replayed" else _run_paired
+            feats, p_lens = run(ext, tokenizer, batch, pad_id)
             for j, (pos, it) in enumerate(zip(idx, batch)):
                 counts["inputs"] += 1
                 meta = {"source": it.source, "answer": it.completion.strip()}
@@ -345,6 +384,7 @@ def _extract_shard(
         prompt_lengths=torch.tensor([r[3] for r in kept], dtype=torch.long),
         uids=[items[r[0]].uid for r in kept],
         metadata=metadata,
+        states=feats.states,
     )
 
 

@@ -509,3 +509,36 @@ def sample_flow_features(
     if bases is None:
         bases = fit_sample_bases(h, readout, layout, config, sample_key)
     return flow_features(h, h_tilde, r, o, m, norms, bases, layout, config)
+
+
+def lens_features(r_after: torch.Tensor, final_norm: NormFn, readout: torch.Tensor, top_k: int) -> torch.Tensor:
+    """Readout-lens features of each (token, block): the residual after block ``b`` read out as if final.
+
+    Args:
+        r_after: ``[R, B, d]`` residual states after each block (``r_{b+1}``).
+        final_norm: ``N_B``, the norm before the readout.
+        readout: ``W``, ``[V, d]``.
+        top_k: Competitors in the entropy (``K``).
+
+    Returns:
+        ``[B, R, 4]``: top-1 probability, its margin over the runner-up, the entropy of the top-``K``
+        probabilities renormalised, and ``log1p`` of the rank of the token the last block prefers.
+    """
+    n_tok, n_blocks, dim = r_after.shape
+    if n_tok == 0:
+        return r_after.new_zeros(n_blocks, 0, 4)
+    flat = final_norm(r_after.transpose(0, 1).reshape(-1, dim))  # [B*R, d], block-major
+    last = flat[-n_tok:]  # the final block's rows: what the model outputs
+    final_choice = torch.nn.functional.linear(last, readout).argmax(-1).repeat(n_blocks)  # [B*R]
+    parts = []
+    for i in range(0, flat.shape[0], 256):  # bounds memory at 256 x V
+        logits = torch.nn.functional.linear(flat[i : i + 256], readout).float()  # [n, V]
+        logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+        top = logits.topk(max(top_k, 2), dim=-1).values  # [n, K]
+        p_top = (top - logz).exp()
+        q = torch.softmax(top, dim=-1)
+        chosen = logits.gather(1, final_choice[i : i + 256, None])
+        rank = (logits > chosen).sum(-1).float()
+        ent = -(q * q.clamp_min(1e-30).log()).sum(-1)
+        parts.append(torch.stack([p_top[:, 0], p_top[:, 0] - p_top[:, 1], ent, torch.log1p(rank)], dim=-1))
+    return torch.cat(parts).reshape(n_blocks, n_tok, 4)

@@ -154,6 +154,7 @@ class ShardData:
         sample_keys: ``[n]`` long, the per-sample keys of the direction-cap sampler.
         prompt_lengths: ``[n]`` long, prompt tokens of each sample.
         uids: ``n`` source-record uids.
+        states: ``[n, B+1, d]`` residual-state summaries (``FlowConfig.state_summary``) or ``None``.
         metadata: Per-sample string lists (``sources``, ``answers``, ...) and shard-level JSON
             values (``counts``, ``plan_key``, ``shard``); stored with ``uids`` as one JSON string under
             the ``"hf_flowcheck"`` key of the safetensors metadata.
@@ -168,6 +169,7 @@ class ShardData:
     prompt_lengths: torch.Tensor
     uids: list[str]
     metadata: dict[str, Any]
+    states: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
@@ -183,6 +185,8 @@ def write_shard(path: str | os.PathLike[str], shard: ShardData) -> str:
 
     n = len(shard.uids)
     tensors = {name: getattr(shard, name).detach().to("cpu").contiguous() for name in SHARD_TENSORS}
+    if shard.states is not None:
+        tensors["states"] = shard.states.detach().to("cpu", torch.float32).contiguous()
     for name, t in tensors.items():
         if t.shape[0] != n:
             raise ValueError(f"shard tensor {name!r} has {t.shape[0]} rows but there are {n} uids.")
@@ -221,7 +225,7 @@ def read_shard(path: str | os.PathLike[str]) -> ShardData:
     uids = meta.pop("uids")
     for key in ("format", "format_version"):
         meta.pop(key, None)
-    return ShardData(**{t: tensors[t] for t in SHARD_TENSORS}, uids=uids, metadata=meta)
+    return ShardData(**{t: tensors[t] for t in SHARD_TENSORS}, uids=uids, metadata=meta, states=tensors.get("states"))
 
 
 # ---------------------------------------------------------------------------------- manifest
@@ -291,6 +295,9 @@ def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
     n_blocks, n_feat = parts[0].values.shape[1], parts[0].values.shape[3]
     t_max = max(p.values.shape[2] for p in parts)
     vals, valid, pos, keys = [], [], [], []
+    with_states = [p.states is not None for p in parts]
+    if any(with_states) and not all(with_states):
+        raise ValueError("pad_features(): some parts carry state summaries and others do not.")
     for p in parts:
         if tuple(p.names) != tuple(names) or p.values.shape[1] != n_blocks or p.values.shape[3] != n_feat:
             raise ValueError("pad_features(): parts have different feature names or block counts.")
@@ -299,7 +306,8 @@ def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
         valid.append(torch.nn.functional.pad(p.valid, (0, extra), value=False))
         pos.append(torch.nn.functional.pad(p.positions, (0, extra), value=-1))
         keys.extend(p.sample_keys)
-    return FlowFeatures(torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys)
+    states = torch.cat([p.states for p in parts]) if all(with_states) else None
+    return FlowFeatures(torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states)
 
 
 class FeatureStore:
@@ -436,7 +444,10 @@ class FeatureStore:
             if rows.numel() == 0:
                 continue
             keys = shard.sample_keys[rows].tolist()
-            parts.append(FlowFeatures(shard.values[rows], shard.valid[rows], shard.positions[rows], names, keys))
+            states = None if shard.states is None else shard.states[rows]
+            parts.append(
+                FlowFeatures(shard.values[rows], shard.valid[rows], shard.positions[rows], names, keys, states=states)
+            )
             labels.append(shard.labels[rows])
             uids.extend(shard.uids[i] for i in rows.tolist())
         if not parts:

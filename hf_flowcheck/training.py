@@ -67,8 +67,11 @@ class TrainingHistory:
     Attributes:
         train_loss: Mean weighted BCE per epoch (all epochs run, resumed ones included).
         val_auroc: Validation AUROC per epoch.
+        val_loss: Validation BCE per epoch (same class weight as training).
         best_epoch: 1-based epoch whose weights were kept (-1 if none ran).
         best_val_auroc: Validation AUROC of the kept weights.
+        best_val_loss: Validation BCE of the kept weights.
+        selection: What picked ``best_epoch``: ``"val_loss"`` or ``"val_auroc"``.
         epochs_run: Epochs completed in total.
         stopped_early: Whether ``patience`` epochs without improvement ended training.
         pos_weight: Positive-class weight used (negatives / positives on train).
@@ -79,8 +82,11 @@ class TrainingHistory:
 
     train_loss: list[float] = field(default_factory=list)
     val_auroc: list[float] = field(default_factory=list)
+    val_loss: list[float] = field(default_factory=list)
     best_epoch: int = -1
     best_val_auroc: float = float("nan")
+    best_val_loss: float = float("nan")
+    selection: str = "val_loss"
     epochs_run: int = 0
     stopped_early: bool = False
     pos_weight: float = 1.0
@@ -245,15 +251,34 @@ def _prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.
 
 
 @torch.no_grad()
+def _rows(states: torch.Tensor | None, idx: Any, dev: torch.device) -> torch.Tensor | None:
+    return None if states is None else states[idx].to(dev)
+
+
+@torch.no_grad()
 def _scores(
-    model: FlowValidator, values: torch.Tensor, valid: torch.Tensor, batch: int, dev: torch.device
+    model: FlowValidator,
+    values: torch.Tensor,
+    valid: torch.Tensor,
+    states: torch.Tensor | None,
+    batch: int,
+    dev: torch.device,
 ) -> np.ndarray:
     model.eval()
     out = [
-        model(values[i : i + batch].to(dev), valid[i : i + batch].to(dev)).logits.float().cpu()
+        model(values[i : i + batch].to(dev), valid[i : i + batch].to(dev), _rows(states, slice(i, i + batch), dev))
+        .logits.float()
+        .cpu()
         for i in range(0, values.shape[0], batch)
     ]
     return torch.cat(out).numpy().astype(np.float64)
+
+
+def _weighted_bce(logits: np.ndarray, y: np.ndarray, pos_weight: float) -> float:
+    """Mean BCE with the training class weight (what the validation loss selects on)."""
+    lt = torch.from_numpy(logits)
+    yt = torch.from_numpy(y.astype(np.float64))
+    return float(nn.functional.binary_cross_entropy_with_logits(lt, yt, pos_weight=torch.tensor(pos_weight)))
 
 
 def train_validator(
@@ -268,7 +293,8 @@ def train_validator(
     batch_size: int = 32,
     weight_decay: float = 1e-2,
     grad_clip: float | None = 1.0,
-    patience: int = 5,
+    patience: int = 10,
+    selection: str = "val_loss",
     seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -290,7 +316,9 @@ def train_validator(
         batch_size: Samples per step.
         weight_decay: AdamW weight decay.
         grad_clip: Max gradient norm (``None`` = no clipping).
-        patience: Epochs without a validation-AUROC improvement before stopping.
+        patience: Epochs without an improvement of the selection metric before stopping.
+        selection: ``"val_loss"`` (default: the weighted validation BCE, smooth even on small
+            validation sets) or ``"val_auroc"`` picks the kept epoch and drives early stopping.
         seed: Seed of initialisation, shuffling and dropout.
         checkpoint_dir: Folder for the resumable training state (and ``best/``, the kept
             validator via ``save_pretrained``). An existing state there is resumed; a finished
@@ -303,7 +331,8 @@ def train_validator(
         command: The command line that launched training (stored for the model card).
 
     Returns:
-        ``(validator, history)``; the validator holds the best validation-AUROC weights, in eval mode.
+        ``(validator, history)``; the validator holds the weights of the best epoch by ``selection``, in
+        eval mode.
 
     Raises:
         ValueError: Empty splits, labels other than 0/1, mismatched features, a validation split
@@ -319,6 +348,13 @@ def train_validator(
     for name, value in (("lr", lr), ("batch_size", batch_size), ("epochs", epochs), ("patience", patience)):
         _positive(name, value, integer=name in ("batch_size", "epochs", "patience"))
     _positive("weight_decay", weight_decay, allow_zero=True)
+    if selection not in ("val_loss", "val_auroc"):
+        raise ValueError(f"selection={selection!r} is not supported; use 'val_loss' or 'val_auroc'.")
+    if config is not None and getattr(config, "state_dim", 0) and (train.states is None or val.states is None):
+        raise ValueError(
+            "config has a state branch (state_dim > 0) but the features carry no state summaries; extract them "
+            "with FlowConfig(state_summary='last') or train a flow-only validator (state_dim=0)."
+        )
     if grad_clip is not None:
         _positive("grad_clip", grad_clip)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
@@ -349,6 +385,9 @@ def train_validator(
         )
     x_tr, m_tr, y_tr = train.values[tr_idx], train.valid[tr_idx], y_tr[tr_idx]
     x_va, m_va, y_va = val.values[va_idx], val.valid[va_idx], y_va[va_idx]
+    with_states = bool(config.state_dim)
+    s_tr = train.states[tr_idx] if with_states else None
+    s_va = val.states[va_idx] if with_states else None
     n_pos_va = int(y_va.sum())
     if n_pos_va in (0, y_va.numel()):
         raise ValueError(
@@ -368,6 +407,7 @@ def train_validator(
         "weight_decay": float(weight_decay),
         "grad_clip": None if grad_clip is None else float(grad_clip),
         "patience": int(patience),
+        "selection": selection,
         "seed": int(seed),
     }
     run_key = {
@@ -379,13 +419,15 @@ def train_validator(
     }
     run_key["validator_config"].pop("hf_flowcheck_version", None)
 
-    history = TrainingHistory(pos_weight=pos_weight, skipped_train=skipped_train, skipped_val=skipped_val)
+    history = TrainingHistory(
+        pos_weight=pos_weight, skipped_train=skipped_train, skipped_val=skipped_val, selection=selection
+    )
     ckpt = Path(checkpoint_dir) if checkpoint_dir is not None else None
     fork_devices = [dev.index or 0] if dev.type == "cuda" else []
     with torch.random.fork_rng(devices=fork_devices):
         torch.manual_seed(seed)
         model = FlowValidator(config, flow_config=flow_config, base_fingerprint=fingerprint).to(dev)
-        model.fit_input_transform(train.values, train.valid)
+        model.fit_input_transform(x_tr, m_tr, s_tr)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=dev))
         best_state: dict[str, torch.Tensor] | None = None
@@ -404,8 +446,11 @@ def train_validator(
             optimizer.load_state_dict(_optimizer_state(info, tensors))
             start, bad_epochs = int(info["epoch"]), int(info["bad_epochs"])
             history.train_loss, history.val_auroc = list(info["train_loss"]), list(info["val_auroc"])
+            history.val_loss = list(info.get("val_loss", []))
             history.best_epoch = int(info["best_epoch"])
             history.best_val_auroc = float("nan") if info["best_val_auroc"] is None else float(info["best_val_auroc"])
+            best_loss = info.get("best_val_loss")
+            history.best_val_loss = float("nan") if best_loss is None else float(best_loss)
             history.stopped_early = bool(info["stopped_early"])
             history.resumed_from_epoch = start
         history.epochs_run = start
@@ -421,7 +466,7 @@ def train_validator(
                 total, count = 0.0, 0
                 for i in range(0, perm.numel(), batch_size):
                     idx = perm[i : i + batch_size]
-                    out = model(x_tr[idx].to(dev), m_tr[idx].to(dev))
+                    out = model(x_tr[idx].to(dev), m_tr[idx].to(dev), _rows(s_tr, idx, dev))
                     loss = loss_fn(out.logits, y_tr[idx].to(dev))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
@@ -430,13 +475,21 @@ def train_validator(
                     optimizer.step()
                     total += float(loss.detach()) * idx.numel()
                     count += idx.numel()
-                val_auc = auroc(y_va.numpy(), _scores(model, x_va, m_va, max(batch_size, 256), dev))
+                val_logits = _scores(model, x_va, m_va, s_va, max(batch_size, 256), dev)
+                val_auc = auroc(y_va.numpy(), val_logits)
+                val_loss = _weighted_bce(val_logits, y_va.numpy(), pos_weight)
                 epoch += 1
                 history.train_loss.append(total / count)
                 history.val_auroc.append(val_auc)
+                history.val_loss.append(val_loss)
                 history.epochs_run = epoch
-                if history.best_epoch < 0 or val_auc > history.best_val_auroc:
+                if selection == "val_loss":
+                    better = history.best_epoch < 0 or val_loss < history.best_val_loss
+                else:
+                    better = history.best_epoch < 0 or val_auc > history.best_val_auroc
+                if better:
                     history.best_epoch, history.best_val_auroc, bad_epochs = epoch, val_auc, 0
+                    history.best_val_loss = val_loss
                     best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
                 else:
                     bad_epochs += 1
@@ -450,6 +503,8 @@ def train_validator(
                         "bad_epochs": bad_epochs,
                         "best_epoch": history.best_epoch,
                         "best_val_auroc": history.best_val_auroc,
+                        "best_val_loss": history.best_val_loss,
+                        "val_loss": history.val_loss,
                         "stopped_early": history.stopped_early,
                         "train_loss": history.train_loss,
                         "val_auroc": history.val_auroc,
@@ -468,7 +523,7 @@ def train_validator(
         {
             "hyperparameters": {**hyper, "epochs": int(epochs), "pos_weight": pos_weight},
             "history": history.to_dict(),
-            "selection": "validation AUROC (early stopping on validation; test split unused)",
+            "selection": f"{selection} on the validation split (early stopping on validation; test split unused)",
         }
     )
     if command is not None:

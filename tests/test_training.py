@@ -57,13 +57,19 @@ def _weights(model: FlowValidator) -> dict[str, torch.Tensor]:
     return {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_learns_planted_signal_and_selects_on_validation(data):
+@pytest.mark.parametrize("selection", ["val_auroc", "val_loss"])
+def test_learns_planted_signal_and_selects_on_validation(data, selection):
     (tr, ytr), (va, yva), (te, yte) = data
     rng_before = torch.get_rng_state()
-    model, hist = train_validator(tr, ytr, va, yva, epochs=12, patience=4, **FAST)
+    model, hist = train_validator(tr, ytr, va, yva, epochs=12, patience=4, selection=selection, **FAST)
     assert torch.equal(torch.get_rng_state(), rng_before)  # the caller's RNG is untouched
     assert isinstance(hist, TrainingHistory)
-    assert hist.best_val_auroc == max(hist.val_auroc)
+    assert len(hist.val_loss) == len(hist.val_auroc) == hist.epochs_run
+    if selection == "val_auroc":
+        assert hist.best_val_auroc == max(hist.val_auroc)
+    else:
+        assert hist.best_val_loss == min(hist.val_loss)
+        assert hist.val_loss[hist.best_epoch - 1] == hist.best_val_loss
     assert hist.val_auroc[hist.best_epoch - 1] == hist.best_val_auroc
     assert hist.best_val_auroc > 0.9
     test_auc = auroc(yte.numpy(), model.score_features(te).scores.numpy())

@@ -185,7 +185,7 @@ def test_config_validation(kwargs, match):
 def test_config_round_trip_and_strict_from_dict():
     cfg = ValidatorConfig.from_feature_names(["a", "b"], pooling="logsumexp")
     d = cfg.to_dict()
-    assert d["format_version"] == 2 and "hf_flowcheck_version" in d
+    assert d["format_version"] == 3 and "hf_flowcheck_version" in d
     assert ValidatorConfig.from_dict(d) == cfg
     old = {k: v for k, v in d.items() if k not in ("input_transform", "event_layernorm")}
     assert ValidatorConfig.from_dict({**old, "format_version": 1}).input_transform == "none"  # the spec's B.9

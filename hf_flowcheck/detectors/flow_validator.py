@@ -58,7 +58,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 POOLINGS: tuple[str, ...] = ("max", "logsumexp")
-INPUT_TRANSFORMS: tuple[str, ...] = ("log_standardize", "standardize", "none")
+INPUT_TRANSFORMS: tuple[str, ...] = ("block_log_standardize", "log_standardize", "standardize", "none")
+HEADS: tuple[str, ...] = ("attention", "gru")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -76,7 +77,8 @@ class ValidatorConfig:
     """
 
     #: 2 added ``input_transform`` and ``event_layernorm``; format-1 files load as the spec's plain B.9.
-    FORMAT_VERSION: ClassVar[int] = 2
+    #: 3 added ``head``, ``num_blocks``, ``block_embedding`` and the state branch; format-2 files load as GRUs.
+    FORMAT_VERSION: ClassVar[int] = 3
 
     num_features: int = field(metadata={"help": "F, the number of feature channels per event (10 'full', 8 'paper')."})
     hidden: int = field(default=256, metadata={"help": "Width of the MLP's hidden layer (F→hidden→embed)."})
@@ -111,10 +113,59 @@ class ValidatorConfig:
             "FlowFeatures. Empty = unchecked."
         },
     )
+    head: str = field(
+        default="gru",
+        metadata={
+            "help": "'gru' (the spec's B.9: a GRU over the depth-major events, then max/logsumexp pooling) or "
+            "'attention' (each event scored on its own, the sample logit an attention-weighted mean of the "
+            "event logits: every event gets gradient, and the culprit is the event with the largest logit)."
+        },
+    )
+    num_blocks: int = field(
+        default=0,
+        metadata={
+            "help": "B, the base model's blocks; needed by block_log_standardize and block_embedding (0 = unset)."
+        },
+    )
+    block_embedding: int = field(
+        default=0,
+        metadata={"help": "Size of a learned embedding of the event's block index added to its input (0 = off)."},
+    )
+    state_dim: int = field(
+        default=0,
+        metadata={
+            "help": "d of the residual-state summaries (FlowFeatures.states) a flow + state validator reads; "
+            "0 = flow only."
+        },
+    )
+    state_blocks: tuple[int, ...] = field(
+        default=(),
+        metadata={"help": "Which of the B+1 residual boundaries the state branch reads (indices into states)."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("num_features", "hidden", "embed", "gru_hidden"):
             check_positive_int(name, getattr(self, name), "ValidatorConfig")
+        for name in ("num_blocks", "block_embedding", "state_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"ValidatorConfig.{name}={value!r} must be a non-negative integer.")
+        if self.head not in HEADS:
+            raise ValueError(
+                f"ValidatorConfig.head={self.head!r} is not supported; use one of {', '.join(map(repr, HEADS))}."
+            )
+        needs_blocks = self.input_transform == "block_log_standardize" or self.block_embedding > 0
+        if needs_blocks and self.num_blocks < 1:
+            raise ValueError(
+                "ValidatorConfig.num_blocks must be set (the base model's block count, FlowFeatures.num_blocks) "
+                "for input_transform='block_log_standardize' or block_embedding > 0."
+            )
+        self.state_blocks = tuple(int(b) for b in self.state_blocks)
+        if bool(self.state_dim) != bool(self.state_blocks):
+            raise ValueError(
+                f"ValidatorConfig.state_dim={self.state_dim} and state_blocks={self.state_blocks} must be set together "
+                "(both for a flow + state validator, neither for flow only)."
+            )
         if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
             raise ValueError(f"ValidatorConfig.dropout={self.dropout!r} must be a number in [0, 1).")
         self.dropout = float(self.dropout)
@@ -149,6 +200,7 @@ class ValidatorConfig:
         """Plain dict with version stamps, suitable for ``json.dumps``."""
         out = dataclasses.asdict(self)
         out["feature_names"] = list(self.feature_names)
+        out["state_blocks"] = list(self.state_blocks)
         out["format_version"] = self.FORMAT_VERSION
         out["hf_flowcheck_version"] = __version__
         return out
@@ -160,6 +212,8 @@ class ValidatorConfig:
             return data
         if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 2:
             data = {"input_transform": "none", "event_layernorm": True, **data}
+        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 3:
+            data = {"head": "gru", **data}
         return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
 
 
@@ -294,12 +348,15 @@ class FlowValidator(
         self.training_metadata: dict[str, Any] = dict(training_metadata or {})
 
         f, p = cfg.num_features, cfg.dropout
-        # Per-feature affine input scaling (fitted on the train split by fit_input_transform).
-        self.register_buffer("feature_shift", torch.zeros(f))
-        self.register_buffer("feature_scale", torch.ones(f))
+        # Affine input scaling fitted on the train split by fit_input_transform: per feature, or per
+        # (block, feature) because most of each motion feature's variance is its depth.
+        shape = (cfg.num_blocks, f) if cfg.input_transform == "block_log_standardize" else (f,)
+        self.register_buffer("feature_shift", torch.zeros(shape))
+        self.register_buffer("feature_scale", torch.ones(shape))
         self.input_norm = nn.LayerNorm(f)
+        self.block_embed = nn.Embedding(cfg.num_blocks, cfg.block_embedding) if cfg.block_embedding else None
         self.mlp = nn.Sequential(
-            nn.Linear(f, cfg.hidden),
+            nn.Linear(f + cfg.block_embedding, cfg.hidden),
             nn.GELU(),
             nn.Dropout(p),
             nn.Linear(cfg.hidden, cfg.embed),
@@ -307,8 +364,18 @@ class FlowValidator(
             nn.Dropout(p),
         )
         self.embed_norm = nn.LayerNorm(cfg.embed)
-        self.gru = nn.GRU(cfg.embed, cfg.gru_hidden, num_layers=1, batch_first=True)
-        self.head = nn.Linear(cfg.gru_hidden, 1)
+        if cfg.head == "gru":
+            self.gru = nn.GRU(cfg.embed, cfg.gru_hidden, num_layers=1, batch_first=True)
+            self.head = nn.Linear(cfg.gru_hidden, 1)
+        else:
+            self.head = nn.Linear(cfg.embed, 1)  # event logit
+            self.attend = nn.Linear(cfg.embed, 1)  # attention score of the event in the pooled logit
+        if cfg.state_dim:
+            n_states = len(cfg.state_blocks)
+            self.register_buffer("state_shift", torch.zeros(n_states, cfg.state_dim))
+            self.register_buffer("state_scale", torch.ones(n_states, cfg.state_dim))
+            self.state_dropout = nn.Dropout(p)
+            self.state_head = nn.Linear(n_states * cfg.state_dim, 1)
 
     # ------------------------------------------------------------------------------- forward
     def _check_inputs(self, values: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
@@ -338,47 +405,106 @@ class FlowValidator(
         return valid
 
     def _transform_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """``[N, B, T, F]`` raw features -> scaled features (same shape)."""
         mode = self.config.input_transform
         if mode == "none":
             return x
-        if mode == "log_standardize":
+        if mode != "standardize":
             x = torch.sign(x) * torch.log1p(x.abs())
+        if mode == "block_log_standardize":
+            return (x - self.feature_shift[None, :, None, :]) / self.feature_scale[None, :, None, :]
         return (x - self.feature_shift) / self.feature_scale
 
+    def _check_states(self, states: torch.Tensor | None, n: int) -> torch.Tensor | None:
+        cfg = self.config
+        if not cfg.state_dim:
+            return None
+        if states is None:
+            raise ValueError(
+                "This is a flow + state validator: it also reads residual-state summaries, but none were given. "
+                "Extract features with its flow_config (state_summary="
+                f"{self.flow_config.state_summary if self.flow_config else 'last'!r}) and pass FlowFeatures.states."
+            )
+        if states.dim() != 3 or states.shape[0] != n or states.shape[2] != cfg.state_dim:
+            raise ValueError(
+                f"states must be [N={n}, B+1, d={cfg.state_dim}], got {list(states.shape)}; extract them from the "
+                "same base model."
+            )
+        if max(cfg.state_blocks) >= states.shape[1]:
+            raise ValueError(f"states has {states.shape[1]} boundaries; state_blocks={cfg.state_blocks} needs more.")
+        return states
+
     @torch.no_grad()
-    def fit_input_transform(self, values: torch.Tensor, valid: torch.Tensor) -> None:
-        """Set the per-feature shift/scale from training events (no-op for ``input_transform='none'``).
+    def fit_input_transform(
+        self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None = None
+    ) -> None:
+        """Set the input shift/scale from training events (and state summaries, for the state branch).
 
         Args:
             values: ``[N, B, T, F]`` training features.
             valid: ``[N, B, T]`` bool.
+            states: ``[N, B+1, d]`` training state summaries (flow + state validators only).
         """
-        if self.config.input_transform == "none":
-            return
-        ev = values[valid.bool()].to(self.feature_shift.dtype)  # [E, F]
-        if ev.shape[0] < 2:
-            raise ValueError("fit_input_transform needs at least two valid training events.")
-        if self.config.input_transform == "log_standardize":
-            ev = torch.sign(ev) * torch.log1p(ev.abs())
-        self.feature_shift.copy_(ev.mean(0))
-        self.feature_scale.copy_(ev.std(0).clamp_min(1e-6))
+        mode = self.config.input_transform
+        if mode != "none":
+            x = values.to(self.feature_shift.dtype)
+            if mode != "standardize":
+                x = torch.sign(x) * torch.log1p(x.abs())
+            m = valid.bool()
+            if int(m.sum()) < 2:
+                raise ValueError("fit_input_transform needs at least two valid training events.")
+            if mode == "block_log_standardize":
+                if x.shape[1] != self.config.num_blocks:
+                    raise ValueError(
+                        f"the features have B={x.shape[1]} blocks but ValidatorConfig.num_blocks="
+                        f"{self.config.num_blocks}; set it to FlowFeatures.num_blocks."
+                    )
+                w = m[..., None].to(x.dtype)  # [N, B, T, 1]
+                cnt = w.sum((0, 2)).clamp_min(1.0)  # [B, 1]
+                mean = (x * w).sum((0, 2)) / cnt
+                var = (((x - mean[None, :, None]) ** 2) * w).sum((0, 2)) / (cnt - 1).clamp_min(1.0)
+                self.feature_shift.copy_(mean)
+                self.feature_scale.copy_(var.sqrt().clamp_min(1e-6))
+            else:
+                ev = x[m]
+                self.feature_shift.copy_(ev.mean(0))
+                self.feature_scale.copy_(ev.std(0).clamp_min(1e-6))
+        states = self._check_states(states, values.shape[0])
+        if states is not None:
+            sel = states[:, list(self.config.state_blocks)].to(self.state_shift.dtype)
+            self.state_shift.copy_(sel.mean(0))
+            self.state_scale.copy_(sel.std(0).clamp_min(1e-6))
 
-    def forward(self, values: torch.Tensor, valid: torch.Tensor) -> FlowValidatorOutput:
+    def forward(
+        self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None = None
+    ) -> FlowValidatorOutput:
         """Score samples from their event features.
 
         Args:
             values: ``[N, B, T, F]`` event features (content of invalid cells is ignored).
             valid: ``[N, B, T]`` bool, true for real events.
+            states: ``[N, B+1, d]`` residual-state summaries; required by flow + state validators
+                (``config.state_dim > 0``), ignored otherwise.
 
         Returns:
             :class:`FlowValidatorOutput` (``culprit_position`` is ``None``; see :meth:`score_features`).
         """
         valid = self._check_inputs(values, valid)
         n, b, t, f = values.shape
+        states = self._check_states(states, n)
         dev = values.device
         dtype = self.head.weight.dtype
+        cfg = self.config
+        if cfg.num_blocks and b != cfg.num_blocks and (cfg.block_embedding or cfg.input_transform.startswith("block")):
+            raise ValueError(
+                f"values has B={b} blocks but this validator was trained on a {cfg.num_blocks}-block model; "
+                "score features of its base model."
+            )
         e = b * t
-        x = self._transform_inputs(values.reshape(n, e, f).to(dtype))
+        x = self._transform_inputs(values.to(dtype)).reshape(n, e, f)
+        if self.block_embed is not None:
+            blocks = torch.arange(b, device=dev).repeat_interleave(t)  # depth-major event order
+            x = torch.cat([x, self.block_embed(blocks)[None].expand(n, e, -1)], dim=-1)
         v = valid.reshape(n, e).to(dev)
         lengths = v.sum(1)  # [N]
         has = lengths > 0
@@ -392,21 +518,29 @@ class FlowValidator(
         # Compact: valid events first, in depth-major order (stable sort of ~valid).
         order = torch.sort((~v).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [N, L]
         keep = torch.arange(length, device=dev)[None, :] < lengths[:, None]  # [N, L]
-        xc = x.gather(1, order[..., None].expand(n, length, f))
+        xc = x.gather(1, order[..., None].expand(n, length, x.shape[-1]))
         xc = xc.masked_fill(~keep[..., None], 0.0)
 
-        if self.config.event_layernorm:
-            xc = self.input_norm(xc)
+        if cfg.event_layernorm:
+            xc = torch.cat([self.input_norm(xc[..., :f]), xc[..., f:]], dim=-1)
         h = self.embed_norm(self.mlp(xc))  # [N, L, embed]
-        # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
-        # rows x longest row); trailing padding could not reach valid events anyway (causal).
-        packed = nn.utils.rnn.pack_padded_sequence(
-            h, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
-        )
-        states, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
-        ev = self.head(states).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
-
-        pooled = ev.max(dim=1).values if self.config.pooling == "max" else torch.logsumexp(ev, dim=1)
+        if cfg.head == "gru":
+            # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
+            # rows x longest row); trailing padding could not reach valid events anyway (causal).
+            packed = nn.utils.rnn.pack_padded_sequence(
+                h, lengths.clamp_min(1).cpu(), batch_first=True, enforce_sorted=False
+            )
+            seq, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
+            ev = self.head(seq).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
+            pooled = ev.max(dim=1).values if cfg.pooling == "max" else torch.logsumexp(ev, dim=1)
+        else:
+            ev = self.head(h).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
+            att = torch.softmax(self.attend(h).squeeze(-1).masked_fill(~keep, float("-inf")), dim=1)
+            pooled = (att * ev.masked_fill(~keep, 0.0)).sum(1)
+        if states is not None:
+            sel = states[:, list(cfg.state_blocks)].to(dev, dtype)
+            z = ((sel - self.state_shift) / self.state_scale).reshape(n, -1)
+            pooled = pooled + self.state_head(self.state_dropout(z)).squeeze(-1)
         logits = torch.where(has, pooled, torch.full_like(pooled, float("nan")))
         scores = torch.sigmoid(logits)
 
@@ -453,8 +587,13 @@ class FlowValidator(
         was_training = self.training
         self.eval()
         try:
+            st = features.states
             outs = [
-                self(features.values[i : i + batch_size].to(dev), features.valid[i : i + batch_size].to(dev))
+                self(
+                    features.values[i : i + batch_size].to(dev),
+                    features.valid[i : i + batch_size].to(dev),
+                    None if st is None else st[i : i + batch_size].to(dev),
+                )
                 for i in range(0, max(len(features), 1), batch_size)
             ]
         finally:

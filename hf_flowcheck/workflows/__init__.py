@@ -1,0 +1,4 @@
+"""Research workflows: answer generation, dataset extraction, training, comparison, ablations.
+
+Beside the runtime path: nothing under ``hf_flowcheck`` outside ``workflows`` and ``cli`` imports it.
+"""

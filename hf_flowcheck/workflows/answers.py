@@ -1,0 +1,325 @@
+"""The model's own answers, generated once and kept as a small committed JSON Lines file.
+
+Generation is the expensive, deterministic half of the generated protocol; feature extraction is
+cheap to redo and changes with every feature variant. So the answers (prompt, generated token ids,
+decoded answer, judge label), the decoding settings and the model's fingerprint go into an
+append-only JSONL that a later run re-extracts teacher-forced (capture during ``generate`` equals
+the teacher-forced replay, a tested invariant).
+
+File layout: the first line is a header ``{"kind": "header", ...}`` (format, version, model
+fingerprint, dataset, decoding); every other line is ``{"kind": "answer", ...}``. Each batch is
+appended and ``fsync``-ed, so a killed run loses at most the batch in flight; a torn last line is
+cut on resume.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, clean_generation
+from hf_flowcheck.version import __version__
+
+__all__ = [
+    "ANSWERS_FORMAT",
+    "ANSWERS_FORMAT_VERSION",
+    "AnswerFile",
+    "AnswerFileError",
+    "AnswerRecord",
+    "generate_answers",
+    "read_answers",
+]
+
+ANSWERS_FORMAT = "hf_flowcheck.answers"
+ANSWERS_FORMAT_VERSION = 1
+
+
+class AnswerFileError(ValueError):
+    """An answers file is malformed or was written under other settings than the ones asked for."""
+
+
+@dataclass(frozen=True)
+class AnswerRecord:
+    """One generated answer.
+
+    Attributes:
+        uid: Source record id.
+        prompt: The exact prompt text the model answered.
+        gen_ids: The generated token ids up to (not including) the first EOS.
+        answer_len: How many of ``gen_ids`` decode to the judged ``answer`` (the answer tokens).
+        raw: ``gen_ids`` decoded.
+        answer: The judged answer (``raw`` post-processed: first non-empty line).
+        label: 0 correct, 1 hallucinated, ``None`` dropped/failed by the judge.
+        judge_reason: The judge's explanation.
+        references: The reference answer(s) the judge compared against.
+    """
+
+    uid: str
+    prompt: str
+    gen_ids: list[int]
+    answer_len: int
+    raw: str
+    answer: str
+    label: int | None
+    judge_reason: str
+    references: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"kind": "answer", **self.__dict__}
+
+
+@dataclass
+class AnswerFile:
+    """A parsed answers file: its header and its records in file order."""
+
+    path: Path
+    header: dict[str, Any]
+    records: list[AnswerRecord]
+
+    @property
+    def labelled(self) -> list[AnswerRecord]:
+        return [r for r in self.records if r.label is not None]
+
+    def counts(self) -> dict[str, int]:
+        labels = [r.label for r in self.records]
+        return {
+            "answers": len(labels),
+            "label_0": labels.count(0),
+            "label_1": labels.count(1),
+            "unlabelled": labels.count(None),
+            "empty": sum(1 for r in self.records if not r.answer),
+        }
+
+
+def _check_header(path: Path, line_no: int, obj: Any) -> dict[str, Any]:
+    if not isinstance(obj, dict) or obj.get("kind") != "header" or obj.get("format") != ANSWERS_FORMAT:
+        raise AnswerFileError(
+            f"{path}:{line_no}: the first line is not an hf_flowcheck answers header; this file was not written "
+            "by generate_answers (pass another --out)."
+        )
+    if obj.get("format_version") != ANSWERS_FORMAT_VERSION:
+        raise AnswerFileError(
+            f"{path}: format_version {obj.get('format_version')!r} is not {ANSWERS_FORMAT_VERSION}; "
+            "regenerate it with this version of hf_flowcheck."
+        )
+    return obj
+
+
+def _parse(path: Path, *, allow_torn_tail: bool) -> tuple[AnswerFile, int]:
+    """The file and the byte length of its complete lines (a torn last line is excluded)."""
+    data = path.read_bytes()
+    good_len = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
+    if good_len != len(data) and not allow_torn_tail:
+        raise AnswerFileError(f"{path}: the last line is incomplete (a run was killed while writing); resume it.")
+    header: dict[str, Any] | None = None
+    records: list[AnswerRecord] = []
+    seen: set[str] = set()
+    for line_no, raw in enumerate(data[:good_len].splitlines(), start=1):
+        try:
+            obj = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise AnswerFileError(f"{path}:{line_no}: not a JSON line ({err}).") from err
+        if header is None:
+            header = _check_header(path, line_no, obj)
+            continue
+        if not isinstance(obj, dict) or obj.get("kind") != "answer":
+            raise AnswerFileError(f"{path}:{line_no}: expected an answer line, got {raw[:80]!s}.")
+        obj = {k: v for k, v in obj.items() if k != "kind"}
+        try:
+            rec = AnswerRecord(**obj)
+        except TypeError as err:
+            raise AnswerFileError(f"{path}:{line_no}: malformed answer line ({err}).") from err
+        if rec.uid in seen:
+            raise AnswerFileError(f"{path}:{line_no}: uid {rec.uid!r} appears twice.")
+        seen.add(rec.uid)
+        records.append(rec)
+    if header is None:
+        raise AnswerFileError(f"{path}: empty file; delete it or pass another --out.")
+    return AnswerFile(path, header, records), good_len
+
+
+def read_answers(path: str | os.PathLike[str]) -> AnswerFile:
+    """Read an answers file written by :func:`generate_answers`.
+
+    Raises:
+        FileNotFoundError: No such file.
+        AnswerFileError: Not an answers file, a malformed or duplicated line, a torn last line.
+    """
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"answers file {p} does not exist; create it with `flowcheck answers`.")
+    return _parse(p, allow_torn_tail=False)[0]
+
+
+def _answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess: Callable[[str], str]) -> int:
+    """Fewest leading generated tokens that decode (post-processed) to the judged answer."""
+    for k in range(len(gen) + 1):
+        if postprocess(tokenizer.decode(gen[:k], skip_special_tokens=True)) == answer:
+            return k
+    return len(gen)
+
+
+def _references(rec: Example) -> list[str]:
+    return [str(r) for r in (rec.references or [])]
+
+
+def _judge(judge: Any, rec: Example, answer: str) -> JudgeResult:
+    if judge == "record-label":
+        if rec.label is None:
+            return JudgeResult(None, "record has no label", "failed")
+        return JudgeResult(int(rec.label), "record label")
+    refs = rec.references
+    ref: Any = (refs if len(refs) != 1 else refs[0]) if refs else None
+    return judge(rec.question, answer, ref, rec.knowledge)
+
+
+def generate_answers(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Example],
+    out_path: str | os.PathLike[str],
+    *,
+    prompt_fn: Callable[[Example], str],
+    judge: Any,
+    dataset: dict[str, Any],
+    fingerprint: dict[str, Any],
+    batch_size: int = 16,
+    max_new_tokens: int = 32,
+    generate_kwargs: dict[str, Any] | None = None,
+    decoding: dict[str, Any] | None = None,
+    postprocess: Callable[[str], str] = clean_generation,
+    log: Callable[[str], None] | None = print,
+) -> AnswerFile:
+    """Greedily answer ``records`` and append the answers to ``out_path`` batch by batch (resumable).
+
+    Args:
+        model: A transformers causal LM.
+        tokenizer: Its tokenizer.
+        records: Source records (few-shot demonstration records are skipped).
+        out_path: The JSONL to create or resume.
+        prompt_fn: ``record -> prompt``.
+        judge: ``"record-label"`` or a judge callable ``(question, answer, reference, knowledge)``.
+        dataset: What the records are (name, split, sample, prompt style), recorded in the header.
+        fingerprint: The model's fingerprint (:func:`hf_flowcheck.hub.model_fingerprint`).
+        batch_size: Prompts per ``generate`` call (left padded; longest first within chunks of 8 batches).
+        max_new_tokens: Answer length cap.
+        generate_kwargs: Extra ``generate`` arguments (a stopping criterion); greedy is forced.
+        decoding: JSON description of the decoding settings for the header (the stop rule).
+        postprocess: Raw continuation -> judged answer.
+        log: Progress sink (``None`` for silence).
+
+    Returns:
+        The whole file after this run.
+
+    Raises:
+        AnswerFileError: ``out_path`` was written for another model, dataset or decoding.
+    """
+    from hf_flowcheck.stopping import bind_prompt_width
+
+    if batch_size < 1 or max_new_tokens < 1:
+        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive integers.")
+    path = Path(out_path).expanduser()
+    header = {
+        "kind": "header",
+        "format": ANSWERS_FORMAT,
+        "format_version": ANSWERS_FORMAT_VERSION,
+        "hf_flowcheck_version": __version__,
+        "model": fingerprint,
+        "dataset": dataset,
+        "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens, **(decoding or {})},
+    }
+    done: set[str] = set()
+    if path.exists():
+        existing, good_len = _parse(path, allow_torn_tail=True)
+        for key in ("model", "dataset", "decoding"):
+            if existing.header.get(key) != header[key]:
+                raise AnswerFileError(
+                    f"{path} was written with another {key} ({existing.header.get(key)!r}, now {header[key]!r}); "
+                    "pass another --out to start a new file."
+                )
+        if good_len != path.stat().st_size:
+            with path.open("r+b") as fh:  # cut a line torn by a kill
+                fh.truncate(good_len)
+        done = {r.uid for r in existing.records}
+    else:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with path.open("w", encoding="utf-8") as fh:
+            fh.write(json.dumps(header, sort_keys=True) + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    todo = [r for r in records if r.uid not in QA_SHOT_UIDS and r.uid not in done]
+    # Longest-first within chunks of 8 batches: less padding, and a prefix of the file stays a sample of the order.
+    chunk = 8 * batch_size
+    todo = [
+        r
+        for c in range(0, len(todo), chunk)
+        for r in sorted(todo[c : c + chunk], key=lambda r: -len(tokenizer(prompt_fn(r))["input_ids"]))
+    ]
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    eos = model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
+    device = next(model.parameters()).device
+    t_start = time.perf_counter()
+    for start in range(0, len(todo), batch_size):
+        batch = todo[start : start + batch_size]
+        prompts = [prompt_fn(r) for r in batch]
+        rows = [tokenizer(p)["input_ids"] for p in prompts]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        att = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, row in enumerate(rows):
+            ids[i, width - len(row) :] = torch.tensor(row)
+            att[i, width - len(row) :] = 1
+        kwargs = {"max_new_tokens": max_new_tokens, "pad_token_id": pad_id, **(generate_kwargs or {})}
+        kwargs.update(do_sample=False)
+        with torch.inference_mode():
+            seqs = model.generate(
+                input_ids=ids.to(device), attention_mask=att.to(device), **bind_prompt_width(kwargs, width)
+            )
+        lines = []
+        for i, rec in enumerate(batch):
+            gen: list[int] = []
+            for tok in seqs[i, width:].tolist():
+                if tok in eos_ids:
+                    break
+                gen.append(tok)
+            raw = tokenizer.decode(gen, skip_special_tokens=True)
+            answer = postprocess(raw)
+            result = _judge(judge, rec, answer)
+            out = AnswerRecord(
+                uid=rec.uid,
+                prompt=prompts[i],
+                gen_ids=gen,
+                answer_len=_answer_token_count(tokenizer, gen, answer, postprocess),
+                raw=raw,
+                answer=answer,
+                label=result.label,
+                judge_reason=result.reason,
+                references=_references(rec),
+            )
+            lines.append(json.dumps(out.to_json(), ensure_ascii=False) + "\n")
+        with path.open("a", encoding="utf-8") as fh:
+            fh.write("".join(lines))
+            fh.flush()
+            os.fsync(fh.fileno())
+        if log is not None:
+            n = start + len(batch)
+            rate = n / (time.perf_counter() - t_start)
+            log(f"{len(done) + n} answers ({n}/{len(todo)} this run, {rate:.2f}/s)")
+    return read_answers(path)
+
+
+def records_digest(records: Iterable[Example]) -> str:
+    """A short digest of the records' uids (recorded so that a resumed run answers the same set)."""
+    h = hashlib.sha256()
+    for r in records:
+        h.update(r.uid.encode() + b"\0")
+    return h.hexdigest()[:16]

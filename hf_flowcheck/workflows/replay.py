@@ -1,0 +1,108 @@
+"""Re-extract flow features of any variant from a committed answers file, in fixed-size parts.
+
+An answers file grows while the model is still answering; the features of its first ``part_size``
+answers never change once they exist. So each complete block of ``part_size`` answers (file order)
+is teacher-forced into its own feature store ``part-00000``, ``part-00001``, ... under one root,
+and :func:`load_parts` concatenates them. A part is an ordinary resumable
+:class:`~hf_flowcheck.store.FeatureStore` (protocol ``"replayed"``).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.extraction import FlowFeatures
+from hf_flowcheck.pipeline import extract_dataset
+from hf_flowcheck.store import FeatureStore, pad_features
+from hf_flowcheck.workflows.answers import _parse
+
+__all__ = ["load_parts", "replay_answers"]
+
+
+def _part_name(i: int) -> str:
+    return f"part-{i:05d}"
+
+
+def replay_answers(
+    model: Any,
+    tokenizer: Any,
+    answers_path: str | os.PathLike[str],
+    out_root: str | os.PathLike[str],
+    *,
+    config: FlowConfig,
+    part_size: int = 500,
+    batch_size: int = 8,
+    include_partial: bool = False,
+    progress: bool = False,
+) -> list[Path]:
+    """Extract every complete part of ``answers_path`` not extracted yet; returns the part folders.
+
+    Args:
+        model: The model that wrote the answers (its fingerprint must match the file's).
+        tokenizer: Its tokenizer.
+        answers_path: JSONL from :func:`~hf_flowcheck.workflows.answers.generate_answers` (may be growing).
+        out_root: Folder of the part stores.
+        config: Flow configuration of this variant.
+        part_size: Answers per part (file order; unlabelled answers are counted and skipped).
+        batch_size: Sequences per forward.
+        include_partial: Also extract the last, incomplete part (for a finished file).
+        progress: Show tqdm bars.
+
+    Raises:
+        AnswerFileError: A malformed answers file.
+        ValueError: The model is not the one that wrote the answers.
+    """
+    from hf_flowcheck.hub import CHECKED_FIELDS, model_fingerprint
+
+    answers, _ = _parse(Path(answers_path).expanduser(), allow_torn_tail=True)
+    fp, stored = model_fingerprint(model), answers.header.get("model") or {}
+    diff = [k for k in CHECKED_FIELDS if fp.get(k) != stored.get(k)]
+    if diff:
+        raise ValueError(
+            f"{answers_path} was written by another model ({', '.join(diff)} differ); replay it with the model "
+            f"that answered ({stored.get('base_id')!r})."
+        )
+    root = Path(out_root)
+    recs = answers.records
+    n_parts = len(recs) // part_size + (1 if include_partial and len(recs) % part_size else 0)
+    out = []
+    for i in range(n_parts):
+        part = recs[i * part_size : (i + 1) * part_size]
+        folder = root / _part_name(i)
+        extract_dataset(
+            model,
+            tokenizer,
+            part,
+            folder,
+            config=config,
+            protocol="replayed",
+            batch_size=batch_size,
+            shard_size=part_size,
+            progress=progress,
+            dataset={"answers": str(answers_path), "part": i, "part_size": part_size, **answers.header["dataset"]},
+        )
+        out.append(folder)
+    return out
+
+
+def load_parts(out_root: str | os.PathLike[str]) -> tuple[FlowFeatures, torch.Tensor, list[str]]:
+    """Concatenate every complete part store under ``out_root``: ``(features, labels, uids)``."""
+    root = Path(out_root)
+    folders = sorted(p for p in root.glob("part-*") if (p / "manifest.json").is_file())
+    if not folders:
+        raise FileNotFoundError(f"{root} holds no part stores; run replay_answers first.")
+    feats, labels, uids = [], [], []
+    for folder in folders:
+        store = FeatureStore.open(folder)
+        if store.manifest.get("status") != "complete":
+            continue
+        f, y, u = store.load()
+        feats.append(f)
+        labels.append(y)
+        uids.extend(u)
+    return pad_features(feats), torch.cat(labels), uids
