@@ -8,6 +8,7 @@ Paired stores are also reported with the length-only baseline and on the length-
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import shlex
 import sys
@@ -46,6 +47,7 @@ def evaluate_validator_on_store(
     n_bootstrap: int = 1000,
     seed: int = 0,
     tokenizer: Any = None,
+    channels: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Score one split of a store and compute every metric (plus length controls for paired stores).
 
@@ -53,7 +55,20 @@ def evaluate_validator_on_store(
         ``{"rows": {name: result, ...}, "n": int, "protocol": str}`` where each result is
         :func:`~hf_flowcheck.evaluation.evaluate_scores` output.
     """
+    from hf_flowcheck.hub import CHECKED_FIELDS
+
+    mine, theirs = getattr(validator, "base_fingerprint", None) or {}, store.model_fingerprint or {}
+    diff = [k for k in CHECKED_FIELDS if mine and theirs and mine.get(k) != theirs.get(k)]
+    if diff:
+        raise ValueError(
+            f"The validator was trained on another model than the store's features ({', '.join(diff)} differ: "
+            f"{mine.get('base_id')!r} vs {theirs.get('base_id')!r}); evaluate it on features of its own base model."
+        )
     feats, labels, uids = store.load(split_uids)
+    wanted = tuple(getattr(getattr(validator, "config", None), "feature_names", ()) or ())
+    if channels is None and wanted and set(wanted) < set(feats.names):
+        channels = wanted  # a lens/state store scores its flow-only validators too
+    feats = _select_channels(feats, channels)
     if len(labels) == 0:
         raise ValueError("The evaluation split is empty; extract more samples or check the split seed.")
     out = validator.score_features(feats)
@@ -86,6 +101,85 @@ def evaluate_validator_on_store(
     return report
 
 
+MIN_PER_CLASS = 20
+"""Fewest training answers of each class :func:`train_from_store` accepts."""
+
+
+def _select_channels(feats: Any, channels: tuple[str, ...] | None) -> Any:
+    if not channels:
+        return feats
+    from hf_flowcheck.extraction import FlowFeatures
+
+    missing = [c for c in channels if c not in feats.names]
+    if missing:
+        raise ValueError(f"--channels {missing} are not in the store's features {list(feats.names)}.")
+    idx = [feats.names.index(c) for c in channels]
+    return FlowFeatures(feats.values[..., idx], feats.valid, feats.positions, tuple(channels), feats.sample_keys,
+                        states=feats.states)  # fmt: skip
+
+
+def _probe_layer(train_f: Any, train_y: torch.Tensor, val_f: Any, val_y: torch.Tensor) -> int:
+    """The residual boundary where a logistic probe is best on validation (the state branch reads it)."""
+    from hf_flowcheck.detectors.baselines import HiddenStateProbe
+
+    if train_f.states is None:
+        raise ValueError(
+            "--state needs residual-state summaries in the store; extract with FlowConfig(state_summary='last')."
+        )
+    probe = HiddenStateProbe(kind="logistic").fit(train_f.states, train_y.numpy(), val_f.states, val_y.numpy())
+    return int(probe.layer)
+
+
+def operating_points(labels: np.ndarray, scores: np.ndarray, *, precision: float = 0.8, risk: float = 0.1) -> dict:
+    """Thresholds chosen on validation scores: flag at precision >= ``precision``; answer at risk <= ``risk``.
+
+    Returns:
+        ``{"precision_0.8": {"threshold", "precision", "recall"}, "risk_0.1": {"threshold", "risk",
+        "coverage"}}``; a threshold is ``None`` where no cut reaches the target.
+    """
+    order = np.argsort(-scores, kind="stable")
+    s, y = scores[order], labels[order]
+    tp = np.cumsum(y)
+    prec = tp / np.arange(1, len(y) + 1)
+    rec = tp / max(1, int(y.sum()))
+    ok = np.nonzero(prec >= precision)[0]
+    flag = None
+    if ok.size:
+        i = int(ok[np.argmax(rec[ok])])
+        flag = {"threshold": float(s[i]), "precision": float(prec[i]), "recall": float(rec[i])}
+    # answer (do not abstain) when score < t: risk = hallucinated share among kept answers
+    asc = np.argsort(scores, kind="stable")
+    sa, ya = scores[asc], labels[asc]
+    risk_k = np.cumsum(ya) / np.arange(1, len(ya) + 1)
+    ok = np.nonzero(risk_k <= risk)[0]
+    keep = None
+    if ok.size:
+        i = int(ok.max())
+        nxt = float(sa[i + 1]) if i + 1 < len(sa) else float(sa[i]) + 1e-6
+        keep = {"threshold": (float(sa[i]) + nxt) / 2, "risk": float(risk_k[i]), "coverage": (i + 1) / len(ya)}
+    return {f"precision_{precision}": flag, f"risk_{risk}": keep}
+
+
+def _plot_learning_curve(history: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = np.arange(1, len(history["train_loss"]) + 1)
+    fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
+    ax[0].plot(ep, history["train_loss"], label="train loss")
+    ax[0].plot(ep, history["val_loss"], label="validation loss")
+    ax[1].plot(ep, history["val_auroc"], label="validation AUROC", color="C2")
+    for a in ax:
+        a.axvline(history["best_epoch"], color="grey", ls=":", lw=1)
+        a.set_xlabel("epoch")
+        a.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
 def train_from_store(
     features_dir: str | Path,
     out_dir: str | Path,
@@ -94,11 +188,21 @@ def train_from_store(
     epochs: int = 30,
     lr: float = 1e-3,
     batch_size: int = 32,
-    patience: int = 5,
+    patience: int = 10,
     seed: int = 0,
     pooling: str = "max",
     input_transform: str = "log_standardize",
     event_layernorm: bool = True,
+    head: str = "gru",
+    block_embedding: int = 0,
+    state: bool = False,
+    channels: tuple[str, ...] | None = None,
+    hidden: int = 256,
+    embed: int = 128,
+    gru_hidden: int = 256,
+    dropout: float = 0.1,
+    weight_decay: float = 1e-2,
+    selection: str = "val_loss",
     n_bootstrap: int = 1000,
     command: str | None = None,
     progress: bool = True,
@@ -106,6 +210,11 @@ def train_from_store(
     drop_uids: Iterable[str] | None = None,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a validator on a store's train split, select on validation, report on test, save.
+
+    ``features_dir`` is a feature store or a root of replayed part stores. ``state=True`` adds the
+    state branch, reading the residual boundary where a hidden-state probe is best on validation.
+    ``channels`` keeps only those feature channels (e.g. the flow-only variant of a lens store).
+    The folder also gets ``learning_curve.json``/``.png`` and validation-chosen operating points.
 
     ``drop_uids`` leaves those records out of every split *after* splitting all of the store's
     uids, so the remaining records keep the split they have without the drop (for comparing two
@@ -120,17 +229,50 @@ def train_from_store(
     from hf_flowcheck.detectors.flow_validator import ValidatorConfig
     from hf_flowcheck.training import train_validator
 
-    store = FeatureStore.open(features_dir)
-    _, _, all_uids = store.load()
+    from hf_flowcheck.workflows.replay import open_features
+
+    store = open_features(features_dir)
+    all_uids = store.uids()
     split = split_records(all_uids, seed=split_seed)
     if drop_uids is not None:
         split = split.without(drop_uids)
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, _ = parts["train"]
     val_f, val_y, _ = parts["validation"]
+    n_pos, n_neg = int(train_y.sum()), int((train_y == 0).sum())
+    if min(n_pos, n_neg) < MIN_PER_CLASS:
+        raise ValueError(
+            f"The train split of {features_dir} holds {n_neg} correct and {n_pos} hallucinated answers; training "
+            f"needs at least {MIN_PER_CLASS} of each. Extract more answers (or a dataset where the model is wrong "
+            "and right more evenly)."
+        )
+    train_f, val_f = _select_channels(train_f, channels), _select_channels(val_f, channels)
+    extra: dict[str, Any] = {}
+    if input_transform == "block_log_standardize" or block_embedding:
+        extra["num_blocks"] = train_f.num_blocks
+    if state:
+        extra.update(state_dim=int(train_f.states.shape[-1]) if train_f.states is not None else 0)
+        extra["state_blocks"] = (_probe_layer(train_f, train_y, val_f, val_y),)
     vcfg = ValidatorConfig.from_feature_names(
-        train_f.names, pooling=pooling, input_transform=input_transform, event_layernorm=event_layernorm
+        train_f.names,
+        pooling=pooling,
+        input_transform=input_transform,
+        event_layernorm=event_layernorm,
+        head=head,
+        block_embedding=block_embedding,
+        hidden=hidden,
+        embed=embed,
+        gru_hidden=gru_hidden,
+        dropout=dropout,
+        **extra,
     )
+    flow_config = store.config
+    if channels:
+        flow_config = dataclasses.replace(
+            flow_config, lens_features=any(c.startswith("lens_") for c in channels)
+        )
+    if not state and flow_config.state_summary != "none":
+        flow_config = dataclasses.replace(flow_config, state_summary="none")  # the validator does not read them
     validator, history = train_validator(
         train_f,
         train_y,
@@ -141,10 +283,12 @@ def train_from_store(
         epochs=epochs,
         batch_size=batch_size,
         patience=patience,
+        weight_decay=weight_decay,
+        selection=selection,
         seed=seed,
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,
-        flow_config=store.config,
+        flow_config=flow_config,
         command=command,
         device=device,
     )
@@ -155,7 +299,15 @@ def train_from_store(
 
         fingerprint["base_id"] = _upstream_id(fingerprint.get("base_id"))
     validator.base_fingerprint = fingerprint
-    report = evaluate_validator_on_store(validator, store, split.test, n_bootstrap=n_bootstrap)
+    val_scores = validator.score_features(val_f).scores.double().numpy()
+    ok = ~np.isnan(val_scores)
+    validator.training_metadata["operating_points"] = {
+        "chosen_on": "validation",
+        **operating_points(val_y.numpy()[ok], val_scores[ok]),
+    }
+    report = evaluate_validator_on_store(
+        validator, store, split.test, n_bootstrap=n_bootstrap, channels=channels
+    )
     report["split"] = {
         "seed": split_seed,
         **{name: len(parts[name][1]) for name in SPLIT_NAMES},
@@ -173,6 +325,9 @@ def train_from_store(
     out = Path(out_dir)
     validator.save_pretrained(out)
     (out / "evaluation.json").write_text(json.dumps(report, indent=2, default=float))
+    hist = history.to_dict()
+    (out / "learning_curve.json").write_text(json.dumps(hist, indent=2, default=float))
+    _plot_learning_curve(hist, out / "learning_curve.png")
     return validator, report
 
 
@@ -195,6 +350,16 @@ def cmd_train(args: argparse.Namespace) -> int:
             pooling=args.pooling,
             input_transform=args.input_transform,
             event_layernorm=args.event_layernorm,
+            head=args.head,
+            block_embedding=args.block_embedding,
+            state=args.state,
+            channels=tuple(args.channels) if args.channels else None,
+            hidden=args.hidden,
+            embed=args.embed,
+            gru_hidden=args.gru_hidden,
+            dropout=args.dropout,
+            weight_decay=args.weight_decay,
+            selection=args.selection,
             n_bootstrap=args.bootstrap,
             command=command,
             progress=not args.no_progress,
@@ -205,7 +370,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         return 2
     print(f"Split (seed {report['split']['seed']}): " + ", ".join(f"{k} {report['split'][k]}" for k in SPLIT_NAMES))
     h = report["history"]
-    print(f"Best validation AUROC {h['best_val_auroc']:.3f} at epoch {h['best_epoch']}; test results:")
+    print(
+        f"Kept epoch {h['best_epoch']} of {h['epochs_run']} ({h['selection']}): validation loss "
+        f"{h['best_val_loss']:.4f}, AUROC {h['best_val_auroc']:.3f}; test results:"
+    )
     print(format_table(report["rows"]))
     print(f"Saved the validator to {args.out}")
     return 0
@@ -215,9 +383,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from hf_flowcheck.detectors.flow_validator import FlowValidator
 
     try:
+        from hf_flowcheck.workflows.replay import open_features
+
         validator = FlowValidator.from_pretrained(args.validator)
-        store = FeatureStore.open(args.features)
-        _, _, uids = store.load()
+        store = open_features(args.features)
+        uids = store.uids()
         split = split_records(uids, seed=args.split_seed)
         which = None if args.split == "all" else getattr(split, args.split)
         report = evaluate_validator_on_store(validator, store, which, n_bootstrap=args.bootstrap)
@@ -240,15 +410,37 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=5, help="Early stopping on validation AUROC.")
+    p.add_argument("--patience", type=int, default=10, help="Epochs without improvement of --selection.")
+    p.add_argument(
+        "--selection", choices=["val_loss", "val_auroc"], default="val_loss", help="What picks the kept epoch."
+    )
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--pooling", choices=["max", "logsumexp"], default="max")
+    p.add_argument(
+        "--head",
+        choices=["attention", "gru"],
+        default="gru",
+        help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9.",
+    )
+    p.add_argument("--pooling", choices=["max", "logsumexp"], default="max", help="GRU head's pooling.")
     p.add_argument(
         "--input-transform",
-        choices=["log_standardize", "standardize", "none"],
+        choices=["block_log_standardize", "log_standardize", "standardize", "none"],
         default="log_standardize",
-        help="Per-feature input scaling before the LayerNorm ('none' = the spec's B.9 exactly).",
+        help="Input scaling: per (block, feature) after a signed log (recommended), per feature, or 'none' "
+        "(the spec's B.9 exactly).",
     )
+    p.add_argument("--block-embedding", type=int, default=0, help="Size of the block-index embedding (0 = off).")
+    p.add_argument(
+        "--state",
+        action="store_true",
+        help="Flow + state: also read the residual at the boundary a hidden-state probe picks on validation.",
+    )
+    p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
+    p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
+    p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
+    p.add_argument("--gru-hidden", type=int, default=256, help="GRU hidden size (gru head).")
+    p.add_argument("--dropout", type=float, default=0.1)
+    p.add_argument("--weight-decay", type=float, default=1e-2)
     p.add_argument(
         "--event-layernorm",
         action=argparse.BooleanOptionalAction,

@@ -21,7 +21,7 @@ from hf_flowcheck.pipeline import extract_dataset
 from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.answers import _parse
 
-__all__ = ["load_parts", "replay_answers"]
+__all__ = ["PartedStore", "load_parts", "open_features", "replay_answers"]
 
 
 def _part_name(i: int) -> str:
@@ -92,17 +92,63 @@ def replay_answers(
 
 def load_parts(out_root: str | os.PathLike[str]) -> tuple[FlowFeatures, torch.Tensor, list[str]]:
     """Concatenate every complete part store under ``out_root``: ``(features, labels, uids)``."""
-    root = Path(out_root)
-    folders = sorted(p for p in root.glob("part-*") if (p / "manifest.json").is_file())
-    if not folders:
-        raise FileNotFoundError(f"{root} holds no part stores; run replay_answers first.")
-    feats, labels, uids = [], [], []
-    for folder in folders:
-        store = FeatureStore.open(folder)
-        if store.manifest.get("status") != "complete":
-            continue
-        f, y, u = store.load()
-        feats.append(f)
-        labels.append(y)
-        uids.extend(u)
-    return pad_features(feats), torch.cat(labels), uids
+    return PartedStore(out_root).load()
+
+
+class PartedStore:
+    """The complete part stores under one root, read as one :class:`~hf_flowcheck.store.FeatureStore`.
+
+    Offers what training and evaluation read: ``load``, ``samples``, ``config``, ``protocol``,
+    ``model_fingerprint``, ``manifest`` and ``counts``. Every part must share the FlowConfig and model.
+
+    Raises:
+        FileNotFoundError: No complete part under ``root``.
+        ValueError: Parts of different FlowConfigs or models.
+    """
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.path = Path(root)
+        folders = sorted(p for p in self.path.glob("part-*") if (p / "manifest.json").is_file())
+        self.parts = [FeatureStore.open(p) for p in folders]
+        self.parts = [s for s in self.parts if s.manifest.get("status") == "complete"]
+        if not self.parts:
+            raise FileNotFoundError(f"{self.path} holds no complete part store; run replay_answers first.")
+        first = self.parts[0].manifest
+        for store in self.parts[1:]:
+            for key in ("flow_config_key", "model_fingerprint", "protocol"):
+                if store.manifest.get(key) != first.get(key):
+                    raise ValueError(f"{store.path} has another {key} than {self.parts[0].path}; parts cannot mix.")
+        counts: dict[str, int] = {}
+        for store in self.parts:
+            for k, v in store.counts.items():
+                counts[k] = counts.get(k, 0) + int(v)
+        self.manifest = {**first, "counts": counts, "parts": [str(s.path) for s in self.parts]}
+
+    config = FeatureStore.config
+    feature_names = FeatureStore.feature_names
+    protocol = FeatureStore.protocol
+    model_fingerprint = FeatureStore.model_fingerprint
+    counts = FeatureStore.counts
+
+    def __len__(self) -> int:
+        return sum(len(s) for s in self.parts)
+
+    def uids(self) -> list[str]:
+        return [u for s in self.parts for u in s.uids()]
+
+    def samples(self) -> list[dict[str, Any]]:
+        return [row for s in self.parts for row in s.samples()]
+
+    def load(self, split_uids: Any = None) -> tuple[FlowFeatures, torch.Tensor, list[str]]:
+        keep = None if split_uids is None else set(split_uids)
+        loaded = [s.load(keep) for s in self.parts]
+        loaded = [x for x in loaded if len(x[2])] or loaded[:1]
+        return pad_features([x[0] for x in loaded]), torch.cat([x[1] for x in loaded]), [u for x in loaded for u in x[2]]
+
+
+def open_features(path: str | os.PathLike[str]) -> FeatureStore | PartedStore:
+    """A feature store folder, or a root of replayed part stores."""
+    p = Path(path).expanduser()
+    if (p / "manifest.json").is_file() or not any(p.glob("part-*")):
+        return FeatureStore.open(p)
+    return PartedStore(p)

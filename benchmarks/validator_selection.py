@@ -1,0 +1,181 @@
+"""Choose the validator design on the validation split; report it on the test split, over several splits.
+
+Reads replayed part stores (``hf_flowcheck.workflows.replay``; features with lens channels and
+last-token state summaries), trains each variant on the train split, keeps the epoch with the best
+validation loss, and prints validation and test AUROC per grouped split seed, their mean and
+standard deviation, and the seed-0 test interval. Baselines on the same rows: the hidden-state probe
+(layer chosen on validation, from the same state summaries), a logistic regression on pooled flow
+features, the final readout's confidence and answer length. The design with the best mean
+validation AUROC is the one to ship; the test columns are never used for a choice.
+
+    python benchmarks/validator_selection.py --parts runs/replay/smol-qa --out runs/selection-smol-qa.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+
+import numpy as np
+import torch
+
+from hf_flowcheck.data.splits import split_records
+from hf_flowcheck.detectors import ValidatorConfig
+from hf_flowcheck.detectors.baselines import HiddenStateProbe, train_logistic_regression
+from hf_flowcheck.evaluation import auroc, bootstrap_ci
+from hf_flowcheck.extraction import FlowFeatures
+from hf_flowcheck.training import train_validator
+from hf_flowcheck.workflows.replay import load_parts
+
+FLOW = ("step", "step_centered", "turn", "attn_mag", "mlp_mag", "update_mag", "residual_ratio", "drift",
+        "attn_turn_ratio", "mlp_turn_ratio")  # fmt: skip
+LENS = ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
+
+
+def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:
+    idx = [feats.names.index(n) for n in names]
+    return FlowFeatures(feats.values[..., idx], feats.valid, feats.positions, names, feats.sample_keys,
+                        states=feats.states)  # fmt: skip
+
+
+def rows(feats: FlowFeatures, idx: np.ndarray) -> FlowFeatures:
+    t = torch.as_tensor(idx, dtype=torch.long)
+    st = None if feats.states is None else feats.states[t]
+    return FlowFeatures(feats.values[t], feats.valid[t], feats.positions[t], feats.names,
+                        [feats.sample_keys[i] for i in idx], states=st)  # fmt: skip
+
+
+def pooled(feats: FlowFeatures) -> torch.Tensor:
+    """Per-feature mean and max over each sample's events, signed-log scaled: ``[N, 2F]``."""
+    x = torch.sign(feats.values) * torch.log1p(feats.values.abs())
+    m = feats.valid[..., None].float()
+    cnt = m.sum((1, 2)).clamp_min(1)
+    mean = (x * m).sum((1, 2)) / cnt
+    mx = x.masked_fill(m == 0, -1e9).amax((1, 2))
+    mx = torch.where(cnt > 0, mx, torch.zeros_like(mx))
+    return torch.cat([mean, mx], -1)
+
+
+def logistic(xtr, ytr, xs: list[torch.Tensor], l2: float = 1e-2) -> list[np.ndarray]:
+    mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
+    w, b = train_logistic_regression((xtr - mu) / sd, torch.as_tensor(ytr), l2=l2)
+    return [(((x - mu) / sd).double() @ w + b).numpy() for x in xs]
+
+
+VARIANTS = {
+    # the spec's B.9 as it was bundled: raw inputs, LayerNorm across an event, GRU, max pooling
+    "spec-gru": dict(names=FLOW, cfg=dict(head="gru", input_transform="none", event_layernorm=True), epochs=15),
+    "gru+block-std+depth": dict(
+        names=FLOW, cfg=dict(head="gru", input_transform="block_log_standardize", block_embedding=8,
+                             event_layernorm=False, hidden=64, embed=32, gru_hidden=32), epochs=30),  # fmt: skip
+    "attn-flow": dict(names=FLOW, cfg={}),
+    "attn-flow+lens": dict(names=FLOW + LENS, cfg={}),
+    "attn-lens": dict(names=LENS, cfg={}),
+    "attn-flow+state": dict(names=FLOW, cfg={}, state=True),
+    "attn-flow+lens+state": dict(names=FLOW + LENS, cfg={}, state=True),
+}
+ATTN = dict(head="attention", input_transform="block_log_standardize", block_embedding=8, event_layernorm=False,
+            hidden=64, embed=32, dropout=0.1)  # fmt: skip
+
+
+def run_variant(name, spec, feats, y, tr, va, te, probe_layer, seed, epochs):
+    f = channels(feats, spec["names"])
+    kw = {**ATTN, **spec["cfg"]} if spec["cfg"].get("head") != "gru" else dict(spec["cfg"])
+    if kw.get("input_transform") == "block_log_standardize" or kw.get("block_embedding"):
+        kw["num_blocks"] = f.num_blocks
+    if spec.get("state"):
+        kw.update(state_dim=f.states.shape[-1], state_blocks=(probe_layer,))
+    cfg = ValidatorConfig.from_feature_names(f.names, **kw)
+    t0 = time.perf_counter()
+    model, hist = train_validator(
+        rows(f, tr), y[tr], rows(f, va), y[va], config=cfg, lr=1e-3, epochs=spec.get("epochs", epochs),
+        patience=10, batch_size=32, seed=seed, progress=False, selection="val_loss",
+    )  # fmt: skip
+    s_va = model.score_features(rows(f, va)).logits.double().numpy()
+    s_te = model.score_features(rows(f, te)).logits.double().numpy()
+    return s_va, s_te, {"best_epoch": hist.best_epoch, "epochs": hist.epochs_run, "seconds": time.perf_counter() - t0,
+                        "history": hist.to_dict()}  # fmt: skip
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--parts", required=True, help="root of the replayed part stores")
+    p.add_argument("--out", required=True, help="JSON results")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS))
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument("--train-sizes", type=int, nargs="*", default=[], help="learning curve of --curve-variant")
+    p.add_argument("--curve-variant", default="attn-flow+lens+state")
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    feats, labels, uids = load_parts(a.parts)
+    y = labels.numpy()
+    has = feats.valid.reshape(len(feats), -1).any(1).numpy()
+    print(f"{len(uids)} answers ({int(y.sum())} hallucinated, {int((~has).sum())} without events)", file=sys.stderr)
+    index = {u: i for i, u in enumerate(uids)}
+    results: dict = {"n": len(uids), "positives": int(y.sum()), "seeds": {}, "parts": a.parts}
+    for seed in a.seeds:
+        split = split_records(uids, seed=seed)
+        tr, va, te = (np.array([index[u] for u in split[n] if has[index[u]]]) for n in ("train", "validation", "test"))
+        res: dict = {"sizes": [len(tr), len(va), len(te)], "rows": {}}
+        probe = HiddenStateProbe(kind="logistic", l2=1e-2).fit(feats.states[tr], y[tr], feats.states[va], y[va])
+        layer = int(probe.layer)
+
+        def add(name, s_va, s_te, **extra):
+            row = {"val_auroc": auroc(y[va], s_va), "test_auroc": auroc(y[te], s_te), **extra}
+            if seed == a.seeds[0]:
+                row["test_ci"] = list(bootstrap_ci(auroc, y[te], s_te, n=1000, seed=0))
+            res["rows"][name] = row
+            print(f"seed {seed} {name:24s} val {row['val_auroc']:.3f} test {row['test_auroc']:.3f}", file=sys.stderr)
+
+        add("hidden-state probe", probe.score(feats.states[va]), probe.score(feats.states[te]), layer=layer)
+        s = logistic(pooled(channels(feats, FLOW))[tr], y[tr],
+                     [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]])  # fmt: skip
+        add("pooled flow + LR", *s)
+        lens_top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]  # final readout, per token
+        n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
+        conf = -(torch.log(lens_top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok  # mean -log p(top)
+        add("final-readout confidence", conf[va].numpy(), conf[te].numpy())
+        length = feats.valid[:, 0].sum(-1).double().numpy()
+        add("answer length", length[va], length[te])
+        for name in a.variants:
+            s_va, s_te, info = run_variant(name, VARIANTS[name], feats, y, tr, va, te, layer, seed, a.epochs)
+            add(name, s_va, s_te, **info)
+        results["seeds"][seed] = res
+        if seed == a.seeds[0] and a.train_sizes:
+            curve = {}
+            for n in a.train_sizes + [len(tr)]:
+                sub = tr[: min(n, len(tr))]
+                s_va, s_te, info = run_variant(a.curve_variant, VARIANTS[a.curve_variant], feats, y, sub, va, te,
+                                               layer, seed, a.epochs)  # fmt: skip
+                pr = HiddenStateProbe(kind="logistic", l2=1e-2).fit(feats.states[sub], y[sub], feats.states[va], y[va])
+                curve[len(sub)] = {"val_auroc": auroc(y[va], s_va), "test_auroc": auroc(y[te], s_te),
+                                   "probe_test_auroc": auroc(y[te], pr.score(feats.states[te]))}  # fmt: skip
+                print(f"curve n={len(sub)} {curve[len(sub)]}", file=sys.stderr)
+            results["learning_curve"] = {"variant": a.curve_variant, "points": curve}
+        with open(a.out, "w") as fh:
+            json.dump(results, fh, indent=1, default=float)
+    names = list(results["seeds"][a.seeds[0]]["rows"])
+    print("| detector | val AUROC (mean ± sd) | test AUROC (mean ± sd) | seed-0 test [95% CI] |")
+    print("|---|---|---|---|")
+    summary = {}
+    for name in names:
+        v = [results["seeds"][s]["rows"][name]["val_auroc"] for s in a.seeds]
+        t = [results["seeds"][s]["rows"][name]["test_auroc"] for s in a.seeds]
+        r0 = results["seeds"][a.seeds[0]]["rows"][name]
+        summary[name] = {"val_mean": float(np.mean(v)), "test_mean": float(np.mean(t))}
+        print(f"| {name} | {np.mean(v):.3f} ± {np.std(v):.3f} | {np.mean(t):.3f} ± {np.std(t):.3f} | "
+              f"{r0['test_auroc']:.3f} [{r0['test_ci'][0]:.3f}, {r0['test_ci'][1]:.3f}] |")  # fmt: skip
+    best = max(a.variants, key=lambda n: summary[n]["val_mean"])
+    results["summary"], results["chosen_on_validation"] = summary, best
+    print(f"\nchosen on validation: {best}")
+    with open(a.out, "w") as fh:
+        json.dump(results, fh, indent=1, default=float)
+    return 0 if all(math.isfinite(s["val_mean"]) for s in summary.values()) else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
