@@ -30,22 +30,34 @@ from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.training import train_validator
 from hf_flowcheck.workflows.replay import load_parts
 
-FLOW = ("step", "step_centered", "turn", "attn_mag", "mlp_mag", "update_mag", "residual_ratio", "drift",
-        "attn_turn_ratio", "mlp_turn_ratio")  # fmt: skip
+FLOW = (
+    "step",
+    "step_centered",
+    "turn",
+    "attn_mag",
+    "mlp_mag",
+    "update_mag",
+    "residual_ratio",
+    "drift",
+    "attn_turn_ratio",
+    "mlp_turn_ratio",
+)
 LENS = ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
 
 
 def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:
     idx = [feats.names.index(n) for n in names]
-    return FlowFeatures(feats.values[..., idx], feats.valid, feats.positions, names, feats.sample_keys,
-                        states=feats.states)  # fmt: skip
+    return FlowFeatures(
+        feats.values[..., idx], feats.valid, feats.positions, names, feats.sample_keys, states=feats.states
+    )
 
 
 def rows(feats: FlowFeatures, idx: np.ndarray) -> FlowFeatures:
     t = torch.as_tensor(idx, dtype=torch.long)
     st = None if feats.states is None else feats.states[t]
-    return FlowFeatures(feats.values[t], feats.valid[t], feats.positions[t], feats.names,
-                        [feats.sample_keys[i] for i in idx], states=st)  # fmt: skip
+    return FlowFeatures(
+        feats.values[t], feats.valid[t], feats.positions[t], feats.names, [feats.sample_keys[i] for i in idx], states=st
+    )
 
 
 def pooled(feats: FlowFeatures) -> torch.Tensor:
@@ -69,16 +81,33 @@ VARIANTS = {
     # the spec's B.9 as it was bundled: raw inputs, LayerNorm across an event, GRU, max pooling
     "spec-gru": dict(names=FLOW, cfg=dict(head="gru", input_transform="none", event_layernorm=True), epochs=15),
     "gru+block-std+depth": dict(
-        names=FLOW, cfg=dict(head="gru", input_transform="block_log_standardize", block_embedding=8,
-                             event_layernorm=False, hidden=64, embed=32, gru_hidden=32), epochs=30),  # fmt: skip
+        names=FLOW,
+        cfg=dict(
+            head="gru",
+            input_transform="block_log_standardize",
+            block_embedding=8,
+            event_layernorm=False,
+            hidden=64,
+            embed=32,
+            gru_hidden=32,
+        ),
+        epochs=30,
+    ),
     "attn-flow": dict(names=FLOW, cfg={}),
     "attn-flow+lens": dict(names=FLOW + LENS, cfg={}),
     "attn-lens": dict(names=LENS, cfg={}),
     "attn-flow+state": dict(names=FLOW, cfg={}, state=True),
     "attn-flow+lens+state": dict(names=FLOW + LENS, cfg={}, state=True),
 }
-ATTN = dict(head="attention", input_transform="block_log_standardize", block_embedding=8, event_layernorm=False,
-            hidden=64, embed=32, dropout=0.1)  # fmt: skip
+ATTN = dict(
+    head="attention",
+    input_transform="block_log_standardize",
+    block_embedding=8,
+    event_layernorm=False,
+    hidden=64,
+    embed=32,
+    dropout=0.1,
+)
 
 
 def run_variant(name, spec, feats, y, tr, va, te, probe_layer, seed, epochs):
@@ -91,13 +120,31 @@ def run_variant(name, spec, feats, y, tr, va, te, probe_layer, seed, epochs):
     cfg = ValidatorConfig.from_feature_names(f.names, **kw)
     t0 = time.perf_counter()
     model, hist = train_validator(
-        rows(f, tr), y[tr], rows(f, va), y[va], config=cfg, lr=1e-3, epochs=spec.get("epochs", epochs),
-        patience=10, batch_size=32, seed=seed, progress=False, selection="val_loss",
-    )  # fmt: skip
+        rows(f, tr),
+        y[tr],
+        rows(f, va),
+        y[va],
+        config=cfg,
+        lr=1e-3,
+        epochs=spec.get("epochs", epochs),
+        patience=10,
+        batch_size=32,
+        seed=seed,
+        progress=False,
+        selection="val_loss",
+    )
     s_va = model.score_features(rows(f, va)).logits.double().numpy()
     s_te = model.score_features(rows(f, te)).logits.double().numpy()
-    return s_va, s_te, {"best_epoch": hist.best_epoch, "epochs": hist.epochs_run, "seconds": time.perf_counter() - t0,
-                        "history": hist.to_dict()}  # fmt: skip
+    return (
+        s_va,
+        s_te,
+        {
+            "best_epoch": hist.best_epoch,
+            "epochs": hist.epochs_run,
+            "seconds": time.perf_counter() - t0,
+            "history": hist.to_dict(),
+        },
+    )
 
 
 def main() -> int:
@@ -124,7 +171,7 @@ def main() -> int:
         probe = HiddenStateProbe(kind="logistic", l2=1e-2).fit(feats.states[tr], y[tr], feats.states[va], y[va])
         layer = int(probe.layer)
 
-        def add(name, s_va, s_te, **extra):
+        def add(name, s_va, s_te, *, va=va, te=te, res=res, seed=seed, **extra):
             row = {"val_auroc": auroc(y[va], s_va), "test_auroc": auroc(y[te], s_te), **extra}
             if seed == a.seeds[0]:
                 row["test_ci"] = list(bootstrap_ci(auroc, y[te], s_te, n=1000, seed=0))
@@ -132,8 +179,11 @@ def main() -> int:
             print(f"seed {seed} {name:24s} val {row['val_auroc']:.3f} test {row['test_auroc']:.3f}", file=sys.stderr)
 
         add("hidden-state probe", probe.score(feats.states[va]), probe.score(feats.states[te]), layer=layer)
-        s = logistic(pooled(channels(feats, FLOW))[tr], y[tr],
-                     [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]])  # fmt: skip
+        s = logistic(
+            pooled(channels(feats, FLOW))[tr],
+            y[tr],
+            [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]],
+        )
         add("pooled flow + LR", *s)
         lens_top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]  # final readout, per token
         n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
@@ -147,13 +197,17 @@ def main() -> int:
         results["seeds"][seed] = res
         if seed == a.seeds[0] and a.train_sizes:
             curve = {}
-            for n in a.train_sizes + [len(tr)]:
+            for n in [*a.train_sizes, len(tr)]:
                 sub = tr[: min(n, len(tr))]
-                s_va, s_te, info = run_variant(a.curve_variant, VARIANTS[a.curve_variant], feats, y, sub, va, te,
-                                               layer, seed, a.epochs)  # fmt: skip
+                s_va, s_te, info = run_variant(
+                    a.curve_variant, VARIANTS[a.curve_variant], feats, y, sub, va, te, layer, seed, a.epochs
+                )
                 pr = HiddenStateProbe(kind="logistic", l2=1e-2).fit(feats.states[sub], y[sub], feats.states[va], y[va])
-                curve[len(sub)] = {"val_auroc": auroc(y[va], s_va), "test_auroc": auroc(y[te], s_te),
-                                   "probe_test_auroc": auroc(y[te], pr.score(feats.states[te]))}  # fmt: skip
+                curve[len(sub)] = {
+                    "val_auroc": auroc(y[va], s_va),
+                    "test_auroc": auroc(y[te], s_te),
+                    "probe_test_auroc": auroc(y[te], pr.score(feats.states[te])),
+                }
                 print(f"curve n={len(sub)} {curve[len(sub)]}", file=sys.stderr)
             results["learning_curve"] = {"variant": a.curve_variant, "points": curve}
         with open(a.out, "w") as fh:
@@ -167,8 +221,10 @@ def main() -> int:
         t = [results["seeds"][s]["rows"][name]["test_auroc"] for s in a.seeds]
         r0 = results["seeds"][a.seeds[0]]["rows"][name]
         summary[name] = {"val_mean": float(np.mean(v)), "test_mean": float(np.mean(t))}
-        print(f"| {name} | {np.mean(v):.3f} ± {np.std(v):.3f} | {np.mean(t):.3f} ± {np.std(t):.3f} | "
-              f"{r0['test_auroc']:.3f} [{r0['test_ci'][0]:.3f}, {r0['test_ci'][1]:.3f}] |")  # fmt: skip
+        print(
+            f"| {name} | {np.mean(v):.3f} ± {np.std(v):.3f} | {np.mean(t):.3f} ± {np.std(t):.3f} | "
+            f"{r0['test_auroc']:.3f} [{r0['test_ci'][0]:.3f}, {r0['test_ci'][1]:.3f}] |"
+        )
     best = max(a.variants, key=lambda n: summary[n]["val_mean"])
     results["summary"], results["chosen_on_validation"] = summary, best
     print(f"\nchosen on validation: {best}")

@@ -87,8 +87,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     if not bool(out.flow_has_events[0]):
         print("Flow score: n/a (the answer has no scored token)")
         return 0
-    verdict = "likely hallucinated" if score > args.threshold else "looks grounded"
-    print(f"Flow score: {score:.3f} ({verdict}; higher = more likely hallucinated; threshold {args.threshold})")
+    threshold, source = args.threshold, "--threshold"
+    if threshold is None:
+        try:
+            threshold, source = model.validator.recommended_threshold(), "validator's precision-0.8 point"
+        except ValueError:
+            threshold, source = 0.5, "default"
+    verdict = "likely hallucinated" if score > threshold else "looks grounded"
+    print(
+        f"Flow score: {score:.3f} ({verdict}; higher = more likely hallucinated; threshold {threshold:.3f}, {source})"
+    )
     pos, block = (int(x) for x in out.flow_culprits[0])
     print(f"Culprit:  token {tok.decode(out.sequences[0, pos])!r} at position {pos - p} of the answer, block {block}")
     print(f"Generated and scored in {dt:.2f} s")
@@ -138,6 +146,22 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+THRESHOLD_HELP = (
+    "Score above which the answer is called likely hallucinated, in [0, 1] (default: the threshold the validator "
+    "chose on validation for precision 0.8, else 0.5)."
+)
+
+
+def _unit_interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a threshold in [0, 1].") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; pass a threshold in [0, 1].")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     from hf_flowcheck.offline_models import DEFAULT_MODEL
 
@@ -148,7 +172,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--question", default=SAMPLE_QUESTION)
     demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
     demo.add_argument("--max-new-tokens", type=int, default=32)
-    demo.add_argument("--threshold", type=float, default=0.5)
+    demo.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
     demo.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     demo.set_defaults(func=cmd_demo)
 
@@ -158,7 +182,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
     gen.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
     gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--threshold", type=float, default=0.5)
+    gen.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
     gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
     gen.set_defaults(func=cmd_generate)
@@ -172,6 +196,32 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--refine", action="store_true", help="Also refine each answer and show before/after.")
     rep.add_argument("--out", default="flowcheck_report.html")
     rep.set_defaults(func=cmd_report)
+
+    from hf_flowcheck.workflows.answers import ANSWER_DATASETS, run_answers
+
+    ans = sub.add_parser("answers", help="The model's greedy answers into a resumable JSONL (commit it).")
+    ans.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
+    ans.add_argument("--dataset", choices=ANSWER_DATASETS, default="halueval-qa")
+    ans.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
+    ans.add_argument("--out", required=True, help="The JSONL to create or resume.")
+    ans.add_argument("--limit", type=int, default=None, help="Answer the first LIMIT records of the permutation.")
+    ans.add_argument("--seed", type=int, default=0, help="Seed of the record permutation.")
+    ans.add_argument("--batch-size", type=int, default=16)
+    ans.add_argument("--max-new-tokens", type=int, default=32)
+    ans.set_defaults(func=run_answers)
+
+    from hf_flowcheck.workflows.replay import run_replay
+
+    rp = sub.add_parser("replay", help="Teacher-forced flow features of an answers file (part stores).")
+    rp.add_argument("--model", default=DEFAULT_MODEL, help="The model that wrote the answers.")
+    rp.add_argument("--answers", required=True, help="JSONL from `flowcheck answers`.")
+    rp.add_argument("--out", required=True, help="Root folder of the part stores (resumable).")
+    rp.add_argument("--part-size", type=int, default=500)
+    rp.add_argument("--batch-size", type=int, default=8)
+    rp.add_argument("--lens-features", action=argparse.BooleanOptionalAction, default=True)
+    rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
+    rp.add_argument("--no-progress", action="store_true")
+    rp.set_defaults(func=run_replay)
 
     from hf_flowcheck.pipeline import add_extract_arguments, run_extract
 

@@ -228,7 +228,6 @@ def train_from_store(
     """
     from hf_flowcheck.detectors.flow_validator import ValidatorConfig
     from hf_flowcheck.training import train_validator
-
     from hf_flowcheck.workflows.replay import open_features
 
     store = open_features(features_dir)
@@ -268,9 +267,7 @@ def train_from_store(
     )
     flow_config = store.config
     if channels:
-        flow_config = dataclasses.replace(
-            flow_config, lens_features=any(c.startswith("lens_") for c in channels)
-        )
+        flow_config = dataclasses.replace(flow_config, lens_features=any(c.startswith("lens_") for c in channels))
     if not state and flow_config.state_summary != "none":
         flow_config = dataclasses.replace(flow_config, state_summary="none")  # the validator does not read them
     validator, history = train_validator(
@@ -305,9 +302,7 @@ def train_from_store(
         "chosen_on": "validation",
         **operating_points(val_y.numpy()[ok], val_scores[ok]),
     }
-    report = evaluate_validator_on_store(
-        validator, store, split.test, n_bootstrap=n_bootstrap, channels=channels
-    )
+    report = evaluate_validator_on_store(validator, store, split.test, n_bootstrap=n_bootstrap, channels=channels)
     report["split"] = {
         "seed": split_seed,
         **{name: len(parts[name][1]) for name in SPLIT_NAMES},

@@ -185,7 +185,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
             return_flow_features: Also return the :class:`FlowFeatures`.
             flow_check_every: Score every row every this many tokens while generating.
             flow_abstain_threshold: With ``flow_check_every``: a row whose running score exceeds
-                this stops and ends with ``flow_abstain_message``.
+                this stops and ends with ``flow_abstain_message``. ``"recommended"`` takes the
+                validator's threshold chosen on validation (precision 0.8, see its model card).
             flow_abstain_message: Default ``"I am not sure."``.
             **kwargs: Everything ``transformers`` ``generate()`` takes.
 
@@ -196,6 +197,11 @@ class FlowCheckedModelForCausalLM(nn.Module):
         want_scores = bool(flags["return_flow_scores"])
         want_feats = bool(flags["return_flow_features"])
         check_every = flags["flow_check_every"]
+        if flags["flow_abstain_threshold"] is not None and not check_every:
+            raise ValueError(
+                "flow_abstain_threshold needs flow_check_every (how often the running score is checked); pass "
+                "flow_check_every=1 (every token) or a larger integer, or drop flow_abstain_threshold."
+            )
         if not (want_scores or want_feats or check_every):
             return (
                 self.base_model.generate(input_ids=input_ids, **kwargs)
@@ -279,6 +285,12 @@ class FlowCheckedModelForCausalLM(nn.Module):
 
     def _streaming_check(self, prompt_len: int, check_every: int, flags: dict[str, Any]) -> FlowStreamingCheck:
         threshold = flags["flow_abstain_threshold"]
+        if isinstance(threshold, str):
+            if threshold != "recommended":
+                raise ValueError(
+                    f"flow_abstain_threshold={threshold!r} is not supported; pass a number in [0, 1] or 'recommended'."
+                )
+            threshold = self.validator.recommended_threshold()
         message = flags["flow_abstain_message"]
         if message is None:
             message = "I am not sure."

@@ -134,7 +134,8 @@ def _items(
             if ex.label is None:
                 excluded += 1
                 continue
-            answer_ids = list(ex.gen_ids[: ex.answer_len])
+            # Every generated token up to EOS (the stop's newline too): what generate(return_flow_scores=True) scores.
+            answer_ids = list(ex.gen_ids)
             items.append(
                 _Item(i, ex.uid, ex.prompt, ex.answer, int(ex.label), "replayed", token_ids=(None, answer_ids))
             )

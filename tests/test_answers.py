@@ -6,15 +6,15 @@ import json
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_flow_config
+from test_pipeline import CharTokenizer
+
 from hf_flowcheck import pipeline as pl
 from hf_flowcheck.data import Example, ReferenceF1Judge
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.hub import model_fingerprint
 from hf_flowcheck.workflows.answers import AnswerFileError, generate_answers, read_answers
 from hf_flowcheck.workflows.replay import load_parts, replay_answers
-from test_pipeline import CharTokenizer
 
 
 def records(n=7):
@@ -83,7 +83,7 @@ def test_duplicate_uid_is_refused(model, tmp_path):
     path = tmp_path / "a.jsonl"
     write(model, path, records(2))
     lines = path.read_text().splitlines()
-    path.write_text("\n".join(lines + [lines[1]]) + "\n")
+    path.write_text("\n".join([*lines, lines[1]]) + "\n")
     with pytest.raises(AnswerFileError, match="appears twice"):
         read_answers(path)
 
@@ -94,9 +94,14 @@ def test_replay_equals_capture_during_generate(model, tmp_path):
     path = tmp_path / "a.jsonl"
     answers = write(model, path, records(5), judge="record-label")  # label None -> record-label needs labels
     assert all(r.label is None for r in answers.records)
-    recs = [Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2) for i in range(5)]
+    recs = [
+        Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2)
+        for i in range(5)
+    ]
     answers = write(model, tmp_path / "b.jsonl", recs, judge="record-label")
-    parts = replay_answers(model, tok, tmp_path / "b.jsonl", tmp_path / "replay", config=cfg, part_size=2, include_partial=True)
+    parts = replay_answers(
+        model, tok, tmp_path / "b.jsonl", tmp_path / "replay", config=cfg, part_size=2, include_partial=True
+    )
     assert len(parts) == 3
     feats, labels, uids = load_parts(tmp_path / "replay")
     assert uids == [r.uid for r in answers.records] and labels.tolist() == [r.label for r in answers.records]
@@ -120,6 +125,13 @@ def test_replay_refuses_another_model(model, tmp_path):
 
 def test_replayed_protocol_needs_answer_records(model, tmp_path):
     with pytest.raises(TypeError, match="AnswerRecord"):
-        pl.extract_dataset(model, CharTokenizer(), records(2), tmp_path / "s", config=tiny_flow_config(),
-                           protocol="replayed", progress=False)
+        pl.extract_dataset(
+            model,
+            CharTokenizer(),
+            records(2),
+            tmp_path / "s",
+            config=tiny_flow_config(),
+            protocol="replayed",
+            progress=False,
+        )
     assert json  # keep the import honest for linters

@@ -6,8 +6,8 @@ import math
 
 import pytest
 import torch
-
 from conftest import make_tiny_model, tiny_flow_config
+
 from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.training import train_validator
@@ -66,8 +66,17 @@ def test_validator_fits_a_small_training_set(tiny_answers, with_state):
     kw = dict(state_dim=feats.states.shape[-1], state_blocks=(2, 4)) if with_state else {}
     cfg = shipped_config(feats, **kw)
     model, hist = train_validator(
-        feats, labels, feats, labels, config=cfg, lr=1e-2, epochs=60, patience=60, batch_size=16,
-        weight_decay=0.0, progress=False,
+        feats,
+        labels,
+        feats,
+        labels,
+        config=cfg,
+        lr=1e-2,
+        epochs=60,
+        patience=60,
+        batch_size=16,
+        weight_decay=0.0,
+        progress=False,
     )
     constant = 2 * (int((labels == 0).sum()) / len(labels)) * math.log(2)  # weighted BCE of p = 0.5
     assert hist.train_loss[0] == pytest.approx(constant, rel=0.3)
@@ -138,7 +147,9 @@ def test_format_2_config_loads_as_the_spec_gru():
 def test_lens_features_are_probabilities_and_ranks(tiny_answers):
     feats, _ = tiny_answers
     names = list(feats.names)
-    top1, margin, ent, rank = (feats.values[..., names.index(n)] for n in ("lens_top1", "lens_margin", "lens_entropy", "lens_rank"))
+    top1, margin, ent, rank = (
+        feats.values[..., names.index(n)] for n in ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
+    )
     v = feats.valid
     assert bool(((top1[v] > 0) & (top1[v] <= 1)).all()) and bool((margin[v] >= 0).all()) and bool((ent[v] >= 0).all())
     # after the last block the lens is the model's own output: its preferred token has rank 0

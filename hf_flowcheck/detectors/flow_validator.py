@@ -637,6 +637,25 @@ class FlowValidator(
             )
         check_fingerprint(self.base_fingerprint, model, fields=fields, what="validator")
 
+    def recommended_threshold(self, operating_point: str = "precision_0.8") -> float:
+        """The score threshold chosen on the validation split for ``operating_point``.
+
+        ``"precision_0.8"`` flags answers with validation precision >= 0.8; ``"risk_0.1"`` keeps
+        answers below it at a validation risk <= 0.1 (``flowcheck train`` stores both).
+
+        Raises:
+            ValueError: The validator carries no such operating point (older or hand-trained validators).
+        """
+        points = self.training_metadata.get("operating_points") or {}
+        point = points.get(operating_point)
+        if not point or point.get("threshold") is None:
+            known = sorted(k for k, v in points.items() if isinstance(v, dict) and v.get("threshold") is not None)
+            raise ValueError(
+                f"This validator has no {operating_point!r} threshold chosen on validation (it has {known or 'none'}); "
+                "pass a number, or retrain it with `flowcheck train`, which stores them."
+            )
+        return float(point["threshold"])
+
     def set_base_model(self, model: nn.Module, base_id: str | None = None, revision: str | None = None) -> None:
         """Record ``model``'s fingerprint (see :func:`hf_flowcheck.hub.model_fingerprint`)."""
         self.base_fingerprint = model_fingerprint(model, base_id=base_id, revision=revision)

@@ -323,3 +323,69 @@ def records_digest(records: Iterable[Example]) -> str:
     for r in records:
         h.update(r.uid.encode() + b"\0")
     return h.hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------------------------------- CLI
+ANSWER_DATASETS = ("halueval-qa", "halueval-qa-closed-book", "selfaware")
+
+
+def closed_book(record: Example) -> Example:
+    """A HaluEval-QA record asked without its knowledge paragraph (plain ``Question:/Answer:`` prompt)."""
+    fields = {"question": record.prompt_fields["question"]}
+    return Example(record.uid, "selfaware", fields, reference=record.reference, label=record.label, meta=record.meta)
+
+
+def load_answer_records(name: str, data_dir: str | None, *, seed: int, limit: int | None) -> tuple[list[Example], Any]:
+    """Records of ``name`` in a seeded permutation (any prefix is a random sample) and their judge."""
+    import numpy as np
+
+    from hf_flowcheck import data
+
+    if name not in ANSWER_DATASETS:
+        raise ValueError(f"--dataset {name!r} is not supported; use one of {', '.join(ANSWER_DATASETS)}.")
+    if name == "selfaware":
+        recs, judge = list(data.load_selfaware(data_dir)), "record-label"
+    else:
+        recs, judge = list(data.load_halueval("qa", data_dir)), data.ReferenceF1Judge()
+        if name.endswith("closed-book"):
+            recs = [closed_book(r) for r in recs]
+    order = np.random.default_rng(seed).permutation(len(recs)).tolist()
+    return [recs[i] for i in order][:limit], judge
+
+
+def run_answers(args: Any) -> int:
+    """``flowcheck answers``: the model's greedy answers into a committed, resumable JSONL."""
+    import sys
+
+    from transformers import StoppingCriteriaList
+
+    from hf_flowcheck import data
+    from hf_flowcheck.hub import model_fingerprint
+    from hf_flowcheck.offline_models import load_model
+    from hf_flowcheck.stopping import AnswerLineStop
+
+    try:
+        if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
+            raise ValueError("--batch-size, --max-new-tokens and --limit must be positive integers.")
+        records, judge = load_answer_records(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
+        model, tok = load_model(args.model)
+        generate_answers(
+            model,
+            tok,
+            records,
+            args.out,
+            prompt_fn=lambda ex: data.generation_prompt(ex),
+            judge=judge,
+            dataset={"name": args.dataset, "order": "permutation", "seed": args.seed, "prompt_style": "plain"},
+            fingerprint=model_fingerprint(model),
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
+            decoding={"stop": "answer-line", "batch_size": args.batch_size, "padding": "left"},
+            log=lambda s: print(s, file=sys.stderr, flush=True),
+        )
+    except (ValueError, FileNotFoundError, AnswerFileError) as err:
+        print(f"flowcheck answers: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {read_answers(args.out).counts()}")
+    return 0

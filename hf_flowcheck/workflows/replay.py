@@ -143,7 +143,11 @@ class PartedStore:
         keep = None if split_uids is None else set(split_uids)
         loaded = [s.load(keep) for s in self.parts]
         loaded = [x for x in loaded if len(x[2])] or loaded[:1]
-        return pad_features([x[0] for x in loaded]), torch.cat([x[1] for x in loaded]), [u for x in loaded for u in x[2]]
+        return (
+            pad_features([x[0] for x in loaded]),
+            torch.cat([x[1] for x in loaded]),
+            [u for x in loaded for u in x[2]],
+        )
 
 
 def open_features(path: str | os.PathLike[str]) -> FeatureStore | PartedStore:
@@ -152,3 +156,24 @@ def open_features(path: str | os.PathLike[str]) -> FeatureStore | PartedStore:
     if (p / "manifest.json").is_file() or not any(p.glob("part-*")):
         return FeatureStore.open(p)
     return PartedStore(p)
+
+
+def run_replay(args: Any) -> int:
+    """``flowcheck replay``: teacher-forced features of an answers file, in part stores."""
+    import sys
+
+    from hf_flowcheck.offline_models import load_model
+    from hf_flowcheck.workflows.answers import AnswerFileError
+
+    try:
+        config = FlowConfig(lens_features=args.lens_features, state_summary=args.state_summary)
+        model, tok = load_model(args.model)
+        parts = replay_answers(
+            model, tok, args.answers, args.out, config=config, part_size=args.part_size,
+            batch_size=args.batch_size, include_partial=True, progress=not args.no_progress,
+        )  # fmt: skip
+    except (ValueError, FileNotFoundError, AnswerFileError) as err:
+        print(f"flowcheck replay: error: {err}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {len(parts)} part store(s), {len(PartedStore(args.out))} answers with features")
+    return 0
