@@ -25,7 +25,7 @@ import torch
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import ValidatorConfig
 from hf_flowcheck.detectors.baselines import HiddenStateProbe, train_logistic_regression
-from hf_flowcheck.evaluation import auroc, bootstrap_ci
+from hf_flowcheck.evaluation import auroc, evaluate_scores
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.training import train_validator
 from hf_flowcheck.workflows.replay import load_parts
@@ -156,9 +156,14 @@ def main() -> int:
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--train-sizes", type=int, nargs="*", default=[], help="learning curve of --curve-variant")
     p.add_argument("--curve-variant", default="attn-flow+lens+state")
+    p.add_argument("--confidence", default=None, help="JSON from benchmarks/answer_confidence.py")
     a = p.parse_args()
     torch.set_num_threads(1)
     feats, labels, uids = load_parts(a.parts)
+    conf_cache = None
+    if a.confidence:
+        with open(a.confidence) as fh:
+            conf_cache = json.load(fh)
     y = labels.numpy()
     has = feats.valid.reshape(len(feats), -1).any(1).numpy()
     print(f"{len(uids)} answers ({int(y.sum())} hallucinated, {int((~has).sum())} without events)", file=sys.stderr)
@@ -172,9 +177,17 @@ def main() -> int:
         layer = int(probe.layer)
 
         def add(name, s_va, s_te, *, va=va, te=te, res=res, seed=seed, **extra):
-            row = {"val_auroc": auroc(y[va], s_va), "test_auroc": auroc(y[te], s_te), **extra}
+            ok_va, ok_te = ~np.isnan(s_va), ~np.isnan(s_te)
+            row = {
+                "val_auroc": auroc(y[va][ok_va], s_va[ok_va]),
+                "test_auroc": auroc(y[te][ok_te], s_te[ok_te]),
+                "test_missing": int((~ok_te).sum()),
+                **extra,
+            }
             if seed == a.seeds[0]:
-                row["test_ci"] = list(bootstrap_ci(auroc, y[te], s_te, n=1000, seed=0))
+                full = evaluate_scores(y[te][ok_te], s_te[ok_te], name=name, n_bootstrap=1000, seed=0)
+                row["test_metrics"] = full
+                row["test_ci"] = [full["metrics"]["auroc"]["low"], full["metrics"]["auroc"]["high"]]
             res["rows"][name] = row
             print(f"seed {seed} {name:24s} val {row['val_auroc']:.3f} test {row['test_auroc']:.3f}", file=sys.stderr)
 
@@ -191,6 +204,10 @@ def main() -> int:
         add("final-readout confidence", conf[va].numpy(), conf[te].numpy())
         length = feats.valid[:, 0].sum(-1).double().numpy()
         add("answer length", length[va], length[te])
+        if conf_cache:
+            for j, stat in enumerate(conf_cache["statistics"][:2]):
+                col = np.array([conf_cache["scores"].get(u, [np.nan] * 4)[j] for u in uids], dtype=np.float64)
+                add(f"token confidence ({stat})", col[va], col[te])
         for name in a.variants:
             s_va, s_te, info = run_variant(name, VARIANTS[name], feats, y, tr, va, te, layer, seed, a.epochs)
             add(name, s_va, s_te, **info)

@@ -155,3 +155,21 @@ def test_lens_features_are_probabilities_and_ranks(tiny_answers):
     # after the last block the lens is the model's own output: its preferred token has rank 0
     assert bool((rank[:, -1][v[:, -1]] == 0).all())
     assert feats.states.shape == (len(feats), feats.num_blocks + 1, 32)
+
+
+def test_failed_save_leaves_the_old_folder_loadable(tiny_answers, tmp_path):
+    feats, _ = tiny_answers
+    model = FlowValidator(shipped_config(feats))
+    model.fit_input_transform(feats.values, feats.valid)
+    model.save_pretrained(tmp_path / "v")
+    before = {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()}
+    model.training_metadata["bad"] = torch.zeros(2)  # not JSON: the save must fail before touching the folder
+    with pytest.raises((TypeError, ValueError)):
+        model.save_pretrained(tmp_path / "v")
+    assert {p.name: p.read_bytes() for p in (tmp_path / "v").iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v"]  # no temporary folder left behind
+    FlowValidator.from_pretrained(tmp_path / "v")
+    (tmp_path / "file").write_text("x")
+    del model.training_metadata["bad"]
+    with pytest.raises(FileExistsError, match="is a file"):
+        model.save_pretrained(tmp_path / "file")

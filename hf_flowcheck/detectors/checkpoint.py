@@ -21,11 +21,54 @@ from torch import nn
 
 from hf_flowcheck.version import __version__
 
-__all__ = ["CheckpointError", "check_checkpoint_config", "hub_fetch_errors", "load_safetensors_strict", "weights_file"]
+__all__ = [
+    "CheckpointError",
+    "atomic_save_dir",
+    "check_checkpoint_config",
+    "hub_fetch_errors",
+    "load_safetensors_strict",
+    "weights_file",
+]
 
 
 class CheckpointError(ValueError):
     """A detector checkpoint is missing, corrupted, truncated, or does not match its config."""
+
+
+def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
+    """Write a saved-artifact folder so that a failure leaves the old one untouched.
+
+    ``write(tmp)`` fills a fresh temporary folder beside ``target``; only when it returns and the
+    folder holds a JSON ``config.json`` does the old folder make way for the new one. A failure
+    inside ``write`` removes the temporary folder and re-raises: nothing at ``target`` changed.
+
+    Raises:
+        FileExistsError: ``target`` is a file.
+    """
+    import json
+    import shutil
+    import tempfile
+
+    target = Path(target).expanduser()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} is a file; save_pretrained() needs a folder path (a new or existing folder).")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    try:
+        write(tmp)
+        json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a saved artifact is as readable as any folder
+        old = None
+        if target.exists():
+            old = target.parent / f".{target.name}.old-{os.getpid()}"
+            os.replace(target, old)
+        os.replace(tmp, target)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
 
 
 @contextmanager
