@@ -197,6 +197,13 @@ class FlowCheckedModelForCausalLM(nn.Module):
         want_scores = bool(flags["return_flow_scores"])
         want_feats = bool(flags["return_flow_features"])
         check_every = flags["flow_check_every"]
+        if check_every is not None and (
+            isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
+        ):
+            raise ValueError(
+                f"flow_check_every={check_every!r} must be a positive integer (check the running score every this many "
+                "tokens; 1 = every token), or None for no streaming check."
+            )
         if flags["flow_abstain_threshold"] is not None and not check_every:
             raise ValueError(
                 "flow_abstain_threshold needs flow_check_every (how often the running score is checked); pass "
@@ -218,9 +225,32 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 "or a folder to FlowCheckedModelForCausalLM.from_pretrained, train one with `flowcheck train`, "
                 "or ask only for return_flow_features=True to get the raw signatures."
             )
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(
+                f"input_ids must be a [batch, prompt] LongTensor, got {shape}; for one prompt use "
+                "input_ids.unsqueeze(0) or tokenizer(text, return_tensors='pt')."
+            )
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = self._infer_attention_mask(input_ids, kwargs)
+        elif tuple(attention_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
+                "pass the mask the tokenizer returned with these ids."
+            )
+        n_return = kwargs.pop("num_return_sequences", None)
+        if n_return is not None and n_return != 1:
+            if isinstance(n_return, bool) or not isinstance(n_return, int) or n_return < 1:
+                raise ValueError(f"num_return_sequences={n_return!r} must be a positive integer.")
+            if not kwargs.get("do_sample", False) and int(kwargs.get("num_beams", 1) or 1) == 1:
+                raise ValueError(
+                    f"num_return_sequences={n_return} with greedy decoding would return {n_return} identical rows; "
+                    "pass do_sample=True (as plain generate() requires)."
+                )
+            # What generate() does inside: each prompt repeated, rows of one prompt adjacent.
+            input_ids = input_ids.repeat_interleave(n_return, dim=0)
+            attention_mask = attention_mask.repeat_interleave(n_return, dim=0)
         self._check_context(input_ids, kwargs)
         prompt_len = input_ids.shape[1]
 
@@ -251,6 +281,16 @@ class FlowCheckedModelForCausalLM(nn.Module):
             running, steps, abstained = stream.summary(input_ids.shape[0])
             result.flow_running_scores, result.flow_check_steps, result.flow_abstained = running, steps, abstained
         return result
+
+    def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
+        """The mask plain ``generate()`` infers: pad tokens masked when the pad id is not the EOS id."""
+        gen_cfg = kwargs.get("generation_config") or getattr(unwrap_model(self.base_model), "generation_config", None)
+        pad = kwargs.get("pad_token_id", getattr(gen_cfg, "pad_token_id", None))
+        eos = kwargs.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))
+        eos_ids = set(eos) if isinstance(eos, (list, tuple)) else ({eos} if eos is not None else set())
+        if pad is not None and pad not in eos_ids and bool((input_ids == pad).any()):
+            return (input_ids != pad).long()
+        return torch.ones_like(input_ids)
 
     def _attach_scores(self, result: FlowGenerateOutput, feats: FlowFeatures) -> None:
         out = self.validator.score_features(feats)

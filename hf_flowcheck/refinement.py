@@ -596,9 +596,16 @@ def refine(
         >>> res.rows[0].score_before, res.rows[0].score_after  # doctest: +SKIP
     """
     _check_args(model, output, strategy, alpha, num_competitors, subspace_dim, n_cal)
+    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
+        raise ValueError(
+            f"threshold={threshold!r} must be a number in [0, 1] (flow scores are probabilities); rows scoring above "
+            "it are refined."
+        )
     seqs = output.sequences
     prompt_len = int(output.prompt_length)
     budget = generate_kwargs.pop("max_new_tokens", None)
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
+        raise ValueError(f"max_new_tokens={budget!r} must be a positive integer (the refined answer's token budget).")
     generate_kwargs.pop("max_length", None)
     for name in ("return_flow_scores", "return_flow_features", "flow_check_every", "flow_abstain_threshold"):
         if generate_kwargs.pop(name, None):

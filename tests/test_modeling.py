@@ -182,3 +182,71 @@ def test_peft_lora_wrapped():
     fc = FlowCheckedModelForCausalLM(lora, v)
     out = fc.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, return_flow_scores=True)
     assert out.flow_scores.shape == (1,)
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, -1, True])
+def test_flow_check_every_is_validated(wrapped, bad):
+    ids, att = _batch()
+    with pytest.raises(ValueError, match="flow_check_every"):
+        wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, flow_check_every=bad)
+
+
+def test_abstain_threshold_without_checks_is_refused(wrapped):
+    ids, att = _batch()
+    with pytest.raises(ValueError, match="needs flow_check_every"):
+        wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, flow_abstain_threshold=0.5)
+    with pytest.raises(ValueError, match="'recommended'"):
+        wrapped.generate(
+            input_ids=ids, attention_mask=att, max_new_tokens=3, flow_check_every=1, flow_abstain_threshold="high"
+        )
+    with pytest.raises(ValueError, match="no 'precision_0.8' threshold"):
+        wrapped.generate(
+            input_ids=ids,
+            attention_mask=att,
+            max_new_tokens=3,
+            flow_check_every=1,
+            flow_abstain_threshold="recommended",
+        )
+
+
+def test_input_shapes_are_checked(wrapped):
+    ids, att = _batch()
+    with pytest.raises(ValueError, match="unsqueeze"):
+        wrapped.generate(input_ids=ids[0], max_new_tokens=3, return_flow_scores=True)
+    with pytest.raises(ValueError, match="attention_mask has shape"):
+        wrapped.generate(input_ids=ids, attention_mask=att[:, 1:], max_new_tokens=3, return_flow_scores=True)
+
+
+def test_padded_ids_without_mask_get_the_inferred_mask(wrapped):
+    ids, att = _batch()  # row 0 is left padded with the pad id 0
+    with_mask = wrapped.generate(
+        input_ids=ids, attention_mask=att, max_new_tokens=4, do_sample=False, return_flow_scores=True, pad_token_id=0
+    )
+    inferred = wrapped.generate(
+        input_ids=ids, max_new_tokens=4, do_sample=False, return_flow_scores=True, pad_token_id=0
+    )
+    assert torch.equal(with_mask.sequences, inferred.sequences)
+    torch.testing.assert_close(with_mask.flow_scores, inferred.flow_scores)
+
+
+def test_num_return_sequences_is_supported_with_sampling(wrapped):
+    ids, att = _batch()
+    torch.manual_seed(0)
+    out = wrapped.generate(
+        input_ids=ids,
+        attention_mask=att,
+        max_new_tokens=4,
+        do_sample=True,
+        num_return_sequences=3,
+        return_flow_scores=True,
+    )
+    torch.manual_seed(0)
+    plain = wrapped.base_model.generate(
+        input_ids=ids, attention_mask=att, max_new_tokens=4, do_sample=True, num_return_sequences=3
+    )
+    assert out.sequences.shape[0] == 6 and out.flow_scores.shape == (6,)
+    assert torch.equal(out.sequences, plain)
+    with pytest.raises(ValueError, match="do_sample=True"):
+        wrapped.generate(
+            input_ids=ids, attention_mask=att, max_new_tokens=4, num_return_sequences=2, return_flow_scores=True
+        )

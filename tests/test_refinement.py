@@ -400,3 +400,12 @@ def test_refine_real_model_end_to_end():
     assert short.rows[0].cache_reused and short.rows[0].n_cal_used == 4
     _no_hooks(fc)
     assert torch.equal(fc(enc.input_ids[1:]).logits, probe)
+
+
+@pytest.mark.parametrize("bad", [5, -1, float("nan"), True])
+def test_threshold_and_budget_are_validated(setup, bad):
+    fc, out, att = setup
+    with pytest.raises(ValueError, match=r"threshold=.* must be a number in \[0, 1\]"):
+        fc.refine(out, threshold=bad, attention_mask=att, **SMALL)
+    with pytest.raises(ValueError, match="max_new_tokens=-3"):
+        fc.refine(out, max_new_tokens=-3, attention_mask=att, **SMALL)
