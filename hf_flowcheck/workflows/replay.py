@@ -39,6 +39,8 @@ def replay_answers(
     batch_size: int = 8,
     include_partial: bool = False,
     progress: bool = False,
+    start_part: int = 0,
+    skip_started: bool = False,
 ) -> list[Path]:
     """Extract every complete part of ``answers_path`` not extracted yet; returns the part folders.
 
@@ -52,6 +54,8 @@ def replay_answers(
         batch_size: Sequences per forward.
         include_partial: Also extract the last, incomplete part (for a finished file).
         progress: Show tqdm bars.
+        start_part: First part to extract (a second process can start further on).
+        skip_started: Leave parts another process has started (a folder without a complete manifest).
 
     Raises:
         AnswerFileError: A malformed answers file.
@@ -71,9 +75,11 @@ def replay_answers(
     recs = answers.records
     n_parts = len(recs) // part_size + (1 if include_partial and len(recs) % part_size else 0)
     out = []
-    for i in range(n_parts):
+    for i in range(start_part, n_parts):
         part = recs[i * part_size : (i + 1) * part_size]
         folder = root / _part_name(i)
+        if skip_started and folder.exists() and not _is_complete(folder):
+            continue
         extract_dataset(
             model,
             tokenizer,
@@ -88,6 +94,15 @@ def replay_answers(
         )
         out.append(folder)
     return out
+
+
+def _is_complete(folder: Path) -> bool:
+    import json
+
+    try:
+        return json.loads((folder / "manifest.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
 
 
 def load_parts(out_root: str | os.PathLike[str]) -> tuple[FlowFeatures, torch.Tensor, list[str]]:
@@ -109,7 +124,8 @@ class PartedStore:
     def __init__(self, root: str | os.PathLike[str]) -> None:
         self.path = Path(root)
         folders = sorted(p for p in self.path.glob("part-*") if (p / "manifest.json").is_file())
-        self.parts = [FeatureStore.open(p) for p in folders]
+        # Parts still being extracted (a growing answers file) are left out, not refused.
+        self.parts = [FeatureStore.open(p, allow_incomplete=True) for p in folders]
         self.parts = [s for s in self.parts if s.manifest.get("status") == "complete"]
         if not self.parts:
             raise FileNotFoundError(f"{self.path} holds no complete part store; run replay_answers first.")
