@@ -152,6 +152,23 @@ THRESHOLD_HELP = (
 )
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a message that names the allowed values."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a positive integer.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; pass an integer >= 1.")
+    return value
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: What the command line answers with a one-line message and exit status 2 (no traceback).
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, OSError)
+
+
 def _unit_interval(text: str) -> float:
     try:
         value = float(text)
@@ -171,7 +188,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
     demo.add_argument("--question", default=SAMPLE_QUESTION)
     demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
-    demo.add_argument("--max-new-tokens", type=int, default=32)
+    demo.add_argument("--max-new-tokens", type=positive_int, default=32)
     demo.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
     demo.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     demo.set_defaults(func=cmd_demo)
@@ -181,7 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--context", default=None, help="Knowledge passage the answer should rest on.")
     gen.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
     gen.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32)
     gen.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
     gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
@@ -192,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--context", default=None, help="Knowledge passage shared by the questions.")
     rep.add_argument("--model", default=DEFAULT_MODEL)
     rep.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
-    rep.add_argument("--max-new-tokens", type=int, default=24)
+    rep.add_argument("--max-new-tokens", type=positive_int, default=24)
     rep.add_argument("--refine", action="store_true", help="Also refine each answer and show before/after.")
     rep.add_argument("--out", default="flowcheck_report.html")
     rep.set_defaults(func=cmd_report)
@@ -204,10 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     ans.add_argument("--dataset", choices=ANSWER_DATASETS, default="halueval-qa")
     ans.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
     ans.add_argument("--out", required=True, help="The JSONL to create or resume.")
-    ans.add_argument("--limit", type=int, default=None, help="Answer the first LIMIT records of the permutation.")
+    ans.add_argument(
+        "--limit", type=positive_int, default=None, help="Answer the first LIMIT records of the permutation."
+    )
     ans.add_argument("--seed", type=int, default=0, help="Seed of the record permutation.")
-    ans.add_argument("--batch-size", type=int, default=16)
-    ans.add_argument("--max-new-tokens", type=int, default=32)
+    ans.add_argument("--batch-size", type=positive_int, default=16)
+    ans.add_argument("--max-new-tokens", type=positive_int, default=32)
     ans.set_defaults(func=run_answers)
 
     from hf_flowcheck.workflows.replay import run_replay
@@ -216,8 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--model", default=DEFAULT_MODEL, help="The model that wrote the answers.")
     rp.add_argument("--answers", required=True, help="JSONL from `flowcheck answers`.")
     rp.add_argument("--out", required=True, help="Root folder of the part stores (resumable).")
-    rp.add_argument("--part-size", type=int, default=500)
-    rp.add_argument("--batch-size", type=int, default=8)
+    rp.add_argument("--part-size", type=positive_int, default=500)
+    rp.add_argument("--batch-size", type=positive_int, default=8)
     rp.add_argument("--lens-features", action=argparse.BooleanOptionalAction, default=True)
     rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
     rp.add_argument("--no-progress", action="store_true")
@@ -247,8 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one ``flowcheck`` command; a user error prints one line and returns 2, never a traceback."""
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    try:
+        return int(args.func(args) or 0)
+    except USER_ERRORS as err:
+        print(f"flowcheck {args.command}: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

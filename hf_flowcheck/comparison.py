@@ -861,7 +861,12 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="Keep at most this many training examples (whole records, in the split's seeded order); validation "
         "and test stay whole. Bounds the cost of fitting the trainable detectors; recorded in the report.",
     )
-    parser.add_argument("--dtype", default="float32", help="Model dtype (gradients need float32 on CPU).")
+    parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16"),
+        default="float32",
+        help="Model dtype (gradients need float32 on CPU).",
+    )
     parser.add_argument(
         "--timing-prompts",
         type=int,

@@ -43,7 +43,9 @@ def _load_validator(validator: Any, **hub_kwargs: Any):
     if validator is None or isinstance(validator, FlowValidator):
         return validator
     if isinstance(validator, (str, os.PathLike)):
-        return FlowValidator.from_pretrained(os.fspath(validator), **hub_kwargs)
+        from hf_flowcheck.offline_models import local_or_hub
+
+        return FlowValidator.from_pretrained(local_or_hub(validator, "validator"), **hub_kwargs)
     raise TypeError(f"validator must be a FlowValidator, a local folder or a Hub id, got {type(validator).__name__}.")
 
 
@@ -74,8 +76,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
         super().__init__()
         self.base_model = model
         validator = _load_validator(validator)
-        if validator is not None and check_compatibility and validator.base_fingerprint:
-            validator.check_compatible(model)
+        if validator is not None and check_compatibility:
+            validator.check_compatible(model)  # a validator without a fingerprint is refused, not trusted
         self.validator = validator
         if flow_config is None:
             flow_config = getattr(validator, "flow_config", None) or FlowConfig()

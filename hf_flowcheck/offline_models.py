@@ -525,6 +525,28 @@ def _convert(spec: OfflineModelSpec, parts: list[Path], work_dir: Path, out_dir:
         f.write("\n")
 
 
+def local_or_hub(name: str | os.PathLike[str], what: str) -> str:
+    """``name`` with ``~`` expanded when it is a local path; refuses a path that does not exist.
+
+    A name written as a path (starting with ``/``, ``.``, ``~`` or holding more than one ``/``)
+    must exist locally: a Hub id is ``name`` or ``org/name``, so sending a mistyped folder to the Hub
+    would only answer "Repo id must be in the form ...". Anything else is returned unchanged.
+
+    Raises:
+        FileNotFoundError: A path-like name with nothing there, naming the expanded path.
+    """
+    text = os.fspath(name)
+    expanded = os.path.expanduser(text)
+    if os.path.exists(expanded):
+        return expanded
+    if text.startswith(("/", ".", "~")) or text.count("/") > 1 or (os.sep != "/" and os.sep in text):
+        raise FileNotFoundError(
+            f"{what} {text!r}: no such folder ({os.path.abspath(expanded)}). Check the path, or give a Hub id "
+            "as 'name' or 'org/name'."
+        )
+    return text
+
+
 def resolve_model(
     name_or_path: str | os.PathLike[str] | OfflineModelSpec,
     cache_dir: str | os.PathLike[str] | None = None,
@@ -555,7 +577,7 @@ def resolve_model(
     """
     spec = _lookup(name_or_path)
     if spec is None:
-        return os.fspath(name_or_path)  # type: ignore[arg-type]
+        return local_or_hub(name_or_path, "model")  # type: ignore[arg-type]
     root = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     target = root / spec.cache_folder_name
     if _is_converted(target, spec):

@@ -769,7 +769,9 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument(
         "--prompt-style", choices=("plain", "chat", "auto"), default="plain", help="Generated-protocol prompt style."
     )
-    parser.add_argument("--dtype", default=None, help="Model dtype (float32, bfloat16, float16); default float32.")
+    parser.add_argument(
+        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="Model dtype; default float32."
+    )
     parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
     parser.add_argument(
         "--stop-at-newline",

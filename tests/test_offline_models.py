@@ -195,10 +195,25 @@ def test_wrong_hash_on_the_real_smollm2_file(tmp_path: Path) -> None:
 # ------------------------------------------------------------------------------------------
 
 
-def test_non_registry_names_pass_through(tmp_path: Path) -> None:
+def test_non_registry_names_pass_through(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert om.resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct") == "HuggingFaceTB/SmolLM2-135M-Instruct"
+    assert om.resolve_model("gpt2") == "gpt2"
     assert om.resolve_model(tmp_path) == str(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "SmolLM2-135M-Instruct").mkdir()
     assert om.resolve_model("./SmolLM2-135M-Instruct") == "./SmolLM2-135M-Instruct"
+
+
+@pytest.mark.parametrize("name", ["./no-such-model", "/no/such/model", "runs/no/such", "~/no-such-model-folder"])
+def test_mistyped_local_folders_say_no_such_folder(name: str) -> None:
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        om.resolve_model(name)
+
+
+def test_tilde_is_expanded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "m").mkdir()
+    assert om.resolve_model("~/m") == str(tmp_path / "m")
 
 
 def test_conversion_joins_in_order_renames_atomically_and_is_cached(

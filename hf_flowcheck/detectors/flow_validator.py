@@ -631,7 +631,8 @@ class FlowValidator(
         """
         if not self.base_fingerprint:
             raise ValueError(
-                "This validator has no base-model fingerprint, so compatibility cannot be checked. When you "
+                "This validator has no base-model fingerprint, so compatibility cannot be checked (pass "
+                "check_compatibility=False to FlowCheckedModelForCausalLM to use it unchecked). When you "
                 "know which model its features came from, set "
                 "validator.base_fingerprint = hf_flowcheck.hub.model_fingerprint(model) before saving "
                 "(train_validator(..., base_model=model) does this)."
@@ -844,6 +845,9 @@ class FlowValidator(
             CheckpointError: Missing, corrupted, truncated or mismatched files.
             FingerprintMismatchError: ``base_model`` is not the model it was trained on.
         """
+        from hf_flowcheck.offline_models import local_or_hub
+
+        pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path, "validator")
         with hub_fetch_errors("validator", str(pretrained_model_name_or_path)):
             validator = super().from_pretrained(
                 pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs

@@ -1118,6 +1118,9 @@ class GradientDetector(
             CheckpointError: Missing, corrupted or mismatched files.
             FingerprintMismatchError: ``base_model`` is not the model it was trained on.
         """
+        from hf_flowcheck.offline_models import local_or_hub
+
+        pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path, "gradient detector")
         with hub_fetch_errors("gradient detector", str(pretrained_model_name_or_path)):
             det = super().from_pretrained(
                 pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
