@@ -41,7 +41,7 @@ def test_cli_refuses_with_one_line(argv, needle, capsys):
 def test_validator_folder_typo_is_named(tmp_path):
     from hf_flowcheck.modeling import _load_validator
 
-    with pytest.raises(FileNotFoundError, match="validator './no/such/v': no such folder"):
+    with pytest.raises(FileNotFoundError, match=r"validator '\./no/such/v': no such folder"):
         _load_validator("./no/such/v")
 
 

@@ -199,7 +199,7 @@ def test_abstain_threshold_without_checks_is_refused(wrapped):
         wrapped.generate(
             input_ids=ids, attention_mask=att, max_new_tokens=3, flow_check_every=1, flow_abstain_threshold="high"
         )
-    with pytest.raises(ValueError, match="no 'precision_0.8' threshold"):
+    with pytest.raises(ValueError, match=r"no 'precision_0\.8' threshold"):
         wrapped.generate(
             input_ids=ids,
             attention_mask=att,
