@@ -58,12 +58,33 @@ def evaluate_validator_on_store(
     from hf_flowcheck.hub import CHECKED_FIELDS
 
     mine, theirs = getattr(validator, "base_fingerprint", None) or {}, store.model_fingerprint or {}
-    diff = [k for k in CHECKED_FIELDS if mine and theirs and mine.get(k) != theirs.get(k)]
+    if not mine or not theirs:
+        raise ValueError(
+            f"The {'validator' if not mine else 'feature store'} records no base-model fingerprint, so nothing "
+            "shows the two come from the same model; re-save it with its fingerprint (flowcheck train does)."
+        )
+    diff = [k for k in CHECKED_FIELDS if mine.get(k) != theirs.get(k)]
     if diff:
         raise ValueError(
             f"The validator was trained on another model than the store's features ({', '.join(diff)} differ: "
             f"{mine.get('base_id')!r} vs {theirs.get('base_id')!r}); evaluate it on features of its own base model."
         )
+    v_cfg = getattr(validator, "flow_config", None)
+    if v_cfg is not None:
+        # The lens and state groups are extra channels: a store with them also serves validators without them.
+        as_store = dataclasses.replace(
+            store.config, lens_features=v_cfg.lens_features, state_summary=v_cfg.state_summary
+        )
+        missing_group = (v_cfg.lens_features and not store.config.lens_features) or (
+            v_cfg.state_summary != "none" and v_cfg.state_summary != store.config.state_summary
+        )
+        if as_store != v_cfg or missing_group:
+            a, b = dataclasses.asdict(v_cfg), dataclasses.asdict(store.config)
+            what = "; ".join(f"{k}: validator {a[k]!r}, store {b[k]!r}" for k in a if a[k] != b[k])
+            raise ValueError(
+                f"The store's features were extracted with another FlowConfig than the validator's ({what}); "
+                "re-extract them with the validator's flow_config."
+            )
     feats, labels, uids = store.load(split_uids)
     wanted = tuple(getattr(getattr(validator, "config", None), "feature_names", ()) or ())
     if channels is None and wanted and set(wanted) < set(feats.names):

@@ -103,3 +103,29 @@ def test_drop_uids_keeps_every_other_record_in_its_split(store_dir, tmp_path):
     assert report["split"]["test"] == per_uid * (len(full.test) - 2)
     assert report["split"]["train"] == per_uid * (len(full.train) - 1)
     assert report["split"]["validation"] == per_uid * len(full.validation)
+
+
+def test_evaluate_refuses_another_models_or_configs_store(store_dir, tmp_path, capsys):
+    out = tmp_path / "validator"
+    train_from_store(store_dir, out, epochs=1, batch_size=8, n_bootstrap=20, progress=False)
+    other_model = tmp_path / "other-model"
+    other_cfg = tmp_path / "other-config"
+    for folder, model, cfg in (
+        (other_model, make_tiny_model("llama", seed=3), tiny_flow_config()),
+        (other_cfg, make_tiny_model("llama"), tiny_flow_config(subspace_dim=3)),
+    ):
+        pl.extract_dataset(model, CharTokenizer(), _pairs(12), folder, config=cfg, protocol="paired", batch_size=8,
+                           shard_size=32, progress=False)  # fmt: skip
+    assert main(["evaluate", "--validator", str(out), "--features", str(other_model)]) == 2
+    assert "another model" in capsys.readouterr().err
+    assert main(["evaluate", "--validator", str(out), "--features", str(other_cfg)]) == 2
+    assert "subspace_dim: validator 4, store 3" in capsys.readouterr().err
+
+
+def test_train_refuses_too_few_of_a_class(tmp_path, capsys):
+    few = tmp_path / "few"
+    pl.extract_dataset(make_tiny_model("llama"), CharTokenizer(), _pairs(12), few, config=tiny_flow_config(),
+                       protocol="paired", batch_size=8, shard_size=32, progress=False)  # fmt: skip
+    assert main(["train", "--features", str(few), "--out", str(tmp_path / "v"), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "needs at least 20 of each" in err and "correct and" in err
