@@ -31,6 +31,13 @@ def main() -> int:
     p.add_argument("--out", required=True)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--limit", type=int, default=None, help="first LIMIT answers only")
+    p.add_argument(
+        "--test-of-seeds",
+        type=int,
+        nargs="*",
+        default=None,
+        help="only the answers in the test split of these split seeds (the rows a table reports)",
+    )
     a = p.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cache = {"statistics": list(CONFIDENCE_STATISTICS)}
@@ -40,6 +47,12 @@ def main() -> int:
     done = cache.setdefault("scores", {})
     model, tok = load_model(a.model)
     recs = [r for r in read_answers(a.answers).records[: a.limit] if r.label is not None and r.uid not in done]
+    if a.test_of_seeds:
+        from hf_flowcheck.data.splits import split_records
+
+        labelled = [r.uid for r in read_answers(a.answers).records if r.label is not None]
+        keep = set().union(*(split_records(labelled, seed=s).test for s in a.test_of_seeds))
+        recs = [r for r in recs if r.uid in keep]
     t0 = time.perf_counter()
     for i in range(0, len(recs), 64):
         chunk = recs[i : i + 64]
