@@ -13,6 +13,9 @@ SAMPLE_KNOWLEDGE = (
 )
 SAMPLE_QUESTION = "Which engineer is the Eiffel Tower named after?"
 
+#: (question, knowledge, reference answer) shown by ``flowcheck demo``.
+DEMO_SAMPLES: list[tuple[str, str | None, str | None]] = [(SAMPLE_QUESTION, SAMPLE_KNOWLEDGE, "Gustave Eiffel")]
+
 
 def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
     """Per block: the culprit token's event score and features (the depth profile behind the flag)."""
@@ -34,11 +37,42 @@ def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    """``make demo``: flow-checked generation of a sample question on the bundled model."""
+    """``make demo``: flow-checked answers to two HaluEval-QA test questions on the bundled model.
+
+    The two are the first test-split questions (split seed 0, answers file order) that SmolLM2
+    answered right and wrong: they show what a score looks like on each, not a chosen success.
+    """
     args.validator = None
     args.raw_prompt = False
     args.depth_profile = True
-    return cmd_generate(args)
+    model = _load_checked(args)
+    if model is None:
+        return 2
+    samples = DEMO_SAMPLES if args.question is None else [(args.question, args.context, None)]
+    heatmap = args.heatmap
+    for i, (question, context, reference) in enumerate(samples):
+        if i:
+            print("\n" + "-" * 72 + "\n")
+        args.heatmap = heatmap if i == len(samples) - 1 else ""
+        _answer(model, question, context, args, reference=reference)
+    return 0
+
+
+def _load_checked(args: argparse.Namespace):
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    t0 = time.perf_counter()
+    kwargs = {} if args.validator is None else {"validator": args.validator}
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if model.validator is None:
+        print(
+            f"flowcheck {args.command}: error: no validator for {args.model}. Pass --validator FOLDER_OR_HUB_ID "
+            "(train one with `flowcheck answers`, `flowcheck replay` and `flowcheck train`).",
+            file=sys.stderr,
+        )
+        return None
+    print(f"Loaded {args.model} with its validator in {time.perf_counter() - t0:.1f} s")
+    return model
 
 
 def _qa_prompt(question: str, context: str | None) -> str:
@@ -51,22 +85,19 @@ def _qa_prompt(question: str, context: str | None) -> str:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Flow-checked generation: answer, score, culprit, heatmap."""
-    from hf_flowcheck import FlowCheckedModelForCausalLM
+    model = _load_checked(args)
+    if model is None:
+        return 2
+    return _answer(model, args.question, args.context, args)
+
+
+def _answer(model, question: str, context: str | None, args: argparse.Namespace, reference: str | None = None) -> int:
     from hf_flowcheck.stopping import AnswerLineStop
 
-    t0 = time.perf_counter()
-    kwargs = {} if args.validator is None else {"validator": args.validator}
-    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
     tok = model.tokenizer
-    if model.validator is None:
-        print(
-            f"flowcheck generate: error: no validator for {args.model}. Pass --validator FOLDER_OR_HUB_ID "
-            "(train one with `flowcheck extract` + `flowcheck train`).",
-            file=sys.stderr,
-        )
-        return 2
-    print(f"Loaded {args.model} with its validator in {time.perf_counter() - t0:.1f} s")
-    prompt = _qa_prompt(args.question, args.context) if not args.raw_prompt else args.question
+    prompt = _qa_prompt(question, context) if not args.raw_prompt else question
+    if not prompt.strip():
+        raise ValueError("the question is empty; pass the question to answer.")
     enc = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     out = model.generate(
@@ -81,8 +112,10 @@ def cmd_generate(args: argparse.Namespace) -> int:
     dt = time.perf_counter() - t0
     p = enc.input_ids.shape[1]
     answer = tok.decode(out.sequences[0, p:], skip_special_tokens=True).strip()  # the first non-empty line
-    print(f"Question: {args.question}")
+    print(f"Question: {question}")
     print(f"Answer:   {answer}")
+    if reference is not None:
+        print(f"Reference answer (HaluEval): {reference}")
     score = float(out.flow_scores[0])
     if not bool(out.flow_has_events[0]):
         print("Flow score: n/a (the answer has no scored token)")
@@ -186,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     demo = sub.add_parser("demo", help="Flow-checked generation of a sample question on the bundled model.")
     demo.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
-    demo.add_argument("--question", default=SAMPLE_QUESTION)
-    demo.add_argument("--context", default=SAMPLE_KNOWLEDGE)
+    demo.add_argument("--question", default=None, help="Ask this instead of the two sample questions.")
+    demo.add_argument("--context", default=None)
     demo.add_argument("--max-new-tokens", type=positive_int, default=32)
     demo.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
     demo.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
