@@ -1,5 +1,6 @@
 """hf_flowcheck: see, from a causal LM's own internals, when an answer is likely hallucinated."""
 
+from hf_flowcheck import errors
 from hf_flowcheck.architectures import (
     ArchitectureSpec,
     UnsupportedArchitectureError,
@@ -32,6 +33,7 @@ __all__ = [
     "UnsupportedArchitectureError",
     "ValidatorConfig",
     "__version__",
+    "errors",
     "refine",
     "register_architecture",
     "supported_architectures",

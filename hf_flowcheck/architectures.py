@@ -14,6 +14,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from hf_flowcheck.errors import UnsupportedArchitectureError
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:
@@ -86,10 +88,6 @@ _REGISTRY: dict[str, ArchitectureSpec] = {
         notes="parallel residual (use_parallel_residual=True) or sequential",
     ),
 }
-
-
-class UnsupportedArchitectureError(ValueError):
-    """Raised for a ``model_type`` with no :class:`ArchitectureSpec`."""
 
 
 def supported_architectures() -> list[str]:

@@ -16,13 +16,10 @@ import torch
 from torch import nn
 
 from hf_flowcheck.architectures import ResolvedArchitecture
+from hf_flowcheck.errors import NonFiniteStateError
 
 #: ``selector(call_index, batch, seq_len, device) -> (rows, cols, seq_pos)`` or ``None`` (keep nothing).
 Selector = Callable[[int, int, int, torch.device], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
-
-
-class NonFiniteStateError(FloatingPointError):
-    """A captured state holds NaN or inf."""
 
 
 @dataclass

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from hf_flowcheck.architectures import resolve_architecture, unwrap_model
+from hf_flowcheck.errors import FingerprintMismatchError
 
 __all__ = [
     "CHECKED_FIELDS",
@@ -57,10 +58,6 @@ CHECKED_FIELDS: tuple[str, ...] = ("model_type", "num_blocks", "hidden_size", "v
 _CHUNK_ROWS = 8192
 _HASH_CACHE: OrderedDict[int, tuple[weakref.ref, tuple[Any, ...], str]] = OrderedDict()
 _HASH_CACHE_SIZE = 16
-
-
-class FingerprintMismatchError(ValueError):
-    """A detector is used with a base model other than the one it was trained on."""
 
 
 def readout_sha256(weight: torch.Tensor, *, cache: bool = True) -> str:

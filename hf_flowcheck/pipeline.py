@@ -38,6 +38,7 @@ import torch
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
+from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 from hf_flowcheck.store import (
@@ -76,10 +77,6 @@ RECORD_LABEL = "record-label"
 
 #: Test hook: called as ``hook(shard_index)`` after each shard is written (simulates a crash).
 _after_shard_hook: Callable[[int], None] | None = None
-
-
-class ExtractionMismatchError(FeatureStoreError):
-    """``out_dir`` holds features from a different model, FlowConfig, protocol or dataset."""
 
 
 def _model_fingerprint(model: Any) -> dict[str, Any]:

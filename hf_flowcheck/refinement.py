@@ -47,6 +47,7 @@ import torch
 from torch import nn
 
 from hf_flowcheck.configuration import EPS
+from hf_flowcheck.errors import RefinementError
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -57,10 +58,6 @@ STRATEGIES = ("flow", "random_depth", "regenerate")
 
 #: ``basis_fn(h_in [d]) -> U [d, k]``: fits the basis from the block input at ``t0`` (first row).
 BasisFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-class RefinementError(ValueError):
-    """Refinement was asked for something it cannot do (the message says what to change)."""
 
 
 # ------------------------------------------------------------------------------------- the patch

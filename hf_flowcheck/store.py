@@ -35,6 +35,7 @@ from typing import Any
 import torch
 
 from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.errors import CorruptShardError, FeatureStoreError
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.version import __version__
 
@@ -67,14 +68,6 @@ _META_KEY = "hf_flowcheck"
 
 #: Tensor names of one shard (first dimension ``n``, the samples stored in the shard).
 SHARD_TENSORS = ("values", "valid", "positions", "labels", "index", "sample_keys", "prompt_lengths")
-
-
-class FeatureStoreError(RuntimeError):
-    """A feature store directory is missing, incomplete, or inconsistent."""
-
-
-class CorruptShardError(FeatureStoreError):
-    """A shard file does not match the sha256 recorded in the manifest (or cannot be read)."""
 
 
 def shard_name(index: int) -> str:

@@ -27,6 +27,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from hf_flowcheck.errors import DataFormatError
+
 __all__ = [
     "DATA_DIR_ENV",
     "HALUEVAL_FILES",
@@ -111,22 +113,6 @@ _KEEP_EXTRA = {"general": ("ID", "hallucination_spans"), "selfaware": ("source",
 _LABEL_MAPS: dict[str, Mapping[Any, int]] = {"selfaware": {True: 0, False: 1}}
 
 OnError = Literal["raise", "skip"]
-
-
-class DataFormatError(ValueError):
-    """A record in a data file is malformed.
-
-    Attributes:
-        path: The file (or Hub dataset) the record came from.
-        line: 1-based line number in the file (record number for non-JSONL sources).
-        field: The offending field, or ``None`` when the whole line is unreadable.
-    """
-
-    def __init__(self, message: str, path: str | os.PathLike[str], line: int, field: str | None = None):
-        self.path = str(path)
-        self.line = line
-        self.field = field
-        super().__init__(f"{self.path} line {line}: {message}")
 
 
 @dataclass

@@ -36,6 +36,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from hf_flowcheck.errors import NotFittedError
+
 __all__ = [
     "SCORE_DIRECTION",
     "Detector",
@@ -46,10 +48,6 @@ __all__ = [
 ]
 
 SCORE_DIRECTION = "higher = more likely hallucinated"
-
-
-class NotFittedError(RuntimeError):
-    """A trainable detector was asked to score before :meth:`Detector.fit` (or loading) gave it its weights."""
 
 
 @dataclass

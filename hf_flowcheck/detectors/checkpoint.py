@@ -19,6 +19,7 @@ from huggingface_hub.constants import CONFIG_NAME, SAFETENSORS_SINGLE_FILE
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 from torch import nn
 
+from hf_flowcheck.errors import CheckpointError
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -29,10 +30,6 @@ __all__ = [
     "load_safetensors_strict",
     "weights_file",
 ]
-
-
-class CheckpointError(ValueError):
-    """A detector checkpoint is missing, corrupted, truncated, or does not match its config."""
 
 
 def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:

@@ -66,6 +66,7 @@ from hf_flowcheck.detectors.checkpoint import (
     weights_file,
 )
 from hf_flowcheck.detectors.flow_validator import _jsonable
+from hf_flowcheck.errors import GradientSignatureError
 from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
 
@@ -102,10 +103,6 @@ ABSTENTION_PATTERNS: tuple[str, ...] = (
     r"\bnobody knows\b",
     r"\bit is (?:unknown|unclear)\b",
 )
-
-
-class GradientSignatureError(RuntimeError):
-    """The model cannot produce a gradient signature (dtype without backward, inference mode, ...)."""
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, clean_generation
+from hf_flowcheck.errors import AnswerFileError
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -40,10 +41,6 @@ __all__ = [
 
 ANSWERS_FORMAT = "hf_flowcheck.answers"
 ANSWERS_FORMAT_VERSION = 1
-
-
-class AnswerFileError(ValueError):
-    """An answers file is malformed or was written under other settings than the ones asked for."""
 
 
 @dataclass(frozen=True)
