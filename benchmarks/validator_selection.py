@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from hf_flowcheck.configuration import FULL_FEATURES, LENS_FEATURES
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import ValidatorConfig
 from hf_flowcheck.detectors.baselines import HiddenStateProbe, train_logistic_regression
@@ -30,19 +31,8 @@ from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.training import train_validator
 from hf_flowcheck.workflows.replay import load_parts
 
-FLOW = (
-    "step",
-    "step_centered",
-    "turn",
-    "attn_mag",
-    "mlp_mag",
-    "update_mag",
-    "residual_ratio",
-    "drift",
-    "attn_turn_ratio",
-    "mlp_turn_ratio",
-)
-LENS = ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
+FLOW = FULL_FEATURES
+LENS = LENS_FEATURES
 
 
 def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:

@@ -234,6 +234,13 @@ def _run_replayed(
         p_ids = _encode(tokenizer, it.prompt)
         rows.append(p_ids + list(it.token_ids[1]))
         starts.append(len(p_ids))
+    return _teacher_forced(ext, rows, starts, pad_id)
+
+
+def _teacher_forced(
+    ext: FlowExtractor, rows: list[list[int]], starts: list[int], pad_id: int
+) -> tuple[FlowFeatures, list[int]]:
+    """Features of ``rows[i][starts[i]:]`` given the rest, positions relative to each unpadded row."""
     ids, att, offsets = _pad(rows, pad_id, left=False)
     resp = torch.zeros_like(ids)
     for i, (row, start) in enumerate(zip(rows, starts)):
@@ -254,12 +261,7 @@ def _run_paired(ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: 
             common += 1
         rows.append(f_ids)
         starts.append(common)
-    ids, att, offsets = _pad(rows, pad_id, left=False)
-    resp = torch.zeros_like(ids)
-    for i, (row, start) in enumerate(zip(rows, starts)):
-        resp[i, start : len(row)] = 1
-    feats = ext.extract(ids, att, resp)
-    return _shift_positions(feats.to("cpu"), offsets), starts
+    return _teacher_forced(ext, rows, starts, pad_id)
 
 
 def _run_generated(

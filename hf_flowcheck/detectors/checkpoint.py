@@ -23,6 +23,7 @@ from hf_flowcheck.errors import CheckpointError
 from hf_flowcheck.version import __version__
 
 __all__ = [
+    "AtomicSaveMixin",
     "CheckpointError",
     "atomic_save_dir",
     "check_checkpoint_config",
@@ -214,3 +215,20 @@ def load_safetensors_strict(
     if bad:
         raise error(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
     module.load_state_dict(state, strict=strict)
+
+
+class AtomicSaveMixin:
+    """``save_pretrained`` through :func:`atomic_save_dir`; put it before ``PyTorchModelHubMixin`` in the bases."""
+
+    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:
+        """Save config, weights and model card atomically: a failure leaves an existing folder as it was.
+
+        Takes ``PyTorchModelHubMixin.save_pretrained``'s arguments (``push_to_hub=True`` pushes
+        after the local save).
+        """
+        push = kwargs.pop("push_to_hub", False)
+        repo_id = kwargs.pop("repo_id", None)
+        atomic_save_dir(save_directory, lambda tmp: super(AtomicSaveMixin, self).save_pretrained(tmp, **kwargs))
+        if push:
+            return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
+        return None

@@ -42,8 +42,8 @@ from torch import nn
 
 from hf_flowcheck.configuration import FlowConfig, check_positive_int, versioned_fields
 from hf_flowcheck.detectors.checkpoint import (
+    AtomicSaveMixin,
     CheckpointError,
-    atomic_save_dir,
     check_checkpoint_config,
     hub_fetch_errors,
     load_safetensors_strict,
@@ -291,6 +291,7 @@ def _looks_like_hub_id(name: str | None) -> bool:
 
 class FlowValidator(
     nn.Module,
+    AtomicSaveMixin,
     PyTorchModelHubMixin,
     library_name="hf_flowcheck",
     tags=["hf_flowcheck", "hallucination-detection", "flow-signatures"],
@@ -692,19 +693,6 @@ class FlowValidator(
             "base_fingerprint": _jsonable(self.base_fingerprint, "base_fingerprint"),
             "training_metadata": _jsonable(self.training_metadata, "training_metadata"),
         }
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:  # type: ignore[override]
-        """Save config, weights and model card atomically: a failure leaves an existing folder as it was.
-
-        Takes ``PyTorchModelHubMixin.save_pretrained``'s arguments (``push_to_hub=True`` pushes
-        after the local save).
-        """
-        push = kwargs.pop("push_to_hub", False)
-        repo_id = kwargs.pop("repo_id", None)
-        atomic_save_dir(save_directory, lambda tmp: super(FlowValidator, self).save_pretrained(tmp, **kwargs))
-        if push:
-            return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
-        return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         """Write ``model.safetensors``, ``config.json`` and ``README.md`` (called by ``save_pretrained``)."""

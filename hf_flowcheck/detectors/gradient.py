@@ -42,7 +42,6 @@ import hashlib
 import inspect
 import json
 import math
-import os
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
@@ -58,8 +57,8 @@ from hf_flowcheck.architectures import resolve_architecture, unwrap_model
 from hf_flowcheck.configuration import check_positive_int
 from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
 from hf_flowcheck.detectors.checkpoint import (
+    AtomicSaveMixin,
     CheckpointError,
-    atomic_save_dir,
     check_checkpoint_config,
     hub_fetch_errors,
     load_safetensors_strict,
@@ -727,6 +726,7 @@ def _auroc(y: np.ndarray, s: np.ndarray) -> float:
 
 class GradientDetector(
     nn.Module,
+    AtomicSaveMixin,
     PyTorchModelHubMixin,
     Detector,
     library_name="hf_flowcheck",
@@ -1030,19 +1030,6 @@ class GradientDetector(
             "base_fingerprint": _jsonable(self.base_fingerprint, "base_fingerprint"),
             "training_metadata": _jsonable(self.training_metadata, "training_metadata"),
         }
-
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> Any:  # type: ignore[override]
-        """Save config, weights and model card atomically: a failure leaves an existing folder as it was.
-
-        Takes ``PyTorchModelHubMixin.save_pretrained``'s arguments (``push_to_hub=True`` pushes
-        after the local save).
-        """
-        push = kwargs.pop("push_to_hub", False)
-        repo_id = kwargs.pop("repo_id", None)
-        atomic_save_dir(save_directory, lambda tmp: super(GradientDetector, self).save_pretrained(tmp, **kwargs))
-        if push:
-            return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
-        return None
 
     def _save_pretrained(self, save_directory: Path) -> None:
         from safetensors.torch import save_file
