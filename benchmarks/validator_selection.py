@@ -88,6 +88,7 @@ VARIANTS = {
     "attn-lens": dict(names=LENS, cfg={}),
     "attn-flow+state": dict(names=FLOW, cfg={}, state=True),
     "attn-flow+lens+state": dict(names=FLOW + LENS, cfg={}, state=True),
+    "attn-flow+lens+state3": dict(names=FLOW + LENS, cfg={}, state=3),
 }
 ATTN = dict(
     head="attention",
@@ -106,7 +107,10 @@ def run_variant(name, spec, feats, y, tr, va, te, probe_layer, seed, epochs):
     if kw.get("input_transform") == "block_log_standardize" or kw.get("block_embedding"):
         kw["num_blocks"] = f.num_blocks
     if spec.get("state"):
-        kw.update(state_dim=f.states.shape[-1], state_blocks=(probe_layer,))
+        n_bound = f.states.shape[1]
+        around = (probe_layer,) if spec["state"] is True else (probe_layer - 4, probe_layer, probe_layer + 4)
+        blocks = tuple(sorted({min(max(b, 0), n_bound - 1) for b in around}))
+        kw.update(state_dim=f.states.shape[-1], state_blocks=blocks)
     cfg = ValidatorConfig.from_feature_names(f.names, **kw)
     t0 = time.perf_counter()
     model, hist = train_validator(
