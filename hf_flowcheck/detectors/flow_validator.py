@@ -1,5 +1,12 @@
 """The flow validator (spec ``flow-signatures.md`` §6, paper B.9): events in, one sample score out.
 
+Two heads share the event encoder. ``head="gru"`` is the spec's B.9, described below.
+``head="attention"`` scores each event on its own and takes the attention-weighted mean of the
+event logits as the sample logit (every event gets gradient; the culprit is the event with the
+largest logit). Either head can read its inputs scaled per (block, feature), a block embedding,
+the readout-lens channels and, in a *flow + state* validator, the residual state at the last
+answer token (:class:`ValidatorConfig`).
+
 Events are the valid ``(b, t)`` cells of a :class:`~hf_flowcheck.extraction.FlowFeatures` tensor,
 read depth-major (every masked token of block 0, then block 1, ...). Each event's feature vector
 goes through ``LayerNorm(F) → MLP (F→256→128, GELU, dropout) → LayerNorm → GRU(128→256) →
@@ -751,10 +758,7 @@ class FlowValidator(
             "",
             "## Architecture",
             "",
-            f"LayerNorm({self.config.num_features}) → MLP ({self.config.num_features}→{self.config.hidden}→"
-            f"{self.config.embed}, GELU, dropout {self.config.dropout}) → LayerNorm → GRU ({self.config.embed}→"
-            f"{self.config.gru_hidden}) → Linear({self.config.gru_hidden}→1) per event → `{self.config.pooling}` "
-            "pooling over the valid events (depth-major order).",
+            self._architecture_text(),
             "",
             "## Evaluation",
             "",
@@ -770,6 +774,20 @@ class FlowValidator(
         for key in ("protocol", "dataset", "split"):
             if key in meta:
                 lines.append(f"- {key}: `{meta[key]}`")
+        points = meta.get("operating_points") or {}
+        rows = [(k, v) for k, v in points.items() if isinstance(v, dict)]
+        if rows:
+            lines += ["", "## Operating points (chosen on the validation split)", ""]
+            lines += ["| operating point | threshold | validation figures |", "|---|---|---|"]
+            for k, v in rows:
+                figures = ", ".join(f"{n} {x:.3f}" for n, x in v.items() if n != "threshold")
+                lines.append(f"| `{k}` | {v['threshold']:.4f} | {figures} |")
+            missing = [k for k, v in points.items() if v is None]
+            if missing:
+                lines.append(f"\nNo threshold reaches {', '.join(f'`{k}`' for k in missing)} on validation.")
+            lines.append(
+                '\n`generate(..., flow_check_every=1, flow_abstain_threshold="recommended")` uses `precision_0.8`.'
+            )
         lines += ["", "## Training", ""]
         hist = meta.get("history") or {}
         hyper = meta.get("hyperparameters") or {}
@@ -777,7 +795,8 @@ class FlowValidator(
             lines.append("Hyperparameters: " + ", ".join(f"`{k}={v}`" for k, v in hyper.items()) + ".")
         if hist:
             lines.append(
-                f"Checkpoint chosen on the validation split: epoch {hist.get('best_epoch')}, validation AUROC "
+                f"Checkpoint chosen on the validation split ({hist.get('selection', 'val_auroc')}): epoch "
+                f"{hist.get('best_epoch')}, validation loss {hist.get('best_val_loss')}, validation AUROC "
                 f"{hist.get('best_val_auroc')}; {hist.get('epochs_run')} epochs run "
                 f"({'early-stopped' if hist.get('stopped_early') else 'no early stop'})."
             )
@@ -804,6 +823,37 @@ class FlowValidator(
             "",
         ]
         return "\n".join(lines)
+
+    def _architecture_text(self) -> str:
+        c = self.config
+        scaling = {
+            "block_log_standardize": "signed log, then per-(block, feature) standardisation (train split)",
+            "log_standardize": "signed log, then per-feature standardisation (train split)",
+            "standardize": "per-feature standardisation (train split)",
+            "none": "raw features",
+        }[c.input_transform]
+        parts = [scaling]
+        if c.event_layernorm:
+            parts.append(f"LayerNorm({c.num_features})")
+        depth = f" + block embedding ({c.block_embedding})" if c.block_embedding else ""
+        parts.append(f"MLP ({c.num_features}{depth}→{c.hidden}→{c.embed}, GELU, dropout {c.dropout}) → LayerNorm")
+        if c.head == "gru":
+            parts.append(
+                f"GRU ({c.embed}→{c.gru_hidden}) over the events in depth-major order → Linear({c.gru_hidden}→1) per "
+                f"event → `{c.pooling}` pooling"
+            )
+        else:
+            parts.append(
+                f"per event: a logit Linear({c.embed}→1) and an attention score Linear({c.embed}→1); the sample "
+                "logit is the attention-weighted mean of the event logits"
+            )
+        text = " → ".join(parts) + "."
+        if c.state_dim:
+            text += (
+                f" Plus a state branch: the residual at the last answer token entering block(s) {list(c.state_blocks)} "
+                f"(d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit."
+            )
+        return text
 
     @classmethod
     def from_pretrained(  # type: ignore[override]
