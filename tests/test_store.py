@@ -138,3 +138,16 @@ def test_kill_during_write_leaves_no_partial_shard(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         write_shard(tmp_path / shard_name(0), _shard(2, 2, 0))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_written_files_follow_the_umask(tmp_path):
+    import os
+
+    from hf_flowcheck.store import atomic_write_bytes
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_bytes(tmp_path / "m.json", b"{}")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
