@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,7 @@ from torch import nn
 
 from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.errors import NoValidatorError
+from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
 
@@ -86,6 +87,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
         self.flow_config = flow_config
         self.tokenizer = tokenizer
         self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)
+        # Capture hooks sit on the shared model: one flow-checked generate at a time per wrapper.
+        self._flow_lock = threading.Lock()
         if validator is not None:
             validator.to(self.extractor.arch.readout.device).eval()
 
@@ -214,6 +217,26 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 if input_ids is not None
                 else (self.base_model.generate(**kwargs))
             )
+        if not self._flow_lock.acquire(blocking=False):
+            raise ConcurrentGenerateError(
+                "A flow-checked generate() is already running on this model in another thread; its capture hooks sit "
+                "on the shared modules. Use one FlowCheckedModelForCausalLM (and base model) per thread, or call "
+                "generate() from one thread at a time."
+            )
+        try:
+            return self._flow_generate(input_ids, kwargs, flags, want_scores, want_feats, check_every)
+        finally:
+            self._flow_lock.release()
+
+    def _flow_generate(
+        self,
+        input_ids: torch.Tensor | None,
+        kwargs: dict[str, Any],
+        flags: dict[str, Any],
+        want_scores: bool,
+        want_feats: bool,
+        check_every: int | None,
+    ) -> FlowGenerateOutput:
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:

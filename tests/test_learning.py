@@ -173,3 +173,14 @@ def test_failed_save_leaves_the_old_folder_loadable(tiny_answers, tmp_path):
     del model.training_metadata["bad"]
     with pytest.raises(FileExistsError, match="is a file"):
         model.save_pretrained(tmp_path / "file")
+
+
+@pytest.mark.parametrize("content", ["not json", "[1, 2]", "\xff\xfe"])
+def test_damaged_config_json_is_named(tiny_answers, tmp_path, content):
+    from hf_flowcheck.errors import CheckpointError
+
+    feats, _ = tiny_answers
+    FlowValidator(shipped_config(feats)).save_pretrained(tmp_path / "v")
+    (tmp_path / "v" / "config.json").write_bytes(content.encode("latin-1"))
+    with pytest.raises(CheckpointError, match=r"config\.json"):
+        FlowValidator.from_pretrained(tmp_path / "v")

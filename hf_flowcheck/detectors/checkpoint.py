@@ -77,6 +77,22 @@ def hub_fetch_errors(what: str, name: str) -> Iterator[None]:
         what: The artifact, e.g. ``"validator"``.
         name: The folder or repo id asked for.
     """
+    folder = Path(name)
+    if (folder / CONFIG_NAME).is_file():  # read it first: the Hub mixin would raise a bare JSON or type error
+        import json
+
+        try:
+            parsed = json.loads((folder / CONFIG_NAME).read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise CheckpointError(
+                f"{folder / CONFIG_NAME} is not valid JSON ({err}); the {what} folder is damaged. Save it again "
+                "with save_pretrained(), or fetch it again."
+            ) from None
+        if not isinstance(parsed, dict):
+            raise CheckpointError(
+                f"{folder / CONFIG_NAME} holds a JSON {type(parsed).__name__}, not an object; it is not a {what} "
+                "config. Save the folder again with save_pretrained()."
+            )
     try:
         yield
     except (LocalEntryNotFoundError, EntryNotFoundError, HfHubHTTPError) as err:
