@@ -621,7 +621,7 @@ def refine(
     for row in _select_rows(output, rows, threshold):
         # Draw for every selected row (also skipped ones) so a row's block does not depend on others.
         drawn = int(torch.randint(n_blocks, (1,), generator=gen))
-        reason = _skip_reason(output, row, prompt_len, real[row])
+        reason = _skip_reason(output, row, prompt_len, real[row], n_blocks)
         if reason is not None:
             result.skipped[row] = reason
             continue
@@ -651,7 +651,7 @@ def refine(
     return result
 
 
-def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor) -> str | None:
+def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int) -> str | None:
     seqs = output.sequences
     if seqs.shape[1] <= prompt_len:
         return "the output has no generated tokens"
@@ -667,6 +667,8 @@ def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor) -> 
         )
     if t0 >= seqs.shape[1]:
         return f"the culprit t0={t0} lies beyond the sequence ({seqs.shape[1]} columns)"
+    if b0 >= n_blocks:
+        return f"the culprit block b0={b0} does not exist (the model has {n_blocks} blocks); the output was altered"
     if int(real.sum()) + (t0 - prompt_len) < 1:
         return "the prefix before t0 is empty (the prompt is all padding): nothing to calibrate s_ref on"
     return None

@@ -1,5 +1,7 @@
 """Flow-guided refinement (spec §7): the block clamp's invariants, rollback parity, hook hygiene, errors."""
 
+import copy
+
 import pytest
 import torch
 from conftest import make_tiny_model, tiny_flow_config
@@ -409,3 +411,14 @@ def test_threshold_and_budget_are_validated(setup, bad):
         fc.refine(out, threshold=bad, attention_mask=att, **SMALL)
     with pytest.raises(ValueError, match="max_new_tokens=-3"):
         fc.refine(out, max_new_tokens=-3, attention_mask=att, **SMALL)
+
+
+def test_tampered_culprit_is_skipped_with_its_reason(setup):
+    fc, out, att = setup
+    bad = copy.copy(out)
+    bad.flow_culprits = out.flow_culprits.clone()
+    bad.flow_culprits[0, 1] = 999
+    bad.flow_culprits[1, 0] = 10_000
+    res = fc.refine(bad, rows=[0, 1], attention_mask=att, **SMALL)
+    assert "b0=999 does not exist" in res.skipped[0]
+    assert "beyond the sequence" in res.skipped[1]
