@@ -13,8 +13,33 @@ SAMPLE_KNOWLEDGE = (
 )
 SAMPLE_QUESTION = "Which engineer is the Eiffel Tower named after?"
 
-#: (question, knowledge, reference answer) shown by ``flowcheck demo``.
-DEMO_SAMPLES: list[tuple[str, str | None, str | None]] = [(SAMPLE_QUESTION, SAMPLE_KNOWLEDGE, "Gustave Eiffel")]
+#: (question, knowledge, reference answer) shown by ``flowcheck demo``: the first HaluEval-QA
+#: test-split questions (split seed 0, answers-file order) that SmolLM2-135M-Instruct answered
+#: right (halueval_qa:4881) and wrong (halueval_qa:9022), taken as they came, not for their scores.
+DEMO_SAMPLES: list[tuple[str, str | None, str | None]] = [
+    (
+        ' Who flew on a 1985 Space Shuttle "Challenger" mission as a Payload Specialist, Claude Nicollier or  '
+        "Lodewijk van den Berg?",
+        "Claude Nicollier (born 2 September 1944 in Vevey, Switzerland) is the first astronaut from Switzerland."
+        "Lodewijk van den Berg (] ; born March 24, 1932) is a Dutch American chemical engineer, specializing in "
+        'crystal growth, who flew on a 1985 Space Shuttle "Challenger" mission as a Payload Specialist.',
+        "Lodewijk van den Berg",
+    ),
+    (
+        "Which brand, originally developed by Procter & Gamble, is now owned by a company headquartered in Battle "
+        "Creek, Michigan, United States?",
+        "The Kellogg Company (also Kellogg's, Kellogg, and Kellogg's of Battle Creek) is an American multinational "
+        "food manufacturing company headquartered in Battle Creek, Michigan, United States. The company's brands "
+        "include Froot Loops, Apple Jacks, Corn Flakes, Frosted Flakes, Rice Krispies, Special K, Cocoa Krispies, "
+        "Keebler, Pringles, Pop-Tarts, Kashi, Cheez-It, Eggo, Nutri-Grain, Morningstar Farms, and many more."
+        "Pringles is an American brand of potato and wheat-based stackable snack chips owned by Kellogg's. "
+        'Originally marketed as "Pringle\'s Newfangled Potato Chips", Pringles are sold in more than 140 countries, '
+        "and it was the fourth most popular snack brand after Lay's, Doritos and Cheetos in 2012, with 2.2% market "
+        "share globally, compared to Lay's share of 6.7%. The snack was originally developed by Procter & Gamble "
+        "(P&G), who first sold the product in 1967.",
+        "Pringles",
+    ),
+]
 
 
 def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
