@@ -91,3 +91,14 @@ def test_every_help_page_renders(command, capsys):
         main(argv)
     assert exit_info.value.code == 0
     assert "usage: flowcheck" in capsys.readouterr().out
+
+
+def test_demo_samples_are_the_dataset_records():
+    from hf_flowcheck import data
+    from hf_flowcheck.cli import DEMO_SAMPLES
+
+    recs = {r.uid: r for r in data.load_halueval("qa", None)}
+    for uid, (question, knowledge, reference) in zip(("halueval_qa:4881", "halueval_qa:9022"), DEMO_SAMPLES):
+        fields = recs[uid].prompt_fields
+        assert (fields["question"], fields["knowledge"]) == (question, knowledge)
+        assert reference in recs[uid].references
