@@ -9,6 +9,7 @@ features, the final readout's confidence and answer length. The design with the 
 validation AUROC is the one to ship; the test columns are never used for a choice.
 
     python benchmarks/validator_selection.py --parts runs/replay/smol-qa --out runs/selection-smol-qa.json
+    python benchmarks/validator_selection.py --merge seed0.json seed12.json merged.json   # seeds run in parallel
 """
 
 from __future__ import annotations
@@ -226,27 +227,51 @@ def main() -> int:
             results["learning_curve"] = {"variant": a.curve_variant, "points": curve}
         with open(a.out, "w") as fh:
             json.dump(results, fh, indent=1, default=float)
-    names = list(results["seeds"][a.seeds[0]]["rows"])
+    return summarize(results, a.variants, a.out)
+
+
+def summarize(results: dict, variants: list[str], out: str) -> int:
+    """Print the table (mean ± sd over split seeds, seed-0 interval) and the validation choice."""
+    seeds = sorted(results["seeds"], key=int)
+    first = results["seeds"][seeds[0]]
+    names = list(first["rows"])
     print("| detector | val AUROC (mean ± sd) | test AUROC (mean ± sd) (splits) | seed-0 test [95% CI] |")
     print("|---|---|---|---|")
     summary = {}
     for name in names:
-        ran = [s for s in a.seeds if name in results["seeds"][s]["rows"]]
+        ran = [s for s in seeds if name in results["seeds"][s]["rows"]]
         v = [results["seeds"][s]["rows"][name]["val_auroc"] for s in ran]
         t = [results["seeds"][s]["rows"][name]["test_auroc"] for s in ran]
-        r0 = results["seeds"][a.seeds[0]]["rows"][name]
+        r0 = first["rows"][name]
         summary[name] = {"val_mean": float(np.mean(v)), "test_mean": float(np.mean(t)), "splits": len(ran)}
         print(
             f"| {name} | {np.mean(v):.3f} ± {np.std(v):.3f} | {np.mean(t):.3f} ± {np.std(t):.3f} ({len(ran)}) | "
             f"{r0['test_auroc']:.3f} [{r0['test_ci'][0]:.3f}, {r0['test_ci'][1]:.3f}] |"
         )
-    best = max(a.variants, key=lambda n: summary[n]["val_mean"])
+    candidates = [n for n in variants if n in summary]
+    best = max(candidates, key=lambda n: summary[n]["val_mean"])
     results["summary"], results["chosen_on_validation"] = summary, best
     print(f"\nchosen on validation: {best}")
-    with open(a.out, "w") as fh:
+    with open(out, "w") as fh:
         json.dump(results, fh, indent=1, default=float)
     return 0 if all(math.isfinite(s["val_mean"]) for s in summary.values()) else 1
 
 
+def merge(paths: list[str], out: str) -> int:
+    """Merge runs over different split seeds (run in parallel) into one table."""
+    merged: dict = {}
+    for path in paths:
+        with open(path) as fh:
+            part = json.load(fh)
+        seeds = merged.setdefault("seeds", {})
+        seeds.update(part.pop("seeds"))
+        for k, v in part.items():
+            if k not in ("summary", "chosen_on_validation"):
+                merged.setdefault(k, v)
+    return summarize(merged, list(VARIANTS), out)
+
+
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--merge"]:
+        raise SystemExit(merge(sys.argv[2:-1], sys.argv[-1]))
     raise SystemExit(main())
