@@ -217,6 +217,7 @@ def train_from_store(
     head: str = "gru",
     block_embedding: int = 0,
     state: bool = False,
+    state_spread: int = 0,
     channels: tuple[str, ...] | None = None,
     hidden: int = 256,
     embed: int = 128,
@@ -272,7 +273,10 @@ def train_from_store(
         extra["num_blocks"] = train_f.num_blocks
     if state:
         extra.update(state_dim=int(train_f.states.shape[-1]) if train_f.states is not None else 0)
-        extra["state_blocks"] = (_probe_layer(train_f, train_y, val_f, val_y),)
+        layer = _probe_layer(train_f, train_y, val_f, val_y)
+        n_bound = int(train_f.states.shape[1])
+        around = {layer} if not state_spread else {layer - state_spread, layer, layer + state_spread}
+        extra["state_blocks"] = tuple(sorted(min(max(b, 0), n_bound - 1) for b in around))
     vcfg = ValidatorConfig.from_feature_names(
         train_f.names,
         pooling=pooling,
@@ -369,6 +373,7 @@ def cmd_train(args: argparse.Namespace) -> int:
             head=args.head,
             block_embedding=args.block_embedding,
             state=args.state,
+            state_spread=args.state_spread,
             channels=tuple(args.channels) if args.channels else None,
             hidden=args.hidden,
             embed=args.embed,
@@ -450,6 +455,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--state",
         action="store_true",
         help="Flow + state: also read the residual at the boundary a hidden-state probe picks on validation.",
+    )
+    p.add_argument(
+        "--state-spread",
+        type=int,
+        default=0,
+        help="With --state: also read the boundaries this many blocks below and above the probe's (0 = only it).",
     )
     p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
     p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
