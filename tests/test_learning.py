@@ -184,3 +184,15 @@ def test_damaged_config_json_is_named(tiny_answers, tmp_path, content):
     (tmp_path / "v" / "config.json").write_bytes(content.encode("latin-1"))
     with pytest.raises(CheckpointError, match=r"config\.json"):
         FlowValidator.from_pretrained(tmp_path / "v")
+
+
+def test_save_keeps_files_it_does_not_write(tiny_answers, tmp_path):
+    feats, _ = tiny_answers
+    model = FlowValidator(shipped_config(feats))
+    (tmp_path / "v" / "checkpoints").mkdir(parents=True)
+    (tmp_path / "v" / "checkpoints" / "state.json").write_text("{}")
+    (tmp_path / "v" / "evaluation.json").write_text("{}")
+    model.save_pretrained(tmp_path / "v")
+    model.save_pretrained(tmp_path / "v")
+    names = sorted(p.name for p in (tmp_path / "v").iterdir())
+    assert names == ["README.md", "checkpoints", "config.json", "evaluation.json", "model.safetensors"]

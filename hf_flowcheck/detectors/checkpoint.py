@@ -37,8 +37,9 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
     """Write a saved-artifact folder so that a failure leaves the old one untouched.
 
     ``write(tmp)`` fills a fresh temporary folder beside ``target``; only when it returns and the
-    folder holds a JSON ``config.json`` does the old folder make way for the new one. A failure
-    inside ``write`` removes the temporary folder and re-raises: nothing at ``target`` changed.
+    folder holds a JSON ``config.json`` does the old folder make way for the new one (files of the
+    old folder that the save does not write are carried over). A failure inside ``write`` removes
+    the temporary folder and re-raises: nothing at ``target`` changed.
 
     Raises:
         FileExistsError: ``target`` is a file.
@@ -58,6 +59,10 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
         os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a saved artifact is as readable as any folder
         old = None
         if target.exists():
+            # Files the save does not write (a training checkpoint, an evaluation) stay in the folder.
+            for entry in target.iterdir():
+                if not (tmp / entry.name).exists():
+                    os.replace(entry, tmp / entry.name)
             old = target.parent / f".{target.name}.old-{os.getpid()}"
             os.replace(target, old)
         os.replace(tmp, target)
