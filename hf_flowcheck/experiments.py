@@ -191,6 +191,9 @@ def _plot_learning_curve(history: dict, path: Path) -> None:
     fig, ax = plt.subplots(1, 2, figsize=(9, 3.2))
     ax[0].plot(ep, history["train_loss"], label="train loss")
     ax[0].plot(ep, history["val_loss"], label="validation loss")
+    w = float(history.get("pos_weight") or 1.0)
+    # With the class weight n_neg/n_pos the best constant predictor is p = 0.5: loss 2 (n_neg/N) ln 2.
+    ax[0].axhline(2 * w / (1 + w) * np.log(2), color="grey", ls="--", lw=1, label="constant predictor")
     ax[1].plot(ep, history["val_auroc"], label="validation AUROC", color="C2")
     for a in ax:
         a.axvline(history["best_epoch"], color="grey", ls=":", lw=1)
