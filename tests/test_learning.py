@@ -196,3 +196,27 @@ def test_save_keeps_files_it_does_not_write(tiny_answers, tmp_path):
     model.save_pretrained(tmp_path / "v")
     names = sorted(p.name for p in (tmp_path / "v").iterdir())
     assert names == ["README.md", "checkpoints", "config.json", "evaluation.json", "model.safetensors"]
+
+
+def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.hub import model_fingerprint
+
+    feats, labels = tiny_answers
+    model = make_tiny_model("llama")
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    v, _ = train_validator(feats, labels, feats, labels, config=cfg, epochs=2, progress=False,
+                           flow_config=tiny_flow_config(lens_features=True, state_summary="last"))  # fmt: skip
+    v.base_fingerprint = model_fingerprint(model)
+    fc = FlowCheckedModelForCausalLM(model, v)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    out = fc.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_flow_scores=True,
+                      return_flow_features=True, suppress_tokens=[98])  # fmt: skip
+    assert out.flow_features.states is not None and len(out.flow_features.names) == 14
+    resp = torch.zeros_like(out.sequences)
+    resp[:, ids.shape[1] :] = 1
+    replay = fc.extractor.extract(out.sequences, response_mask=resp)
+    torch.testing.assert_close(out.flow_scores, v.score_features(replay).scores, atol=1e-5, rtol=1e-5)
+    streamed = fc.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_flow_scores=True,
+                           flow_check_every=2, suppress_tokens=[98])  # fmt: skip
+    torch.testing.assert_close(streamed.flow_scores, out.flow_scores, atol=1e-5, rtol=1e-5)
