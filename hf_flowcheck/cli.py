@@ -147,10 +147,8 @@ def _answer(model, question: str, context: str | None, args: argparse.Namespace,
         return 0
     threshold, source = args.threshold, "--threshold"
     if threshold is None:
-        try:
-            threshold, source = model.validator.recommended_threshold(), "validator's precision-0.8 point"
-        except ValueError:
-            threshold, source = 0.5, "default"
+        # Validators are trained with the class weight n_neg/n_pos, so 0.5 is their balanced decision point.
+        threshold, source = 0.5, "balanced point; --threshold to change"
     verdict = "likely hallucinated" if score > threshold else "looks grounded"
     print(
         f"Flow score: {score:.3f} ({verdict}; higher = more likely hallucinated; threshold {threshold:.3f}, {source})"
@@ -205,8 +203,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
 
 THRESHOLD_HELP = (
-    "Score above which the answer is called likely hallucinated, in [0, 1] (default: the threshold the validator "
-    "chose on validation for precision 0.8, else 0.5)."
+    "Score above which the answer is called likely hallucinated, in [0, 1] (default 0.5, the balanced point of a "
+    "class-weighted validator; its model card lists thresholds chosen on validation)."
 )
 
 

@@ -56,7 +56,13 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
     try:
         write(tmp)
         json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
-        os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a saved artifact is as readable as any folder
+        # mkdtemp makes 0700 folders (and some writers 0600 files); a saved artifact follows the umask.
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o777 & ~mask)
+        for entry in tmp.iterdir():
+            if entry.is_file():
+                os.chmod(entry, 0o666 & ~mask)
         old = None
         if target.exists():
             # Files the save does not write (a training checkpoint, an evaluation) stay in the folder.
