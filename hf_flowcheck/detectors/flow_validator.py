@@ -813,7 +813,7 @@ class FlowValidator(
             "from hf_flowcheck import FlowExtractor, FlowConfig",
             "from hf_flowcheck.detectors import FlowValidator",
             "",
-            f"validator = FlowValidator.from_pretrained({(repo_id or '<this repo>')!r}, base_model=model)",
+            f"validator = FlowValidator.from_pretrained({json.dumps(repo_id or '<this repo>')}, base_model=model)",
             "extractor = FlowExtractor(model, validator.flow_config)",
             "out = validator.score_features(extractor.extract(input_ids, attention_mask, response_mask))",
             "out.scores  # [N], higher = more likely hallucinated",
