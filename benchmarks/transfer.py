@@ -21,7 +21,6 @@ from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
 from hf_flowcheck.detectors.baselines import HiddenStateProbe
 from hf_flowcheck.evaluation import evaluate_scores, format_table
-from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.workflows.replay import load_parts
 
 
@@ -48,10 +47,7 @@ def main() -> int:
     for folder in a.validator:
         v = FlowValidator.from_pretrained(folder)
         names = v.config.feature_names
-        idx = [feats.names.index(n) for n in names]
-        sub = FlowFeatures(
-            feats.values[..., idx], feats.valid, feats.positions, tuple(names), feats.sample_keys, states=feats.states
-        )
+        sub = feats.select(names)
         s = v.score_features(sub).scores.double().numpy()[has]
         rows[f"validator {folder.rstrip('/').split('/')[-1]}"] = evaluate_scores(y, s, name=folder)
     rows[f"hidden-state probe (QA-fitted, layer {probe.layer})"] = evaluate_scores(

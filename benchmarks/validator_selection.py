@@ -37,10 +37,7 @@ LENS = LENS_FEATURES
 
 
 def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:
-    idx = [feats.names.index(n) for n in names]
-    return FlowFeatures(
-        feats.values[..., idx], feats.valid, feats.positions, names, feats.sample_keys, states=feats.states
-    )
+    return feats.select(names)
 
 
 def rows(feats: FlowFeatures, idx: np.ndarray) -> FlowFeatures:

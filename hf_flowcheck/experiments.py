@@ -127,16 +127,7 @@ MIN_PER_CLASS = 20
 
 
 def _select_channels(feats: Any, channels: tuple[str, ...] | None) -> Any:
-    if not channels:
-        return feats
-    from hf_flowcheck.extraction import FlowFeatures
-
-    missing = [c for c in channels if c not in feats.names]
-    if missing:
-        raise ValueError(f"--channels {missing} are not in the store's features {list(feats.names)}.")
-    idx = [feats.names.index(c) for c in channels]
-    return FlowFeatures(feats.values[..., idx], feats.valid, feats.positions, tuple(channels), feats.sample_keys,
-                        states=feats.states)  # fmt: skip
+    return feats.select(channels) if channels else feats
 
 
 def _probe_layer(train_f: Any, train_y: torch.Tensor, val_f: Any, val_y: torch.Tensor) -> int:

@@ -62,6 +62,21 @@ class FlowFeatures:
             None if self.states is None else self.states.to(device),
         )
 
+    def select(self, names: tuple[str, ...] | list[str]) -> FlowFeatures:
+        """The same events with only the feature channels ``names``, in that order.
+
+        Raises:
+            ValueError: A name that is not one of :attr:`names`.
+        """
+        missing = [n for n in names if n not in self.names]
+        if missing:
+            raise ValueError(f"feature channels {missing} are not among {list(self.names)}.")
+        idx = [self.names.index(n) for n in names]
+        return FlowFeatures(
+            self.values[..., idx], self.valid, self.positions, tuple(names), list(self.sample_keys), self.geometry,
+            self.states,
+        )  # fmt: skip
+
     def __getitem__(self, idx: int | slice) -> FlowFeatures:
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)
