@@ -295,6 +295,8 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--batch-size", type=positive_int, default=8)
     rp.add_argument("--lens-features", action=argparse.BooleanOptionalAction, default=True)
     rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
+    rp.add_argument("--start-part", type=int, default=0, help="First part to extract (another process may take the earlier ones).")
+    rp.add_argument("--skip-started", action="store_true", help="Leave parts another process has started.")
     rp.add_argument("--no-progress", action="store_true")
     rp.set_defaults(func=run_replay)
 

@@ -182,11 +182,14 @@ def run_replay(args: Any) -> int:
     from hf_flowcheck.workflows.answers import AnswerFileError
 
     try:
+        if args.start_part < 0:
+            raise ValueError(f"--start-part must be 0 or more, got {args.start_part}.")
         config = FlowConfig(lens_features=args.lens_features, state_summary=args.state_summary)
         model, tok = load_model(args.model)
         parts = replay_answers(
             model, tok, args.answers, args.out, config=config, part_size=args.part_size,
             batch_size=args.batch_size, include_partial=True, progress=not args.no_progress,
+            start_part=args.start_part, skip_started=args.skip_started,
         )  # fmt: skip
     except (ValueError, FileNotFoundError, AnswerFileError) as err:
         print(f"flowcheck replay: error: {err}", file=sys.stderr)
