@@ -31,12 +31,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from hf_flowcheck.comparison import SPLITS, _split_parts, examples_from_store, gradient_layer_ablation
     from hf_flowcheck.data.splits import split_records
     from hf_flowcheck.detectors.flow_validator import _jsonable
     from hf_flowcheck.detectors.gradient import GradientConfig
     from hf_flowcheck.offline_models import load_model
     from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.compare import SPLITS, _split_parts, examples_from_store, gradient_layer_ablation
 
     store = FeatureStore.open(args.features)
     model, tok = load_model(args.model)

@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model, tiny_flow_config
-from test_pipeline import CharTokenizer
+from test_workflows_extract import CharTokenizer
 
-from hf_flowcheck import pipeline as pl
 from hf_flowcheck.data import Example, ReferenceF1Judge
 from hf_flowcheck.extraction import FlowExtractor
-from hf_flowcheck.hub import model_fingerprint
+from hf_flowcheck.fingerprint import model_fingerprint
+from hf_flowcheck.workflows import extract as pl
 from hf_flowcheck.workflows.answers import AnswerFileError, generate_answers, read_answers
 from hf_flowcheck.workflows.replay import load_parts, replay_answers
 

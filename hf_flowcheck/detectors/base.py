@@ -113,7 +113,7 @@ def scored_examples(tokenizer: Any, examples: Sequence[Any]) -> list[ScoredExamp
     """Tokenize labelled examples (``.prompt``, ``.completion``/``.answer``, ``.label``, ``.uid``).
 
     The prompt and ``prompt + completion`` are tokenized separately; the answer is what follows
-    their common prefix (as in :mod:`hf_flowcheck.pipeline`), so merges across the boundary are
+    their common prefix (as in :mod:`hf_flowcheck.workflows.extract`), so merges across the boundary are
     handled the same way as during extraction.
 
     Args:

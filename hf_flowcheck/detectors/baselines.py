@@ -40,7 +40,7 @@ from torch import nn
 from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
-from hf_flowcheck.evaluation import auroc
+from hf_flowcheck.metrics import auroc
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
 
 __all__ = [

@@ -57,7 +57,7 @@ from hf_flowcheck.detectors.checkpoint import (
     weights_file,
 )
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
 
 __all__ = ["CheckpointError", "FlowValidator", "FlowValidatorOutput", "ValidatorConfig"]
@@ -309,10 +309,10 @@ class FlowValidator(
         validator_config: The network's shape; a :class:`ValidatorConfig` or its dict.
         flow_config: The :class:`~hf_flowcheck.FlowConfig` (or its dict) the features were
             computed with; stored so that users extract features the same way.
-        base_fingerprint: :func:`hf_flowcheck.hub.model_fingerprint` of the base model the
+        base_fingerprint: :func:`hf_flowcheck.fingerprint.model_fingerprint` of the base model the
             features came from; :meth:`check_compatible` compares a model against it.
         training_metadata: JSON-serialisable facts about training (hyperparameters, history,
-            ``"evaluation"``: :func:`~hf_flowcheck.evaluation.evaluate_scores` results,
+            ``"evaluation"``: :func:`~hf_flowcheck.metrics.evaluate_scores` results,
             ``"command"``: the command that produced them). Shown in the model card.
 
     Score direction: ``scores`` lie in ``[0, 1]``, higher = more likely hallucinated.
@@ -346,7 +346,7 @@ class FlowValidator(
             raise ValueError(f"flow_config must be a FlowConfig or its dict, got {type(flow_config).__name__}.")
         if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
             raise ValueError(
-                f"base_fingerprint must be a dict from hf_flowcheck.hub.model_fingerprint(), "
+                f"base_fingerprint must be a dict from hf_flowcheck.fingerprint.model_fingerprint(), "
                 f"got {type(base_fingerprint).__name__}."
             )
         if training_metadata is not None and not isinstance(training_metadata, dict):
@@ -642,7 +642,7 @@ class FlowValidator(
                 "This validator has no base-model fingerprint, so compatibility cannot be checked (pass "
                 "check_compatibility=False to FlowCheckedModelForCausalLM to use it unchecked). When you "
                 "know which model its features came from, set "
-                "validator.base_fingerprint = hf_flowcheck.hub.model_fingerprint(model) before saving "
+                "validator.base_fingerprint = hf_flowcheck.fingerprint.model_fingerprint(model) before saving "
                 "(train_validator(..., base_model=model) does this)."
             )
         check_fingerprint(self.base_fingerprint, model, fields=fields, what="validator")
@@ -667,19 +667,19 @@ class FlowValidator(
         return float(point["threshold"])
 
     def set_base_model(self, model: nn.Module, base_id: str | None = None, revision: str | None = None) -> None:
-        """Record ``model``'s fingerprint (see :func:`hf_flowcheck.hub.model_fingerprint`)."""
+        """Record ``model``'s fingerprint (see :func:`hf_flowcheck.fingerprint.model_fingerprint`)."""
         self.base_fingerprint = model_fingerprint(model, base_id=base_id, revision=revision)
 
     def record_evaluation(self, results: Any, *, command: str | None = None, **extra: Any) -> None:
         """Store evaluation results (and the command that produced them) for config.json and the model card.
 
         Args:
-            results: One :func:`~hf_flowcheck.evaluation.evaluate_scores` result, a list of them,
+            results: One :func:`~hf_flowcheck.metrics.evaluate_scores` result, a list of them,
                 or ``{row_name: result}``.
             command: The command line that produced the results.
             **extra: More JSON-serialisable facts (protocol, split, dataset ...).
         """
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         format_table(results)  # validates the structure early, with its own clear error
         self.training_metadata["evaluation"] = _jsonable(results, "evaluation")
@@ -719,7 +719,7 @@ class FlowValidator(
 
     def model_card_text(self, repo_id: str | None = None) -> str:
         """Markdown of the model card (works offline)."""
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")

@@ -66,7 +66,7 @@ from hf_flowcheck.detectors.checkpoint import (
 )
 from hf_flowcheck.detectors.flow_validator import _jsonable
 from hf_flowcheck.errors import GradientSignatureError
-from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -719,7 +719,7 @@ class _LogisticReader(nn.Module):
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from hf_flowcheck.evaluation import auroc
+    from hf_flowcheck.metrics import auroc
 
     return auroc(y, s)
 
@@ -739,7 +739,7 @@ class GradientDetector(
         num_layers: ``L_sel``; set by :meth:`fit` (given when loading).
         signature_dim: ``D``; set by :meth:`fit` (given when loading).
         block_indices: The selected block indices (for people and checks).
-        base_fingerprint: :func:`hf_flowcheck.hub.model_fingerprint` of the base model.
+        base_fingerprint: :func:`hf_flowcheck.fingerprint.model_fingerprint` of the base model.
         training_metadata: JSON-serialisable facts (history, evaluation, command).
 
     Score direction: :meth:`score` is ``P(hallucinated)`` in ``[0, 1]``, higher = more likely
@@ -769,7 +769,7 @@ class GradientDetector(
         super().__init__()
         self.config = GradientConfig.from_dict(gradient_config if gradient_config is not None else GradientConfig())
         if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
-            raise ValueError("base_fingerprint must be a dict from hf_flowcheck.hub.model_fingerprint().")
+            raise ValueError("base_fingerprint must be a dict from hf_flowcheck.fingerprint.model_fingerprint().")
         if training_metadata is not None and not isinstance(training_metadata, dict):
             raise ValueError(f"training_metadata must be a dict, got {type(training_metadata).__name__}.")
         self.base_fingerprint: dict[str, Any] | None = dict(base_fingerprint) if base_fingerprint else None
@@ -1007,7 +1007,7 @@ class GradientDetector(
         self.block_indices = self.config.select_blocks(int(self.base_fingerprint["num_blocks"]))
 
     def check_compatible(self, model: nn.Module, fields: Sequence[str] = CHECKED_FIELDS) -> None:
-        """Raise :class:`~hf_flowcheck.hub.FingerprintMismatchError` unless ``model`` is the base model."""
+        """Raise :class:`~hf_flowcheck.fingerprint.FingerprintMismatchError` unless ``model`` is the base model."""
         if self.base_fingerprint is None:
             raise ValueError(
                 "This gradient detector has no base-model fingerprint; call detector.set_base_model(model) once you "
@@ -1051,7 +1051,7 @@ class GradientDetector(
 
     def model_card_text(self) -> str:
         """Markdown of the model card (works offline)."""
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")

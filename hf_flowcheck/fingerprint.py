@@ -203,5 +203,5 @@ def check_fingerprint(
         f"({actual.get('base_id') or type(unwrap_model(model)).__name__!r}): {lines}. Flow signatures are "
         f"specific to one base model's blocks and readout weights, so scores on another model are meaningless. "
         f"Load the base model the {what} was trained on, or train a {what} for this model "
-        f"(hf_flowcheck.training.train_validator)."
+        f"(hf_flowcheck.workflows.training.train_validator)."
     )
