@@ -36,6 +36,7 @@ from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
 from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.generation import capture_generate
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 from hf_flowcheck.store import (
     STORE_FORMAT,
@@ -271,7 +272,7 @@ def _run_generated(
     rows = [_encode(tokenizer, it.prompt) for it in batch]
     ids, att, offsets = _pad(rows, pad_id, left=True)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, **generate_kwargs}
-    seqs, feats = ext.generate(ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
+    seqs, feats = capture_generate(ext, ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
     seqs = seqs.to("cpu")
     width = ids.shape[1]
     raws, answers, limits = [], [], []
