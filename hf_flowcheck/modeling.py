@@ -7,6 +7,7 @@ model's ``generate()`` untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -21,6 +22,8 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
+from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
 
 #: generate() keyword arguments that belong to hf_flowcheck (never passed to transformers).
 FLOW_GENERATE_KWARGS = (
@@ -322,21 +325,26 @@ class FlowCheckedModelForCausalLM(nn.Module):
             raise NoValidatorError("No validator loaded; pass validator=... to from_pretrained.")
         return self.validator.score_features(features)
 
-    def refine(self, output: FlowGenerateOutput, **kwargs: Any) -> Any:
+    def refine(self, output: FlowGenerateOutput, config: RefineConfig | None = None, **kwargs: Any) -> FlowRefineOutput:
         """Roll flagged answers back to their culprit and regenerate them under the block clamp.
 
-        Delegates to :func:`hf_flowcheck.refinement.refine` (spec §7); see it for the arguments
-        (``strategy``, ``alpha``, ``threshold``, ``rows``, generate settings...).
+        A one-line delegate to :func:`hf_flowcheck.refinement.refine` (spec §7) with this model's
+        base model, extractor, validator and tokenizer.
 
         Args:
             output: From ``self.generate(..., return_flow_scores=True)``.
+            config: A :class:`~hf_flowcheck.RefineConfig`; its fields (``strategy``, ``alpha``,
+                ``threshold``, ``seed``...) may also be given as keyword arguments, which override it.
+            **kwargs: ``rows``, ``attention_mask`` and generate settings, as :func:`~hf_flowcheck.refine` takes.
 
         Returns:
-            A :class:`~hf_flowcheck.refinement.RefinementResult`.
+            A :class:`~hf_flowcheck.FlowRefineOutput` with ``sequences`` for every row of the batch.
         """
-        from hf_flowcheck.refinement import refine
-
-        return refine(self, output, **kwargs)
+        overrides = {name: kwargs.pop(name) for name in REFINE_CONFIG_FIELDS if name in kwargs}
+        config = dataclasses.replace(config or RefineConfig(), **overrides)
+        return refine(
+            self.base_model, self.extractor, self.validator, output, config, tokenizer=self.tokenizer, **kwargs
+        )
 
     def _abstention(self, flags: dict[str, Any]) -> tuple[float | None, list[int], int | None]:
         """``(threshold, message ids, eos id)`` of a streaming check from the generate flags."""
