@@ -16,7 +16,8 @@ from hf_flowcheck.detectors.baselines import (
     SamplingAgreementDetector,
     TokenConfidenceDetector,
 )
-from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig, _jsonable
+from hf_flowcheck.detectors.checkpoint import jsonable
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 from hf_flowcheck.workflows.compare import (
     FlowValidatorDetector,
@@ -158,7 +159,7 @@ def test_compare_detectors_end_to_end() -> None:
         assert 0.0 <= row["abstention"]["test"]["coverage"] <= 1.0
         assert len(report["scores"][name]["test"]) == 6
     assert detectors[1].is_fitted and detectors[2].is_fitted
-    json.dumps(_jsonable(report, "report"))  # JSON-serialisable
+    json.dumps(jsonable(report, "report"))  # JSON-serialisable
     # the length control is skipped outside the paired protocol
     again = compare_detectors(
         model,

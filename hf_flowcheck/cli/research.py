@@ -556,9 +556,9 @@ def run_compare(args: argparse.Namespace) -> int:
             f"x{la['cost']['last_band_ratio']:.2f}, all x{la['cost']['all_ratio']:.2f}"
         )
     if args.json:
-        from hf_flowcheck.detectors.flow_validator import _jsonable
+        from hf_flowcheck.detectors.checkpoint import jsonable
 
-        Path(args.json).write_text(json.dumps(_jsonable(report, "report"), indent=2))
+        Path(args.json).write_text(json.dumps(jsonable(report, "report"), indent=2))
         print(f"Wrote {args.json}")
     return 0
 
