@@ -20,6 +20,11 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.model_io import eos_token_ids, forward_kwargs, input_device
 from hf_flowcheck.signatures import SampleGeometry, lens_features, sample_flow_features, token_key
 
+__all__ = [
+    "FlowExtractor",
+    "FlowFeatures",
+]
+
 
 @dataclass
 class FlowFeatures:

@@ -54,14 +54,17 @@ def eos_token_ids(model: nn.Module, tokenizer: Any = None) -> set[int]:
     return ids
 
 
-def pad_token_id(model: nn.Module, tokenizer: Any = None, *, eos_fallback: bool = False) -> int | None:
+def pad_token_id(
+    model: nn.Module, tokenizer: Any = None, *, eos_fallback: bool = False, default: int | None = None
+) -> int | None:
     """The pad id of the generation config, the model config or the tokenizer (in that order).
 
     Args:
         model: A transformers model (PEFT-wrapped models are unwrapped).
         tokenizer: Optional tokenizer, asked last.
         eos_fallback: Without a pad id, return the first end-of-sequence id (what ``generate`` pads
-            finished rows with), else ``None``.
+            finished rows with).
+        default: Returned when nothing is found (batching needs some id under an attention mask).
     """
     base = unwrap_model(model)
     sources = (getattr(base, "generation_config", None), getattr(base, "config", None), tokenizer)
@@ -74,7 +77,7 @@ def pad_token_id(model: nn.Module, tokenizer: Any = None, *, eos_fallback: bool 
             found = as_token_ids(getattr(src, "eos_token_id", None) if src is not None else None)
             if found:
                 return found[0]
-    return None
+    return default
 
 
 def forward_kwargs(model: nn.Module, attention_mask: torch.Tensor, *, logits_to_keep: int = 1) -> dict[str, Any]:

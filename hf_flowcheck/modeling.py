@@ -25,6 +25,12 @@ from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
 from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
 
+__all__ = [
+    "FLOW_GENERATE_KWARGS",
+    "FlowCheckedModelForCausalLM",
+]
+
+
 #: generate() keyword arguments that belong to hf_flowcheck (never passed to transformers).
 FLOW_GENERATE_KWARGS = (
     "return_flow_scores",

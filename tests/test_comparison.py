@@ -237,6 +237,11 @@ def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> N
     assert sorted((e.uid, e.label) for e in rebuilt) == sorted((e.uid, e.label) for e in examples)
     for e in rebuilt:
         assert tok.decode(e.answer_ids).strip() == e.answer
+    # Extraction and comparison split prompt and answer by the same rule (tokenize_prompt_answer).
+    feats, _, uids = store.load()
+    by_uid = {e.uid: e for e in rebuilt}
+    for i, uid in enumerate(uids):
+        assert int(feats.positions[i, 0]) == len(by_uid[uid].prompt_ids)
 
     defaults = build_parser().parse_args(["compare", "--features", "x"])
     assert defaults.gradient_layers == "5" and defaults.samples == 5 and defaults.target_risk == 0.1

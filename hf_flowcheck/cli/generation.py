@@ -8,6 +8,12 @@ import time
 
 from hf_flowcheck.cli.options import THRESHOLD_HELP, add_model_options, model_load_kwargs, positive_int, unit_interval
 
+__all__ = [
+    "DEMO_SAMPLES",
+    "register",
+]
+
+
 SAMPLE_KNOWLEDGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
     "It is named after the engineer Gustave Eiffel, whose company designed and built the tower "

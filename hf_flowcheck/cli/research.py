@@ -47,6 +47,10 @@ from hf_flowcheck.workflows.extract import (
 )
 from hf_flowcheck.workflows.replay import PartedStore, replay_answers
 
+__all__ = [
+    "register",
+]
+
 
 def run_answers(args: Any) -> int:
     """``flowcheck answers``: the model's greedy answers into a committed, resumable JSONL."""

@@ -38,11 +38,11 @@ import torch
 from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
 from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
 from hf_flowcheck.metrics import auroc
+from hf_flowcheck.model_io import input_device, pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
 from hf_flowcheck.version import __version__
 
@@ -59,22 +59,6 @@ __all__ = [
 
 #: Columns of :func:`token_confidence_features`, each oriented "higher = more likely hallucinated".
 CONFIDENCE_STATISTICS: tuple[str, ...] = ("mean_logprob", "min_logprob", "mean_entropy", "perplexity")
-
-
-def _pad_id(model: nn.Module, tokenizer: Any = None) -> int:
-    base = unwrap_model(model)
-    for src in (tokenizer, getattr(base, "generation_config", None), getattr(base, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(src, attr, None) if src is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    return 0
-
-
-def _device(model: nn.Module) -> torch.device:
-    return unwrap_model(model).get_input_embeddings().weight.device
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -110,8 +94,8 @@ def token_confidence_features(
         mean entropy (nats), perplexity ``exp(-mean log p)``. Higher = less confident.
     """
     out = np.full((len(examples), len(CONFIDENCE_STATISTICS)), np.nan, dtype=np.float64)
-    dev = _device(model)
-    pad = _pad_id(model)
+    dev = input_device(model)
+    pad = pad_token_id(model, eos_fallback=True, default=0)
     for rows in _batches(len(examples), batch_size):
         batch = [examples[i] for i in rows]
         ids, att, _ = batch_examples(batch, pad)
@@ -235,9 +219,9 @@ class SamplingAgreementDetector(Detector):
     @torch.no_grad()
     def samples(self, model: nn.Module, example: ScoredExample, tokenizer: Any) -> list[str]:
         """The ``n`` post-processed sampled answers of one example."""
-        dev = _device(model)
+        dev = input_device(model)
         ids = torch.tensor([example.prompt_ids], dtype=torch.long, device=dev)
-        pad = _pad_id(model, tokenizer)
+        pad = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(self._seed_for(example))
             kwargs: dict[str, Any] = {
@@ -320,8 +304,8 @@ def hidden_states_at_last_answer_token(
         the output of each of the ``B`` blocks; the last one is after the final norm in most
         transformers models). Examples with an empty answer use the last prompt token.
     """
-    dev = _device(model)
-    pad = _pad_id(model)
+    dev = input_device(model)
+    pad = pad_token_id(model, eos_fallback=True, default=0)
     parts: list[torch.Tensor] = []
     for rows in _batches(len(examples), batch_size):
         batch = [examples[i] for i in rows]

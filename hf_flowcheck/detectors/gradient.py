@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
 import math
 import re
 from collections.abc import Callable, Sequence
@@ -57,6 +56,7 @@ from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
 from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
 from hf_flowcheck.errors import GradientSignatureError
 from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.model_io import accepts, input_device
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -417,22 +417,6 @@ def _num_blocks(model: nn.Module) -> int:
     return resolve_architecture(unwrap_model(model)).num_blocks
 
 
-_ACCEPTS_CACHE: dict[tuple[type, str], bool] = {}
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes keyword ``name`` (cached per class)."""
-    key = (type(model), name)
-    if key not in _ACCEPTS_CACHE:
-        try:
-            params = inspect.signature(model.forward).parameters
-            ok = name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-        except (TypeError, ValueError):
-            ok = False
-        _ACCEPTS_CACHE[key] = ok
-    return _ACCEPTS_CACHE[key]
-
-
 def _as_batch(
     t: torch.Tensor | Sequence[int] | None, name: str, like: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -503,7 +487,7 @@ def gradient_signature(
         )
     base = unwrap_model(model)
     selected = _plans(base, cfg.select_blocks(_num_blocks(base)))
-    device = base.get_input_embeddings().weight.device
+    device = input_device(base)
     ids, att = ids.to(device), att.to(device)
     pos = pos.to(device)
     seq = ids.shape[1]
@@ -561,10 +545,10 @@ def gradient_signature(
             for j, lin in enumerate(plan.linears):
                 handles.append(lin.module.register_forward_hook(make_hook(plan.index, j, lin)))
         kwargs: dict[str, Any] = {"attention_mask": att, "use_cache": False}
-        if _accepts(base, "position_ids"):
+        if accepts(base, "position_ids"):
             kwargs["position_ids"] = (att.long().cumsum(-1) - 1).clamp_min(0)
         keep = seq - first
-        if _accepts(base, "logits_to_keep"):
+        if accepts(base, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
         try:
             with torch.enable_grad():

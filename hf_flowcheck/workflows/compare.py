@@ -37,7 +37,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.data.splits import SPLIT_NAMES
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples, scored_examples
 from hf_flowcheck.detectors.baselines import (
@@ -47,6 +46,7 @@ from hf_flowcheck.detectors.baselines import (
 )
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector, gradient_signature, gradient_signatures
 from hf_flowcheck.metrics import aurc, auroc, bootstrap_ci, evaluate_scores
+from hf_flowcheck.model_io import input_device, pad_token_id
 from hf_flowcheck.stopping import bind_prompt_width
 
 __all__ = [
@@ -187,7 +187,7 @@ class FlowValidatorDetector(Detector):
                 "trained with `flowcheck train` (it records the FlowConfig)."
             )
         ext = FlowExtractor(model, cfg, tokenizer=tokenizer or self.tokenizer)
-        pad = getattr(unwrap_model(model).config, "pad_token_id", None) or 0
+        pad = pad_token_id(model, default=0)
         parts = []
         for start in range(0, len(examples), self.batch_size):
             ids, att, ans = batch_examples(list(examples[start : start + self.batch_size]), pad)
@@ -253,7 +253,7 @@ class FusedDetector:
 
 
 def _sync(model: nn.Module) -> None:
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -264,12 +264,6 @@ def _timed(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, float]:
     out = fn()
     _sync(model)
     return out, time.perf_counter() - t0
-
-
-def _pad_id(model: nn.Module, tokenizer: Any = None) -> int:
-    from hf_flowcheck.detectors.baselines import _pad_id as pad_id
-
-    return pad_id(model, tokenizer)
 
 
 @torch.no_grad()
@@ -286,11 +280,11 @@ def time_generation(
     Returns:
         ``{"seconds_per_prompt", "prompts", "mean_new_tokens", "max_new_tokens"}``.
     """
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in examples))
     if not prompts:
         raise ValueError("time_generation() got no examples.")
-    pad = _pad_id(model, tokenizer)
+    pad = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
     ids0 = torch.tensor([list(prompts[0])], device=dev)
     model.generate(
         input_ids=ids0, attention_mask=torch.ones_like(ids0), do_sample=False, max_new_tokens=2, pad_token_id=pad
@@ -321,20 +315,6 @@ def time_generation(
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, examples: Sequence[ScoredExample]) -> float:
-    """Seconds of one plain no-grad forward over ``prompt + answer`` per example (batch 1, after a warm-up)."""
-    if not examples:
-        raise ValueError("time_forward() got no examples.")
-    dev = unwrap_model(model).get_input_embeddings().weight.device
-    warm = torch.tensor([examples[0].input_ids], device=dev)
-    model(input_ids=warm, use_cache=False)
-    total = 0.0
-    for e in examples:
-        ids = torch.tensor([e.input_ids], device=dev)
-        _, dt = _timed(model, lambda ids=ids: model(input_ids=ids, use_cache=False))
-        total += dt
-    return total / len(examples)
-
 
 # ---------------------------------------------------------------------------------------------
 # The comparison
@@ -548,7 +528,7 @@ def measure_gradient_cost(
     if not examples:
         raise ValueError("measure_gradient_cost() needs at least one example.")
     cfg = config or GradientConfig()
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     n_blocks = len(_block_count(model))
     band = min(int(band), n_blocks)
     c_last, c_all = dataclasses.replace(cfg, layers=band), dataclasses.replace(cfg, layers="all")

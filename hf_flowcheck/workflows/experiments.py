@@ -20,6 +20,13 @@ from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
 from hf_flowcheck.metrics import evaluate_scores, length_baseline, length_matched_indices
 from hf_flowcheck.store import FeatureStore
 
+__all__ = [
+    "MIN_PER_CLASS",
+    "evaluate_validator_on_store",
+    "operating_points",
+    "train_from_store",
+]
+
 
 def _answers(store: FeatureStore, uids: list[str], labels: torch.Tensor) -> list[str] | None:
     """Answer texts aligned with ``store.load()`` order, when the store kept them."""

@@ -34,9 +34,11 @@ import torch
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
+from hf_flowcheck.detectors.base import encode_text, tokenize_prompt_answer
 from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import capture_generate
+from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 from hf_flowcheck.store import (
     STORE_FORMAT,
@@ -157,25 +159,6 @@ def _plan_key(items: Sequence[_Item]) -> str:
 
 
 # -------------------------------------------------------------------------------- tokenizing
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    enc = tokenizer(text, add_special_tokens=True)
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
-def _pad_id(tokenizer: Any, model: Any) -> int:
-    for src in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(src, attr, None) if src is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    return 0
-
-
 def _pad(rows: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``[n, S]`` ids and attention mask; also each row's left padding."""
     width = max((len(r) for r in rows), default=0)
@@ -226,7 +209,7 @@ def _run_replayed(
     """Teacher-force each prompt followed by the exact answer tokens the model generated."""
     rows, starts = [], []
     for it in batch:
-        p_ids = _encode(tokenizer, it.prompt)
+        p_ids = encode_text(tokenizer, it.prompt)
         rows.append(p_ids + list(it.token_ids[1]))
         starts.append(len(p_ids))
     return _teacher_forced(ext, rows, starts, pad_id)
@@ -247,15 +230,9 @@ def _teacher_forced(
 def _run_paired(ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: int) -> tuple[FlowFeatures, list[int]]:
     rows, starts = [], []
     for it in batch:
-        p_ids = _encode(tokenizer, it.prompt)
-        f_ids = _encode(tokenizer, it.prompt + it.completion)
-        common = 0
-        for a, b in zip(p_ids, f_ids):
-            if a != b:
-                break
-            common += 1
+        f_ids, start = tokenize_prompt_answer(tokenizer, it.prompt, it.completion)
         rows.append(f_ids)
-        starts.append(common)
+        starts.append(start)
     return _teacher_forced(ext, rows, starts, pad_id)
 
 
@@ -269,7 +246,7 @@ def _run_generated(
     generate_kwargs: dict[str, Any],
 ) -> tuple[FlowFeatures, list[int], list[str], list[str]]:
     """Features (truncated to the judged answer's tokens), prompt lengths, raw and cleaned answers."""
-    rows = [_encode(tokenizer, it.prompt) for it in batch]
+    rows = [encode_text(tokenizer, it.prompt) for it in batch]
     ids, att, offsets = _pad(rows, pad_id, left=True)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, **generate_kwargs}
     seqs, feats = capture_generate(ext, ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
@@ -663,7 +640,7 @@ def extract_dataset(
 
         desc = f"extract {protocol}" + (f" (process 0 of {n_proc})" if n_proc > 1 else "")
         bar = tqdm(total=total, initial=done, unit="sample", desc=desc, dynamic_ncols=True)
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
     try:
         for i in todo:
             shard = _extract_shard(
