@@ -95,6 +95,8 @@ class FlowStreamingCheck(LogitsProcessor):
         abstain_threshold: Running score above which a row abstains (``None``: only record scores).
         abstain_ids: Token ids of the abstention message.
         eos_token_id: Ends an abstaining row.
+        max_new_tokens: The call's budget. A row that abstains too close to it for the whole message
+            ends with its end token alone: a message is never cut mid-word.
     """
 
     def __init__(
@@ -105,6 +107,7 @@ class FlowStreamingCheck(LogitsProcessor):
         abstain_threshold: float | None = None,
         abstain_ids: list[int] | None = None,
         eos_token_id: int | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"flow_check_every={check_every!r} must be a positive integer.")
@@ -118,6 +121,7 @@ class FlowStreamingCheck(LogitsProcessor):
         self.threshold = abstain_threshold
         self.abstain_ids = list(abstain_ids or [])
         self.eos = eos_token_id
+        self.max_new_tokens = max_new_tokens
         self.running: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.abstain_start: dict[int, int] = {}
@@ -158,7 +162,9 @@ class FlowStreamingCheck(LogitsProcessor):
             score = float(running[row])
             if score == score and score > self.threshold:
                 self.abstain_start[row] = input_ids.shape[1]
-                self._queue[row] = [*self.abstain_ids, self.eos]
+                left = None if self.max_new_tokens is None else self.max_new_tokens - n_gen
+                fits = left is None or len(self.abstain_ids) <= left
+                self._queue[row] = [*self.abstain_ids, self.eos] if fits else [self.eos]
 
     def final_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Drop the abstention message (and what follows) from a ``[batch, S]`` token mask."""
@@ -404,7 +410,7 @@ def flow_generate(
     check_every: int | None = None,
     abstain_threshold: float | None = None,
     abstain_ids: list[int] | None = None,
-    eos_token_id: int | None = None,
+    abstain_eos_id: int | None = None,
     **generate_kwargs: Any,
 ) -> FlowGenerateOutput:
     """One flow-checked ``generate`` call (what the wrapper's ``generate`` runs once its options are checked).
@@ -419,7 +425,7 @@ def flow_generate(
         check_every: Streaming check every this many tokens (``None``: none).
         abstain_threshold: With ``check_every``: running score above which a row abstains.
         abstain_ids: Token ids of the abstention message.
-        eos_token_id: Ends an abstaining row.
+        abstain_eos_id: Ends an abstaining row (``eos_token_id=`` is a generate setting, passed on).
         **generate_kwargs: For ``model.generate``.
 
     Returns:
@@ -438,7 +444,8 @@ def flow_generate(
             int(check_every),
             abstain_threshold,
             abstain_ids,
-            eos_token_id,
+            abstain_eos_id,
+            max_new_tokens=budget,
         )
         procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
         procs.append(stream)

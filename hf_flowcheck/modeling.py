@@ -311,7 +311,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
             check_every=check_every,
             abstain_threshold=threshold,
             abstain_ids=abstain_ids,
-            eos_token_id=eos,
+            abstain_eos_id=eos,
             **kwargs,
         )
 

@@ -32,6 +32,7 @@ __all__ = [
     "SavedDetectorMixin",
     "atomic_save_dir",
     "check_checkpoint_config",
+    "file_sha256",
     "hub_fetch_errors",
     "jsonable",
     "load_safetensors_strict",
@@ -287,6 +288,17 @@ class AtomicSaveMixin:
         return None
 
 
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 class SavedDetectorMixin(AtomicSaveMixin):
     """Save, load and push a detector as ``config.json`` + ``model.safetensors`` + ``README.md``.
 
@@ -350,6 +362,8 @@ class SavedDetectorMixin(AtomicSaveMixin):
         state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_tensors().items()}
         meta = {"format": "pt", "hf_flowcheck_version": __version__, "format_version": str(self.FORMAT_VERSION)}
         save_file(state, str(save_directory / SAFETENSORS_SINGLE_FILE), metadata=meta)
+        # The weights' hash ties config and weights together: a folder mixed from two saves is refused.
+        config["weights_sha256"] = file_sha256(save_directory / SAFETENSORS_SINGLE_FILE)
         (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
         (save_directory / "README.md").write_text(self.model_card_text(), encoding="utf-8")
 
@@ -421,5 +435,12 @@ class SavedDetectorMixin(AtomicSaveMixin):
             token=token,
             local_files_only=local_files_only,
         )
+        recorded = config.get("weights_sha256")
+        if recorded is not None and file_sha256(weights) != recorded:
+            raise CheckpointError(
+                f"The {SAFETENSORS_SINGLE_FILE} of {model_id!r} is not the one its {CONFIG_NAME} was saved with "
+                "(sha256 differs): the folder was altered or mixed from two saves. Re-save the detector with "
+                "save_pretrained()."
+            )
         det.load_state_tensors(weights, map_location=map_location, strict=strict)
         return det.eval() if hasattr(det, "eval") else det
