@@ -435,6 +435,8 @@ class SavedDetectorMixin(AtomicSaveMixin):
             token=token,
             local_files_only=local_files_only,
         )
+        # Structural checks first (their messages say what is wrong), then the file's identity.
+        det.load_state_tensors(weights, map_location=map_location, strict=strict)
         recorded = config.get("weights_sha256")
         if recorded is not None and file_sha256(weights) != recorded:
             raise CheckpointError(
@@ -442,5 +444,4 @@ class SavedDetectorMixin(AtomicSaveMixin):
                 "(sha256 differs): the folder was altered or mixed from two saves. Re-save the detector with "
                 "save_pretrained()."
             )
-        det.load_state_tensors(weights, map_location=map_location, strict=strict)
         return det.eval() if hasattr(det, "eval") else det
