@@ -11,7 +11,7 @@ import json
 import numpy as np
 
 from hf_flowcheck.data.splits import split_records
-from hf_flowcheck.evaluation import evaluate_scores, format_table
+from hf_flowcheck.metrics import evaluate_scores, format_table
 from hf_flowcheck.workflows.replay import PartedStore
 
 

@@ -45,6 +45,8 @@ def _encode(tok, prompts):
 
 
 def _run(mode: str, model, tok, ext, enc, new_tokens: int):
+    from hf_flowcheck.generation import capture_generate
+
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
     t0 = time.perf_counter()
     if mode == "plain":
@@ -52,7 +54,7 @@ def _run(mode: str, model, tok, ext, enc, new_tokens: int):
             out = model.generate(**enc, **kw)
         feats = None
     else:
-        out, feats = ext.generate(enc.input_ids, attention_mask=enc.attention_mask, **kw)
+        out, feats = capture_generate(ext, enc.input_ids, attention_mask=enc.attention_mask, **kw)
     return time.perf_counter() - t0, out, feats
 
 

@@ -31,12 +31,12 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from hf_flowcheck.comparison import SPLITS, _split_parts, examples_from_store, gradient_layer_ablation
     from hf_flowcheck.data.splits import split_records
-    from hf_flowcheck.detectors.flow_validator import _jsonable
+    from hf_flowcheck.detectors.checkpoint import jsonable
     from hf_flowcheck.detectors.gradient import GradientConfig
     from hf_flowcheck.offline_models import load_model
     from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.compare import SPLITS, _split_parts, examples_from_store, gradient_layer_ablation
 
     store = FeatureStore.open(args.features)
     model, tok = load_model(args.model)
@@ -68,7 +68,7 @@ def main() -> None:
     print(f"  cost vs one forward: {res['cost']}")
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump(_jsonable(res, "ablation"), fh, indent=2)
+            json.dump(jsonable(res, "ablation"), fh, indent=2)
 
 
 if __name__ == "__main__":

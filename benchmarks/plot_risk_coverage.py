@@ -27,7 +27,7 @@ def main() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from hf_flowcheck.evaluation import risk_coverage_curve
+    from hf_flowcheck.metrics import risk_coverage_curve
 
     with open(args.report) as fh:
         report = json.load(fh)

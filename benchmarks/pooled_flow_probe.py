@@ -52,7 +52,7 @@ def probe_rows(store, *, split_seed: int = 0, n_bootstrap: int = 1000, drop_uids
     ``drop_uids`` leaves records out after splitting (see ``train_from_store``).
     """
     from hf_flowcheck.data.splits import split_records
-    from hf_flowcheck.evaluation import auroc, evaluate_scores
+    from hf_flowcheck.metrics import auroc, evaluate_scores
 
     _, _, uids = store.load()
     split = split_records(uids, seed=split_seed)
@@ -92,7 +92,7 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
 
-    from hf_flowcheck.evaluation import format_table
+    from hf_flowcheck.metrics import format_table
     from hf_flowcheck.store import FeatureStore
 
     res = probe_rows(FeatureStore.open(args.features), split_seed=args.split_seed, n_bootstrap=args.bootstrap)

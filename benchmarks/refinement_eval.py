@@ -53,9 +53,9 @@ def main() -> None:
 
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.data import ReferenceF1Judge, clean_generation, generation_prompt, load_halueval_qa, split_records
-    from hf_flowcheck.pipeline import _newline_stop
     from hf_flowcheck.stopping import bind_prompt_width
     from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.extract import _newline_stop
 
     store = FeatureStore.open(args.features)
     samples = store.samples()

@@ -20,7 +20,7 @@ import numpy as np
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
 from hf_flowcheck.detectors.baselines import HiddenStateProbe
-from hf_flowcheck.evaluation import evaluate_scores, format_table
+from hf_flowcheck.metrics import evaluate_scores, format_table
 from hf_flowcheck.workflows.replay import load_parts
 
 

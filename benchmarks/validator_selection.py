@@ -27,10 +27,10 @@ from hf_flowcheck.configuration import FULL_FEATURES, LENS_FEATURES
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import ValidatorConfig
 from hf_flowcheck.detectors.baselines import HiddenStateProbe, train_logistic_regression
-from hf_flowcheck.evaluation import auroc, evaluate_scores
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.training import train_validator
+from hf_flowcheck.metrics import auroc, evaluate_scores
 from hf_flowcheck.workflows.replay import load_parts
+from hf_flowcheck.workflows.training import train_validator
 
 FLOW = FULL_FEATURES
 LENS = LENS_FEATURES

@@ -11,9 +11,9 @@ from hf_flowcheck.capture import FlowRecorder, NonFiniteStateError
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.detectors.flow_validator import FlowValidator, FlowValidatorOutput, ValidatorConfig
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
-from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
+from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck, capture_generate
 from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
-from hf_flowcheck.refinement import BlockClamp, RefinementResult, refine
+from hf_flowcheck.refinement import BlockClamp, FlowRefineOutput, RefineConfig, RefinedRow, refine
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -25,14 +25,17 @@ __all__ = [
     "FlowFeatures",
     "FlowGenerateOutput",
     "FlowRecorder",
+    "FlowRefineOutput",
     "FlowStreamingCheck",
     "FlowValidator",
     "FlowValidatorOutput",
     "NonFiniteStateError",
-    "RefinementResult",
+    "RefineConfig",
+    "RefinedRow",
     "UnsupportedArchitectureError",
     "ValidatorConfig",
     "__version__",
+    "capture_generate",
     "errors",
     "refine",
     "register_architecture",

@@ -16,6 +16,17 @@ from torch import nn
 
 from hf_flowcheck.errors import UnsupportedArchitectureError
 
+__all__ = [
+    "ArchitectureSpec",
+    "ResolvedArchitecture",
+    "UnsupportedArchitectureError",
+    "get_architecture",
+    "register_architecture",
+    "resolve_architecture",
+    "supported_architectures",
+    "unwrap_model",
+]
+
 
 @dataclass(frozen=True)
 class ArchitectureSpec:

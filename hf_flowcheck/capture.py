@@ -18,6 +18,14 @@ from torch import nn
 from hf_flowcheck.architectures import ResolvedArchitecture
 from hf_flowcheck.errors import NonFiniteStateError
 
+__all__ = [
+    "CapturedStates",
+    "FlowRecorder",
+    "NonFiniteStateError",
+    "Selector",
+]
+
+
 #: ``selector(call_index, batch, seq_len, device) -> (rows, cols, seq_pos)`` or ``None`` (keep nothing).
 Selector = Callable[[int, int, int, torch.device], "tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None"]
 

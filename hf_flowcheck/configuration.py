@@ -14,6 +14,18 @@ from typing import Any, ClassVar
 
 from hf_flowcheck.version import __version__
 
+__all__ = [
+    "EPS",
+    "FULL_FEATURES",
+    "LENS_FEATURES",
+    "PAPER_FEATURES",
+    "STATE_SUMMARIES",
+    "FlowConfig",
+    "check_positive_int",
+    "versioned_fields",
+]
+
+
 #: Numerical safeguard in every denominator that holds a norm (paper B.5).
 EPS = 1e-6
 

@@ -1,10 +1,13 @@
-"""`FlowExtractor`: flow signatures from a model, teacher-forced or while it generates."""
+"""`FlowExtractor`: teacher-forced flow signatures, and their assembly from captured states.
+
+Capture while the model generates lives in :mod:`hf_flowcheck.generation`; it hands its states to
+:meth:`FlowExtractor.features_from_states`.
+"""
 
 from __future__ import annotations
 
 import copy
-import inspect
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,7 +17,13 @@ from torch import nn
 from hf_flowcheck.architectures import ArchitectureSpec, ResolvedArchitecture, resolve_architecture, unwrap_model
 from hf_flowcheck.capture import CapturedStates, FlowRecorder
 from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.model_io import eos_token_ids, forward_kwargs, input_device
 from hf_flowcheck.signatures import SampleGeometry, lens_features, sample_flow_features, token_key
+
+__all__ = [
+    "FlowExtractor",
+    "FlowFeatures",
+]
 
 
 @dataclass
@@ -87,14 +96,6 @@ class FlowFeatures:
         )
 
 
-def _accepts(fn, name: str) -> bool:
-    try:
-        params = inspect.signature(fn).parameters
-    except (TypeError, ValueError):
-        return False
-    return name in params
-
-
 def _float_copy(module: nn.Module) -> nn.Module:
     """A float32, hook-free, grad-free copy of a (small) norm module."""
     dup = copy.deepcopy(module)
@@ -158,33 +159,18 @@ class FlowExtractor:
                 f"num_competitors={self.config.num_competitors} must be smaller than the vocabulary ({vocab})."
             )
         self.keep_geometry = keep_geometry
+        self.eos_ids = eos_token_ids(model, tokenizer)
         self.special_ids = self._special_ids(tokenizer, special_token_ids)
-        self.eos_ids = self._eos_ids(tokenizer)
         self._norms: list[nn.Module] | None = None
         self._betas: torch.Tensor | None = None
         self._readout: torch.Tensor | None = None
         self._math_device: torch.device | None = None
         #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
         self.last_capture_bytes = 0
-        #: The recorder of a ``generate`` call in progress (for streaming checks), else ``None``.
-        self.active_recorder: FlowRecorder | None = None
-        self._active_prompt_mask: torch.Tensor | None = None
 
     # ------------------------------------------------------------------------------- set-up
-    def _eos_ids(self, tokenizer: Any) -> set[int]:
-        ids: set[int] = set()
-        for src in (getattr(self.base, "generation_config", None), getattr(self.base, "config", None)):
-            eos = getattr(src, "eos_token_id", None) if src is not None else None
-            if isinstance(eos, int):
-                ids.add(eos)
-            elif isinstance(eos, (list, tuple)):
-                ids.update(int(e) for e in eos)
-        if tokenizer is not None and getattr(tokenizer, "eos_token_id", None) is not None:
-            ids.add(int(tokenizer.eos_token_id))
-        return ids
-
     def _special_ids(self, tokenizer: Any, extra: Iterable[int] | None) -> set[int]:
-        ids = set(self._eos_ids(tokenizer))
+        ids = set(self.eos_ids)
         for src in (getattr(self.base, "generation_config", None), getattr(self.base, "config", None)):
             for attr in ("pad_token_id", "bos_token_id"):
                 v = getattr(src, attr, None) if src is not None else None
@@ -228,25 +214,36 @@ class FlowExtractor:
         return self._norms
 
     # ------------------------------------------------------------------------------- masks
-    def _is_special(self, ids: torch.Tensor) -> torch.Tensor:
-        if not self.special_ids:
+    def _is_special(self, ids: torch.Tensor, extra: frozenset[int] = frozenset()) -> torch.Tensor:
+        special_ids = self.special_ids | extra
+        if not special_ids:
             return torch.zeros_like(ids, dtype=torch.bool)
-        special = torch.tensor(sorted(self.special_ids), device=ids.device)
+        special = torch.tensor(sorted(special_ids), device=ids.device)
         return torch.isin(ids, special)
 
-    def _before_first_eos(self, ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
-        """True for positions of ``region`` strictly before its first end-of-sequence token."""
-        if not self.eos_ids:
+    def before_first_eos(
+        self, ids: torch.Tensor, region: torch.Tensor, extra_eos: frozenset[int] = frozenset()
+    ) -> torch.Tensor:
+        """True for positions of ``region`` strictly before its first end-of-sequence token.
+
+        ``extra_eos``: end ids of one ``generate`` call (its ``eos_token_id=``) besides the model's.
+        """
+        eos_ids = self.eos_ids | extra_eos
+        if not eos_ids:
             return region
-        eos = torch.isin(ids, torch.tensor(sorted(self.eos_ids), device=ids.device)) & region
+        eos = torch.isin(ids, torch.tensor(sorted(eos_ids), device=ids.device)) & region
         seen = torch.cumsum(eos.long(), dim=-1) > 0
         return region & ~seen
 
     def token_mask(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_mask: torch.Tensor | None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        response_mask: torch.Tensor | None,
+        extra_eos: frozenset[int] = frozenset(),
     ) -> torch.Tensor:
-        """The token mask ``M`` (spec §3) as a bool ``[N, S]`` tensor."""
-        valid = attention_mask.bool() & ~self._is_special(input_ids)
+        """The token mask ``M`` (spec §3) as a bool ``[N, S]`` tensor (``extra_eos``: see :meth:`before_first_eos`)."""
+        valid = attention_mask.bool() & ~self._is_special(input_ids, extra_eos)
         if response_mask is None:
             if self.config.token_mask == "response":
                 raise ValueError(
@@ -255,7 +252,7 @@ class FlowExtractor:
                 )
             return valid
         resp = response_mask.bool()
-        kept_resp = self._before_first_eos(input_ids, resp) & valid
+        kept_resp = self.before_first_eos(input_ids, resp, extra_eos) & valid
         if self.config.token_mask == "all":
             return (valid & ~resp) | kept_resp
         return kept_resp
@@ -294,14 +291,13 @@ class FlowExtractor:
             return (rows, cols, cols) if call == 0 else None
 
         with FlowRecorder(self.arch, selector, capacity=rows.numel()) as rec:
-            self._forward(ids.to(self._device()), att.to(self._device()))
+            self.forward(ids.to(self._device()), att.to(self._device()))
             states = rec.result()
         self.last_capture_bytes = rec.nbytes
         return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
 
     def _device(self) -> torch.device:
-        emb = self.base.get_input_embeddings()
-        return emb.weight.device
+        return input_device(self.base)
 
     @staticmethod
     def _check_ids(input_ids: torch.Tensor) -> torch.Tensor:
@@ -317,158 +313,22 @@ class FlowExtractor:
             return -1
         return int(mask.any(0).nonzero().max())
 
-    def _forward(self, ids: torch.Tensor, att: torch.Tensor, **extra: Any) -> Any:
-        kwargs: dict[str, Any] = {"attention_mask": att, "use_cache": False}
-        fwd = self.base.forward
-        if _accepts(fwd, "position_ids"):
-            kwargs["position_ids"] = (att.long().cumsum(-1) - 1).clamp_min(0)
-        if _accepts(fwd, "logits_to_keep"):
-            kwargs["logits_to_keep"] = 1
-        kwargs.update(extra)
-        return self.model(input_ids=ids, **kwargs)
+    def forward(self, ids: torch.Tensor, att: torch.Tensor, **extra: Any) -> Any:
+        """One cache-free forward of ``ids`` ``[N, S]`` (only the last position's logits)."""
+        return self.model(input_ids=ids, **{**forward_kwargs(self.base, att), **extra})
 
-    # ----------------------------------------------------------------------------- generate
-    @torch.no_grad()
-    def generate(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor | None = None,
-        mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None,
-        **generate_kwargs: Any,
-    ) -> tuple[Any, FlowFeatures]:
-        """Generate and capture flow signatures of the generated tokens in the same pass.
-
-        Args:
-            input_ids: ``[N, P]`` prompts (left padding for batches).
-            attention_mask: ``[N, P]``.
-            mask_fn: Optional edit of the final ``[N, S]`` token mask (the streaming check uses it to
-                leave an abstention message out of the score).
-            **generate_kwargs: Passed to ``model.generate`` (``num_beams > 1`` is refused).
-
-        Returns:
-            ``(output, features)``: what ``model.generate`` returns for these arguments, and the
-            :class:`FlowFeatures` of the generated tokens (plus the prompt's for ``token_mask='all'``).
-        """
-        input_ids = self._check_ids(input_ids)
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        self._check_generate_kwargs(generate_kwargs)
-        gen_cfg = generate_kwargs.get("generation_config") or getattr(self.base, "generation_config", None)
-        want_dict = generate_kwargs.pop(
-            "return_dict_in_generate", bool(getattr(gen_cfg, "return_dict_in_generate", False))
-        )
-        prompt_len = input_ids.shape[1]
-        prompt_mask = (
-            self.token_mask(input_ids, attention_mask, None)
-            if self.config.token_mask == "all"
-            else torch.zeros_like(input_ids, dtype=torch.bool)
-        )
-        p_rows, p_cols = prompt_mask.nonzero(as_tuple=True)
-        max_new = generate_kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None) or 32
-
-        def selector(call: int, batch: int, seq: int, device: torch.device):
-            if call == 0:
-                return (p_rows, p_cols, p_cols) if p_rows.numel() else None
-            rows = torch.arange(batch, device=device)
-            cols = torch.full((batch,), seq - 1, device=device, dtype=torch.long)
-            return rows, cols, torch.full_like(rows, prompt_len + call - 1)
-
-        capacity = p_rows.numel() + input_ids.shape[0] * int(max_new)
-        with FlowRecorder(self.arch, selector, capacity=capacity) as rec:
-            self.active_recorder = rec
-            self._active_prompt_mask = attention_mask
-            try:
-                out = self.model.generate(
-                    input_ids=input_ids,
-                    attention_mask=attention_mask,
-                    return_dict_in_generate=True,
-                    **generate_kwargs,
-                )
-            finally:
-                self.active_recorder = None
-                self._active_prompt_mask = None
-            seqs = out.sequences
-            full_att = torch.cat(
-                [attention_mask.to(seqs.device), torch.ones_like(seqs[:, prompt_len:], dtype=attention_mask.dtype)],
-                dim=1,
-            )
-            resp = torch.zeros_like(seqs, dtype=torch.bool)
-            resp[:, prompt_len:] = True
-            mask = self.token_mask(seqs, full_att, resp)
-            if mask_fn is not None:
-                mask = mask_fn(mask)
-            if seqs.shape[1] > prompt_len and bool(mask[:, -1].any()):
-                # generate never feeds its last token back; one more step gives its states.
-                self._final_step(out, seqs, full_att, rec.num_calls)
-            states = rec.result()
-        self.last_capture_bytes = rec.nbytes
-        feats = self._assemble(seqs, full_att, mask, states, None)
-        return (out if want_dict else seqs), feats
-
-    def _check_generate_kwargs(self, kw: dict[str, Any]) -> None:
-        gen_cfg = kw.get("generation_config") or getattr(self.base, "generation_config", None)
-        beams = kw.get("num_beams", getattr(gen_cfg, "num_beams", 1) if gen_cfg is not None else 1) or 1
-        if beams > 1:
-            raise ValueError(
-                f"num_beams={beams} is not supported: beam search reorders and discards hypotheses, so "
-                "per-token states cannot be attributed while it runs. Use greedy or sampling "
-                "(num_beams=1), or beam-search first and score the result with FlowExtractor.extract()."
-            )
-        for key in ("assistant_model", "prompt_lookup_num_tokens"):
-            if kw.get(key) is not None:
-                raise ValueError(f"{key} (assisted decoding) is not supported with flow capture; remove it.")
-        if "inputs_embeds" in kw:
-            raise ValueError("inputs_embeds is not supported; pass input_ids.")
-
-    def _final_step(self, out: Any, seqs: torch.Tensor, full_att: torch.Tensor, call: int) -> None:
-        cache = getattr(out, "past_key_values", None)
-        cache_len = seqs.shape[1] - 1
-        if self._can_extend_and_crop(cache, cache_len):
-            pos = (full_att.long().cumsum(-1) - 1).clamp_min(0)[:, -1:]
-            kwargs: dict[str, Any] = {"attention_mask": full_att, "past_key_values": cache, "use_cache": True}
-            fwd = self.base.forward
-            if _accepts(fwd, "position_ids"):
-                kwargs["position_ids"] = pos
-            if _accepts(fwd, "cache_position"):
-                kwargs["cache_position"] = torch.tensor([cache_len], device=seqs.device)
-            if _accepts(fwd, "logits_to_keep"):
-                kwargs["logits_to_keep"] = 1
-            self.model(input_ids=seqs[:, -1:], **kwargs)
-            cache.crop(-1)  # give the caller back the cache generate produced
-            return
-        # No croppable cache: replay the whole sequence once; the selector keeps its last position.
-        self._forward(seqs, full_att)
-
-    @staticmethod
-    def _can_extend_and_crop(cache: Any, cache_len: int) -> bool:
-        if cache is None or not hasattr(cache, "crop") or not hasattr(cache, "get_seq_length"):
-            return False
-        if cache.get_seq_length() != cache_len:
-            return False
-        for layer in getattr(cache, "layers", []):
-            window = getattr(layer, "sliding_window", None)
-            if window is not None and cache_len + 1 >= window:
-                return False  # a full sliding-window layer cannot be cropped back
-            if type(layer).__name__.startswith("Static"):
-                return False
-        return True
-
-    def features_from_states(self, input_ids: torch.Tensor, mask: torch.Tensor, states: CapturedStates) -> FlowFeatures:
+    def features_from_states(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, states: CapturedStates
+    ) -> FlowFeatures:
         """Signatures of the masked tokens of ``input_ids`` from already captured states.
-
-        During a ``generate`` call (streaming checks) the prompt's attention mask is taken from
-        the running call so that sample keys match the final features.
 
         Args:
             input_ids: ``[N, S]`` the sequences so far.
+            attention_mask: ``[N, S]`` (its real tokens give each sample's key).
             mask: ``[N, S]`` token mask; every masked position must have been captured.
             states: From :meth:`FlowRecorder.result`.
         """
-        att = torch.ones_like(input_ids)
-        prompt = self._active_prompt_mask
-        if prompt is not None:
-            att[:, : prompt.shape[1]] = prompt.to(att.device)
-        return self._assemble(input_ids, att, mask, states, None)
+        return self._assemble(input_ids, attention_mask, mask, states, None)
 
     # ------------------------------------------------------------------------------ assembly
     def _assemble(

@@ -1,15 +1,41 @@
-"""Flow-checked generation: the output type and the streaming check with abstention."""
+"""Generation with flow capture: the output type, capture during ``generate``, and the streaming check.
+
+:func:`flow_generate` is what ``FlowCheckedModelForCausalLM.generate(..., return_flow_scores=True)``
+runs: one ``generate`` call with capture hooks (:class:`GenerationCapture`), an optional
+:class:`FlowStreamingCheck` among the logits processors, and the validator's scores attached to a
+:class:`FlowGenerateOutput`. Teacher-forced extraction and the assembly of signatures from captured
+states belong to :class:`~hf_flowcheck.extraction.FlowExtractor`; this module never changes them.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor
+from transformers import LogitsProcessor, LogitsProcessorList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
+from hf_flowcheck.capture import FlowRecorder
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.model_io import accepts
+
+__all__ = [
+    "FlowGenerateOutput",
+    "FlowStreamingCheck",
+    "GenerationCapture",
+    "Scorer",
+    "attach_scores",
+    "capture_generate",
+    "check_generate_kwargs",
+    "flow_generate",
+]
+
+#: ``scorer(input_ids [batch, S], excluded [batch, S] bool) -> (scores [batch], ended [batch] bool)``:
+#: the running flow score of each row's answer so far (``nan`` where a row has no scored token),
+#: leaving out the ``excluded`` positions; ``ended`` marks rows that already emitted their end token.
+Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -34,6 +60,8 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
             counts at which they were taken.
         flow_abstained: ``[batch]`` bool, rows stopped by the streaming check.
         prompt_length: Columns of ``sequences`` that belong to the prompt.
+        prompt_attention_mask: ``[batch, prompt_length]`` the prompt's attention mask (``refine`` reads
+            it, so it need not be passed again).
     """
 
     flow_scores: torch.FloatTensor | None = None
@@ -47,37 +75,39 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
     flow_check_steps: torch.LongTensor | None = None
     flow_abstained: torch.BoolTensor | None = None
     prompt_length: int | None = None
+    prompt_attention_mask: torch.LongTensor | None = None
 
 
 class FlowStreamingCheck(LogitsProcessor):
     """Scores every row every ``check_every`` generated tokens; optionally abstains.
 
     Used through ``FlowCheckedModelForCausalLM.generate(..., flow_check_every=k,
-    flow_abstain_threshold=x, flow_abstain_message="I am not sure.")``. At each check, each running
-    row's answer so far is scored by the validator from the states already captured (no extra
-    forward pass). A row whose running score exceeds ``abstain_threshold`` is steered to emit
-    ``abstain_message`` and then its end-of-sequence token; its final flow score covers only the
-    tokens before the abstention.
+    flow_abstain_threshold=x, flow_abstain_message="I am not sure.")``. At each check the ``scorer``
+    scores each running row's answer so far (from the states already captured: no extra forward
+    pass). A row whose running score exceeds ``abstain_threshold`` is steered to emit
+    ``abstain_ids`` and then its end-of-sequence token; its final flow score covers only the tokens
+    before the abstention (:meth:`final_mask`).
 
     Args:
-        extractor: The extractor whose recorder is capturing this generation.
-        validator: Scores features (``score_features``).
+        scorer: See :data:`Scorer`.
         prompt_length: Prompt columns of ``input_ids``.
         check_every: Check after every this many generated tokens (``>= 1``).
         abstain_threshold: Running score above which a row abstains (``None``: only record scores).
         abstain_ids: Token ids of the abstention message.
         eos_token_id: Ends an abstaining row.
+        max_new_tokens: The call's budget. A row that abstains too close to it for the whole message
+            ends with its end token alone: a message is never cut mid-word.
     """
 
     def __init__(
         self,
-        extractor: FlowExtractor,
-        validator: Any,
+        scorer: Scorer,
         prompt_length: int,
         check_every: int,
         abstain_threshold: float | None = None,
         abstain_ids: list[int] | None = None,
         eos_token_id: int | None = None,
+        max_new_tokens: int | None = None,
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"flow_check_every={check_every!r} must be a positive integer.")
@@ -85,49 +115,41 @@ class FlowStreamingCheck(LogitsProcessor):
             raise ValueError(f"flow_abstain_threshold={abstain_threshold!r} must lie in [0, 1].")
         if abstain_threshold is not None and eos_token_id is None:
             raise ValueError("Abstention needs an end-of-sequence token id (set generation_config.eos_token_id).")
-        self.extractor = extractor
-        self.validator = validator
+        self.scorer = scorer
         self.prompt_length = prompt_length
         self.check_every = check_every
         self.threshold = abstain_threshold
         self.abstain_ids = list(abstain_ids or [])
         self.eos = eos_token_id
+        self.max_new_tokens = max_new_tokens
         self.running: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.abstain_start: dict[int, int] = {}
         self._queue: dict[int, list[int]] = {}
-        self._done: set[int] = set()
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         n_gen = input_ids.shape[1] - self.prompt_length
         if n_gen > 0 and n_gen % self.check_every == 0:
             self._check(input_ids, n_gen)
+        if not self._queue:
+            return scores
+        forced = scores.clone()
         for row, queue in list(self._queue.items()):
             token = queue.pop(0) if queue else self.eos
             if not queue:
                 del self._queue[row]
-                self._done.add(row)
-            scores[row] = -float("inf")
-            scores[row, token] = 0.0
-        return scores
+            forced[row] = -float("inf")
+            forced[row, token] = 0.0
+        return forced
 
     @torch.no_grad()
     def _check(self, input_ids: torch.Tensor, n_gen: int) -> None:
-        rec = self.extractor.active_recorder
         batch = input_ids.shape[0]
-        running = torch.full((batch,), float("nan"))
-        if rec is None:
-            return
-        resp = torch.zeros_like(input_ids, dtype=torch.bool)
-        resp[:, self.prompt_length :] = True
-        mask = self.extractor.token_mask(input_ids, torch.ones_like(input_ids), resp)
-        mask = self.final_mask(mask)
-        ended = ~mask[:, -1] & ~self.extractor._before_first_eos(input_ids, resp)[:, -1]
-        feats = self.extractor.features_from_states(input_ids, mask, rec.result())
-        if feats.values.shape[2] > 0:
-            out = self.validator.score_features(feats)
-            running = out.scores.detach().float().cpu()
-        running[ended.cpu()] = float("nan")
+        excluded = ~self.final_mask(torch.ones_like(input_ids, dtype=torch.bool))
+        running, ended = self.scorer(input_ids, excluded)
+        running = running.detach().float().cpu().clone()
+        ended = ended.cpu()
+        running[ended] = float("nan")
         for row in sorted(self.abstain_start):
             running[row] = float("nan")
         self.running.append(running)
@@ -140,7 +162,9 @@ class FlowStreamingCheck(LogitsProcessor):
             score = float(running[row])
             if score == score and score > self.threshold:
                 self.abstain_start[row] = input_ids.shape[1]
-                self._queue[row] = [*self.abstain_ids, self.eos]
+                left = None if self.max_new_tokens is None else self.max_new_tokens - n_gen
+                fits = left is None or len(self.abstain_ids) <= left
+                self._queue[row] = [*self.abstain_ids, self.eos] if fits else [self.eos]
 
     def final_mask(self, mask: torch.Tensor) -> torch.Tensor:
         """Drop the abstention message (and what follows) from a ``[batch, S]`` token mask."""
@@ -161,6 +185,284 @@ class FlowStreamingCheck(LogitsProcessor):
         return running, steps, abstained
 
 
-def empty_features_like(feats: FlowFeatures) -> bool:
-    """True when no row has a scored token."""
-    return feats.values.shape[2] == 0
+def check_generate_kwargs(model: Any, kw: dict[str, Any]) -> None:
+    """Refuse the decoding modes whose per-token states cannot be attributed while they run."""
+    gen_cfg = kw.get("generation_config") or getattr(model, "generation_config", None)
+    beams = kw.get("num_beams", getattr(gen_cfg, "num_beams", 1) if gen_cfg is not None else 1) or 1
+    if beams > 1:
+        raise ValueError(
+            f"num_beams={beams} is not supported: beam search reorders and discards hypotheses, so "
+            "per-token states cannot be attributed while it runs. Use greedy or sampling "
+            "(num_beams=1), or beam-search first and score the result with FlowExtractor.extract()."
+        )
+    for key in ("assistant_model", "prompt_lookup_num_tokens"):
+        if kw.get(key) is not None:
+            raise ValueError(f"{key} (assisted decoding) is not supported with flow capture; remove it.")
+    if "inputs_embeds" in kw:
+        raise ValueError("inputs_embeds is not supported; pass input_ids.")
+
+
+class GenerationCapture:
+    """Capture hooks for one ``generate`` call: prompt states (``token_mask='all'``) and each new token's.
+
+    Use as a context manager around ``model.generate``; :meth:`running_scorer` scores the tokens so
+    far (streaming checks) and :meth:`finish` returns the features of the whole output.
+
+    Args:
+        extractor: Supplies the architecture, the token mask and the assembly of signatures.
+        input_ids: ``[N, P]`` prompts.
+        attention_mask: ``[N, P]``.
+        max_new_tokens: Budget (sizes the capture buffers; they grow if needed).
+        extra_eos: End ids given to this ``generate`` call (``eos_token_id=``): they end an answer
+            and are never scored, as the model's own end ids.
+    """
+
+    def __init__(
+        self,
+        extractor: FlowExtractor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int,
+        extra_eos: frozenset[int] = frozenset(),
+    ) -> None:
+        self.extractor = extractor
+        self.extra_eos = extra_eos
+        self.prompt_length = input_ids.shape[1]
+        self.attention_mask = attention_mask
+        prompt_mask = (
+            extractor.token_mask(input_ids, attention_mask, None)
+            if extractor.config.token_mask == "all"
+            else torch.zeros_like(input_ids, dtype=torch.bool)
+        )
+        p_rows, p_cols = prompt_mask.nonzero(as_tuple=True)
+        prompt_len = self.prompt_length
+
+        def selector(call: int, batch: int, seq: int, device: torch.device):
+            if call == 0:
+                return (p_rows, p_cols, p_cols) if p_rows.numel() else None
+            rows = torch.arange(batch, device=device)
+            cols = torch.full((batch,), seq - 1, device=device, dtype=torch.long)
+            return rows, cols, torch.full_like(rows, prompt_len + call - 1)
+
+        capacity = p_rows.numel() + input_ids.shape[0] * int(max_new_tokens)
+        self.recorder = FlowRecorder(extractor.arch, selector, capacity=capacity)
+
+    def __enter__(self) -> GenerationCapture:
+        self.recorder.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.recorder.__exit__(*exc)
+        self.extractor.last_capture_bytes = self.recorder.nbytes
+
+    def _full_attention(self, seqs: torch.Tensor) -> torch.Tensor:
+        att = self.attention_mask.to(seqs.device)
+        return torch.cat([att, torch.ones_like(seqs[:, self.prompt_length :], dtype=att.dtype)], dim=1)
+
+    def _token_mask(self, seqs: torch.Tensor, full_att: torch.Tensor) -> torch.Tensor:
+        resp = torch.zeros_like(seqs, dtype=torch.bool)
+        resp[:, self.prompt_length :] = True
+        return self.extractor.token_mask(seqs, full_att, resp, self.extra_eos)
+
+    def running_scorer(self, validator: Any) -> Scorer:
+        """A :data:`Scorer` over the states captured so far, scored by ``validator.score_features``."""
+        ext = self.extractor
+
+        def score(input_ids: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            full_att = self._full_attention(input_ids)
+            mask = self._token_mask(input_ids, full_att) & ~excluded.to(input_ids.device)
+            resp = torch.zeros_like(input_ids, dtype=torch.bool)
+            resp[:, self.prompt_length :] = True
+            ended = ~mask[:, -1] & ~ext.before_first_eos(input_ids, resp, self.extra_eos)[:, -1]
+            feats = ext.features_from_states(input_ids, full_att, mask, self.recorder.result())
+            if feats.values.shape[2] == 0:
+                return torch.full((input_ids.shape[0],), float("nan")), ended
+            return validator.score_features(feats).scores, ended
+
+        return score
+
+    def finish(self, output: Any, mask_fn: Callable[[torch.Tensor], torch.Tensor] | None = None) -> FlowFeatures:
+        """Features of the generated tokens (plus the prompt's for ``token_mask='all'``).
+
+        Args:
+            output: ``generate``'s dict output (``sequences``, ``past_key_values``).
+            mask_fn: Optional edit of the final ``[N, S]`` token mask (a streaming check leaves an
+                abstention message out of the score).
+        """
+        seqs = output.sequences
+        full_att = self._full_attention(seqs)
+        mask = self._token_mask(seqs, full_att)
+        if mask_fn is not None:
+            mask = mask_fn(mask)
+        if seqs.shape[1] > self.prompt_length and bool(mask[:, -1].any()):
+            # generate never feeds its last token back; one more step gives its states.
+            self._final_step(output, seqs, full_att)
+        states = self.recorder.result()
+        return self.extractor.features_from_states(seqs, full_att, mask, states)
+
+    def _final_step(self, out: Any, seqs: torch.Tensor, full_att: torch.Tensor) -> None:
+        ext = self.extractor
+        cache = getattr(out, "past_key_values", None)
+        cache_len = seqs.shape[1] - 1
+        if _can_extend_and_crop(cache, cache_len):
+            pos = (full_att.long().cumsum(-1) - 1).clamp_min(0)[:, -1:]
+            kwargs: dict[str, Any] = {"attention_mask": full_att, "past_key_values": cache, "use_cache": True}
+            if accepts(ext.base, "position_ids"):
+                kwargs["position_ids"] = pos
+            if accepts(ext.base, "cache_position"):
+                kwargs["cache_position"] = torch.tensor([cache_len], device=seqs.device)
+            if accepts(ext.base, "logits_to_keep"):
+                kwargs["logits_to_keep"] = 1
+            ext.model(input_ids=seqs[:, -1:], **kwargs)
+            cache.crop(-1)  # give the caller back the cache generate produced
+            return
+        # No croppable cache: replay the whole sequence once; the selector keeps its last position.
+        ext.forward(seqs, full_att)
+
+
+def _can_extend_and_crop(cache: Any, cache_len: int) -> bool:
+    if cache is None or not hasattr(cache, "crop") or not hasattr(cache, "get_seq_length"):
+        return False
+    if cache.get_seq_length() != cache_len:
+        return False
+    for layer in getattr(cache, "layers", []):
+        window = getattr(layer, "sliding_window", None)
+        if window is not None and cache_len + 1 >= window:
+            return False  # a full sliding-window layer cannot be cropped back
+        if type(layer).__name__.startswith("Static"):
+            return False
+    return True
+
+
+def _call_eos(generate_kwargs: dict[str, Any]) -> frozenset[int]:
+    """End ids given to this call (``eos_token_id=`` or its ``generation_config``)."""
+    from hf_flowcheck.model_io import as_token_ids
+
+    gen_cfg = generate_kwargs.get("generation_config")
+    value = generate_kwargs.get("eos_token_id", getattr(gen_cfg, "eos_token_id", None))
+    return frozenset(as_token_ids(value))
+
+
+def _max_new_tokens(model: Any, generate_kwargs: dict[str, Any]) -> int:
+    gen_cfg = generate_kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    return int(generate_kwargs.get("max_new_tokens") or getattr(gen_cfg, "max_new_tokens", None) or 32)
+
+
+@torch.no_grad()
+def capture_generate(
+    extractor: FlowExtractor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    **generate_kwargs: Any,
+) -> tuple[Any, FlowFeatures]:
+    """Generate and capture flow signatures of the generated tokens in the same pass.
+
+    Args:
+        extractor: The extractor of the model that generates.
+        input_ids: ``[N, P]`` prompts (left padding for batches).
+        attention_mask: ``[N, P]``.
+        **generate_kwargs: Passed to ``model.generate`` (``num_beams > 1`` is refused).
+
+    Returns:
+        ``(output, features)``: what ``model.generate`` returns for these arguments, and the
+        :class:`~hf_flowcheck.FlowFeatures` of the generated tokens (plus the prompt's for
+        ``token_mask='all'``).
+
+    Example:
+        >>> out, feats = capture_generate(extractor, ids, max_new_tokens=8, do_sample=False)  # doctest: +SKIP
+    """
+    input_ids = extractor._check_ids(input_ids)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    check_generate_kwargs(extractor.base, generate_kwargs)
+    gen_cfg = generate_kwargs.get("generation_config") or getattr(extractor.base, "generation_config", None)
+    want_dict = generate_kwargs.pop("return_dict_in_generate", bool(getattr(gen_cfg, "return_dict_in_generate", False)))
+    with GenerationCapture(
+        extractor, input_ids, attention_mask, _max_new_tokens(extractor.base, generate_kwargs)
+    ) as cap:
+        out = extractor.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True, **generate_kwargs
+        )
+        feats = cap.finish(out)
+    return (out if want_dict else out.sequences), feats
+
+
+def attach_scores(result: FlowGenerateOutput, validator: Any, feats: FlowFeatures) -> None:
+    """Fill the ``flow_*`` score fields of ``result`` from ``validator.score_features(feats)``."""
+    out = validator.score_features(feats)
+    result.flow_scores = out.scores
+    result.flow_event_scores = out.event_logits
+    result.flow_event_mask = feats.valid.to(out.event_logits.device)
+    result.flow_positions = feats.positions
+    result.flow_culprits = torch.stack([out.culprit_position, out.culprit_block], dim=-1)
+    result.flow_has_events = out.has_events
+
+
+@torch.no_grad()
+def flow_generate(
+    extractor: FlowExtractor,
+    validator: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    scores: bool = True,
+    features: bool = False,
+    check_every: int | None = None,
+    abstain_threshold: float | None = None,
+    abstain_ids: list[int] | None = None,
+    abstain_eos_id: int | None = None,
+    **generate_kwargs: Any,
+) -> FlowGenerateOutput:
+    """One flow-checked ``generate`` call (what the wrapper's ``generate`` runs once its options are checked).
+
+    Args:
+        extractor: The extractor of the generating model.
+        validator: Scores features (``score_features``); ``None`` only with ``scores=False`` and no check.
+        input_ids: ``[N, P]`` prompts (left padding for batches).
+        attention_mask: ``[N, P]``.
+        scores: Attach the validator's scores and culprits.
+        features: Attach the :class:`~hf_flowcheck.FlowFeatures`.
+        check_every: Streaming check every this many tokens (``None``: none).
+        abstain_threshold: With ``check_every``: running score above which a row abstains.
+        abstain_ids: Token ids of the abstention message.
+        abstain_eos_id: Ends an abstaining row (``eos_token_id=`` is a generate setting, passed on).
+        **generate_kwargs: For ``model.generate``.
+
+    Returns:
+        A :class:`FlowGenerateOutput` with the prompt's length and attention mask.
+    """
+    check_generate_kwargs(extractor.base, generate_kwargs)
+    generate_kwargs.pop("return_dict_in_generate", None)  # flow outputs are always a FlowGenerateOutput
+    prompt_len = input_ids.shape[1]
+    budget = _max_new_tokens(extractor.base, generate_kwargs)
+    capture = GenerationCapture(extractor, input_ids, attention_mask, budget, _call_eos(generate_kwargs))
+    stream = None
+    if check_every:
+        stream = FlowStreamingCheck(
+            capture.running_scorer(validator),
+            prompt_len,
+            int(check_every),
+            abstain_threshold,
+            abstain_ids,
+            abstain_eos_id,
+            max_new_tokens=budget,
+        )
+        procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
+        procs.append(stream)
+        generate_kwargs["logits_processor"] = procs
+    with capture:
+        out = extractor.model.generate(
+            input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True, **generate_kwargs
+        )
+        feats = capture.finish(out, stream.final_mask if stream is not None else None)
+    result = FlowGenerateOutput(
+        **{k: v for k, v in out.items()}, prompt_length=prompt_len, prompt_attention_mask=attention_mask
+    )
+    if scores or check_every:
+        attach_scores(result, validator, feats)
+    if features:
+        result.flow_features = feats
+    if stream is not None:
+        running, steps, abstained = stream.summary(input_ids.shape[0])
+        result.flow_running_scores, result.flow_check_steps, result.flow_abstained = running, steps, abstained
+    return result

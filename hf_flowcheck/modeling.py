@@ -7,6 +7,7 @@ model's ``generate()`` untouched.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -20,7 +21,15 @@ from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
-from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck
+from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
+from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
+
+__all__ = [
+    "FLOW_GENERATE_KWARGS",
+    "FlowCheckedModelForCausalLM",
+]
+
 
 #: generate() keyword arguments that belong to hf_flowcheck (never passed to transformers).
 FLOW_GENERATE_KWARGS = (
@@ -35,15 +44,24 @@ VALIDATOR_SUBFOLDER = "validator"
 _MISSING = object()
 
 
-def _load_validator(validator: Any, **hub_kwargs: Any):
+def _load_validator(validator: Any, **hub_kwargs: Any) -> tuple[Any, FlowConfig | None]:
+    """``(validator, saved flow config)``: a folder written by :meth:`FlowCheckedModelForCausalLM.save_pretrained`
+    (``validator/`` and/or ``flow_config.json``) is read whole; any other folder or Hub id is a validator."""
     from hf_flowcheck.detectors.flow_validator import FlowValidator
 
     if validator is None or isinstance(validator, FlowValidator):
-        return validator
+        return validator, None
     if isinstance(validator, (str, os.PathLike)):
         from hf_flowcheck.offline_models import local_or_hub
 
-        return FlowValidator.from_pretrained(local_or_hub(validator, "validator"), **hub_kwargs)
+        folder = Path(validator).expanduser()
+        saved = folder / FLOW_CONFIG_NAME
+        if saved.is_file():
+            config = FlowConfig.from_dict(json.loads(saved.read_text()))
+            sub = folder / VALIDATOR_SUBFOLDER
+            loaded = FlowValidator.from_pretrained(sub, **hub_kwargs) if sub.is_dir() else None
+            return loaded, config
+        return FlowValidator.from_pretrained(local_or_hub(validator, "validator"), **hub_kwargs), None
     raise TypeError(f"validator must be a FlowValidator, a local folder or a Hub id, got {type(validator).__name__}.")
 
 
@@ -73,24 +91,29 @@ class FlowCheckedModelForCausalLM(nn.Module):
     ) -> None:
         super().__init__()
         self.base_model = model
-        validator = _load_validator(validator)
+        validator, saved_config = _load_validator(validator)
         if validator is not None and check_compatibility:
             validator.check_compatible(model)  # a validator without a fingerprint is refused, not trusted
         self.validator = validator
         if flow_config is None:
-            flow_config = getattr(validator, "flow_config", None) or FlowConfig()
+            flow_config = getattr(validator, "flow_config", None) or saved_config or FlowConfig()
         elif validator is not None and validator.flow_config is not None and validator.flow_config != flow_config:
             raise ValueError(
                 f"flow_config {flow_config} differs from the one the validator was trained with "
                 f"({validator.flow_config}); its scores would be meaningless. Leave flow_config=None."
             )
-        self.flow_config = flow_config
         self.tokenizer = tokenizer
         self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)
         # Capture hooks sit on the shared model: one flow-checked generate at a time per wrapper.
+        # The extractor owns the flow config; `flow_config` reads it.
         self._flow_lock = threading.Lock()
         if validator is not None:
             validator.to(self.extractor.arch.readout.device).eval()
+
+    @property
+    def flow_config(self) -> FlowConfig:
+        """The extraction settings (owned by :attr:`extractor`; read-only)."""
+        return self.extractor.config
 
     # --------------------------------------------------------------------------- loading
     @classmethod
@@ -133,7 +156,10 @@ class FlowCheckedModelForCausalLM(nn.Module):
         return cls(model, validator, flow_config, tokenizer=tokenizer)
 
     def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
-        """Save the validator (``validator/``) and the flow config — not the base weights."""
+        """Save the validator (``validator/``) and the flow config — not the base weights.
+
+        ``FlowCheckedModelForCausalLM.from_pretrained(base, validator=save_directory)`` reads both back.
+        """
         out = Path(save_directory)
         out.mkdir(parents=True, exist_ok=True)
         (out / FLOW_CONFIG_NAME).write_text(json.dumps(self.flow_config.to_dict(), indent=2, sort_keys=True))
@@ -274,35 +300,20 @@ class FlowCheckedModelForCausalLM(nn.Module):
             input_ids = input_ids.repeat_interleave(n_return, dim=0)
             attention_mask = attention_mask.repeat_interleave(n_return, dim=0)
         self._check_context(input_ids, kwargs)
-        prompt_len = input_ids.shape[1]
-
-        stream = None
-        if check_every:
-            stream = self._streaming_check(prompt_len, check_every, flags)
-            from transformers import LogitsProcessorList
-
-            procs = LogitsProcessorList(kwargs.pop("logits_processor", None) or [])
-            procs.append(stream)
-            kwargs["logits_processor"] = procs
-        kwargs.setdefault("return_dict_in_generate", True)
-        want_dict = kwargs.pop("return_dict_in_generate")
-        out, feats = self.extractor.generate(
+        threshold, abstain_ids, eos = self._abstention(flags) if check_every else (None, None, None)
+        return flow_generate(
+            self.extractor,
+            self.validator,
             input_ids,
-            attention_mask=attention_mask,
-            mask_fn=stream.final_mask if stream is not None else None,
-            return_dict_in_generate=True,
+            attention_mask,
+            scores=want_scores,
+            features=want_feats,
+            check_every=check_every,
+            abstain_threshold=threshold,
+            abstain_ids=abstain_ids,
+            abstain_eos_id=eos,
             **kwargs,
         )
-        del want_dict  # flow outputs are always a FlowGenerateOutput
-        result = FlowGenerateOutput(**{k: v for k, v in out.items()}, prompt_length=prompt_len)
-        if want_scores or check_every:
-            self._attach_scores(result, feats)
-        if want_feats:
-            result.flow_features = feats
-        if stream is not None:
-            running, steps, abstained = stream.summary(input_ids.shape[0])
-            result.flow_running_scores, result.flow_check_steps, result.flow_abstained = running, steps, abstained
-        return result
 
     def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The mask plain ``generate()`` infers: pad tokens masked when the pad id is not the EOS id."""
@@ -314,38 +325,35 @@ class FlowCheckedModelForCausalLM(nn.Module):
             return (input_ids != pad).long()
         return torch.ones_like(input_ids)
 
-    def _attach_scores(self, result: FlowGenerateOutput, feats: FlowFeatures) -> None:
-        out = self.validator.score_features(feats)
-        result.flow_scores = out.scores
-        result.flow_event_scores = out.event_logits
-        result.flow_event_mask = feats.valid.to(out.event_logits.device)
-        result.flow_positions = feats.positions
-        result.flow_culprits = torch.stack([out.culprit_position, out.culprit_block], dim=-1)
-        result.flow_has_events = out.has_events
-
     def score(self, features: FlowFeatures) -> Any:
         """Run the validator on features (e.g. from ``self.extractor.extract``)."""
         if self.validator is None:
             raise NoValidatorError("No validator loaded; pass validator=... to from_pretrained.")
         return self.validator.score_features(features)
 
-    def refine(self, output: FlowGenerateOutput, **kwargs: Any) -> Any:
+    def refine(self, output: FlowGenerateOutput, config: RefineConfig | None = None, **kwargs: Any) -> FlowRefineOutput:
         """Roll flagged answers back to their culprit and regenerate them under the block clamp.
 
-        Delegates to :func:`hf_flowcheck.refinement.refine` (spec §7); see it for the arguments
-        (``strategy``, ``alpha``, ``threshold``, ``rows``, generate settings...).
+        A one-line delegate to :func:`hf_flowcheck.refinement.refine` (spec §7) with this model's
+        base model, extractor, validator and tokenizer.
 
         Args:
             output: From ``self.generate(..., return_flow_scores=True)``.
+            config: A :class:`~hf_flowcheck.RefineConfig`; its fields (``strategy``, ``alpha``,
+                ``threshold``, ``seed``...) may also be given as keyword arguments, which override it.
+            **kwargs: ``rows``, ``attention_mask`` and generate settings, as :func:`~hf_flowcheck.refine` takes.
 
         Returns:
-            A :class:`~hf_flowcheck.refinement.RefinementResult`.
+            A :class:`~hf_flowcheck.FlowRefineOutput` with ``sequences`` for every row of the batch.
         """
-        from hf_flowcheck.refinement import refine
+        overrides = {name: kwargs.pop(name) for name in REFINE_CONFIG_FIELDS if name in kwargs}
+        config = dataclasses.replace(config or RefineConfig(), **overrides)
+        return refine(
+            self.base_model, self.extractor, self.validator, output, config, tokenizer=self.tokenizer, **kwargs
+        )
 
-        return refine(self, output, **kwargs)
-
-    def _streaming_check(self, prompt_len: int, check_every: int, flags: dict[str, Any]) -> FlowStreamingCheck:
+    def _abstention(self, flags: dict[str, Any]) -> tuple[float | None, list[int], int | None]:
+        """``(threshold, message ids, eos id)`` of a streaming check from the generate flags."""
         threshold = flags["flow_abstain_threshold"]
         if isinstance(threshold, str):
             if threshold != "recommended":
@@ -367,7 +375,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
             eos = eos[0] if eos else None
         if eos is None and self.tokenizer is not None:
             eos = self.tokenizer.eos_token_id
-        return FlowStreamingCheck(self.extractor, self.validator, prompt_len, int(check_every), threshold, ids, eos)
+        return threshold, ids, eos
 
     def _check_context(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> None:
         cfg = getattr(unwrap_model(self.base_model), "config", None)

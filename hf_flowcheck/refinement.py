@@ -30,31 +30,93 @@ Conventions (documented choices):
   (budget ``T + 1`` for that row; recorded in :attr:`RefinedRow.max_new_tokens`).
 * **Culprit in the prompt** (possible with ``token_mask='all'``), rows with no generated tokens or no
   scored events, and rows with an empty prefix (nothing to calibrate on) are skipped; the reason is
-  recorded in :attr:`RefinementResult.skipped`.
+  recorded in :attr:`FlowRefineOutput.skipped`.
 * **Random depth.** ``strategy='random_depth'`` applies the same operator at a block drawn uniformly
   from ``0..B-1`` with a seeded generator; ``U`` and ``s_ref`` are fitted at that block.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
+from transformers.utils import ModelOutput
 
-from hf_flowcheck.configuration import EPS
-from hf_flowcheck.errors import RefinementError
+from hf_flowcheck.configuration import EPS, check_positive_int, versioned_fields
+from hf_flowcheck.errors import NoValidatorError, RefinementError
+from hf_flowcheck.extraction import FlowExtractor
+from hf_flowcheck.generation import FlowGenerateOutput
+from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
-if TYPE_CHECKING:  # pragma: no cover
-    from hf_flowcheck.generation import FlowGenerateOutput
-    from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
-
 STRATEGIES = ("flow", "random_depth", "regenerate")
+REFINE_CONFIG_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """How :func:`refine` rolls back and clamps (spec §7), validated where it is built.
+
+    Attributes:
+        strategy: ``"flow"`` (clamp at the culprit block), ``"random_depth"`` (the same clamp at a
+            uniformly random block drawn with ``seed``) or ``"regenerate"`` (rollback, no clamp).
+        alpha: Clamp ratio ``α`` (> 0; the paper uses 1.05).
+        num_competitors: ``K`` competitors of the top token for the basis.
+        subspace_dim: ``k``, columns of ``U``.
+        n_cal: Prefix positions before ``t0`` that give ``s_ref``.
+        threshold: With ``rows=None``, refine rows whose flow score is above this (in ``[0, 1]``).
+        seed: Seeds the random-depth draw (default 0) and, when given, ``torch.manual_seed(seed)``
+            before each row's generation (for sampling).
+        use_cache_prefix: Reuse the output's KV cache (default); ``False`` replays the whole prefix.
+
+    Example:
+        >>> RefineConfig(alpha=0.5).strategy
+        'flow'
+    """
+
+    strategy: str = "flow"
+    alpha: float = 1.05
+    num_competitors: int = 32
+    subspace_dim: int = 16
+    n_cal: int = 64
+    threshold: float = 0.5
+    seed: int | None = None
+    use_cache_prefix: bool = True
+
+    def __post_init__(self) -> None:
+        if self.strategy not in STRATEGIES:
+            raise ValueError(
+                f"strategy={self.strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}."
+            )
+        for name in ("num_competitors", "subspace_dim", "n_cal"):
+            check_positive_int(name, getattr(self, name))
+        alpha = self.alpha
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 0:
+            raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
+        t = self.threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
+            raise ValueError(
+                f"threshold={t!r} must be a number in [0, 1] (flow scores are probabilities); rows scoring above "
+                "it are refined."
+            )
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
+            raise ValueError(f"seed={self.seed!r} must be an integer or None.")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with a format stamp."""
+        return {**dataclasses.asdict(self), "format_version": REFINE_CONFIG_FORMAT}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RefineConfig:
+        """Inverse of :meth:`to_dict` (unknown fields and newer formats are refused)."""
+        return cls(**versioned_fields(cls, data, REFINE_CONFIG_FORMAT))
+
 
 #: ``basis_fn(h_in [d]) -> U [d, k]``: fits the basis from the block input at ``t0`` (first row).
 BasisFn = Callable[[torch.Tensor], torch.Tensor]
@@ -331,47 +393,89 @@ class RefinedRow:
 
 
 @dataclass
-class RefinementResult:
-    """What :func:`refine` did.
+class FlowRefineOutput(ModelOutput):
+    """What :func:`refine` returns: the whole batch, shaped like the generate output it refines.
 
     Attributes:
-        strategy: The strategy used for every row.
-        rows: One :class:`RefinedRow` per refined row, in row order.
+        sequences: ``[batch, P + A]`` every row of the batch: the original prompt columns (its left
+            padding kept), then the answer: refined rows' new answers, other rows' originals, right-padded
+            with the pad id as ``generate`` pads finished rows.
+        flow_scores: ``[batch]`` scores after refinement (refined rows re-scored teacher-forced with the
+            patch removed; other rows unchanged).
+        flow_scores_before: ``[batch]`` the output's scores.
+        refined: ``[batch]`` bool, rows that were refined.
+        prompt_length: ``P``, as in the generate output.
+        rows: One :class:`RefinedRow` per refined row, in row order (culprit, clamp statistics, cost).
         skipped: ``{row: reason}`` for selected rows that could not be refined.
+        strategy: The strategy used for every row.
     """
 
-    strategy: str
-    rows: list[RefinedRow] = field(default_factory=list)
-    skipped: dict[int, str] = field(default_factory=dict)
-
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def __iter__(self) -> Iterator[RefinedRow]:
-        return iter(self.rows)
+    sequences: torch.LongTensor | None = None
+    flow_scores: torch.FloatTensor | None = None
+    flow_scores_before: torch.FloatTensor | None = None
+    refined: torch.BoolTensor | None = None
+    prompt_length: int | None = None
+    rows: list[RefinedRow] | None = None
+    skipped: dict[int, str] | None = None
+    strategy: str | None = None
 
     @property
     def row_indices(self) -> list[int]:
-        return [r.row for r in self.rows]
+        """Batch rows that were refined, ascending."""
+        return [r.row for r in self.rows or []]
 
     @property
     def scores_before(self) -> torch.Tensor:
-        """``[n_refined]`` float."""
-        return torch.tensor([r.score_before for r in self.rows], dtype=torch.float32)
+        """``[n_refined]`` float, the refined rows' scores before."""
+        return torch.tensor([r.score_before for r in self.rows or []], dtype=torch.float32)
 
     @property
     def scores_after(self) -> torch.Tensor:
-        """``[n_refined]`` float."""
-        return torch.tensor([r.score_after for r in self.rows], dtype=torch.float32)
+        """``[n_refined]`` float, the refined rows' scores after."""
+        return torch.tensor([r.score_after for r in self.rows or []], dtype=torch.float32)
 
     def refined_sequences(self, pad_token_id: int = 0) -> torch.Tensor:
-        """``[n_refined, S]`` long, the refined token lists left-padded with ``pad_token_id``."""
-        width = max((len(r.refined_ids) for r in self.rows), default=0)
-        out = torch.full((len(self.rows), width), pad_token_id, dtype=torch.long)
-        for i, r in enumerate(self.rows):
+        """``[n_refined, S]`` long, only the refined rows' token lists, left-padded with ``pad_token_id``."""
+        rows = self.rows or []
+        width = max((len(r.refined_ids) for r in rows), default=0)
+        out = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
             if r.refined_ids:
                 out[i, width - len(r.refined_ids) :] = torch.tensor(r.refined_ids)
         return out
+
+
+def _batch_output(
+    output: Any, rows: list[RefinedRow], skipped: dict[int, str], strategy: str, pad: int
+) -> FlowRefineOutput:
+    """The whole batch with refined rows' answers replaced (prompt columns untouched)."""
+    seqs = output.sequences
+    prompt_len = int(output.prompt_length)
+    by_row = {r.row: r for r in rows}
+    answers = [
+        by_row[i].refined_answer_ids if i in by_row else seqs[i, prompt_len:].tolist() for i in range(seqs.shape[0])
+    ]
+    width = max((len(a) for a in answers), default=0)
+    tail = torch.full((seqs.shape[0], width), pad, dtype=seqs.dtype, device=seqs.device)
+    for i, a in enumerate(answers):
+        if a:
+            tail[i, : len(a)] = torch.tensor(a, dtype=seqs.dtype, device=seqs.device)
+    before = output.flow_scores.detach().float().cpu()
+    after = before.clone()
+    refined = torch.zeros(seqs.shape[0], dtype=torch.bool)
+    for r in rows:
+        after[r.row] = r.score_after
+        refined[r.row] = True
+    return FlowRefineOutput(
+        sequences=torch.cat([seqs[:, :prompt_len], tail], dim=1),
+        flow_scores=after,
+        flow_scores_before=before,
+        refined=refined,
+        prompt_length=prompt_len,
+        rows=rows,
+        skipped=skipped,
+        strategy=strategy,
+    )
 
 
 # ---------------------------------------------------------------------------------- internals
@@ -391,18 +495,7 @@ def _count_tokens(block: nn.Module) -> Iterator[list[int]]:
         handle.remove()
 
 
-def _pad_id(model: FlowCheckedModelForCausalLM) -> int | None:
-    base = model.extractor.base
-    for src in (getattr(base, "generation_config", None), getattr(base, "config", None), model.tokenizer):
-        pid = getattr(src, "pad_token_id", None) if src is not None else None
-        if isinstance(pid, int):
-            return pid
-    return None
-
-
-def _prompt_mask(
-    model: FlowCheckedModelForCausalLM, prompt: torch.Tensor, attention_mask: torch.Tensor | None
-) -> torch.Tensor:
+def _prompt_mask(pad: int | None, prompt: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
     """``[batch, P]`` bool: real (non-pad) prompt columns."""
     if attention_mask is not None:
         if attention_mask.shape != prompt.shape:
@@ -411,16 +504,15 @@ def _prompt_mask(
                 f"output.sequences is {tuple(prompt.shape)}; pass the mask given to generate()."
             )
         return attention_mask.to(prompt.device).bool()
-    pad = _pad_id(model)
     if pad is None:
         return torch.ones_like(prompt, dtype=torch.bool)
     # Only *leading* pad tokens are padding (left padding); a pad id inside the prompt is kept.
     return torch.cumsum((prompt != pad).long(), dim=-1) > 0
 
 
-def _answer_end(model: FlowCheckedModelForCausalLM, answer: torch.Tensor) -> int:
+def _answer_end(ext: FlowExtractor, answer: torch.Tensor) -> int:
     """Length of a row's answer up to and including its first end-of-sequence token."""
-    eos = model.extractor.eos_ids
+    eos = ext.eos_ids
     if eos:
         hits = torch.isin(answer, torch.tensor(sorted(eos), device=answer.device)).nonzero()
         if hits.numel():
@@ -464,8 +556,7 @@ def _row_cache(cache: Any, row: int, cols: torch.Tensor, config: Any) -> Any:
     return DynamicCache(ddp_cache_data=data, config=config)
 
 
-def _basis_fn(model: FlowCheckedModelForCausalLM, block: int, num_competitors: int, subspace_dim: int) -> BasisFn:
-    ext = model.extractor
+def _basis_fn(ext: FlowExtractor, block: int, num_competitors: int, subspace_dim: int) -> BasisFn:
     norms = ext.norms  # float32 copies of N_0..N_B (also prepares the float32 readout)
     readout = ext.readout
     boundary = ext.config.boundary
@@ -480,30 +571,13 @@ def _basis_fn(model: FlowCheckedModelForCausalLM, block: int, num_competitors: i
     return fit
 
 
-def _check_args(
-    model: FlowCheckedModelForCausalLM,
-    output: Any,
-    strategy: str,
-    alpha: float,
-    num_competitors: int,
-    subspace_dim: int,
-    n_cal: int,
-) -> None:
-    if strategy not in STRATEGIES:
-        raise ValueError(f"strategy={strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}.")
-    for name, value in (("num_competitors", num_competitors), ("subspace_dim", subspace_dim), ("n_cal", n_cal)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
-    if not float(alpha) > 0:
-        raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
-    vocab, dim = model.extractor.arch.readout.shape
-    if subspace_dim > dim:
-        raise ValueError(f"subspace_dim={subspace_dim} exceeds the hidden size {dim}; use subspace_dim<={dim}.")
-    if num_competitors >= vocab:
-        raise ValueError(f"num_competitors={num_competitors} must be smaller than the vocabulary ({vocab}).")
-    if model.validator is None:
-        from hf_flowcheck.modeling import NoValidatorError
-
+def _check_args(ext: FlowExtractor, validator: Any, output: Any, config: RefineConfig) -> None:
+    vocab, dim = ext.arch.readout.shape
+    if config.subspace_dim > dim:
+        raise ValueError(f"subspace_dim={config.subspace_dim} exceeds the hidden size {dim}; use subspace_dim<={dim}.")
+    if config.num_competitors >= vocab:
+        raise ValueError(f"num_competitors={config.num_competitors} must be smaller than the vocabulary ({vocab}).")
+    if validator is None:
         raise NoValidatorError("refine() re-scores the refined answers and needs a validator; pass validator=....")
     missing = [
         name
@@ -532,23 +606,23 @@ def _select_rows(output: Any, rows: Sequence[int] | None, threshold: float) -> l
 
 
 # --------------------------------------------------------------------------------------- refine
+#: ``RefineConfig`` fields that :func:`refine` and ``model.refine`` also take as keyword arguments.
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RefineConfig))
+
+
 @torch.no_grad()
 def refine(
-    model: FlowCheckedModelForCausalLM,
+    model: nn.Module,
+    extractor: FlowExtractor,
+    validator: Any,
     output: FlowGenerateOutput,
-    strategy: str = "flow",
-    alpha: float = 1.05,
-    num_competitors: int = 32,
-    subspace_dim: int = 16,
-    n_cal: int = 64,
-    threshold: float = 0.5,
-    rows: Sequence[int] | None = None,
-    seed: int | None = None,
+    config: RefineConfig | None = None,
     *,
+    rows: Sequence[int] | None = None,
     attention_mask: torch.Tensor | None = None,
-    use_cache_prefix: bool = True,
+    tokenizer: Any = None,
     **generate_kwargs: Any,
-) -> RefinementResult:
+) -> FlowRefineOutput:
     """Roll flagged answers back to their culprit and regenerate them under the block clamp.
 
     Each selected row is processed alone (no batching): its cached prefix is copied from
@@ -557,47 +631,39 @@ def refine(
     teacher-forced with the validator after the patch is removed.
 
     Args:
-        model: The flow-checked model that produced ``output`` (it needs its validator).
-        output: From ``model.generate(..., return_flow_scores=True)``; uses ``sequences``
+        model: The causal LM that produced ``output`` (it generates the refined suffixes).
+        extractor: Its :class:`~hf_flowcheck.FlowExtractor` (architecture, readout, end ids).
+        validator: Re-scores refined answers (``score_features``).
+        output: From a flow-checked ``generate(..., return_flow_scores=True)``; uses ``sequences``
             ``[batch, S]``, ``flow_scores`` ``[batch]``, ``flow_culprits`` ``[batch, 2]``,
-            ``flow_has_events`` ``[batch]``, ``prompt_length`` and ``past_key_values``.
-        strategy: ``"flow"`` (clamp at the culprit block), ``"random_depth"`` (the same clamp at a
-            uniformly random block drawn with ``seed``) or ``"regenerate"`` (rollback, no clamp).
-        alpha: Clamp ratio ``α``.
-        num_competitors: ``K`` competitors of the top token for the basis.
-        subspace_dim: ``k``, columns of ``U``.
-        n_cal: Prefix positions before ``t0`` that give ``s_ref`` (fewer if the prefix is shorter;
-            the count used is recorded).
-        threshold: With ``rows=None``, refine rows whose flow score is above this and that have events.
-        rows: Refine exactly these rows instead.
-        seed: Seeds the random-depth draw (default 0) and, when given, ``torch.manual_seed(seed)``
-            before each row's generation (for sampling).
-        attention_mask: ``[batch, P]`` prompt mask given to ``generate`` (default: leading pad tokens
-            are padding).
-        use_cache_prefix: Reuse the output's KV cache (default). ``False`` replays the whole prefix
-            (a reference for tests and for outputs without a usable cache, which fall back to it).
+            ``flow_has_events`` ``[batch]``, ``prompt_length``, ``prompt_attention_mask`` and
+            ``past_key_values``.
+        config: A :class:`RefineConfig` (default ``RefineConfig()``).
+        rows: Refine exactly these rows instead of those scoring above ``config.threshold``.
+        attention_mask: ``[batch, P]`` prompt mask (default: ``output.prompt_attention_mask``, else
+            leading pad tokens are padding).
+        tokenizer: Asked for the pad id when the model's configs have none.
         **generate_kwargs: Decoding settings for ``generate`` (``do_sample``, ``temperature``,
             ``logits_processor``, ``generation_config``...). Default: greedy. ``max_new_tokens``, if
             given, is taken as the original budget ``T``.
 
     Returns:
-        A :class:`RefinementResult`.
+        A :class:`FlowRefineOutput` with every row of the batch.
 
     Raises:
         RefinementError: If ``output`` lacks flow scores or culprits.
-        ValueError: For a bad strategy, parameter or row index.
+        ValueError: For a bad parameter or row index.
 
     Example:
         >>> out = model.generate(**inputs, max_new_tokens=64, return_flow_scores=True)  # doctest: +SKIP
-        >>> res = refine(model, out)  # doctest: +SKIP
-        >>> res.rows[0].score_before, res.rows[0].score_after  # doctest: +SKIP
+        >>> res = refine(model.base_model, model.extractor, model.validator, out)  # doctest: +SKIP
+        >>> res.sequences.shape[0] == out.sequences.shape[0]  # doctest: +SKIP
+        True
     """
-    _check_args(model, output, strategy, alpha, num_competitors, subspace_dim, n_cal)
-    if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not 0.0 <= float(threshold) <= 1.0:
-        raise ValueError(
-            f"threshold={threshold!r} must be a number in [0, 1] (flow scores are probabilities); rows scoring above "
-            "it are refined."
-        )
+    config = config or RefineConfig()
+    if not isinstance(config, RefineConfig):
+        raise TypeError(f"config must be a RefineConfig, got {type(config).__name__}.")
+    _check_args(extractor, validator, output, config)
     seqs = output.sequences
     prompt_len = int(output.prompt_length)
     budget = generate_kwargs.pop("max_new_tokens", None)
@@ -614,41 +680,40 @@ def refine(
     if "generation_config" not in generate_kwargs and "do_sample" not in generate_kwargs:
         generate_kwargs["do_sample"] = False
     generate_kwargs.pop("return_dict_in_generate", None)
-    gen = torch.Generator().manual_seed(0 if seed is None else int(seed))
-    n_blocks = model.extractor.arch.num_blocks
-    real = _prompt_mask(model, seqs[:, :prompt_len], attention_mask)
-    result = RefinementResult(strategy)
-    for row in _select_rows(output, rows, threshold):
+    gen = torch.Generator().manual_seed(0 if config.seed is None else int(config.seed))
+    n_blocks = extractor.arch.num_blocks
+    if attention_mask is None:
+        attention_mask = getattr(output, "prompt_attention_mask", None)
+    real = _prompt_mask(pad_token_id(model, tokenizer), seqs[:, :prompt_len], attention_mask)
+    done: list[RefinedRow] = []
+    skipped: dict[int, str] = {}
+    for row in _select_rows(output, rows, config.threshold):
         # Draw for every selected row (also skipped ones) so a row's block does not depend on others.
         drawn = int(torch.randint(n_blocks, (1,), generator=gen))
         reason = _skip_reason(output, row, prompt_len, real[row], n_blocks)
         if reason is not None:
-            result.skipped[row] = reason
+            skipped[row] = reason
             continue
         t0, b0 = (int(v) for v in output.flow_culprits[row].tolist())
-        patched = None if strategy == "regenerate" else (b0 if strategy == "flow" else drawn)
-        if seed is not None:
-            torch.manual_seed(int(seed))
-        result.rows.append(
-            _refine_row(
-                model,
-                output,
-                row,
-                t0,
-                b0,
-                patched,
-                real[row],
-                budget,
-                strategy,
-                alpha,
-                num_competitors,
-                subspace_dim,
-                n_cal,
-                use_cache_prefix,
-                dict(generate_kwargs),
-            )
-        )
-    return result
+        patched = None if config.strategy == "regenerate" else (b0 if config.strategy == "flow" else drawn)
+        if config.seed is not None:
+            torch.manual_seed(int(config.seed))
+        job = _RowJob(row=row, t0=t0, b0=b0, patched=patched, real=real[row], budget=budget)
+        done.append(_refine_row(model, extractor, validator, output, job, config, dict(generate_kwargs)))
+    pad = pad_token_id(model, tokenizer, eos_fallback=True)
+    return _batch_output(output, done, skipped, config.strategy, 0 if pad is None else pad)
+
+
+@dataclass
+class _RowJob:
+    """One selected row: its culprit, the block to clamp, its real prompt columns and budget."""
+
+    row: int
+    t0: int
+    b0: int
+    patched: int | None
+    real: torch.Tensor
+    budget: int
 
 
 def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int) -> str | None:
@@ -675,24 +740,17 @@ def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor, n_b
 
 
 def _refine_row(
-    model: FlowCheckedModelForCausalLM,
+    model: nn.Module,
+    ext: FlowExtractor,
+    validator: Any,
     output: Any,
-    row: int,
-    t0: int,
-    b0: int,
-    patched: int | None,
-    real: torch.Tensor,
-    budget: int,
-    strategy: str,
-    alpha: float,
-    num_competitors: int,
-    subspace_dim: int,
-    n_cal: int,
-    use_cache_prefix: bool,
+    job: _RowJob,
+    config: RefineConfig,
     generate_kwargs: dict[str, Any],
 ) -> RefinedRow:
+    row, t0, b0, patched, real, budget = job.row, job.t0, job.b0, job.patched, job.real, job.budget
+    strategy, alpha, n_cal = config.strategy, config.alpha, config.n_cal
     started = time.perf_counter()
-    ext = model.extractor
     seqs = output.sequences
     prompt_len = int(output.prompt_length)
     device = ext.device
@@ -702,7 +760,7 @@ def _refine_row(
     cols = torch.cat([real_cols, torch.arange(prompt_len, seqs.shape[1], device=seqs.device)])
     ids = seqs[row, cols]
     answer = seqs[row, prompt_len:]
-    ans_len = _answer_end(model, answer)
+    ans_len = _answer_end(ext, answer)
     original = ids[: p_real + ans_len].tolist()
     t0_row = p_real + (t0 - prompt_len)  # t0 in the pad-free row
     prefix = ids[: t0_row + 1]
@@ -717,13 +775,13 @@ def _refine_row(
     cache = None
     start = 0
     cache_reused = False
-    if use_cache_prefix:
+    if config.use_cache_prefix:
         why = _usable_cache(getattr(output, "past_key_values", None), int(cols[cal_start - 1]) + 1 if cal_start else 0)
         if why is None:
             start = cal_start
             if cal_start > 0:
-                config = getattr(ext.base, "config", None)
-                cache = _row_cache(output.past_key_values, row, cols[:cal_start], config)
+                model_config = getattr(ext.base, "config", None)
+                cache = _row_cache(output.past_key_values, row, cols[:cal_start], model_config)
                 cache_reused = True
         else:
             note = f"prefix replayed: {why}" + (f"; {note}" if note else "")
@@ -738,7 +796,7 @@ def _refine_row(
             alpha=alpha,
             start=start,
             calibration_start=cal_start,
-            basis_fn=_basis_fn(model, patched, num_competitors, subspace_dim),
+            basis_fn=_basis_fn(ext, patched, config.num_competitors, config.subspace_dim),
         )
     kwargs = dict(generate_kwargs)
     kwargs.update(
@@ -752,19 +810,19 @@ def _refine_row(
     with _count_tokens(ext.arch.blocks[0]) as count:
         if clamp is not None:
             with clamp:
-                out = model.base_model.generate(**kwargs)
+                out = model.generate(**kwargs)
         else:
-            out = model.base_model.generate(**kwargs)
+            out = model.generate(**kwargs)
     new_seq = out.sequences[0].to(seqs.device)
     new_answer = new_seq[p_real:]
-    refined = new_seq[: p_real + _answer_end(model, new_answer)].tolist()
+    refined = new_seq[: p_real + _answer_end(ext, new_answer)].tolist()
 
     # Re-score teacher-forced, with the patch removed.
     r_ids = torch.tensor([refined], dtype=torch.long)
     resp = torch.zeros_like(r_ids)
     resp[:, p_real:] = 1
     feats = ext.extract(r_ids.to(device), torch.ones_like(r_ids).to(device), resp.to(device))
-    scored = model.validator.score_features(feats)
+    scored = validator.score_features(feats)
     has = bool(scored.has_events[0])
     score_after = float(scored.scores[0]) if has else float("nan")
     culprit_after = (int(scored.culprit_position[0]), int(scored.culprit_block[0])) if has else (-1, -1)
@@ -801,8 +859,8 @@ __all__ = [
     "STRATEGIES",
     "BlockClamp",
     "ClampStats",
+    "FlowRefineOutput",
+    "RefineConfig",
     "RefinedRow",
-    "RefinementError",
-    "RefinementResult",
     "refine",
 ]

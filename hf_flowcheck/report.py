@@ -212,7 +212,7 @@ def _refined_dict(obj: Any, tokenizer: Any = None) -> dict[str, Any] | None:
 
 
 def _refinements_by_row(refinements: Any, batch: int) -> dict[int, Any]:
-    """Row → refinement, from a ``RefinementResult`` (``.rows`` with ``.row``), a list, or one object."""
+    """Row → refinement, from a ``FlowRefineOutput`` (``.rows`` with ``.row``), a list, or one object."""
     if refinements is None:
         return {}
     rows = getattr(refinements, "rows", None)
@@ -239,7 +239,7 @@ def report_items_from_output(
             the feature curves).
         tokenizer: Anything with ``decode(ids, skip_special_tokens=...)``.
         prompts: The prompt texts (default: the decoded prompt columns of ``output.sequences``).
-        refinements: Optional: the :class:`~hf_flowcheck.refinement.RefinementResult` of
+        refinements: Optional: the :class:`~hf_flowcheck.refinement.FlowRefineOutput` of
             ``model.refine(output)`` (rows it refined get a before/after panel, skipped rows a note),
             or a list with one mapping per row (see :attr:`ReportItem.refined`), or one mapping for row 0.
 

@@ -16,6 +16,26 @@ import torch
 
 from hf_flowcheck.configuration import EPS, FlowConfig
 
+__all__ = [
+    "SampleGeometry",
+    "WindowLayout",
+    "boundary_states",
+    "competitor_directions",
+    "fit_basis",
+    "fit_sample_bases",
+    "flow_features",
+    "grassmann_drift",
+    "lens_features",
+    "path_integrated_updates",
+    "robust_center",
+    "sample_flow_features",
+    "select_readout_pairs",
+    "token_key",
+    "transport",
+    "window_layout",
+]
+
+
 NormFn = Callable[[torch.Tensor], torch.Tensor]
 
 #: Readout directions shorter than this are dropped (A.5).

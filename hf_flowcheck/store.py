@@ -311,7 +311,7 @@ def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
 
 
 class FeatureStore:
-    """Read access to an extracted feature directory (see :func:`hf_flowcheck.pipeline.extract_dataset`).
+    """Read access to an extracted feature directory (see :func:`hf_flowcheck.workflows.extract.extract_dataset`).
 
     Use :meth:`open`; the constructor does no checking.
 
@@ -344,7 +344,7 @@ class FeatureStore:
         if manifest is None:
             raise FileNotFoundError(
                 f"No {MANIFEST_NAME} in {path}: not a feature store. Create one with `flowcheck extract --out {path}` "
-                "or hf_flowcheck.pipeline.extract_dataset(..., out_dir=...)."
+                "or hf_flowcheck.workflows.extract.extract_dataset(..., out_dir=...)."
             )
         if manifest.get("status") != "complete" and not allow_incomplete:
             raise FeatureStoreError(

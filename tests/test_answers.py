@@ -7,12 +7,13 @@ import json
 import pytest
 import torch
 from conftest import make_tiny_model, tiny_flow_config
-from test_pipeline import CharTokenizer
+from test_workflows_extract import CharTokenizer
 
-from hf_flowcheck import pipeline as pl
 from hf_flowcheck.data import Example, ReferenceF1Judge
 from hf_flowcheck.extraction import FlowExtractor
-from hf_flowcheck.hub import model_fingerprint
+from hf_flowcheck.fingerprint import model_fingerprint
+from hf_flowcheck.generation import capture_generate
+from hf_flowcheck.workflows import extract as pl
 from hf_flowcheck.workflows.answers import AnswerFileError, generate_answers, read_answers
 from hf_flowcheck.workflows.replay import load_parts, replay_answers
 
@@ -108,7 +109,7 @@ def test_replay_equals_capture_during_generate(model, tmp_path):
     ext = FlowExtractor(model, cfg, tokenizer=tok)
     for i, rec in enumerate(answers.records):
         ids = torch.tensor([tok(rec.prompt)["input_ids"]])
-        _, live = ext.generate(ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        _, live = capture_generate(ext, ids, max_new_tokens=6, do_sample=False, pad_token_id=0)
         t = len(rec.gen_ids)
         assert int(feats.valid[i, 0].sum()) == t
         torch.testing.assert_close(feats.values[i, :, :t], live.values[0, :, :t], atol=1e-4, rtol=1e-4)

@@ -58,3 +58,98 @@ def test_validator_without_fingerprint_is_refused():
         FlowCheckedModelForCausalLM(model, v)
     fc = FlowCheckedModelForCausalLM(model, v, check_compatibility=False)  # the explicit opt-out
     assert fc.validator is v and torch.is_tensor(v.feature_shift)
+
+
+# ------------------------------------------------------------------- silently wrong, now refused
+def _wrapped(tiny_cfg=None):
+    import torch
+    from conftest import make_tiny_model, tiny_flow_config
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
+
+    model = make_tiny_model("llama")
+    cfg = tiny_cfg or tiny_flow_config()
+    torch.manual_seed(0)
+    v = FlowValidator(ValidatorConfig(num_features=cfg.num_features, hidden=8, embed=4, gru_hidden=4), flow_config=cfg)
+    v.set_base_model(model)
+    return FlowCheckedModelForCausalLM(model, v.eval())
+
+
+class _Force:
+    """Logits processor that forces ``token`` at generated step ``step`` (0-based)."""
+
+    def __init__(self, prompt_len: int, step: int, token: int) -> None:
+        self.prompt_len, self.step, self.token = prompt_len, step, token
+
+    def __call__(self, input_ids, scores):
+        if input_ids.shape[1] - self.prompt_len == self.step:
+            scores = scores.clone()
+            scores[:] = -float("inf")
+            scores[:, self.token] = 0.0
+        return scores
+
+
+def test_per_call_eos_token_ends_the_scored_answer():
+    import torch
+    from transformers import LogitsProcessorList
+
+    fc = _wrapped()
+    ids = torch.tensor([[1, 5, 6, 7]])
+    kw = dict(max_new_tokens=6, do_sample=False, return_flow_scores=True, pad_token_id=0)
+    force = LogitsProcessorList([_Force(4, 2, 42)])
+    out = fc.generate(input_ids=ids, eos_token_id=42, logits_processor=force, **kw)
+    # Two answer tokens, then the per-call end token 42: it and nothing after it is scored.
+    assert out.sequences[0, 4 + 2].item() == 42
+    assert (out.flow_positions[0] >= 0).sum().item() == 2
+
+
+def test_abstention_message_is_never_cut_mid_word():
+    import torch
+
+    fc = _wrapped()
+    msg = "I am not sure about this at all."
+    ids = torch.tensor([[1, 5, 6, 7], [1, 8, 9, 10]])
+    kw = dict(do_sample=False, pad_token_id=0, flow_check_every=1, flow_abstain_threshold=0.0)
+    from types import SimpleNamespace
+
+    from test_baselines import CharTokenizer
+
+    class Tok(CharTokenizer):
+        def __call__(self, text, add_special_tokens=True):
+            return SimpleNamespace(**super().__call__(text, add_special_tokens))
+
+    fc.tokenizer = Tok()
+    out = fc.generate(input_ids=ids, max_new_tokens=4, flow_abstain_message=msg, **kw)
+    answers = [fc.tokenizer.decode(row[4:]) for row in out.sequences]
+    assert out.flow_abstained.all()
+    assert all(msg.strip() not in a and "I am" not in a for a in answers)  # too long for the budget: not started
+    full = fc.generate(input_ids=ids, max_new_tokens=48, flow_abstain_message=msg, **kw)
+    assert all(msg in fc.tokenizer.decode(row[4:]) for row in full.sequences)
+
+
+def test_detector_folder_mixed_from_two_saves_is_refused(tmp_path):
+    import shutil
+
+    from hf_flowcheck.detectors import FlowValidator
+    from hf_flowcheck.errors import CheckpointError
+
+    a, b = _wrapped().validator, _wrapped().validator
+    with __import__("torch").no_grad():
+        next(b.parameters()).add_(1.0)
+    a.save_pretrained(tmp_path / "a")
+    b.save_pretrained(tmp_path / "b")
+    shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path / "a" / "model.safetensors")
+    with pytest.raises(CheckpointError, match="sha256 differs"):
+        FlowValidator.from_pretrained(tmp_path / "a")
+
+
+def test_half_precision_model_is_named_in_the_refusal():
+    import torch
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.errors import FingerprintMismatchError
+
+    fc = _wrapped()
+    with pytest.raises(FingerprintMismatchError, match=r"bfloat16.*dtype=torch\.float32"):
+        FlowCheckedModelForCausalLM(fc.base_model.to(torch.bfloat16), fc.validator)

@@ -137,7 +137,7 @@ def test_probe_refuses_before_fit_and_picks_planted_layer() -> None:
     probe.fit(x, y, vx, vy)
     assert probe.layer == 3
     assert max(probe.layer_auroc, key=probe.layer_auroc.get) == 3
-    from hf_flowcheck.evaluation import auroc
+    from hf_flowcheck.metrics import auroc
 
     s = probe.score(tx)
     assert s.shape == (40,) and auroc(ty, s) > 0.8

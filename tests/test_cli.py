@@ -95,7 +95,7 @@ def test_every_help_page_renders(command, capsys):
 
 def test_demo_samples_are_the_dataset_records():
     from hf_flowcheck import data
-    from hf_flowcheck.cli import DEMO_SAMPLES
+    from hf_flowcheck.cli.generation import DEMO_SAMPLES
 
     recs = {r.uid: r for r in data.load_halueval("qa", None)}
     for uid, (question, knowledge, reference) in zip(("halueval_qa:4881", "halueval_qa:9022"), DEMO_SAMPLES):

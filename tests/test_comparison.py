@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 
 import numpy as np
@@ -10,16 +9,6 @@ import pytest
 import torch
 from conftest import make_tiny_model, tiny_flow_config
 
-from hf_flowcheck.comparison import (
-    FlowValidatorDetector,
-    FusedDetector,
-    abstention_policy,
-    add_compare_arguments,
-    apply_abstention,
-    compare_detectors,
-    examples_from_store,
-    gradient_layer_ablation,
-)
 from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
 from hf_flowcheck.detectors.baselines import (
     AnswerLengthDetector,
@@ -27,8 +16,18 @@ from hf_flowcheck.detectors.baselines import (
     SamplingAgreementDetector,
     TokenConfidenceDetector,
 )
-from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig, _jsonable
+from hf_flowcheck.detectors.checkpoint import jsonable
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
+from hf_flowcheck.workflows.compare import (
+    FlowValidatorDetector,
+    FusedDetector,
+    abstention_policy,
+    apply_abstention,
+    compare_detectors,
+    examples_from_store,
+    gradient_layer_ablation,
+)
 
 
 class CharTokenizer:
@@ -160,7 +159,7 @@ def test_compare_detectors_end_to_end() -> None:
         assert 0.0 <= row["abstention"]["test"]["coverage"] <= 1.0
         assert len(report["scores"][name]["test"]) == 6
     assert detectors[1].is_fitted and detectors[2].is_fitted
-    json.dumps(_jsonable(report, "report"))  # JSON-serialisable
+    json.dumps(jsonable(report, "report"))  # JSON-serialisable
     # the length control is skipped outside the paired protocol
     again = compare_detectors(
         model,
@@ -210,9 +209,9 @@ def test_gradient_layer_ablation() -> None:
 # ------------------------------------------------------------------------------- from a store
 def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> None:
     from hf_flowcheck import offline_models
-    from hf_flowcheck.comparison import run_compare
+    from hf_flowcheck.cli import build_parser, main
     from hf_flowcheck.data import load_jsonl, paired_examples
-    from hf_flowcheck.pipeline import extract_dataset
+    from hf_flowcheck.workflows.extract import extract_dataset
 
     path = tmp_path / "qa.jsonl"
     rows = [
@@ -238,32 +237,34 @@ def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> N
     assert sorted((e.uid, e.label) for e in rebuilt) == sorted((e.uid, e.label) for e in examples)
     for e in rebuilt:
         assert tok.decode(e.answer_ids).strip() == e.answer
+    # Extraction and comparison split prompt and answer by the same rule (tokenize_prompt_answer).
+    feats, _, uids = store.load()
+    by_uid = {e.uid: e for e in rebuilt}
+    for i, uid in enumerate(uids):
+        assert int(feats.positions[i, 0]) == len(by_uid[uid].prompt_ids)
 
-    parser = argparse.ArgumentParser()
-    add_compare_arguments(parser)
-    defaults = parser.parse_args(["--features", "x"])
+    defaults = build_parser().parse_args(["compare", "--features", "x"])
     assert defaults.gradient_layers == "5" and defaults.samples == 5 and defaults.target_risk == 0.1
     monkeypatch.setattr(offline_models, "load_model", lambda name, **kw: (make_tiny_model("llama"), tok))
     out_json = tmp_path / "report.json"
     argv = ["--features", str(tmp_path / "feats"), "--detectors", "confidence,length,probe", "--bootstrap", "5"]
     argv += ["--max-new-tokens", "2", "--json", str(out_json)]
-    assert run_compare(parser.parse_args(argv)) == 0
+    assert main(["compare", *argv]) == 0
     printed = capsys.readouterr().out
     assert "answer length (tokens)" in printed and "cost x" in printed
     report = json.loads(out_json.read_text())
     assert report["protocol"] == "paired" and "fused (stacked logistic regression)" in report["rows"]
     capped_json = tmp_path / "capped.json"
     capped = [*argv[:-1], str(capped_json), "--max-train", "4"]
-    assert run_compare(parser.parse_args(capped)) == 0
+    assert main(["compare", *capped]) == 0
     sizes = json.loads(capped_json.read_text())["sizes"]
     assert sizes["train"] == 4 and report["sizes"]["train"] > 4  # whole records: 2 pairs
     assert {k: sizes[k] for k in ("validation", "test")} == {k: report["sizes"][k] for k in ("validation", "test")}
-    bad = parser.parse_args(["--features", str(tmp_path / "nowhere")])
-    assert run_compare(bad) == 2
+    assert main(["compare", "--features", str(tmp_path / "nowhere")]) == 2
 
 
 def test_generated_completion_replays_the_models_own_text() -> None:
-    from hf_flowcheck.comparison import generated_completion
+    from hf_flowcheck.workflows.compare import generated_completion
 
     assert (
         generated_completion("\n\nThe answer is: England\n", "The answer is: England") == "\n\nThe answer is: England"

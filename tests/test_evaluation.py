@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from hf_flowcheck.evaluation import (
+from hf_flowcheck.metrics import (
     accuracy_at_threshold,
     aurc,
     auroc,

@@ -63,7 +63,8 @@ def test_push_to_hub_dry_run(tmp_path):
 
 @needs_model
 def test_streaming_abstention():
-    # Threshold 0 makes every row abstain at the first check, whatever the validator.
-    out = _run("streaming_abstention.py", "--threshold", "0.0", "--max-new-tokens", "8")
+    # Threshold 0 makes every row abstain at the first check (4 tokens), whatever the validator; 12 tokens
+    # leave room for the whole message (one that does not fit is not started).
+    out = _run("streaming_abstention.py", "--threshold", "0.0", "--max-new-tokens", "12")
     assert out.count("abstained: True") == 2
     assert "I am not sure" in out

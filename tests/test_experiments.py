@@ -4,13 +4,13 @@ import json
 
 import pytest
 from conftest import make_tiny_model, tiny_flow_config
-from test_pipeline import CharTokenizer
+from test_workflows_extract import CharTokenizer
 
-from hf_flowcheck import pipeline as pl
 from hf_flowcheck.cli import main
 from hf_flowcheck.data import LabeledExample
 from hf_flowcheck.detectors.flow_validator import FlowValidator
-from hf_flowcheck.experiments import train_from_store
+from hf_flowcheck.workflows import extract as pl
+from hf_flowcheck.workflows.experiments import train_from_store
 
 
 def _pairs(n):

@@ -6,6 +6,7 @@ from conftest import make_tiny_model, tiny_flow_config
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_flowcheck import FlowConfig, FlowExtractor, NonFiniteStateError
+from hf_flowcheck.generation import capture_generate
 
 
 class ForceTokenAt(LogitsProcessor):
@@ -57,7 +58,8 @@ def test_generate_capture_equals_teacher_forced_replay(core_family, do_sample):
     prompt_len = ids.shape[1]
     stop = LogitsProcessorList([ForceTokenAt(prompt_len, row=1, step=3, token=98)])  # row 1 ends early
     torch.manual_seed(0)
-    out, feats = ext.generate(
+    out, feats = capture_generate(
+        ext,
         ids,
         attention_mask=att,
         max_new_tokens=7,
@@ -82,10 +84,10 @@ def test_generate_returns_what_generate_returns():
     ext = FlowExtractor(model, tiny_flow_config())
     ids = torch.tensor([[5, 6, 7, 8]])
     plain = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
-    seqs, _ = ext.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    seqs, _ = capture_generate(ext, ids, max_new_tokens=5, do_sample=False, pad_token_id=0)
     assert torch.equal(seqs, plain)
-    out, _ = ext.generate(
-        ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True
+    out, _ = capture_generate(
+        ext, ids, max_new_tokens=5, do_sample=False, pad_token_id=0, return_dict_in_generate=True, output_scores=True
     )
     assert torch.equal(out.sequences, plain) and len(out.scores) == 5
     assert out.past_key_values.get_seq_length() == plain.shape[1] - 1  # the cache is given back unchanged
@@ -122,7 +124,7 @@ def test_token_mask_all_and_response_required():
     ext_all = FlowExtractor(model, tiny_flow_config(token_mask="all"))
     f = ext_all.extract(ids)
     assert f.positions[0].tolist() == [1, 2, 3, 4]  # BOS excluded
-    _out, g = ext_all.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    _out, g = capture_generate(ext_all, ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert g.positions[0, :4].tolist() == [1, 2, 3, 4] and g.num_tokens()[0] >= 4
     ext = FlowExtractor(model, tiny_flow_config())
     with pytest.raises(ValueError, match="response_mask"):
@@ -132,7 +134,7 @@ def test_token_mask_all_and_response_required():
 def test_num_beams_refused_clearly():
     ext = FlowExtractor(make_tiny_model("llama"), tiny_flow_config())
     with pytest.raises(ValueError, match="num_beams=3"):
-        ext.generate(torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=3)
+        capture_generate(ext, torch.tensor([[5, 6]]), max_new_tokens=2, num_beams=3)
 
 
 def test_non_finite_state_names_block_and_position():
@@ -176,7 +178,7 @@ def test_memory_grows_with_masked_tokens_not_prompt():
     ext.extract(ids, response_mask=resp)
     n_blocks, d = 4, 32
     assert ext.last_capture_bytes == 3 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 3 * 16
-    ext.generate(prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    capture_generate(ext, prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
     assert ext.last_capture_bytes == 4 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 4 * 16
 
 
@@ -198,7 +200,7 @@ def test_peft_lora_model():
     model = make_tiny_model("llama")
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
     ext = FlowExtractor(lora, tiny_flow_config())
-    _out, f = ext.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
+    _out, f = capture_generate(ext, torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, pad_token_id=0)
     assert f.valid.any() and torch.isfinite(f.values).all()
 
 

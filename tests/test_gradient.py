@@ -25,8 +25,8 @@ from hf_flowcheck.detectors.gradient import (
     sketch_matrix,
     sketch_weight_gradient,
 )
-from hf_flowcheck.evaluation import auroc
-from hf_flowcheck.hub import FingerprintMismatchError
+from hf_flowcheck.fingerprint import FingerprintMismatchError
+from hf_flowcheck.metrics import auroc
 
 SEQ_FAMILIES = ["llama", "gpt2", "gpt_neox", "gemma2"]
 

@@ -16,13 +16,13 @@ from safetensors.torch import load_file, save_file
 
 from hf_flowcheck import FlowExtractor
 from hf_flowcheck.detectors import CheckpointError, FlowValidator, ValidatorConfig
-from hf_flowcheck.evaluation import evaluate_scores
-from hf_flowcheck.hub import (
+from hf_flowcheck.fingerprint import (
     FingerprintMismatchError,
     check_fingerprint,
     model_fingerprint,
     readout_sha256,
 )
+from hf_flowcheck.metrics import evaluate_scores
 
 SMALL = dict(hidden=24, embed=12, gru_hidden=16)
 

@@ -10,7 +10,7 @@ from conftest import make_tiny_model, tiny_flow_config
 
 from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
 from hf_flowcheck.extraction import FlowExtractor
-from hf_flowcheck.training import train_validator
+from hf_flowcheck.workflows.training import train_validator
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -200,7 +200,7 @@ def test_save_keeps_files_it_does_not_write(tiny_answers, tmp_path):
 
 def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
     from hf_flowcheck import FlowCheckedModelForCausalLM
-    from hf_flowcheck.hub import model_fingerprint
+    from hf_flowcheck.fingerprint import model_fingerprint
 
     feats, labels = tiny_answers
     model = make_tiny_model("llama")

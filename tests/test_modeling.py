@@ -7,7 +7,7 @@ from transformers import GenerationConfig
 
 from hf_flowcheck import FlowCheckedModelForCausalLM, FlowGenerateOutput
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
-from hf_flowcheck.hub import FingerprintMismatchError
+from hf_flowcheck.fingerprint import FingerprintMismatchError
 
 
 def _validator(model, cfg=None, seed=0):

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from hf_flowcheck import FlowConfig, FlowExtractor
+from hf_flowcheck.generation import capture_generate
 from hf_flowcheck.offline_models import load_model
 
 
@@ -26,7 +27,8 @@ def test_generate_capture_equals_replay_on_smollm2(smollm2):
     model, tok = smollm2
     ext = FlowExtractor(model, FlowConfig(), tokenizer=tok)
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    out, feats = ext.generate(
+    out, feats = capture_generate(
+        ext,
         enc.input_ids,
         attention_mask=enc.attention_mask,
         max_new_tokens=12,

@@ -9,7 +9,8 @@ from torch import nn
 
 from hf_flowcheck import FlowCheckedModelForCausalLM
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
-from hf_flowcheck.refinement import BlockClamp, RefinementError, RefinementResult, refine
+from hf_flowcheck.errors import RefinementError
+from hf_flowcheck.refinement import BlockClamp, FlowRefineOutput, RefineConfig, refine
 
 FAMS = ["llama", "gemma2"]
 #: Small-model settings: k and K must fit hidden 32 / vocab 99; the tiny models are kept off EOS.
@@ -186,7 +187,7 @@ def test_huge_alpha_equals_plain_rollback(setup):
     flow = fc.refine(out, strategy="flow", alpha=1e9, threshold=0.0, attention_mask=att, **SMALL)
     plain = fc.refine(out, strategy="regenerate", threshold=0.0, attention_mask=att, **SMALL)
     assert flow.row_indices == plain.row_indices == [0, 1]
-    for a, b in zip(flow, plain):
+    for a, b in zip(flow.rows, plain.rows):
         assert a.refined_ids == b.refined_ids
         assert a.positions_patched > 0 and a.positions_clamped == 0 and a.max_lambda == 1.0
         assert a.patched_block == a.culprit_before[1] and b.patched_block is None
@@ -201,7 +202,7 @@ def test_cached_prefix_equals_replayed_prefix(setup):
     kw = dict(strategy="flow", alpha=0.3, threshold=0.0, attention_mask=att, **SMALL)
     cached = fc.refine(out, **kw)
     replay = fc.refine(out, use_cache_prefix=False, **kw)
-    for a, b in zip(cached, replay):
+    for a, b in zip(cached.rows, replay.rows):
         assert a.cache_reused and not b.cache_reused
         assert a.refined_ids == b.refined_ids
         assert a.score_after == pytest.approx(b.score_after, abs=1e-4)
@@ -217,7 +218,7 @@ def test_fixed_budget_and_answer_shape(setup):
     fc, out, att = setup
     res = fc.refine(out, strategy="flow", alpha=0.1, threshold=0.0, attention_mask=att, **SMALL)
     budget = out.sequences.shape[1] - out.prompt_length
-    for r in res:
+    for r in res.rows:
         t0 = r.culprit_before[0]
         kept = t0 + 1 - out.prompt_length
         assert r.max_new_tokens == budget - kept
@@ -283,20 +284,55 @@ def test_random_depth_is_seeded(setup):
     kw = dict(strategy="random_depth", alpha=0.3, threshold=0.0, attention_mask=att, **SMALL)
     a = fc.refine(out, seed=7, **kw)
     b = fc.refine(out, seed=7, **kw)
-    assert [r.patched_block for r in a] == [r.patched_block for r in b]
-    assert all(0 <= r.patched_block < 4 for r in a)
-    assert [r.refined_ids for r in a] == [r.refined_ids for r in b]
+    assert [r.patched_block for r in a.rows] == [r.patched_block for r in b.rows]
+    assert all(0 <= r.patched_block < 4 for r in a.rows)
+    assert [r.refined_ids for r in a.rows] == [r.refined_ids for r in b.rows]
 
 
 def test_row_selection(setup):
     fc, out, att = setup
-    assert len(fc.refine(out, threshold=1.0, attention_mask=att, **SMALL)) == 0
+    assert len(fc.refine(out, threshold=1.0, attention_mask=att, **SMALL).rows) == 0
     res = fc.refine(out, rows=[1], attention_mask=att, **SMALL)
-    assert isinstance(res, RefinementResult) and res.row_indices == [1]
+    assert isinstance(res, FlowRefineOutput) and res.row_indices == [1]
     assert res.scores_before.shape == res.scores_after.shape == (1,)
     assert res.refined_sequences(0).shape[0] == 1
     with pytest.raises(ValueError, match="rows contains 5"):
         fc.refine(out, rows=[5], **SMALL)
+
+
+def test_refine_returns_the_whole_batch_like_generate(setup):
+    fc, out, att = setup
+    res = fc.refine(out, rows=[1], attention_mask=att, **SMALL)
+    p = out.prompt_length
+    assert res.sequences.shape[0] == out.sequences.shape[0] and res.prompt_length == p
+    assert res.refined.tolist() == [False, True]
+    torch.testing.assert_close(res.sequences[:, :p], out.sequences[:, :p])  # prompts (and their pads) untouched
+    row0 = out.sequences[0, p:].tolist()
+    assert res.sequences[0, p : p + len(row0)].tolist() == row0  # an unrefined row keeps its answer
+    assert res.sequences[1, p : p + len(res.rows[0].refined_answer_ids)].tolist() == res.rows[0].refined_answer_ids
+    assert float(res.flow_scores[0]) == float(out.flow_scores[0])
+    assert float(res.flow_scores[1]) == res.rows[0].score_after or res.flow_scores[1].isnan()
+    torch.testing.assert_close(res.flow_scores_before, out.flow_scores.float().cpu())
+    # The prompt mask travels with the output: no attention_mask needed, same result.
+    again = fc.refine(out, rows=[1], **SMALL)
+    assert again.sequences.tolist() == res.sequences.tolist()
+
+
+def test_refine_config_validates_and_round_trips():
+    cfg = RefineConfig(strategy="random_depth", alpha=0.5, seed=3)
+    assert RefineConfig.from_dict(cfg.to_dict()) == cfg
+    for bad, match in (
+        ({"alpha": 0}, "alpha=0 must be positive"),
+        ({"alpha": -1.0}, "alpha=-1.0 must be positive"),
+        ({"n_cal": 0}, "n_cal=0 must be a positive integer"),
+        ({"strategy": "x"}, "strategy='x' is not supported"),
+        ({"threshold": 2}, r"threshold=2 must be a number in \[0, 1\]"),
+        ({"seed": 1.5}, "seed=1.5 must be an integer"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            RefineConfig(**bad)
+    with pytest.raises(ValueError, match="Unknown RefineConfig field"):
+        RefineConfig.from_dict({"beta": 1})
 
 
 # ---------------------------------------------------------------------------------- bad inputs
@@ -305,7 +341,7 @@ def test_output_without_flow_scores_is_refused(setup):
     ids, att = _batch()
     plain = fc.base_model.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, return_dict_in_generate=True)
     with pytest.raises(RefinementError, match="return_flow_scores=True"):
-        refine(fc, plain)
+        refine(fc.base_model, fc.extractor, fc.validator, plain)
     with pytest.raises(ValueError, match="strategy='clamp'"):
         fc.refine(out, strategy="clamp")
     with pytest.raises(ValueError, match="subspace_dim=64"):
@@ -331,7 +367,7 @@ def test_culprit_in_prompt_and_rows_without_events_are_skipped(setup):
     has[1] = False
     doc = _doctored(out, flow_culprits=culprits, flow_has_events=has)
     res = fc.refine(doc, rows=[0, 1], attention_mask=att, **SMALL)
-    assert len(res) == 0
+    assert len(res.rows) == 0
     assert "lies in the prompt" in res.skipped[0]
     assert "no scored token" in res.skipped[1]
 
@@ -344,7 +380,7 @@ def test_culprit_at_last_position_regenerates_one_token(setup):
     doc = _doctored(out, flow_culprits=culprits)
     res = fc.refine(doc, threshold=0.0, alpha=0.1, attention_mask=att, **SMALL)
     budget = out.sequences.shape[1] - out.prompt_length
-    for r in res:
+    for r in res.rows:
         assert r.max_new_tokens == 1 and "past the budget" in r.note
         assert len(r.refined_answer_ids) == budget + 1
         assert r.refined_answer_ids[:budget] == r.original_answer_ids[:budget]
@@ -353,7 +389,7 @@ def test_culprit_at_last_position_regenerates_one_token(setup):
 def test_short_prefix_uses_what_exists(setup):
     fc, out, att = setup
     res = fc.refine(out, threshold=0.0, attention_mask=att, **{**SMALL, "n_cal": 64})
-    for r in res:
+    for r in res.rows:
         t0_row = r.prompt_length + r.culprit_before[0] - out.prompt_length
         assert r.n_cal_used == t0_row < 64
         assert not r.cache_reused  # the whole prefix is the calibration span: nothing to reuse
@@ -363,7 +399,7 @@ def test_no_generated_tokens_is_skipped(setup):
     fc, out, _ = setup
     doc = _doctored(out, sequences=out.sequences[:, : out.prompt_length])
     res = fc.refine(doc, rows=[0], **SMALL)
-    assert len(res) == 0 and "no generated tokens" in res.skipped[0]
+    assert len(res.rows) == 0 and "no generated tokens" in res.skipped[0]
 
 
 # ------------------------------------------------------------------------------------ real model

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
-from hf_flowcheck.evaluation import auroc
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.training import STATE_JSON, STATE_NAME, TrainingHistory, train_validator
+from hf_flowcheck.metrics import auroc
+from hf_flowcheck.workflows.training import STATE_JSON, STATE_NAME, TrainingHistory, train_validator
 
 B, T, F = 3, 5, 6
 NAMES = tuple(f"f{i}" for i in range(F))
@@ -137,7 +137,7 @@ def test_rows_without_events_are_skipped(data, caplog):
     tr2.valid[:3] = False
     va2 = FlowFeatures(va.values.clone(), va.valid.clone(), va.positions, NAMES)
     va2.valid[0] = False
-    with caplog.at_level(logging.WARNING, logger="hf_flowcheck.training"):
+    with caplog.at_level(logging.WARNING, logger="hf_flowcheck.workflows.training"):
         _, hist = train_validator(tr2, ytr, va2, yva, epochs=1, **FAST)
     assert hist.skipped_train == 3 and hist.skipped_val == 1
     assert "skipping 3 train and 1 validation rows" in caplog.text

@@ -29,7 +29,7 @@ def default_validator_for(model: nn.Module, name: str | None = None) -> Any:
     A validator matches when the model's architecture, sizes and readout-weight hash equal its
     recorded base-model fingerprint, whatever name or path the model was loaded from.
     """
-    from hf_flowcheck.hub import model_fingerprint
+    from hf_flowcheck.fingerprint import model_fingerprint
 
     candidates = bundled_validators()
     if not candidates:

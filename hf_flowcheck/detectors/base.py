@@ -44,7 +44,9 @@ __all__ = [
     "NotFittedError",
     "ScoredExample",
     "batch_examples",
+    "encode_text",
     "scored_examples",
+    "tokenize_prompt_answer",
 ]
 
 SCORE_DIRECTION = "higher = more likely hallucinated"
@@ -101,20 +103,40 @@ def _as_list(ids: Any) -> list[int]:
     return list(ids)
 
 
-def _encode(tokenizer: Any, text: str) -> list[int]:
+def encode_text(tokenizer: Any, text: str) -> list[int]:
+    """``tokenizer(text)`` token ids (special tokens added) as a flat list."""
     enc = tokenizer(text, add_special_tokens=True)
-    ids = enc["input_ids"] if hasattr(enc, "keys") else enc
+    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
     if ids and isinstance(ids[0], list):
         ids = ids[0]
     return [int(i) for i in ids]
 
 
+def tokenize_prompt_answer(tokenizer: Any, prompt: str, completion: str) -> tuple[list[int], int]:
+    """The one rule for where a prompt ends and its answer begins: ``(ids, start)``.
+
+    The prompt and ``prompt + completion`` are tokenized separately; the answer is what follows their
+    common prefix (so a token merged across the boundary belongs to the answer), and at least one
+    prompt token is kept (the first answer token needs a context to be predicted from).
+    Extraction into stores and every detector's featurization use this function.
+
+    Returns:
+        ``ids`` of ``prompt + completion`` and ``start``, the index of the first answer token.
+    """
+    p_ids = encode_text(tokenizer, prompt)
+    f_ids = encode_text(tokenizer, prompt + completion)
+    common = 0
+    for a, b in zip(p_ids, f_ids):
+        if a != b:
+            break
+        common += 1
+    return f_ids, min(max(common, 1), len(f_ids))
+
+
 def scored_examples(tokenizer: Any, examples: Sequence[Any]) -> list[ScoredExample]:
     """Tokenize labelled examples (``.prompt``, ``.completion``/``.answer``, ``.label``, ``.uid``).
 
-    The prompt and ``prompt + completion`` are tokenized separately; the answer is what follows
-    their common prefix (as in :mod:`hf_flowcheck.pipeline`), so merges across the boundary are
-    handled the same way as during extraction.
+    The boundary is :func:`tokenize_prompt_answer`'s, the same rule extraction into stores uses.
 
     Args:
         tokenizer: A HuggingFace tokenizer.
@@ -126,14 +148,7 @@ def scored_examples(tokenizer: Any, examples: Sequence[Any]) -> list[ScoredExamp
     out = []
     for ex in examples:
         completion = getattr(ex, "completion", None) or (" " + ex.answer)
-        p_ids = _encode(tokenizer, ex.prompt)
-        f_ids = _encode(tokenizer, ex.prompt + completion)
-        common = 0
-        for a, b in zip(p_ids, f_ids):
-            if a != b:
-                break
-            common += 1
-        common = max(common, 1)
+        f_ids, common = tokenize_prompt_answer(tokenizer, ex.prompt, completion)
         out.append(
             ScoredExample(
                 f_ids[:common],

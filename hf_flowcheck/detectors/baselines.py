@@ -35,13 +35,16 @@ from typing import Any
 
 import numpy as np
 import torch
+from huggingface_hub import ModelHubMixin
 from torch import nn
 
-from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
-from hf_flowcheck.evaluation import auroc
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
+from hf_flowcheck.metrics import auroc
+from hf_flowcheck.model_io import input_device, pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
+from hf_flowcheck.version import __version__
 
 __all__ = [
     "CONFIDENCE_STATISTICS",
@@ -56,22 +59,6 @@ __all__ = [
 
 #: Columns of :func:`token_confidence_features`, each oriented "higher = more likely hallucinated".
 CONFIDENCE_STATISTICS: tuple[str, ...] = ("mean_logprob", "min_logprob", "mean_entropy", "perplexity")
-
-
-def _pad_id(model: nn.Module, tokenizer: Any = None) -> int:
-    base = unwrap_model(model)
-    for src in (tokenizer, getattr(base, "generation_config", None), getattr(base, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(src, attr, None) if src is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    return 0
-
-
-def _device(model: nn.Module) -> torch.device:
-    return unwrap_model(model).get_input_embeddings().weight.device
 
 
 def _batches(n: int, size: int) -> list[range]:
@@ -107,8 +94,8 @@ def token_confidence_features(
         mean entropy (nats), perplexity ``exp(-mean log p)``. Higher = less confident.
     """
     out = np.full((len(examples), len(CONFIDENCE_STATISTICS)), np.nan, dtype=np.float64)
-    dev = _device(model)
-    pad = _pad_id(model)
+    dev = input_device(model)
+    pad = pad_token_id(model, eos_fallback=True, default=0)
     for rows in _batches(len(examples), batch_size):
         batch = [examples[i] for i in rows]
         ids, att, _ = batch_examples(batch, pad)
@@ -232,9 +219,9 @@ class SamplingAgreementDetector(Detector):
     @torch.no_grad()
     def samples(self, model: nn.Module, example: ScoredExample, tokenizer: Any) -> list[str]:
         """The ``n`` post-processed sampled answers of one example."""
-        dev = _device(model)
+        dev = input_device(model)
         ids = torch.tensor([example.prompt_ids], dtype=torch.long, device=dev)
-        pad = _pad_id(model, tokenizer)
+        pad = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
         with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
             torch.manual_seed(self._seed_for(example))
             kwargs: dict[str, Any] = {
@@ -317,8 +304,8 @@ def hidden_states_at_last_answer_token(
         the output of each of the ``B`` blocks; the last one is after the final norm in most
         transformers models). Examples with an empty answer use the last prompt token.
     """
-    dev = _device(model)
-    pad = _pad_id(model)
+    dev = input_device(model)
+    pad = pad_token_id(model, eos_fallback=True, default=0)
     parts: list[torch.Tensor] = []
     for rows in _batches(len(examples), batch_size):
         batch = [examples[i] for i in rows]
@@ -372,7 +359,13 @@ class _MLP(nn.Module):
         return self.net(x).squeeze(-1)
 
 
-class HiddenStateProbe(Detector):
+class HiddenStateProbe(
+    Detector,
+    SavedDetectorMixin,
+    ModelHubMixin,
+    library_name="hf_flowcheck",
+    tags=["hf_flowcheck", "hallucination-detection", "hidden-state-probe"],
+):
     """SAPLMA-style probe on one layer's hidden state at the last answer token.
 
     :meth:`fit` trains one probe per candidate layer on the training split and keeps the layer
@@ -390,10 +383,17 @@ class HiddenStateProbe(Detector):
         batch_size: Sequences per forward pass in :meth:`featurize`.
 
     Score direction: ``P(hallucinated)`` in ``[0, 1]``, higher = more likely hallucinated.
+
+    A fitted probe saves, loads and pushes like every hf_flowcheck detector
+    (``save_pretrained``/``from_pretrained``/``push_to_hub``); :meth:`set_base_model` records the
+    model its hidden states came from, and loading with ``base_model=`` checks it.
     """
 
     trainable = True
     score_range = "[0, 1]"
+    FORMAT_VERSION = 1
+    CONFIG_KEY = "probe_config"
+    WHAT = "hidden-state probe"
 
     def __init__(
         self,
@@ -420,6 +420,7 @@ class HiddenStateProbe(Detector):
         self._w: torch.Tensor | None = None
         self._b: torch.Tensor | None = None
         self._mlp: _MLP | None = None
+        self.base_fingerprint: dict[str, Any] | None = None
 
     @property
     def name(self) -> str:  # type: ignore[override]
@@ -529,6 +530,126 @@ class HiddenStateProbe(Detector):
             self._w = self._b = None
             self._mlp = best_model[0]
         return self
+
+    # ---------------------------------------------------------------------- compatibility
+    def set_base_model(self, model: nn.Module) -> None:
+        """Record ``model``'s fingerprint (checked by :meth:`check_compatible` and loading)."""
+        from hf_flowcheck.fingerprint import model_fingerprint
+
+        self.base_fingerprint = model_fingerprint(model)
+
+    def check_compatible(self, model: nn.Module) -> None:
+        """Raise :class:`~hf_flowcheck.errors.FingerprintMismatchError` unless ``model`` is the base model."""
+        from hf_flowcheck.fingerprint import check_fingerprint
+
+        if self.base_fingerprint is None:
+            raise ValueError(
+                "This probe has no base-model fingerprint; call probe.set_base_model(model) with the model whose "
+                "hidden states it was fitted on."
+            )
+        check_fingerprint(self.base_fingerprint, model, what="hidden-state probe")
+
+    # -------------------------------------------------------------------------------- I/O
+    def check_saveable(self) -> None:
+        self.require_fitted()
+
+    def config_dict(self) -> dict[str, Any]:
+        settings = {
+            "layers": self.layers,
+            "kind": self.kind,
+            "l2": self.l2,
+            "hidden": self.hidden,
+            "epochs": self.epochs,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+        }
+        return {
+            "probe_config": settings,
+            "layer": self.layer,
+            "layer_auroc": jsonable({str(k): v for k, v in self.layer_auroc.items()}, "layer_auroc"),
+            "base_fingerprint": jsonable(self.base_fingerprint, "base_fingerprint"),
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], **model_kwargs: Any) -> HiddenStateProbe:
+        settings = config.get("probe_config")
+        if not isinstance(settings, dict):
+            raise ValueError("probe_config must be a dict of the probe's settings")
+        probe = cls(**settings)
+        layer = config.get("layer")
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 0:
+            raise ValueError(f"layer={layer!r} must be the index of the selected hidden state")
+        probe.layer = layer
+        probe.layer_auroc = {
+            int(k): float("nan") if v is None else float(v) for k, v in (config.get("layer_auroc") or {}).items()
+        }
+        probe.base_fingerprint = config.get("base_fingerprint")
+        return probe
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        assert self._mean is not None and self._std is not None
+        out = {"mean": self._mean, "std": self._std}
+        if self._mlp is None:
+            out.update(weight=self._w, bias=torch.as_tensor(self._b).reshape(1))
+        else:
+            out.update({f"mlp.{k}": v for k, v in self._mlp.state_dict().items()})
+        return out
+
+    def load_state_tensors(self, path: str, *, map_location: str = "cpu", strict: bool = True) -> None:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        from hf_flowcheck.errors import CheckpointError
+
+        try:
+            state = load_file(path, device=str(map_location))
+        except (SafetensorError, OSError) as err:
+            raise CheckpointError(f"{path!r} is not a readable safetensors file ({err}); re-save the probe.") from err
+        want = {"mean", "std"} | (
+            {"weight", "bias"}
+            if self.kind == "logistic"
+            else {"mlp.net.0.weight", "mlp.net.0.bias", "mlp.net.2.weight", "mlp.net.2.bias"}
+        )
+        if set(state) != want:
+            raise CheckpointError(
+                f"{path!r} holds {sorted(state)}, but a {self.kind} probe needs {sorted(want)}; the files do not match."
+            )
+        bad = [k for k, v in state.items() if not bool(torch.isfinite(v).all())]
+        if bad:
+            raise CheckpointError(f"The weights in {path!r} hold NaN/inf in {bad}; the checkpoint is broken.")
+        d = state["mean"].numel()
+        if state["std"].shape != state["mean"].shape or (self.kind == "logistic" and state["weight"].numel() != d):
+            raise CheckpointError(f"{path!r} has inconsistent shapes; re-save the probe.")
+        self._mean, self._std = state["mean"], state["std"]
+        if self.kind == "logistic":
+            self._w, self._b, self._mlp = state["weight"].to(torch.float64), state["bias"].to(torch.float64)[0], None
+        else:
+            self._mlp = _MLP(d, self.hidden)
+            self._mlp.load_state_dict({k[len("mlp.") :]: v for k, v in state.items() if k.startswith("mlp.")})
+            self._mlp.eval()
+            self._w = self._b = None
+
+    def model_card_text(self) -> str:
+        fp = self.base_fingerprint or {}
+        base_id = fp.get("base_id")
+        lines = ["---", "library_name: hf_flowcheck", "tags:"]
+        lines += [f"- {t}" for t in ("hf_flowcheck", "hallucination-detection", "hidden-state-probe")]
+        lines += ["---", "", f"# Hidden-state probe{' for ' + base_id if base_id else ''}", ""]
+        lines += [
+            f"A {self.kind} probe on hidden state {self.layer} (of the B + 1 residual states) at the last answer "
+            "token, standardised with training statistics; the layer was chosen on validation AUROC. "
+            "`score` = P(hallucinated) in [0, 1]; **higher = more likely hallucinated**.",
+            "",
+            "## Base model",
+            "",
+        ]
+        lines += (
+            (["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()])
+            if fp
+            else ["Not recorded."]
+        )
+        lines += ["", f"Written by hf_flowcheck {__version__} (format version {self.FORMAT_VERSION}).", ""]
+        return "\n".join(lines)
 
     def score(self, features: Any) -> np.ndarray:
         """``P(hallucinated)`` ``float64[N]`` from the selected layer.

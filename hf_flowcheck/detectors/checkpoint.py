@@ -1,12 +1,16 @@
-"""Reading hf_flowcheck detector checkpoints (validators, gradient detectors) strictly.
+"""The one Hub layer of every saved detector (flow validator, gradient detector, hidden-state probe,
+fused detector).
 
-The pieces every ``PyTorchModelHubMixin`` detector shares: the Hub-fetch error that says what to
-do offline, the ``config.json`` checks (our library, a readable format version), locating
-``model.safetensors`` in a folder or the Hub cache, and the strict weight load.
+:class:`SavedDetectorMixin` gives a detector ``save_pretrained`` (atomic: config, weights and model
+card), ``from_pretrained`` (a folder or a Hub id, strict weights, an optional fingerprint check) and
+``push_to_hub``. A detector supplies its config dict, its tensors and its model card text; the
+pieces below (Hub-fetch errors that say what to do offline, the ``config.json`` checks, locating
+``model.safetensors``, the strict weight load) are shared by all.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -25,9 +29,12 @@ from hf_flowcheck.version import __version__
 __all__ = [
     "AtomicSaveMixin",
     "CheckpointError",
+    "SavedDetectorMixin",
     "atomic_save_dir",
     "check_checkpoint_config",
+    "file_sha256",
     "hub_fetch_errors",
+    "jsonable",
     "load_safetensors_strict",
     "weights_file",
 ]
@@ -244,6 +251,26 @@ def load_safetensors_strict(
     module.load_state_dict(state, strict=strict)
 
 
+def jsonable(obj: Any, where: str) -> Any:
+    """Copy of ``obj`` with NaN/inf floats as ``None`` and tuples as lists; raises on other types."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v, f"{where}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
+        return obj
+    if isinstance(obj, int):
+        return int(obj)
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
+        return jsonable(obj.item(), where)
+    raise ValueError(
+        f"{where} holds a {type(obj).__name__}, which cannot be written to config.json; "
+        "store plain numbers, strings, lists and dicts (e.g. evaluate_scores() results)."
+    )
+
+
 class AtomicSaveMixin:
     """``save_pretrained`` through :func:`atomic_save_dir`; put it before ``PyTorchModelHubMixin`` in the bases."""
 
@@ -259,3 +286,162 @@ class AtomicSaveMixin:
         if push:
             return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
         return None
+
+
+def file_sha256(path: str | os.PathLike[str]) -> str:
+    """Hex sha256 of a file's bytes."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+class SavedDetectorMixin(AtomicSaveMixin):
+    """Save, load and push a detector as ``config.json`` + ``model.safetensors`` + ``README.md``.
+
+    Put it first among the Hub bases (``class D(nn.Module, SavedDetectorMixin, PyTorchModelHubMixin)``,
+    or ``ModelHubMixin`` for a detector that is not an ``nn.Module``). A subclass sets
+    ``FORMAT_VERSION``, ``CONFIG_KEY`` (the ``config.json`` entry that marks its checkpoints) and
+    ``WHAT`` (its name in messages), and implements :meth:`config_dict`, :meth:`from_config_dict` and
+    :meth:`model_card_text`; :meth:`state_tensors` and :meth:`load_state_tensors` default to the
+    module's ``state_dict``.
+    """
+
+    FORMAT_VERSION: int = 1
+    CONFIG_KEY: str = ""
+    WHAT: str = "detector"
+
+    # ------------------------------------------------------------------ what a subclass supplies
+    def config_dict(self) -> dict[str, Any]:
+        """The class's own ``config.json`` entries (JSON-ready; must include ``CONFIG_KEY``)."""
+        raise NotImplementedError
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], **model_kwargs: Any) -> Any:
+        """An instance (weights not loaded yet) from a checked ``config.json``; ``ValueError`` if invalid."""
+        raise NotImplementedError
+
+    def model_card_text(self) -> str:
+        """Markdown of the model card (works offline)."""
+        raise NotImplementedError
+
+    def check_saveable(self) -> None:
+        """Raise before anything is written when the detector cannot be saved (e.g. not fitted)."""
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """The tensors written to ``model.safetensors``."""
+        return dict(self.state_dict())  # type: ignore[attr-defined]
+
+    def load_state_tensors(self, path: str, *, map_location: str = "cpu", strict: bool = True) -> None:
+        """Read ``model.safetensors`` strictly into this instance."""
+        load_safetensors_strict(self, path, map_location=map_location, strict=strict, what=self.WHAT)  # type: ignore[arg-type]
+
+    # ----------------------------------------------------------------------------- shared I/O
+    def to_config_dict(self) -> dict[str, Any]:
+        """The content of ``config.json``: library and format stamps plus :meth:`config_dict`."""
+        return {
+            "library": "hf_flowcheck",
+            "model_class": type(self).__name__,
+            "format_version": self.FORMAT_VERSION,
+            "hf_flowcheck_version": __version__,
+            **self.config_dict(),
+        }
+
+    def _save_pretrained(self, save_directory: Path) -> None:
+        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (called by ``save_pretrained``)."""
+        import json
+
+        from safetensors.torch import save_file
+
+        self.check_saveable()
+        save_directory = Path(save_directory)
+        config = self.to_config_dict()  # raises before anything is written if metadata is not JSON
+        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_tensors().items()}
+        meta = {"format": "pt", "hf_flowcheck_version": __version__, "format_version": str(self.FORMAT_VERSION)}
+        save_file(state, str(save_directory / SAFETENSORS_SINGLE_FILE), metadata=meta)
+        # The weights' hash ties config and weights together: a folder mixed from two saves is refused.
+        config["weights_sha256"] = file_sha256(save_directory / SAFETENSORS_SINGLE_FILE)
+        (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
+        (save_directory / "README.md").write_text(self.model_card_text(), encoding="utf-8")
+
+    def generate_model_card(self, *args: Any, **kwargs: Any) -> Any:
+        from huggingface_hub import ModelCard
+
+        return ModelCard(self.model_card_text())
+
+    @classmethod
+    def from_pretrained(  # type: ignore[override]
+        cls,
+        pretrained_model_name_or_path: str | Path,
+        *,
+        base_model: nn.Module | None = None,
+        map_location: str | torch.device = "cpu",
+        strict: bool = True,
+        **kwargs: Any,
+    ) -> Any:
+        """Load from a folder written by ``save_pretrained`` or a Hub id (the Hub cache is used offline).
+
+        Args:
+            pretrained_model_name_or_path: Folder, or a Hub repo id such as ``"org/name"``.
+            base_model: When given, ``check_compatible(base_model)`` runs after loading.
+            map_location: Device for the weights.
+            strict: Refuse missing or unexpected weight keys (default ``True``).
+            **kwargs: ``revision``, ``cache_dir``, ``force_download``, ``token``, ``local_files_only``.
+
+        Raises:
+            CheckpointError: Missing, corrupted, truncated or mismatched files.
+            FingerprintMismatchError: ``base_model`` is not the model it was trained on.
+        """
+        from hf_flowcheck.offline_models import local_or_hub
+
+        path = local_or_hub(pretrained_model_name_or_path, cls.WHAT)
+        with hub_fetch_errors(cls.WHAT, str(path)):
+            det = super().from_pretrained(path, map_location=str(map_location), strict=strict, **kwargs)  # type: ignore[misc]
+        if base_model is not None:
+            det.check_compatible(base_model)
+        return det
+
+    @classmethod
+    def _from_pretrained(
+        cls,
+        *,
+        model_id: str,
+        revision: str | None,
+        cache_dir: str | Path | None,
+        force_download: bool,
+        local_files_only: bool,
+        token: str | bool | None,
+        map_location: str = "cpu",
+        strict: bool = True,
+        config: dict | None = None,
+        **model_kwargs: Any,
+    ) -> Any:
+        config = check_checkpoint_config(
+            config, model_id, key=cls.CONFIG_KEY, class_name=cls.__name__, format_version=cls.FORMAT_VERSION
+        )
+        try:
+            det = cls.from_config_dict(config, **model_kwargs)
+        except ValueError as err:
+            raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
+        weights = weights_file(
+            model_id,
+            what=cls.WHAT,
+            revision=revision,
+            cache_dir=cache_dir,
+            force_download=force_download,
+            token=token,
+            local_files_only=local_files_only,
+        )
+        # Structural checks first (their messages say what is wrong), then the file's identity.
+        det.load_state_tensors(weights, map_location=map_location, strict=strict)
+        recorded = config.get("weights_sha256")
+        if recorded is not None and file_sha256(weights) != recorded:
+            raise CheckpointError(
+                f"The {SAFETENSORS_SINGLE_FILE} of {model_id!r} is not the one its {CONFIG_NAME} was saved with "
+                "(sha256 differs): the folder was altered or mixed from two saves. Re-save the detector with "
+                "save_pretrained()."
+            )
+        return det.eval() if hasattr(det, "eval") else det

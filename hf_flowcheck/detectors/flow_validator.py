@@ -37,27 +37,24 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from hf_flowcheck.configuration import FlowConfig, check_positive_int, versioned_fields
 from hf_flowcheck.detectors.checkpoint import (
-    AtomicSaveMixin,
     CheckpointError,
-    check_checkpoint_config,
-    hub_fetch_errors,
+    SavedDetectorMixin,
+    jsonable,
     load_safetensors_strict,
-    weights_file,
 )
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.version import __version__
 
 __all__ = ["CheckpointError", "FlowValidator", "FlowValidatorOutput", "ValidatorConfig"]
@@ -260,26 +257,6 @@ class FlowValidatorOutput:
 # ---------------------------------------------------------------------------------------------
 
 
-def _jsonable(obj: Any, where: str) -> Any:
-    """Copy of ``obj`` with NaN/inf floats as ``None`` and tuples as lists; raises on other types."""
-    if isinstance(obj, dict):
-        return {str(k): _jsonable(v, f"{where}.{k}") for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_jsonable(v, f"{where}[{i}]") for i, v in enumerate(obj)]
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str):
-        return obj
-    if isinstance(obj, int):
-        return int(obj)
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if hasattr(obj, "item") and getattr(obj, "ndim", None) == 0:  # numpy / torch scalars
-        return _jsonable(obj.item(), where)
-    raise ValueError(
-        f"{where} holds a {type(obj).__name__}, which cannot be written to config.json; "
-        "store plain numbers, strings, lists and dicts (e.g. evaluate_scores() results)."
-    )
-
-
 def _yaml_str(text: str) -> str:
     return json.dumps(text)  # a JSON string is a valid YAML scalar
 
@@ -298,7 +275,7 @@ def _looks_like_hub_id(name: str | None) -> bool:
 
 class FlowValidator(
     nn.Module,
-    AtomicSaveMixin,
+    SavedDetectorMixin,
     PyTorchModelHubMixin,
     library_name="hf_flowcheck",
     tags=["hf_flowcheck", "hallucination-detection", "flow-signatures"],
@@ -309,10 +286,10 @@ class FlowValidator(
         validator_config: The network's shape; a :class:`ValidatorConfig` or its dict.
         flow_config: The :class:`~hf_flowcheck.FlowConfig` (or its dict) the features were
             computed with; stored so that users extract features the same way.
-        base_fingerprint: :func:`hf_flowcheck.hub.model_fingerprint` of the base model the
+        base_fingerprint: :func:`hf_flowcheck.fingerprint.model_fingerprint` of the base model the
             features came from; :meth:`check_compatible` compares a model against it.
         training_metadata: JSON-serialisable facts about training (hyperparameters, history,
-            ``"evaluation"``: :func:`~hf_flowcheck.evaluation.evaluate_scores` results,
+            ``"evaluation"``: :func:`~hf_flowcheck.metrics.evaluate_scores` results,
             ``"command"``: the command that produced them). Shown in the model card.
 
     Score direction: ``scores`` lie in ``[0, 1]``, higher = more likely hallucinated.
@@ -324,6 +301,8 @@ class FlowValidator(
     """
 
     FORMAT_VERSION: ClassVar[int] = 1
+    CONFIG_KEY: ClassVar[str] = "validator_config"
+    WHAT: ClassVar[str] = "validator"
 
     def __init__(
         self,
@@ -346,7 +325,7 @@ class FlowValidator(
             raise ValueError(f"flow_config must be a FlowConfig or its dict, got {type(flow_config).__name__}.")
         if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
             raise ValueError(
-                f"base_fingerprint must be a dict from hf_flowcheck.hub.model_fingerprint(), "
+                f"base_fingerprint must be a dict from hf_flowcheck.fingerprint.model_fingerprint(), "
                 f"got {type(base_fingerprint).__name__}."
             )
         if training_metadata is not None and not isinstance(training_metadata, dict):
@@ -642,7 +621,7 @@ class FlowValidator(
                 "This validator has no base-model fingerprint, so compatibility cannot be checked (pass "
                 "check_compatibility=False to FlowCheckedModelForCausalLM to use it unchecked). When you "
                 "know which model its features came from, set "
-                "validator.base_fingerprint = hf_flowcheck.hub.model_fingerprint(model) before saving "
+                "validator.base_fingerprint = hf_flowcheck.fingerprint.model_fingerprint(model) before saving "
                 "(train_validator(..., base_model=model) does this)."
             )
         check_fingerprint(self.base_fingerprint, model, fields=fields, what="validator")
@@ -667,59 +646,31 @@ class FlowValidator(
         return float(point["threshold"])
 
     def set_base_model(self, model: nn.Module, base_id: str | None = None, revision: str | None = None) -> None:
-        """Record ``model``'s fingerprint (see :func:`hf_flowcheck.hub.model_fingerprint`)."""
+        """Record ``model``'s fingerprint (see :func:`hf_flowcheck.fingerprint.model_fingerprint`)."""
         self.base_fingerprint = model_fingerprint(model, base_id=base_id, revision=revision)
 
     def record_evaluation(self, results: Any, *, command: str | None = None, **extra: Any) -> None:
         """Store evaluation results (and the command that produced them) for config.json and the model card.
 
         Args:
-            results: One :func:`~hf_flowcheck.evaluation.evaluate_scores` result, a list of them,
+            results: One :func:`~hf_flowcheck.metrics.evaluate_scores` result, a list of them,
                 or ``{row_name: result}``.
             command: The command line that produced the results.
             **extra: More JSON-serialisable facts (protocol, split, dataset ...).
         """
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         format_table(results)  # validates the structure early, with its own clear error
-        self.training_metadata["evaluation"] = _jsonable(results, "evaluation")
+        self.training_metadata["evaluation"] = jsonable(results, "evaluation")
         if command is not None:
             self.training_metadata["command"] = str(command)
-        self.training_metadata.update(_jsonable(extra, "training_metadata"))
+        self.training_metadata.update(jsonable(extra, "training_metadata"))
 
     # ----------------------------------------------------------------------------------- I/O
-    def to_config_dict(self) -> dict[str, Any]:
-        """The content of ``config.json``."""
-        return {
-            "library": "hf_flowcheck",
-            "model_class": type(self).__name__,
-            "format_version": self.FORMAT_VERSION,
-            "hf_flowcheck_version": __version__,
-            "validator_config": self.config.to_dict(),
-            "flow_config": self.flow_config.to_dict() if self.flow_config is not None else None,
-            "base_fingerprint": _jsonable(self.base_fingerprint, "base_fingerprint"),
-            "training_metadata": _jsonable(self.training_metadata, "training_metadata"),
-        }
-
-    def _save_pretrained(self, save_directory: Path) -> None:
-        """Write ``model.safetensors``, ``config.json`` and ``README.md`` (called by ``save_pretrained``)."""
-        from safetensors.torch import save_file
-
-        save_directory = Path(save_directory)
-        config = self.to_config_dict()  # raises before anything is written if metadata is not JSON
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        meta = {"format": "pt", "hf_flowcheck_version": __version__, "format_version": str(self.FORMAT_VERSION)}
-        save_file(state, str(save_directory / WEIGHTS_NAME), metadata=meta)
-        (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
-        (save_directory / MODEL_CARD_NAME).write_text(self.model_card_text(), encoding="utf-8")
-
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        """The model card (``README.md``) with base model, features, metrics and the producing command."""
-        return ModelCard(self.model_card_text())
 
     def model_card_text(self, repo_id: str | None = None) -> str:
         """Markdown of the model card (works offline)."""
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")
@@ -855,83 +806,24 @@ class FlowValidator(
             )
         return text
 
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        base_model: nn.Module | None = None,
-        map_location: str | torch.device = "cpu",
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> FlowValidator:
-        """Load a validator from a local folder or a Hub id (the Hub cache is used offline).
-
-        Args:
-            pretrained_model_name_or_path: Folder written by :meth:`save_pretrained`, or a Hub
-                repo id such as ``"org/name"``.
-            base_model: When given, :meth:`check_compatible` is run against it after loading.
-            map_location: Device for the weights.
-            strict: Refuse missing or unexpected weight keys (default ``True``).
-            **kwargs: ``revision``, ``cache_dir``, ``force_download``, ``token``,
-                ``local_files_only`` (see ``huggingface_hub.ModelHubMixin.from_pretrained``).
-
-        Returns:
-            The validator in eval mode.
-
-        Raises:
-            CheckpointError: Missing, corrupted, truncated or mismatched files.
-            FingerprintMismatchError: ``base_model`` is not the model it was trained on.
-        """
-        from hf_flowcheck.offline_models import local_or_hub
-
-        pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path, "validator")
-        with hub_fetch_errors("validator", str(pretrained_model_name_or_path)):
-            validator = super().from_pretrained(
-                pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
-            )
-        if base_model is not None:
-            validator.check_compatible(base_model)
-        return validator
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        config: dict | None = None,
-        **model_kwargs: Any,
-    ) -> FlowValidator:
-        config = check_checkpoint_config(
-            config, model_id, key="validator_config", class_name="FlowValidator", format_version=cls.FORMAT_VERSION
-        )
-        kwargs = {
-            k: config.get(k) for k in ("validator_config", "flow_config", "base_fingerprint", "training_metadata")
+    def config_dict(self) -> dict[str, Any]:
+        """The validator's own ``config.json`` entries (``SavedDetectorMixin`` adds the stamps)."""
+        return {
+            "validator_config": self.config.to_dict(),
+            "flow_config": self.flow_config.to_dict() if self.flow_config is not None else None,
+            "base_fingerprint": jsonable(self.base_fingerprint, "base_fingerprint"),
+            "training_metadata": jsonable(self.training_metadata, "training_metadata"),
         }
-        kwargs.update({k: v for k, v in model_kwargs.items() if k in kwargs})
-        try:
-            model = cls(**kwargs)
-        except ValueError as err:
-            raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
 
-        weights = weights_file(
-            model_id,
-            what="validator",
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            local_files_only=local_files_only,
-        )
-        model.load_weights_file(weights, map_location=map_location, strict=strict)
-        return model.eval()
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], **model_kwargs: Any) -> FlowValidator:
+        keys = ("validator_config", "flow_config", "base_fingerprint", "training_metadata")
+        kwargs = {k: config.get(k) for k in keys}
+        kwargs.update({k: v for k, v in model_kwargs.items() if k in kwargs})
+        return cls(**kwargs)
+
+    def load_state_tensors(self, path: str, *, map_location: str = "cpu", strict: bool = True) -> None:
+        self.load_weights_file(path, map_location=map_location, strict=strict)
 
     def load_weights_file(self, path: str | Path, *, map_location: str = "cpu", strict: bool = True) -> None:
         """Load ``model.safetensors`` strictly, with errors that say what is wrong.

@@ -39,34 +39,24 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import inspect
-import json
 import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
-from huggingface_hub import ModelCard, PyTorchModelHubMixin
+from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from hf_flowcheck.architectures import resolve_architecture, unwrap_model
 from hf_flowcheck.configuration import check_positive_int
 from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
-from hf_flowcheck.detectors.checkpoint import (
-    AtomicSaveMixin,
-    CheckpointError,
-    check_checkpoint_config,
-    hub_fetch_errors,
-    load_safetensors_strict,
-    weights_file,
-)
-from hf_flowcheck.detectors.flow_validator import _jsonable
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
 from hf_flowcheck.errors import GradientSignatureError
-from hf_flowcheck.hub import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
+from hf_flowcheck.model_io import accepts, input_device
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -427,22 +417,6 @@ def _num_blocks(model: nn.Module) -> int:
     return resolve_architecture(unwrap_model(model)).num_blocks
 
 
-_ACCEPTS_CACHE: dict[tuple[type, str], bool] = {}
-
-
-def _accepts(model: nn.Module, name: str) -> bool:
-    """Whether ``model.forward`` takes keyword ``name`` (cached per class)."""
-    key = (type(model), name)
-    if key not in _ACCEPTS_CACHE:
-        try:
-            params = inspect.signature(model.forward).parameters
-            ok = name in params or any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values())
-        except (TypeError, ValueError):
-            ok = False
-        _ACCEPTS_CACHE[key] = ok
-    return _ACCEPTS_CACHE[key]
-
-
 def _as_batch(
     t: torch.Tensor | Sequence[int] | None, name: str, like: torch.Tensor | None = None
 ) -> torch.Tensor | None:
@@ -513,7 +487,7 @@ def gradient_signature(
         )
     base = unwrap_model(model)
     selected = _plans(base, cfg.select_blocks(_num_blocks(base)))
-    device = base.get_input_embeddings().weight.device
+    device = input_device(base)
     ids, att = ids.to(device), att.to(device)
     pos = pos.to(device)
     seq = ids.shape[1]
@@ -571,10 +545,10 @@ def gradient_signature(
             for j, lin in enumerate(plan.linears):
                 handles.append(lin.module.register_forward_hook(make_hook(plan.index, j, lin)))
         kwargs: dict[str, Any] = {"attention_mask": att, "use_cache": False}
-        if _accepts(base, "position_ids"):
+        if accepts(base, "position_ids"):
             kwargs["position_ids"] = (att.long().cumsum(-1) - 1).clamp_min(0)
         keep = seq - first
-        if _accepts(base, "logits_to_keep"):
+        if accepts(base, "logits_to_keep"):
             kwargs["logits_to_keep"] = keep
         try:
             with torch.enable_grad():
@@ -719,14 +693,14 @@ class _LogisticReader(nn.Module):
 
 
 def _auroc(y: np.ndarray, s: np.ndarray) -> float:
-    from hf_flowcheck.evaluation import auroc
+    from hf_flowcheck.metrics import auroc
 
     return auroc(y, s)
 
 
 class GradientDetector(
     nn.Module,
-    AtomicSaveMixin,
+    SavedDetectorMixin,
     PyTorchModelHubMixin,
     Detector,
     library_name="hf_flowcheck",
@@ -739,7 +713,7 @@ class GradientDetector(
         num_layers: ``L_sel``; set by :meth:`fit` (given when loading).
         signature_dim: ``D``; set by :meth:`fit` (given when loading).
         block_indices: The selected block indices (for people and checks).
-        base_fingerprint: :func:`hf_flowcheck.hub.model_fingerprint` of the base model.
+        base_fingerprint: :func:`hf_flowcheck.fingerprint.model_fingerprint` of the base model.
         training_metadata: JSON-serialisable facts (history, evaluation, command).
 
     Score direction: :meth:`score` is ``P(hallucinated)`` in ``[0, 1]``, higher = more likely
@@ -753,6 +727,8 @@ class GradientDetector(
     """
 
     FORMAT_VERSION: ClassVar[int] = 1
+    CONFIG_KEY: ClassVar[str] = "gradient_config"
+    WHAT: ClassVar[str] = "gradient detector"
     trainable = True
     score_range = "[0, 1]"
 
@@ -769,7 +745,7 @@ class GradientDetector(
         super().__init__()
         self.config = GradientConfig.from_dict(gradient_config if gradient_config is not None else GradientConfig())
         if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
-            raise ValueError("base_fingerprint must be a dict from hf_flowcheck.hub.model_fingerprint().")
+            raise ValueError("base_fingerprint must be a dict from hf_flowcheck.fingerprint.model_fingerprint().")
         if training_metadata is not None and not isinstance(training_metadata, dict):
             raise ValueError(f"training_metadata must be a dict, got {type(training_metadata).__name__}.")
         self.base_fingerprint: dict[str, Any] | None = dict(base_fingerprint) if base_fingerprint else None
@@ -1007,7 +983,7 @@ class GradientDetector(
         self.block_indices = self.config.select_blocks(int(self.base_fingerprint["num_blocks"]))
 
     def check_compatible(self, model: nn.Module, fields: Sequence[str] = CHECKED_FIELDS) -> None:
-        """Raise :class:`~hf_flowcheck.hub.FingerprintMismatchError` unless ``model`` is the base model."""
+        """Raise :class:`~hf_flowcheck.fingerprint.FingerprintMismatchError` unless ``model`` is the base model."""
         if self.base_fingerprint is None:
             raise ValueError(
                 "This gradient detector has no base-model fingerprint; call detector.set_base_model(model) once you "
@@ -1016,42 +992,35 @@ class GradientDetector(
         check_fingerprint(self.base_fingerprint, model, fields=fields, what="gradient detector")
 
     # -------------------------------------------------------------------------------- I/O
-    def to_config_dict(self) -> dict[str, Any]:
-        """The content of ``config.json``."""
-        return {
-            "library": "hf_flowcheck",
-            "model_class": type(self).__name__,
-            "format_version": self.FORMAT_VERSION,
-            "hf_flowcheck_version": __version__,
-            "gradient_config": self.config.to_dict(),
-            "num_layers": self.num_layers,
-            "signature_dim": self.signature_dim,
-            "block_indices": self.block_indices,
-            "base_fingerprint": _jsonable(self.base_fingerprint, "base_fingerprint"),
-            "training_metadata": _jsonable(self.training_metadata, "training_metadata"),
-        }
 
-    def _save_pretrained(self, save_directory: Path) -> None:
-        from safetensors.torch import save_file
-
+    def check_saveable(self) -> None:
         if not self.is_fitted:
             raise NotFittedError(
                 "Fit the gradient detector before saving it (save_pretrained() of an unfitted detector)."
             )
-        save_directory = Path(save_directory)
-        config = self.to_config_dict()
-        state = {k: v.detach().to("cpu").contiguous().clone() for k, v in self.state_dict().items()}
-        meta = {"format": "pt", "hf_flowcheck_version": __version__, "format_version": str(self.FORMAT_VERSION)}
-        save_file(state, str(save_directory / WEIGHTS_NAME), metadata=meta)
-        (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
-        (save_directory / MODEL_CARD_NAME).write_text(self.model_card_text(), encoding="utf-8")
 
-    def generate_model_card(self, *args: Any, **kwargs: Any) -> ModelCard:
-        return ModelCard(self.model_card_text())
+    def config_dict(self) -> dict[str, Any]:
+        """The detector's own ``config.json`` entries (``SavedDetectorMixin`` adds the stamps)."""
+        return {
+            "gradient_config": self.config.to_dict(),
+            "num_layers": self.num_layers,
+            "signature_dim": self.signature_dim,
+            "block_indices": self.block_indices,
+            "base_fingerprint": jsonable(self.base_fingerprint, "base_fingerprint"),
+            "training_metadata": jsonable(self.training_metadata, "training_metadata"),
+        }
+
+    @classmethod
+    def from_config_dict(cls, config: dict[str, Any], **model_kwargs: Any) -> GradientDetector:
+        keys = ("gradient_config", "num_layers", "signature_dim", "block_indices", "base_fingerprint")
+        det = cls(**{k: config.get(k) for k in keys}, training_metadata=config.get("training_metadata"))
+        if det.reader is None:
+            raise ValueError("it has no num_layers/signature_dim (an unfitted detector)")
+        return det
 
     def model_card_text(self) -> str:
         """Markdown of the model card (works offline)."""
-        from hf_flowcheck.evaluation import format_table
+        from hf_flowcheck.metrics import format_table
 
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")
@@ -1085,78 +1054,3 @@ class GradientDetector(
         lines += ["", "## Reproduce", ""] + (["```bash", cmd, "```"] if cmd else ["Not recorded."])
         lines += ["", f"Written by hf_flowcheck {__version__} (format version {self.FORMAT_VERSION}).", ""]
         return "\n".join(lines)
-
-    @classmethod
-    def from_pretrained(  # type: ignore[override]
-        cls,
-        pretrained_model_name_or_path: str | Path,
-        *,
-        base_model: nn.Module | None = None,
-        map_location: str | torch.device = "cpu",
-        strict: bool = True,
-        **kwargs: Any,
-    ) -> GradientDetector:
-        """Load from a folder written by :meth:`save_pretrained` or a Hub id (strict weights).
-
-        Raises:
-            CheckpointError: Missing, corrupted or mismatched files.
-            FingerprintMismatchError: ``base_model`` is not the model it was trained on.
-        """
-        from hf_flowcheck.offline_models import local_or_hub
-
-        pretrained_model_name_or_path = local_or_hub(pretrained_model_name_or_path, "gradient detector")
-        with hub_fetch_errors("gradient detector", str(pretrained_model_name_or_path)):
-            det = super().from_pretrained(
-                pretrained_model_name_or_path, map_location=str(map_location), strict=strict, **kwargs
-            )
-        if base_model is not None:
-            det.check_compatible(base_model)
-        return det
-
-    @classmethod
-    def _from_pretrained(
-        cls,
-        *,
-        model_id: str,
-        revision: str | None,
-        cache_dir: str | Path | None,
-        force_download: bool,
-        local_files_only: bool,
-        token: str | bool | None,
-        map_location: str = "cpu",
-        strict: bool = True,
-        config: dict | None = None,
-        **model_kwargs: Any,
-    ) -> GradientDetector:
-        config = check_checkpoint_config(
-            config, model_id, key="gradient_config", class_name="GradientDetector", format_version=cls.FORMAT_VERSION
-        )
-        keys = (
-            "gradient_config",
-            "num_layers",
-            "signature_dim",
-            "block_indices",
-            "base_fingerprint",
-            "training_metadata",
-        )
-        try:
-            det = cls(**{k: config.get(k) for k in keys})
-        except ValueError as err:
-            raise CheckpointError(f"The {CONFIG_NAME} of {model_id!r} is invalid: {err}") from err
-        if det.reader is None:
-            raise CheckpointError(
-                f"The {CONFIG_NAME} of {model_id!r} has no num_layers/signature_dim (an unfitted detector)."
-            )
-        weights = weights_file(
-            model_id,
-            what="gradient detector",
-            revision=revision,
-            cache_dir=cache_dir,
-            force_download=force_download,
-            token=token,
-            local_files_only=local_files_only,
-        )
-        load_safetensors_strict(
-            det, weights, map_location=map_location, strict=strict, what="gradient detector", error=CheckpointError
-        )
-        return det.eval()

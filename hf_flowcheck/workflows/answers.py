@@ -205,7 +205,7 @@ def generate_answers(
         prompt_fn: ``record -> prompt``.
         judge: ``"record-label"`` or a judge callable ``(question, answer, reference, knowledge)``.
         dataset: What the records are (name, split, sample, prompt style), recorded in the header.
-        fingerprint: The model's fingerprint (:func:`hf_flowcheck.hub.model_fingerprint`).
+        fingerprint: The model's fingerprint (:func:`hf_flowcheck.fingerprint.model_fingerprint`).
         batch_size: Prompts per ``generate`` call (left padded; longest first within chunks of 8 batches).
         max_new_tokens: Answer length cap.
         generate_kwargs: Extra ``generate`` arguments (a stopping criterion); greedy is forced.
@@ -348,41 +348,3 @@ def load_answer_records(name: str, data_dir: str | None, *, seed: int, limit: in
             recs = [closed_book(r) for r in recs]
     order = np.random.default_rng(seed).permutation(len(recs)).tolist()
     return [recs[i] for i in order][:limit], judge
-
-
-def run_answers(args: Any) -> int:
-    """``flowcheck answers``: the model's greedy answers into a committed, resumable JSONL."""
-    import sys
-
-    from transformers import StoppingCriteriaList
-
-    from hf_flowcheck import data
-    from hf_flowcheck.hub import model_fingerprint
-    from hf_flowcheck.offline_models import load_model
-    from hf_flowcheck.stopping import AnswerLineStop
-
-    try:
-        if args.batch_size < 1 or args.max_new_tokens < 1 or (args.limit is not None and args.limit < 1):
-            raise ValueError("--batch-size, --max-new-tokens and --limit must be positive integers.")
-        records, judge = load_answer_records(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
-        model, tok = load_model(args.model)
-        generate_answers(
-            model,
-            tok,
-            records,
-            args.out,
-            prompt_fn=lambda ex: data.generation_prompt(ex),
-            judge=judge,
-            dataset={"name": args.dataset, "order": "permutation", "seed": args.seed, "prompt_style": "plain"},
-            fingerprint=model_fingerprint(model),
-            batch_size=args.batch_size,
-            max_new_tokens=args.max_new_tokens,
-            generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
-            decoding={"stop": "answer-line", "batch_size": args.batch_size, "padding": "left"},
-            log=lambda s: print(s, file=sys.stderr, flush=True),
-        )
-    except (ValueError, FileNotFoundError, AnswerFileError) as err:
-        print(f"flowcheck answers: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {read_answers(args.out).counts()}")
-    return 0

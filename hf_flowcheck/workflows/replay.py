@@ -17,9 +17,9 @@ import torch
 
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.pipeline import extract_dataset
 from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.answers import _parse
+from hf_flowcheck.workflows.extract import extract_dataset
 
 __all__ = ["PartedStore", "load_parts", "open_features", "replay_answers"]
 
@@ -61,7 +61,7 @@ def replay_answers(
         AnswerFileError: A malformed answers file.
         ValueError: The model is not the one that wrote the answers.
     """
-    from hf_flowcheck.hub import CHECKED_FIELDS, model_fingerprint
+    from hf_flowcheck.fingerprint import CHECKED_FIELDS, model_fingerprint
 
     answers, _ = _parse(Path(answers_path).expanduser(), allow_torn_tail=True)
     fp, stored = model_fingerprint(model), answers.header.get("model") or {}
@@ -172,27 +172,3 @@ def open_features(path: str | os.PathLike[str]) -> FeatureStore | PartedStore:
     if (p / "manifest.json").is_file() or not any(p.glob("part-*")):
         return FeatureStore.open(p)
     return PartedStore(p)
-
-
-def run_replay(args: Any) -> int:
-    """``flowcheck replay``: teacher-forced features of an answers file, in part stores."""
-    import sys
-
-    from hf_flowcheck.offline_models import load_model
-    from hf_flowcheck.workflows.answers import AnswerFileError
-
-    try:
-        if args.start_part < 0:
-            raise ValueError(f"--start-part must be 0 or more, got {args.start_part}.")
-        config = FlowConfig(lens_features=args.lens_features, state_summary=args.state_summary)
-        model, tok = load_model(args.model)
-        parts = replay_answers(
-            model, tok, args.answers, args.out, config=config, part_size=args.part_size,
-            batch_size=args.batch_size, include_partial=True, progress=not args.no_progress,
-            start_part=args.start_part, skip_started=args.skip_started,
-        )  # fmt: skip
-    except (ValueError, FileNotFoundError, AnswerFileError) as err:
-        print(f"flowcheck replay: error: {err}", file=sys.stderr)
-        return 2
-    print(f"{args.out}: {len(parts)} part store(s), {len(PartedStore(args.out))} answers with features")
-    return 0

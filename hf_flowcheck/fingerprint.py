@@ -196,6 +196,17 @@ def check_fingerprint(
     if not diffs:
         return
     lines = "; ".join(f"{name} differs (trained on {_short(exp)}, got {_short(got)})" for name, exp, got in diffs)
+    dtype = resolve_architecture(model).readout.dtype
+    if [d[0] for d in diffs] == ["readout_sha256"] and dtype in (torch.bfloat16, torch.float16):
+        # The hash is of the weights as loaded: a half-precision copy of the right model hashes differently,
+        # and which model it was rounded from cannot be told apart from another model. Refuse, and say why.
+        raise FingerprintMismatchError(
+            f"This {what}'s readout fingerprint was taken in float32, and the model given holds its readout in "
+            f"{str(dtype).removeprefix('torch.')}, so its readout_sha256 differs and the two cannot be matched. "
+            "Load the base model with dtype=torch.float32 (from_pretrained(..., dtype=torch.float32)) to check and run "
+            f"the {what}, or pass check_compatibility=False if you know it is the same model in lower precision "
+            "(scores then come from rounded states)."
+        )
     trained_on = expected.get("base_id") or "an unnamed model"
     rev = f" at revision {expected['revision']}" if expected.get("revision") else ""
     raise FingerprintMismatchError(
@@ -203,5 +214,5 @@ def check_fingerprint(
         f"({actual.get('base_id') or type(unwrap_model(model)).__name__!r}): {lines}. Flow signatures are "
         f"specific to one base model's blocks and readout weights, so scores on another model are meaningless. "
         f"Load the base model the {what} was trained on, or train a {what} for this model "
-        f"(hf_flowcheck.training.train_validator)."
+        f"(hf_flowcheck.workflows.training.train_validator)."
     )

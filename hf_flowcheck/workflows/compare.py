@@ -26,12 +26,8 @@ Example:
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
 import math
-import shlex
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -41,34 +37,30 @@ import numpy as np
 import torch
 from torch import nn
 
-from hf_flowcheck.architectures import unwrap_model
+from hf_flowcheck.data.splits import SPLIT_NAMES
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples, scored_examples
 from hf_flowcheck.detectors.baselines import (
-    AnswerLengthDetector,
     HiddenStateProbe,
-    SamplingAgreementDetector,
     TokenConfidenceDetector,
     train_logistic_regression,
 )
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector, gradient_signature, gradient_signatures
-from hf_flowcheck.evaluation import aurc, auroc, bootstrap_ci, evaluate_scores, format_table
-from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
+from hf_flowcheck.metrics import aurc, auroc, bootstrap_ci, evaluate_scores
+from hf_flowcheck.model_io import input_device, pad_token_id
+from hf_flowcheck.stopping import bind_prompt_width
 
 __all__ = [
     "DETECTOR_CHOICES",
     "FlowValidatorDetector",
     "FusedDetector",
     "abstention_policy",
-    "add_compare_arguments",
     "apply_abstention",
     "compare_detectors",
     "examples_from_store",
     "gradient_layer_ablation",
     "measure_gradient_cost",
-    "run_compare",
 ]
 
-SPLITS = ("train", "validation", "test")
 DETECTOR_CHOICES = ("flow", "gradient", "probe", "confidence", "sampling", "length")
 
 
@@ -195,7 +187,7 @@ class FlowValidatorDetector(Detector):
                 "trained with `flowcheck train` (it records the FlowConfig)."
             )
         ext = FlowExtractor(model, cfg, tokenizer=tokenizer or self.tokenizer)
-        pad = getattr(unwrap_model(model).config, "pad_token_id", None) or 0
+        pad = pad_token_id(model, default=0)
         parts = []
         for start in range(0, len(examples), self.batch_size):
             ids, att, ans = batch_examples(list(examples[start : start + self.batch_size]), pad)
@@ -261,7 +253,7 @@ class FusedDetector:
 
 
 def _sync(model: nn.Module) -> None:
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
 
@@ -272,12 +264,6 @@ def _timed(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, float]:
     out = fn()
     _sync(model)
     return out, time.perf_counter() - t0
-
-
-def _pad_id(model: nn.Module, tokenizer: Any = None) -> int:
-    from hf_flowcheck.detectors.baselines import _pad_id as pad_id
-
-    return pad_id(model, tokenizer)
 
 
 @torch.no_grad()
@@ -294,11 +280,11 @@ def time_generation(
     Returns:
         ``{"seconds_per_prompt", "prompts", "mean_new_tokens", "max_new_tokens"}``.
     """
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in examples))
     if not prompts:
         raise ValueError("time_generation() got no examples.")
-    pad = _pad_id(model, tokenizer)
+    pad = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
     ids0 = torch.tensor([list(prompts[0])], device=dev)
     model.generate(
         input_ids=ids0, attention_mask=torch.ones_like(ids0), do_sample=False, max_new_tokens=2, pad_token_id=pad
@@ -329,20 +315,6 @@ def time_generation(
 
 
 @torch.no_grad()
-def time_forward(model: nn.Module, examples: Sequence[ScoredExample]) -> float:
-    """Seconds of one plain no-grad forward over ``prompt + answer`` per example (batch 1, after a warm-up)."""
-    if not examples:
-        raise ValueError("time_forward() got no examples.")
-    dev = unwrap_model(model).get_input_embeddings().weight.device
-    warm = torch.tensor([examples[0].input_ids], device=dev)
-    model(input_ids=warm, use_cache=False)
-    total = 0.0
-    for e in examples:
-        ids = torch.tensor([e.input_ids], device=dev)
-        _, dt = _timed(model, lambda ids=ids: model(input_ids=ids, use_cache=False))
-        total += dt
-    return total / len(examples)
-
 
 # ---------------------------------------------------------------------------------------------
 # The comparison
@@ -350,9 +322,9 @@ def time_forward(model: nn.Module, examples: Sequence[ScoredExample]) -> float:
 
 
 def _split_parts(examples: Sequence[ScoredExample], split: Any) -> dict[str, list[ScoredExample]]:
-    sets = {name: set(split[name]) for name in SPLITS}
-    parts = {name: [e for e in examples if e.uid in sets[name]] for name in SPLITS}
-    for name in SPLITS:
+    sets = {name: set(split[name]) for name in SPLIT_NAMES}
+    parts = {name: [e for e in examples if e.uid in sets[name]] for name in SPLIT_NAMES}
+    for name in SPLIT_NAMES:
         if not parts[name]:
             raise ValueError(
                 f"The {name} split holds none of the examples; build the split from these examples' uids "
@@ -422,7 +394,7 @@ def compare_detectors(
     """
     say = progress or (lambda msg: None)
     parts = _split_parts(examples, split)
-    labels = {name: _labels(parts[name]) for name in SPLITS}
+    labels = {name: _labels(parts[name]) for name in SPLIT_NAMES}
     test_prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in parts["test"]))
     timed_prompts = set(test_prompts if timing_prompts is None else test_prompts[: max(1, int(timing_prompts))])
     say(f"timing plain greedy generation of {len(timed_prompts)} of the {len(test_prompts)} test prompts")
@@ -499,7 +471,7 @@ def compare_detectors(
 
     return {
         "protocol": protocol,
-        "sizes": {name: len(parts[name]) for name in SPLITS},
+        "sizes": {name: len(parts[name]) for name in SPLIT_NAMES},
         "generation": {**gen, "seconds_per_sample": gen_per_sample},
         "rows": rows,
         "fused_weights": fused_weights,
@@ -556,7 +528,7 @@ def measure_gradient_cost(
     if not examples:
         raise ValueError("measure_gradient_cost() needs at least one example.")
     cfg = config or GradientConfig()
-    dev = unwrap_model(model).get_input_embeddings().weight.device
+    dev = input_device(model)
     n_blocks = len(_block_count(model))
     band = min(int(band), n_blocks)
     c_last, c_all = dataclasses.replace(cfg, layers=band), dataclasses.replace(cfg, layers="all")
@@ -777,211 +749,3 @@ def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = No
                 )
             labelled.append(ex)
     return scored_examples(tokenizer, labelled)
-
-
-def _build_detectors(args: argparse.Namespace, tokenizer: Any, protocol: str) -> list[Detector]:
-    wanted = [d.strip() for d in args.detectors.split(",") if d.strip()]
-    bad = sorted(set(wanted) - set(DETECTOR_CHOICES))
-    if bad:
-        raise ValueError(f"--detectors: unknown {bad}; choose from {', '.join(DETECTOR_CHOICES)}.")
-    out: list[Detector] = []
-    for w in wanted:
-        if w == "flow":
-            if not args.validator:
-                print("flowcheck compare: skipping the flow validator (no --validator given)", file=sys.stderr)
-                continue
-            from hf_flowcheck.detectors.flow_validator import FlowValidator
-
-            out.append(FlowValidatorDetector(FlowValidator.from_pretrained(args.validator), tokenizer=tokenizer))
-        elif w == "gradient":
-            layers: Any = args.gradient_layers
-            layers = "all" if layers == "all" else int(layers)
-            sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
-            out.append(
-                GradientDetector(
-                    GradientConfig(layers=layers, sketch=sketch, reader=args.gradient_reader, seed=args.seed)
-                )
-            )
-        elif w == "probe":
-            out.append(HiddenStateProbe(seed=args.seed))
-        elif w == "confidence":
-            out += [TokenConfidenceDetector(s) for s in ("mean_logprob", "min_logprob", "mean_entropy", "perplexity")]
-        elif w == "sampling":
-            out.append(SamplingAgreementDetector(args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))
-        elif w == "length" and protocol == "paired":
-            out.append(AnswerLengthDetector())
-    return out
-
-
-def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``flowcheck compare`` options (wire with ``set_defaults(func=run_compare)``)."""
-    from hf_flowcheck.offline_models import DEFAULT_MODEL
-
-    parser.add_argument(
-        "--features",
-        required=True,
-        help="Feature store written by `flowcheck extract`; its uids/labels define the examples.",
-    )
-    parser.add_argument("--validator", default=None, help="Trained flow validator (folder or Hub id) to include.")
-    parser.add_argument(
-        "--model", default=DEFAULT_MODEL, help="Base model (offline name, folder or Hub id); must be the store's model."
-    )
-    parser.add_argument("--data-dir", default=None, help="Data directory to reload the records (prompts).")
-    parser.add_argument(
-        "--detectors",
-        default=",".join(DETECTOR_CHOICES),
-        help=f"Comma-separated subset of {', '.join(DETECTOR_CHOICES)} (length: paired stores only).",
-    )
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--seed", type=int, default=0, help="Seed of sketches, readers and sampling.")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples of the 95%% intervals.")
-    parser.add_argument(
-        "--target-risk", type=float, default=0.1, help="Selective-risk target of the abstention policy."
-    )
-    parser.add_argument("--samples", type=int, default=5, help="Sampling agreement: samples per prompt (>= 2).")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Timed generation and samples: length cap.")
-    parser.add_argument("--gradient-layers", default="5", help="Gradient detector: last n blocks, or 'all'.")
-    parser.add_argument("--gradient-sketch", type=int, default=32, help="Sketch rows (<= 0: exact gradients).")
-    parser.add_argument("--gradient-reader", choices=("transformer", "logistic"), default="transformer")
-    parser.add_argument(
-        "--layer-ablation",
-        action="store_true",
-        help="Also run the gradient layer ablation (AUROC per 5-block band, cost ratios).",
-    )
-    parser.add_argument(
-        "--max-per-split",
-        type=int,
-        default=None,
-        help="Keep at most this many examples per split (smoke runs; not for reported numbers).",
-    )
-    parser.add_argument(
-        "--max-train",
-        type=int,
-        default=None,
-        help="Keep at most this many training examples (whole records, in the split's seeded order); validation "
-        "and test stay whole. Bounds the cost of fitting the trainable detectors; recorded in the report.",
-    )
-    parser.add_argument(
-        "--dtype",
-        choices=("float32", "bfloat16", "float16"),
-        default="float32",
-        help="Model dtype (gradients need float32 on CPU).",
-    )
-    parser.add_argument(
-        "--timing-prompts",
-        type=int,
-        default=32,
-        help="Distinct test prompts timed for the plain-generation cost denominator (<= 0: all).",
-    )
-    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. cuda or auto).")
-    parser.add_argument("--json", default=None, help="Write the full report as JSON here.")
-    return parser
-
-
-def run_compare(args: argparse.Namespace) -> int:
-    """Run ``flowcheck compare``; returns the exit status (0 ok, 2 user error)."""
-    from hf_flowcheck.data.splits import split_records
-    from hf_flowcheck.offline_models import load_model
-    from hf_flowcheck.store import FeatureStore, FeatureStoreError
-
-    command = "flowcheck " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    try:
-        store = FeatureStore.open(args.features)
-        load_kwargs: dict[str, Any] = {"dtype": getattr(torch, args.dtype)}
-        if args.device_map:
-            load_kwargs["device_map"] = args.device_map
-        model, tokenizer = load_model(args.model, **load_kwargs)
-        model.eval()
-        if store.model_fingerprint:
-            from hf_flowcheck.hub import check_fingerprint
-
-            check_fingerprint(store.model_fingerprint, model, what="feature store")
-        examples = examples_from_store(store, tokenizer, data_dir=args.data_dir)
-        split = split_records([e.uid for e in examples], seed=args.split_seed)
-        split_map: dict[str, Any] = {n: list(split[n]) for n in SPLITS}
-        if args.max_per_split:
-            split_map = {n: _cap(examples, split_map[n], args.max_per_split) for n in SPLITS}
-        if args.max_train:
-            split_map["train"] = _cap(examples, split_map["train"], args.max_train)
-        detectors = _build_detectors(args, tokenizer, store.protocol)
-        report = compare_detectors(
-            model,
-            tokenizer,
-            examples,
-            split_map,
-            detectors,
-            protocol=store.protocol,
-            n_bootstrap=args.bootstrap,
-            seed=args.seed,
-            target_risk=args.target_risk,
-            max_new_tokens=args.max_new_tokens,
-            generate_kwargs=(
-                {"stopping_criteria": [AnswerLineStop(tokenizer)]}
-                if store.protocol == "generated" and supports_answer_line_stop(tokenizer)
-                else None
-            ),
-            timing_prompts=None if args.timing_prompts <= 0 else args.timing_prompts,
-            progress=lambda m: print(f"[compare] {m}", file=sys.stderr),
-        )
-        if args.layer_ablation:
-            parts = _split_parts(examples, split_map)
-            sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
-            report["layer_ablation"] = gradient_layer_ablation(
-                model,
-                parts["train"],
-                parts["validation"],
-                parts["test"],
-                config=GradientConfig(sketch=sketch, reader=args.gradient_reader, seed=args.seed),
-                n_bootstrap=min(args.bootstrap, 1000),
-                seed=args.seed,
-            )
-    except (ValueError, FileNotFoundError, FeatureStoreError, RuntimeError) as err:
-        print(f"flowcheck compare: error: {err}", file=sys.stderr)
-        return 2
-    report["command"] = command
-    report["features"] = str(args.features)
-    print(
-        f"{store.protocol} protocol, test split of {args.features}: "
-        + ", ".join(f"{k} {v}" for k, v in report["sizes"].items())
-    )
-    cols = ["auroc", "auprc", "precision_at_recall_0.8", "recall_at_precision_0.8", "aurc"]
-    print(format_table(report["rows"], metrics=cols))
-    print(
-        "\ncost per sample as a ratio to plain greedy generation "
-        f"({report['generation']['seconds_per_sample'] * 1000:.1f} ms/sample):"
-    )
-    for name, row in report["rows"].items():
-        ab = row["abstention"]["test"]
-        risk = "n/a" if ab["risk"] is None else f"{ab['risk']:.3f}"
-        print(
-            f"  {name}: cost x{row['cost_ratio']:.2f}; abstention at target risk {args.target_risk}: "
-            f"test coverage {ab['coverage']:.3f}, risk {risk}"
-        )
-    for name, why in report["skipped"].items():
-        print(f"  skipped {name}: {why}")
-    if "layer_ablation" in report:
-        la = report["layer_ablation"]
-        print(
-            f"\ngradient layer ablation: last {la['band']} blocks AUROC {la['last_band']['auroc']}, all blocks "
-            f"{la['all']['auroc']}, share {la['share_last_band']}; cost vs one forward: last band "
-            f"x{la['cost']['last_band_ratio']:.2f}, all x{la['cost']['all_ratio']:.2f}"
-        )
-    if args.json:
-        from hf_flowcheck.detectors.flow_validator import _jsonable
-
-        Path(args.json).write_text(json.dumps(_jsonable(report, "report"), indent=2))
-        print(f"Wrote {args.json}")
-    return 0
-
-
-def _cap(examples: Sequence[ScoredExample], uids: Sequence[str], limit: int) -> list[str]:
-    keep, count = [], 0
-    per_uid: dict[str, int] = {}
-    for e in examples:
-        per_uid[e.uid] = per_uid.get(e.uid, 0) + 1
-    for u in uids:
-        if count >= limit:
-            break
-        keep.append(u)
-        count += per_uid.get(u, 0)
-    return keep

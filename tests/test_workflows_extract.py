@@ -15,9 +15,9 @@ import torch
 from conftest import make_tiny_model, tiny_flow_config
 
 from hf_flowcheck import FlowExtractor
-from hf_flowcheck import pipeline as pl
 from hf_flowcheck.data import Example, LabeledExample
 from hf_flowcheck.store import MANIFEST_NAME, CorruptShardError, FeatureStore, shard_name
+from hf_flowcheck.workflows import extract as pl
 
 TESTS = Path(__file__).resolve().parent
 
@@ -240,20 +240,20 @@ def test_cli_arguments_and_run(model, tmp_path, monkeypatch, capsys):
             row = {"knowledge": "k", "question": f"q{i}?", "right_answer": "Ann", "hallucinated_answer": "Bob Jr."}
             f.write(json.dumps(row) + "\n")
     monkeypatch.setattr(om, "load_model", lambda name, **kw: (model, CharTokenizer()))
-    parser = pl.add_extract_arguments(argparse.ArgumentParser())
+    from hf_flowcheck.cli import build_parser, main
+
+    parser = build_parser()
     tiny = ["--window-length", "2", "--window-stride", "1", "--subspace-dim", "4", "--num-competitors", "4"]
-    args = parser.parse_args(
-        ["--dataset", str(data), "--protocol", "paired", "--out", str(tmp_path / "o"), "--no-progress", *tiny]
-    )
-    assert pl.run_extract(args) == 0
+    args = ["extract", "--dataset", str(data), "--protocol", "paired", "--out", str(tmp_path / "o"), "--no-progress"]
+    assert main([*args, *tiny]) == 0
     store = FeatureStore.open(tmp_path / "o")
     assert len(store) == 6 and store.config == tiny_flow_config(direction_cap=1024)
     assert "Wrote 6 samples" in capsys.readouterr().out
-    bad = parser.parse_args(["--dataset", str(data), "--out", str(tmp_path / "o"), "--boundary", "residual", *tiny])
-    assert pl.run_extract(bad) == 2
+    bad = ["extract", "--dataset", str(data), "--out", str(tmp_path / "o"), "--boundary", "residual", *tiny]
+    assert main(bad) == 2
     assert "different setup" in capsys.readouterr().err
     with pytest.raises(SystemExit):
-        parser.parse_args(["--dataset", "x", "--out", "y", "--boundary", "raw"])
+        parser.parse_args(["extract", "--dataset", "x", "--out", "y", "--boundary", "raw"])
 
 
 ACCELERATE_SCRIPT = """
@@ -263,12 +263,12 @@ import torch
 torch.set_num_threads(1)
 from accelerate import PartialState
 from conftest import make_tiny_model, tiny_flow_config
-from test_pipeline import CharTokenizer, paired
-from hf_flowcheck import pipeline
-from hf_flowcheck.pipeline import extract_dataset
+from test_workflows_extract import CharTokenizer, paired
+from hf_flowcheck.workflows import extract
+from hf_flowcheck.workflows.extract import extract_dataset
 
 # One write per line: two processes share the pipe, and a single small write is atomic.
-pipeline._after_shard_hook = lambda i: sys.stdout.write(f"wrote shard {{i}} in {{PartialState().process_index}}\\n")
+extract._after_shard_hook = lambda i: sys.stdout.write(f"wrote shard {{i}} in {{PartialState().process_index}}\\n")
 # accelerator=None: extract_dataset joins the launched process group itself (WORLD_SIZE=2).
 store = extract_dataset(make_tiny_model("llama"), CharTokenizer(), paired(), sys.argv[1], config=tiny_flow_config(),
                         protocol="paired", batch_size=3, shard_size=4, progress=False)
@@ -308,7 +308,7 @@ def test_two_accelerate_processes_equal_one(reference, tmp_path):
 
 
 def test_extract_sample_is_a_seeded_subset_in_file_order():
-    from hf_flowcheck.pipeline import _load_records
+    from hf_flowcheck.cli.research import _load_records
 
     def load(**kw):
         base = dict(dataset="selfaware", data_dir=None, limit=None, task=None, sample=None, sample_seed=0)

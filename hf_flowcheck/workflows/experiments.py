@@ -7,11 +7,8 @@ Paired stores are also reported with the length-only baseline and on the length-
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
-import shlex
-import sys
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -19,11 +16,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from hf_flowcheck.data.splits import split_records
-from hf_flowcheck.evaluation import evaluate_scores, format_table, length_baseline, length_matched_indices
+from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
+from hf_flowcheck.metrics import evaluate_scores, length_baseline, length_matched_indices
 from hf_flowcheck.store import FeatureStore
 
-SPLIT_NAMES = ("train", "validation", "test")
+__all__ = [
+    "MIN_PER_CLASS",
+    "evaluate_validator_on_store",
+    "operating_points",
+    "train_from_store",
+]
 
 
 def _answers(store: FeatureStore, uids: list[str], labels: torch.Tensor) -> list[str] | None:
@@ -53,9 +55,9 @@ def evaluate_validator_on_store(
 
     Returns:
         ``{"rows": {name: result, ...}, "n": int, "protocol": str}`` where each result is
-        :func:`~hf_flowcheck.evaluation.evaluate_scores` output.
+        :func:`~hf_flowcheck.metrics.evaluate_scores` output.
     """
-    from hf_flowcheck.hub import CHECKED_FIELDS
+    from hf_flowcheck.fingerprint import CHECKED_FIELDS
 
     mine, theirs = getattr(validator, "base_fingerprint", None) or {}, store.model_fingerprint or {}
     if not mine or not theirs:
@@ -102,7 +104,7 @@ def evaluate_validator_on_store(
     report: dict[str, Any] = {"rows": rows, "n": int(ok.sum()), "n_without_events": n_nan, "protocol": store.protocol}
     if store.protocol == "paired":
         answers = _answers(store, uids, labels)
-        from hf_flowcheck.evaluation import token_counter
+        from hf_flowcheck.metrics import token_counter
 
         count = token_counter(tokenizer)
         if answers is not None:
@@ -243,8 +245,8 @@ def train_from_store(
         ``README.md`` with the test table and ``command``) is written to ``out_dir``.
     """
     from hf_flowcheck.detectors.flow_validator import ValidatorConfig
-    from hf_flowcheck.training import train_validator
     from hf_flowcheck.workflows.replay import open_features
+    from hf_flowcheck.workflows.training import train_validator
 
     store = open_features(features_dir)
     all_uids = store.uids()
@@ -311,7 +313,7 @@ def train_from_store(
     validator = validator.to("cpu")
     fingerprint = dict(store.model_fingerprint) if store.model_fingerprint else None
     if fingerprint:
-        from hf_flowcheck.hub import _upstream_id
+        from hf_flowcheck.fingerprint import _upstream_id
 
         fingerprint["base_id"] = _upstream_id(fingerprint.get("base_id"))
     validator.base_fingerprint = fingerprint
@@ -343,141 +345,3 @@ def train_from_store(
     (out / "learning_curve.json").write_text(json.dumps(hist, indent=2, default=float))
     _plot_learning_curve(hist, out / "learning_curve.png")
     return validator, report
-
-
-def cmd_train(args: argparse.Namespace) -> int:
-    command = (
-        "flowcheck " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        if args.command_text is None
-        else (args.command_text)
-    )
-    try:
-        _, report = train_from_store(
-            args.features,
-            args.out,
-            split_seed=args.split_seed,
-            epochs=args.epochs,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            patience=args.patience,
-            seed=args.seed,
-            pooling=args.pooling,
-            input_transform=args.input_transform,
-            event_layernorm=args.event_layernorm,
-            head=args.head,
-            block_embedding=args.block_embedding,
-            state=args.state,
-            state_spread=args.state_spread,
-            channels=tuple(args.channels) if args.channels else None,
-            hidden=args.hidden,
-            embed=args.embed,
-            gru_hidden=args.gru_hidden,
-            dropout=args.dropout,
-            weight_decay=args.weight_decay,
-            selection=args.selection,
-            n_bootstrap=args.bootstrap,
-            command=command,
-            progress=not args.no_progress,
-            device=args.device,
-        )
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flowcheck train: error: {err}", file=sys.stderr)
-        return 2
-    print(f"Split (seed {report['split']['seed']}): " + ", ".join(f"{k} {report['split'][k]}" for k in SPLIT_NAMES))
-    h = report["history"]
-    print(
-        f"Kept epoch {h['best_epoch']} of {h['epochs_run']} ({h['selection']}): validation loss "
-        f"{h['best_val_loss']:.4f}, AUROC {h['best_val_auroc']:.3f}; test results:"
-    )
-    print(format_table(report["rows"]))
-    print(f"Saved the validator to {args.out}")
-    return 0
-
-
-def cmd_evaluate(args: argparse.Namespace) -> int:
-    from hf_flowcheck.detectors.flow_validator import FlowValidator
-
-    try:
-        from hf_flowcheck.workflows.replay import open_features
-
-        validator = FlowValidator.from_pretrained(args.validator)
-        store = open_features(args.features)
-        uids = store.uids()
-        split = split_records(uids, seed=args.split_seed)
-        which = None if args.split == "all" else getattr(split, args.split)
-        report = evaluate_validator_on_store(validator, store, which, n_bootstrap=args.bootstrap)
-    except (ValueError, FileNotFoundError) as err:
-        print(f"flowcheck evaluate: error: {err}", file=sys.stderr)
-        return 2
-    report["split"] = args.split
-    print(f"{args.split} split of {args.features}: {report['n']} samples ({report['protocol']} protocol)")
-    print(format_table(report["rows"]))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=float))
-        print(f"Wrote {args.json}")
-    return 0
-
-
-def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract`.")
-    p.add_argument("--out", required=True, help="Folder for the trained validator.")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=10, help="Epochs without improvement of --selection.")
-    p.add_argument(
-        "--selection", choices=["val_loss", "val_auroc"], default="val_loss", help="What picks the kept epoch."
-    )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--head",
-        choices=["attention", "gru"],
-        default="gru",
-        help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9.",
-    )
-    p.add_argument("--pooling", choices=["max", "logsumexp"], default="max", help="GRU head's pooling.")
-    p.add_argument(
-        "--input-transform",
-        choices=["block_log_standardize", "log_standardize", "standardize", "none"],
-        default="log_standardize",
-        help="Input scaling: per (block, feature) after a signed log (recommended), per feature, or 'none' "
-        "(the spec's B.9 exactly).",
-    )
-    p.add_argument("--block-embedding", type=int, default=0, help="Size of the block-index embedding (0 = off).")
-    p.add_argument(
-        "--state",
-        action="store_true",
-        help="Flow + state: also read the residual at the boundary a hidden-state probe picks on validation.",
-    )
-    p.add_argument(
-        "--state-spread",
-        type=int,
-        default=0,
-        help="With --state: also read the boundaries this many blocks below and above the probe's (0 = only it).",
-    )
-    p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
-    p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
-    p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
-    p.add_argument("--gru-hidden", type=int, default=256, help="GRU hidden size (gru head).")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument(
-        "--event-layernorm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LayerNorm across one event's features (spec B.9; on). Off keeps the event's common magnitude.",
-    )
-    p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
-    p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
-
-
-def add_evaluate_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--validator", required=True, help="Validator folder or Hub id.")
-    p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract`.")
-    p.add_argument("--split", choices=["train", "validation", "test", "all"], default="test")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--bootstrap", type=int, default=1000)
-    p.add_argument("--json", default=None, help="Also write the results as JSON here.")

@@ -7,7 +7,7 @@ reports those as ``None`` so the result stays JSON-serialisable.
 
 Example:
     >>> import numpy as np
-    >>> from hf_flowcheck.evaluation import auroc, evaluate_scores, format_table
+    >>> from hf_flowcheck.metrics import auroc, evaluate_scores, format_table
     >>> auroc([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8])
     0.75
     >>> res = evaluate_scores([0, 0, 1, 1], [0.1, 0.4, 0.35, 0.8], n_bootstrap=50, name="demo")

@@ -1,10 +1,18 @@
-"""The ``flowcheck`` command."""
+"""Commands that generate with flow checking: ``demo``, ``generate``, ``report``."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 import time
+
+from hf_flowcheck.cli.options import THRESHOLD_HELP, add_model_options, model_load_kwargs, positive_int, unit_interval
+
+__all__ = [
+    "DEMO_SAMPLES",
+    "register",
+]
+
 
 SAMPLE_KNOWLEDGE = (
     "The Eiffel Tower is a wrought-iron lattice tower on the Champ de Mars in Paris, France. "
@@ -88,7 +96,7 @@ def _load_checked(args: argparse.Namespace):
 
     t0 = time.perf_counter()
     kwargs = {} if args.validator is None else {"validator": args.validator}
-    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs, **model_load_kwargs(args))
     if model.validator is None:
         print(
             f"flowcheck {args.command}: error: no validator for {args.model}. Pass --validator FOLDER_OR_HUB_ID "
@@ -176,7 +184,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from hf_flowcheck.report import render_report, report_items_from_output
 
     kwargs = {} if args.validator is None else {"validator": args.validator}
-    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs, **model_load_kwargs(args))
     if model.validator is None:
         print(f"flowcheck report: error: no validator for {args.model}; pass --validator.", file=sys.stderr)
         return 2
@@ -202,60 +210,24 @@ def cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
-THRESHOLD_HELP = (
-    "Score above which the answer is called likely hallucinated, in [0, 1] (default 0.5, the balanced point of a "
-    "class-weighted validator; its model card lists thresholds chosen on validation)."
-)
-
-
-def positive_int(text: str) -> int:
-    """argparse type: an integer >= 1, with a message that names the allowed values."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a positive integer.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive; pass an integer >= 1.")
-    return value
-
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-#: What the command line answers with a one-line message and exit status 2 (no traceback).
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, IsADirectoryError, NotADirectoryError, OSError)
-
-
-def _unit_interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a threshold in [0, 1].") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; pass a threshold in [0, 1].")
-    return value
-
-
-def build_parser() -> argparse.ArgumentParser:
-    from hf_flowcheck.offline_models import DEFAULT_MODEL
-
-    parser = argparse.ArgumentParser(prog="flowcheck", description="Flow signatures for HuggingFace causal LMs.")
-    sub = parser.add_subparsers(dest="command", required=True)
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``demo``, ``generate`` and ``report`` to the ``flowcheck`` subcommands."""
     demo = sub.add_parser("demo", help="Flow-checked generation of a sample question on the bundled model.")
-    demo.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
+    add_model_options(demo)
     demo.add_argument("--question", default=None, help="Ask this instead of the two sample questions.")
     demo.add_argument("--context", default=None)
     demo.add_argument("--max-new-tokens", type=positive_int, default=32)
-    demo.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
+    demo.add_argument("--threshold", type=unit_interval, default=None, help=THRESHOLD_HELP)
     demo.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     demo.set_defaults(func=cmd_demo)
 
     gen = sub.add_parser("generate", help="Answer a question with flow checking: score, culprit and heatmap.")
     gen.add_argument("question")
     gen.add_argument("--context", default=None, help="Knowledge passage the answer should rest on.")
-    gen.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
+    add_model_options(gen)
     gen.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
     gen.add_argument("--max-new-tokens", type=positive_int, default=32)
-    gen.add_argument("--threshold", type=_unit_interval, default=None, help=THRESHOLD_HELP)
+    gen.add_argument("--threshold", type=unit_interval, default=None, help=THRESHOLD_HELP)
     gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
     gen.set_defaults(func=cmd_generate)
@@ -263,75 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     rep = sub.add_parser("report", help="Write a self-contained HTML report of flow-checked generations.")
     rep.add_argument("questions", nargs="+")
     rep.add_argument("--context", default=None, help="Knowledge passage shared by the questions.")
-    rep.add_argument("--model", default=DEFAULT_MODEL)
+    add_model_options(rep)
     rep.add_argument("--validator", default=None, help="Validator folder or Hub id (default: the bundled one).")
     rep.add_argument("--max-new-tokens", type=positive_int, default=24)
     rep.add_argument("--refine", action="store_true", help="Also refine each answer and show before/after.")
     rep.add_argument("--out", default="flowcheck_report.html")
     rep.set_defaults(func=cmd_report)
-
-    from hf_flowcheck.workflows.answers import ANSWER_DATASETS, run_answers
-
-    ans = sub.add_parser("answers", help="The model's greedy answers into a resumable JSONL (commit it).")
-    ans.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
-    ans.add_argument("--dataset", choices=ANSWER_DATASETS, default="halueval-qa")
-    ans.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
-    ans.add_argument("--out", required=True, help="The JSONL to create or resume.")
-    ans.add_argument(
-        "--limit", type=positive_int, default=None, help="Answer the first LIMIT records of the permutation."
-    )
-    ans.add_argument("--seed", type=int, default=0, help="Seed of the record permutation.")
-    ans.add_argument("--batch-size", type=positive_int, default=16)
-    ans.add_argument("--max-new-tokens", type=positive_int, default=32)
-    ans.set_defaults(func=run_answers)
-
-    from hf_flowcheck.workflows.replay import run_replay
-
-    rp = sub.add_parser("replay", help="Teacher-forced flow features of an answers file (part stores).")
-    rp.add_argument("--model", default=DEFAULT_MODEL, help="The model that wrote the answers.")
-    rp.add_argument("--answers", required=True, help="JSONL from `flowcheck answers`.")
-    rp.add_argument("--out", required=True, help="Root folder of the part stores (resumable).")
-    rp.add_argument("--part-size", type=positive_int, default=500)
-    rp.add_argument("--batch-size", type=positive_int, default=8)
-    rp.add_argument("--lens-features", action=argparse.BooleanOptionalAction, default=True)
-    rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
-    rp.add_argument("--start-part", type=int, default=0, help="First part to extract (another process may take the earlier ones).")
-    rp.add_argument("--skip-started", action="store_true", help="Leave parts another process has started.")
-    rp.add_argument("--no-progress", action="store_true")
-    rp.set_defaults(func=run_replay)
-
-    from hf_flowcheck.pipeline import add_extract_arguments, run_extract
-
-    ext = sub.add_parser("extract", help="Extract flow signatures of a dataset into resumable safetensors shards.")
-    add_extract_arguments(ext)
-    ext.set_defaults(func=run_extract)
-
-    from hf_flowcheck.experiments import add_evaluate_arguments, add_train_arguments, cmd_evaluate, cmd_train
-
-    train = sub.add_parser("train", help="Train a flow validator on a feature store (validation-selected).")
-    add_train_arguments(train)
-    train.set_defaults(func=cmd_train)
-    evaluate = sub.add_parser("evaluate", help="Evaluate a validator on a split of a feature store.")
-    add_evaluate_arguments(evaluate)
-    evaluate.set_defaults(func=cmd_evaluate)
-
-    from hf_flowcheck.comparison import add_compare_arguments, run_compare
-
-    compare = sub.add_parser("compare", help="Every detector on the same model, data and split, with 95%% intervals.")
-    add_compare_arguments(compare)
-    compare.set_defaults(func=run_compare)
-    return parser
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run one ``flowcheck`` command; a user error prints one line and returns 2, never a traceback."""
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except USER_ERRORS as err:
-        print(f"flowcheck {args.command}: error: {err}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -45,9 +45,9 @@ from tqdm.auto import tqdm
 
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
-from hf_flowcheck.evaluation import auroc
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.hub import model_fingerprint
+from hf_flowcheck.fingerprint import model_fingerprint
+from hf_flowcheck.metrics import auroc
 from hf_flowcheck.version import __version__
 
 __all__ = ["STATE_JSON", "STATE_NAME", "TrainingHistory", "train_validator"]

@@ -6,7 +6,7 @@ records it answers itself (generated, labelled by a judge) and writes a
 different setups in one directory, and splits the shards over the processes of an
 ``accelerate`` launch (shard ``i`` goes to process ``i % num_processes``).
 
-The ``flowcheck extract`` subcommand is :func:`add_extract_arguments` + :func:`run_extract`.
+The ``flowcheck extract`` command lives in :mod:`hf_flowcheck.cli.research`.
 
 Example:
     >>> from hf_flowcheck import FlowConfig
@@ -21,13 +21,9 @@ Example:
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import hashlib
 import json
 import os
-import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +34,11 @@ import torch
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
+from hf_flowcheck.detectors.base import encode_text, tokenize_prompt_answer
 from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.generation import capture_generate
+from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
 from hf_flowcheck.store import (
     STORE_FORMAT,
@@ -62,9 +61,7 @@ from hf_flowcheck.version import __version__
 __all__ = [
     "PROTOCOLS",
     "ExtractionMismatchError",
-    "add_extract_arguments",
     "extract_dataset",
-    "run_extract",
 ]
 
 PROTOCOLS = ("paired", "generated", "natural", "replayed")
@@ -80,12 +77,12 @@ _after_shard_hook: Callable[[int], None] | None = None
 
 
 def _model_fingerprint(model: Any) -> dict[str, Any]:
-    """The base model's fingerprint (``hf_flowcheck.hub.model_fingerprint``), JSON-normalised."""
+    """The base model's fingerprint (``hf_flowcheck.fingerprint.model_fingerprint``), JSON-normalised."""
     try:
-        from hf_flowcheck.hub import model_fingerprint
+        from hf_flowcheck.fingerprint import model_fingerprint
     except ImportError as err:  # pragma: no cover - depends on the installed version
         raise ImportError(
-            f"hf_flowcheck.hub.model_fingerprint is unavailable ({err}); reinstall hf_flowcheck."
+            f"hf_flowcheck.fingerprint.model_fingerprint is unavailable ({err}); reinstall hf_flowcheck."
         ) from err
     return json.loads(json.dumps(model_fingerprint(model), sort_keys=True, default=str))
 
@@ -162,25 +159,6 @@ def _plan_key(items: Sequence[_Item]) -> str:
 
 
 # -------------------------------------------------------------------------------- tokenizing
-def _encode(tokenizer: Any, text: str) -> list[int]:
-    enc = tokenizer(text, add_special_tokens=True)
-    ids = enc["input_ids"] if isinstance(enc, dict) or hasattr(enc, "keys") else enc
-    if ids and isinstance(ids[0], list):
-        ids = ids[0]
-    return [int(i) for i in ids]
-
-
-def _pad_id(tokenizer: Any, model: Any) -> int:
-    for src in (tokenizer, getattr(model, "generation_config", None), getattr(model, "config", None)):
-        for attr in ("pad_token_id", "eos_token_id"):
-            v = getattr(src, attr, None) if src is not None else None
-            if isinstance(v, (list, tuple)):
-                v = v[0] if v else None
-            if isinstance(v, int):
-                return v
-    return 0
-
-
 def _pad(rows: Sequence[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     """``[n, S]`` ids and attention mask; also each row's left padding."""
     width = max((len(r) for r in rows), default=0)
@@ -231,7 +209,7 @@ def _run_replayed(
     """Teacher-force each prompt followed by the exact answer tokens the model generated."""
     rows, starts = [], []
     for it in batch:
-        p_ids = _encode(tokenizer, it.prompt)
+        p_ids = encode_text(tokenizer, it.prompt)
         rows.append(p_ids + list(it.token_ids[1]))
         starts.append(len(p_ids))
     return _teacher_forced(ext, rows, starts, pad_id)
@@ -252,15 +230,9 @@ def _teacher_forced(
 def _run_paired(ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: int) -> tuple[FlowFeatures, list[int]]:
     rows, starts = [], []
     for it in batch:
-        p_ids = _encode(tokenizer, it.prompt)
-        f_ids = _encode(tokenizer, it.prompt + it.completion)
-        common = 0
-        for a, b in zip(p_ids, f_ids):
-            if a != b:
-                break
-            common += 1
+        f_ids, start = tokenize_prompt_answer(tokenizer, it.prompt, it.completion)
         rows.append(f_ids)
-        starts.append(common)
+        starts.append(start)
     return _teacher_forced(ext, rows, starts, pad_id)
 
 
@@ -274,10 +246,10 @@ def _run_generated(
     generate_kwargs: dict[str, Any],
 ) -> tuple[FlowFeatures, list[int], list[str], list[str]]:
     """Features (truncated to the judged answer's tokens), prompt lengths, raw and cleaned answers."""
-    rows = [_encode(tokenizer, it.prompt) for it in batch]
+    rows = [encode_text(tokenizer, it.prompt) for it in batch]
     ids, att, offsets = _pad(rows, pad_id, left=True)
     kwargs = {"do_sample": False, "max_new_tokens": max_new_tokens, "pad_token_id": pad_id, **generate_kwargs}
-    seqs, feats = ext.generate(ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
+    seqs, feats = capture_generate(ext, ids, att, **bind_prompt_width(kwargs, ids.shape[1]))
     seqs = seqs.to("cpu")
     width = ids.shape[1]
     raws, answers, limits = [], [], []
@@ -430,7 +402,7 @@ def _check_compatible(out_dir: Path, old: dict[str, Any], new: dict[str, Any]) -
         ("plan", "dataset (examples, order, prompts or shard_size)"),
         ("generation", "generation settings (max_new_tokens, judge, postprocess, generate kwargs)"),
     ]
-    from hf_flowcheck.hub import CHECKED_FIELDS  # identity of the weights; base_id/revision are informative
+    from hf_flowcheck.fingerprint import CHECKED_FIELDS  # identity of the weights; base_id/revision are informative
 
     def same(key: str) -> bool:
         if key == "model_fingerprint":
@@ -668,7 +640,7 @@ def extract_dataset(
 
         desc = f"extract {protocol}" + (f" (process 0 of {n_proc})" if n_proc > 1 else "")
         bar = tqdm(total=total, initial=done, unit="sample", desc=desc, dynamic_ncols=True)
-    pad_id = _pad_id(tokenizer, model)
+    pad_id = pad_token_id(model, tokenizer, eos_fallback=True, default=0)
     try:
         for i in todo:
             shard = _extract_shard(
@@ -723,119 +695,6 @@ _CONFIG_CHOICES = {
 }
 
 
-def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Add the ``flowcheck extract`` options to ``parser`` (a subcommand parser).
-
-    Wire it with ``sub.add_parser("extract", ...)``, this function, and
-    ``set_defaults(func=run_extract)``.
-    """
-    from hf_flowcheck.offline_models import DEFAULT_MODEL
-
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="Offline model name, local folder or Hub id.")
-    parser.add_argument(
-        "--dataset", required=True, help=f"One of {', '.join(DATASETS)}, or a path to a JSON Lines file."
-    )
-    parser.add_argument("--task", default="qa", help="Task of a JSON Lines --dataset (selects fields and prompt).")
-    parser.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
-    parser.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default=None,
-        help="generated (the model answers; judge labels; default), paired (teacher-forced right/hallucinated "
-        "answers; leaky, report with a length baseline) or natural (given responses with their labels; default "
-        "for halueval-general).",
-    )
-    parser.add_argument("--limit", type=int, default=None, help="Use only the first LIMIT source records.")
-    parser.add_argument(
-        "--sample",
-        type=int,
-        default=None,
-        help="Use a seeded random subset of SAMPLE records (after --limit), kept in file order; for files "
-        "sorted by label such as SelfAware, where the first records are all of one class.",
-    )
-    parser.add_argument("--sample-seed", type=int, default=0, help="Seed of --sample.")
-    parser.add_argument("--out", required=True, help="Output directory of the feature store.")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=256, help="Input examples per shard.")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Generated protocol: answer length cap.")
-    parser.add_argument(
-        "--judge",
-        choices=("reference-f1", RECORD_LABEL),
-        default=None,
-        help="Generated protocol: reference-f1 (token F1 vs the right answer; default) or record-label (keep "
-        "the record's own label; default for selfaware).",
-    )
-    parser.add_argument(
-        "--prompt-style", choices=("plain", "chat", "auto"), default="plain", help="Generated-protocol prompt style."
-    )
-    parser.add_argument(
-        "--dtype", choices=("float32", "bfloat16", "float16"), default=None, help="Model dtype; default float32."
-    )
-    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto).")
-    parser.add_argument(
-        "--stop-at-newline",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="Generated protocol: stop a row at the end of its first non-empty line (the judged answer); "
-        "leading newlines do not stop it.",
-    )
-    parser.add_argument("--no-resume", action="store_true", help="Refuse an existing out_dir instead of resuming.")
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-    group = parser.add_argument_group("flow configuration (FlowConfig fields)")
-    for f in dataclasses.fields(FlowConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        group.add_argument(
-            flag,
-            dest=f"flow_{f.name}",
-            type=kind,
-            default=None,
-            choices=_CONFIG_CHOICES.get(f.name),
-            help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
-        )
-    return parser
-
-
-def _flow_config_from_args(args: argparse.Namespace) -> FlowConfig:
-    kwargs = {}
-    for f in dataclasses.fields(FlowConfig):
-        value = getattr(args, f"flow_{f.name}", None)
-        if value is not None:
-            kwargs[f.name] = value
-    return FlowConfig(**kwargs)
-
-
-def _load_records(args: argparse.Namespace) -> list[Example]:
-    records = _read_records(args)
-    sample = getattr(args, "sample", None)
-    if sample is None:
-        return records
-    if sample < 1:
-        raise ValueError(f"--sample {sample} must be a positive number of records.")
-    if sample >= len(records):
-        return records
-    import numpy as np
-
-    keep = np.random.default_rng(args.sample_seed).choice(len(records), size=sample, replace=False)
-    return [records[i] for i in sorted(keep.tolist())]  # file order: shards stay reproducible
-
-
-def _read_records(args: argparse.Namespace) -> list[Example]:
-    from hf_flowcheck import data
-
-    name = args.dataset
-    if name.startswith("halueval-"):
-        task = name[len("halueval-") :]
-        if task not in data.HALUEVAL_FILES:
-            raise ValueError(f"--dataset {name!r} is unknown; use one of {', '.join(DATASETS)} or a JSONL path.")
-        return data.load_halueval(task, args.data_dir, limit=args.limit)
-    if name == "selfaware":
-        return data.load_selfaware(args.data_dir, limit=args.limit)
-    if os.path.isfile(name):
-        return data.load_jsonl(name, task=args.task, limit=args.limit)
-    raise ValueError(f"--dataset {name!r} is neither one of {', '.join(DATASETS)} nor an existing JSON Lines file.")
-
-
 def _newline_stop(tokenizer: Any) -> dict[str, Any]:
     """``generate`` kwargs that end a row at the end of its first non-empty line.
 
@@ -848,70 +707,3 @@ def _newline_stop(tokenizer: Any) -> dict[str, Any]:
     if not supports_answer_line_stop(tokenizer):
         return {}  # not a transformers tokenizer: rows run to max_new_tokens; the answer is still the first line
     return {"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tokenizer)])}
-
-
-def run_extract(args: argparse.Namespace) -> int:
-    """Run ``flowcheck extract`` from parsed arguments; returns the exit status (0 ok, 2 user error)."""
-    from hf_flowcheck import data
-    from hf_flowcheck.offline_models import load_model
-
-    try:
-        config = _flow_config_from_args(args)
-        records = _load_records(args)
-        protocol = args.protocol or ("natural" if args.dataset == "halueval-general" else "generated")
-        model_kwargs: dict[str, Any] = {}
-        if args.dtype:
-            model_kwargs["dtype"] = getattr(torch, args.dtype)
-        if args.device_map:
-            model_kwargs["device_map"] = args.device_map
-        t0 = time.perf_counter()
-        model, tokenizer = load_model(args.model, **model_kwargs)
-        print(f"Loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
-        judge: Any = None
-        prompt_fn = None
-        if protocol == "paired":
-            examples: list[Any] = data.paired_examples(records)
-        elif protocol == "natural":
-            examples = data.natural_examples(records)
-        else:
-            examples = list(records)
-            default_judge = RECORD_LABEL if args.dataset == "selfaware" else "reference-f1"
-            judge = RECORD_LABEL if (args.judge or default_judge) == RECORD_LABEL else data.ReferenceF1Judge()
-            style = args.prompt_style
-            prompt_fn = (
-                None if style == "plain" else (lambda ex: data.generation_prompt(ex, style=style, tokenizer=tokenizer))
-            )
-        t0 = time.perf_counter()
-        store = extract_dataset(
-            model,
-            tokenizer,
-            examples,
-            args.out,
-            config=config,
-            protocol=protocol,
-            batch_size=args.batch_size,
-            shard_size=args.shard_size,
-            max_new_tokens=args.max_new_tokens,
-            judge=judge,
-            resume=not args.no_resume,
-            progress=not args.no_progress,
-            prompt_fn=prompt_fn,
-            dataset={
-                "name": args.dataset,
-                "limit": args.limit,
-                "sample": args.sample,
-                "sample_seed": args.sample_seed if args.sample is not None else None,
-                "prompt_style": args.prompt_style,
-            },
-            generate_kwargs=_newline_stop(tokenizer) if protocol == "generated" and args.stop_at_newline else None,
-        )
-    except (ValueError, TypeError, FileNotFoundError, FileExistsError, FeatureStoreError) as err:
-        print(f"flowcheck extract: error: {err}", file=sys.stderr)
-        return 2
-    counts = store.counts
-    print(
-        f"Wrote {counts.get('stored', 0)} samples ({counts.get('label_0', 0)} correct, {counts.get('label_1', 0)} "
-        f"hallucinated; {counts.get('dropped', 0)} dropped, {counts.get('failed', 0)} failed) in "
-        f"{len(store.shards)} shard(s) to {store.path} in {time.perf_counter() - t0:.1f} s"
-    )
-    return 0

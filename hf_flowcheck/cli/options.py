@@ -1,0 +1,92 @@
+"""Options every ``flowcheck`` command shares, their argparse types, and the one error policy."""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from hf_flowcheck.errors import FeatureStoreError, GradientSignatureError
+
+__all__ = [
+    "DTYPES",
+    "THRESHOLD_HELP",
+    "USER_ERRORS",
+    "add_model_options",
+    "load_model_from_args",
+    "model_load_kwargs",
+    "positive_int",
+    "unit_interval",
+]
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+#: What the command line answers with a one-line message and exit status 2 (no traceback): bad
+#: values, missing or clashing files, and the library's own store and gradient errors.
+USER_ERRORS = (ValueError, OSError, FeatureStoreError, GradientSignatureError)
+
+THRESHOLD_HELP = (
+    "Score above which the answer is called likely hallucinated, in [0, 1] (default 0.5, the balanced point of a "
+    "class-weighted validator; its model card lists thresholds chosen on validation)."
+)
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1, with a message that names the allowed values."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a positive integer.") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not positive; pass an integer >= 1.")
+    return value
+
+
+def unit_interval(text: str) -> float:
+    """argparse type: a number in ``[0, 1]`` (a threshold on a probability)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number; pass a threshold in [0, 1].") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{value} is outside [0, 1]; pass a threshold in [0, 1].")
+    return value
+
+
+def add_model_options(
+    parser: argparse.ArgumentParser,
+    *,
+    help: str = "Offline model name, local folder or Hub id.",
+    dtype: str | None = None,
+) -> argparse.ArgumentParser:
+    """``--model``, ``--dtype`` and ``--device-map``, declared once for every command that loads a model.
+
+    Args:
+        parser: A subcommand parser.
+        help: Help text of ``--model``.
+        dtype: Default of ``--dtype`` (``None``: the checkpoint's own, float32 for the offline models).
+    """
+    from hf_flowcheck.offline_models import DEFAULT_MODEL
+
+    parser.add_argument("--model", default=DEFAULT_MODEL, help=help)
+    parser.add_argument("--dtype", choices=DTYPES, default=dtype, help=f"Model dtype (default: {dtype or 'float32'}).")
+    parser.add_argument("--device-map", default=None, help="Passed to from_pretrained (e.g. auto or cuda).")
+    return parser
+
+
+def model_load_kwargs(args: argparse.Namespace) -> dict[str, Any]:
+    """``from_pretrained`` keyword arguments of the model options."""
+    import torch
+
+    kwargs: dict[str, Any] = {}
+    if getattr(args, "dtype", None):
+        kwargs["dtype"] = getattr(torch, args.dtype)
+    if getattr(args, "device_map", None):
+        kwargs["device_map"] = args.device_map
+    return kwargs
+
+
+def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of ``--model`` with ``--dtype`` and ``--device-map``: the one loader of the CLI."""
+    from hf_flowcheck.offline_models import load_model
+
+    return load_model(args.model, **model_load_kwargs(args))

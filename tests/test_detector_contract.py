@@ -1,0 +1,116 @@
+"""The contract every detector keeps: ``score`` is float64 ``[N]``, finite on real answers, oriented
+"higher = more likely hallucinated", refused before fitting, and identical after a save/load round
+trip for every detector that saves."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config
+from test_baselines import CharTokenizer
+
+from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
+from hf_flowcheck.detectors.baselines import (
+    AnswerLengthDetector,
+    HiddenStateProbe,
+    SamplingAgreementDetector,
+    TokenConfidenceDetector,
+)
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
+from hf_flowcheck.metrics import auroc
+from hf_flowcheck.workflows.compare import FlowValidatorDetector
+
+
+def _examples(n: int = 12) -> list[ScoredExample]:
+    g = torch.Generator().manual_seed(0)
+    return [
+        ScoredExample(
+            [1, *torch.randint(3, 90, (3 + i % 3,), generator=g).tolist()],
+            torch.randint(3, 90, (1 + i % 3,), generator=g).tolist(),
+            label=i % 2,
+            uid=f"u{i}",
+        )
+        for i in range(n)
+    ]
+
+
+def _flow_validator(model: torch.nn.Module) -> FlowValidator:
+    cfg = tiny_flow_config()
+    torch.manual_seed(0)
+    v = FlowValidator(ValidatorConfig(num_features=cfg.num_features, hidden=8, embed=4, gru_hidden=4), flow_config=cfg)
+    v.set_base_model(model)
+    return v.eval()
+
+
+def _detectors(model: torch.nn.Module) -> list:
+    return [
+        TokenConfidenceDetector("mean_logprob"),
+        TokenConfidenceDetector("mean_entropy"),
+        SamplingAgreementDetector(2, max_new_tokens=2, seed=0),
+        AnswerLengthDetector(),
+        HiddenStateProbe(kind="logistic"),
+        HiddenStateProbe(layers=[1, 2], kind="mlp", epochs=5, hidden=4),
+        GradientDetector(GradientConfig(layers=2, sketch=8, reader="logistic", epochs=3)),
+        FlowValidatorDetector(_flow_validator(model)),
+    ]
+
+
+@pytest.fixture(scope="module")
+def model() -> torch.nn.Module:
+    return make_tiny_model("llama")
+
+
+@pytest.mark.parametrize("index", range(8))
+def test_score_shape_dtype_fitting_and_round_trip(model, index, tmp_path) -> None:
+    det = _detectors(model)[index]
+    ex = _examples()
+    feats = det.featurize(model, ex, tokenizer=CharTokenizer())
+    if det.trainable:
+        with pytest.raises(NotFittedError):
+            det.score(feats)
+        labels = np.array([e.label for e in ex])
+        det.fit(feats, labels, feats, labels)
+    scores = det.score(feats)
+    assert isinstance(scores, np.ndarray) and scores.dtype == np.float64 and scores.shape == (len(ex),)
+    assert np.isfinite(scores).all(), f"{det.name} gave non-finite scores on real answers"
+    if det.score_range == "[0, 1]":
+        assert ((scores >= 0) & (scores <= 1)).all()
+    saver = det.validator if isinstance(det, FlowValidatorDetector) else det
+    if hasattr(saver, "save_pretrained"):
+        if hasattr(saver, "set_base_model") and getattr(saver, "base_fingerprint", None) is None:
+            saver.set_base_model(model)
+        saver.save_pretrained(tmp_path / "saved")
+        loaded = type(saver).from_pretrained(tmp_path / "saved", base_model=model)
+        again = FlowValidatorDetector(loaded) if isinstance(det, FlowValidatorDetector) else loaded
+        np.testing.assert_array_equal(again.score(feats), scores)
+
+
+def test_probe_direction_and_unfitted_save() -> None:
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(60, 3, 6, generator=g)
+    y = torch.arange(60) % 2
+    x[:, 2, 0] += 3.0 * y  # hallucinated answers sit higher on one direction of layer 2
+    probe = HiddenStateProbe(kind="logistic").fit(x[:40], y[:40], x[40:], y[40:])
+    assert probe.layer == 2 and auroc(y[40:].numpy(), probe.score(x[40:])) > 0.9  # higher = hallucinated
+    with pytest.raises(NotFittedError):
+        HiddenStateProbe().save_pretrained("/nonexistent/never-written")
+
+
+def test_token_confidence_direction(model) -> None:
+    prompt = [1, 5, 6, 7]
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt])).logits[0, -1]
+    likely = ScoredExample(prompt, [int(logits.argmax())])
+    unlikely = ScoredExample(prompt, [int(logits.argmin())])
+    det = TokenConfidenceDetector("mean_logprob")
+    s = det.score(det.featurize(model, [likely, unlikely]))
+    assert s[0] < s[1]  # the model's own top token is the less suspicious answer
+
+
+def test_flow_validator_rows_without_events_get_the_neutral_score(model) -> None:
+    det = FlowValidatorDetector(_flow_validator(model))
+    empty = ScoredExample([1, 5, 6], [0])  # a pad/special token only: no flow event
+    s = det.score(det.featurize(model, [empty, *_examples(2)]))
+    assert s[0] == det.nan_score and det.last_without_events == 1 and np.isfinite(s).all()
