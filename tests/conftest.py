@@ -86,3 +86,29 @@ def family(request) -> str:
 @pytest.fixture(params=CORE_FAMILIES)
 def core_family(request) -> str:
     return request.param
+
+
+def tiny_validator(model: torch.nn.Module, cfg: FlowConfig | None = None, seed: int = 0):
+    """A small untrained validator fingerprinted for ``model`` (the one helper every test file uses)."""
+    from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+
+    cfg = cfg or tiny_flow_config()
+    torch.manual_seed(seed)
+    v = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
+    )
+    v.set_base_model(model)
+    return v.eval()
+
+
+def tiny_wrapped(model_type: str = "llama", cfg: FlowConfig | None = None):
+    """A :class:`FlowCheckedModelForCausalLM` around a tiny model with :func:`tiny_validator`."""
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    model = make_tiny_model(model_type)
+    return FlowCheckedModelForCausalLM(model, tiny_validator(model, cfg))
+
+
+@pytest.fixture
+def wrapped():
+    return tiny_wrapped()

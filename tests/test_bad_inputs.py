@@ -61,19 +61,10 @@ def test_validator_without_fingerprint_is_refused():
 
 
 # ------------------------------------------------------------------- silently wrong, now refused
-def _wrapped(tiny_cfg=None):
-    import torch
-    from conftest import make_tiny_model, tiny_flow_config
+def _wrapped():
+    from conftest import tiny_wrapped
 
-    from hf_flowcheck import FlowCheckedModelForCausalLM
-    from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
-
-    model = make_tiny_model("llama")
-    cfg = tiny_cfg or tiny_flow_config()
-    torch.manual_seed(0)
-    v = FlowValidator(ValidatorConfig(num_features=cfg.num_features, hidden=8, embed=4, gru_hidden=4), flow_config=cfg)
-    v.set_base_model(model)
-    return FlowCheckedModelForCausalLM(model, v.eval())
+    return tiny_wrapped()
 
 
 class _Force:

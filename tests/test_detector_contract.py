@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_flow_config
+from conftest import make_tiny_model, tiny_validator
 from test_baselines import CharTokenizer
 
 from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
@@ -17,7 +17,6 @@ from hf_flowcheck.detectors.baselines import (
     SamplingAgreementDetector,
     TokenConfidenceDetector,
 )
-from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.workflows.compare import FlowValidatorDetector
@@ -36,14 +35,6 @@ def _examples(n: int = 12) -> list[ScoredExample]:
     ]
 
 
-def _flow_validator(model: torch.nn.Module) -> FlowValidator:
-    cfg = tiny_flow_config()
-    torch.manual_seed(0)
-    v = FlowValidator(ValidatorConfig(num_features=cfg.num_features, hidden=8, embed=4, gru_hidden=4), flow_config=cfg)
-    v.set_base_model(model)
-    return v.eval()
-
-
 def _detectors(model: torch.nn.Module) -> list:
     return [
         TokenConfidenceDetector("mean_logprob"),
@@ -53,7 +44,7 @@ def _detectors(model: torch.nn.Module) -> list:
         HiddenStateProbe(kind="logistic"),
         HiddenStateProbe(layers=[1, 2], kind="mlp", epochs=5, hidden=4),
         GradientDetector(GradientConfig(layers=2, sketch=8, reader="logistic", epochs=3)),
-        FlowValidatorDetector(_flow_validator(model)),
+        FlowValidatorDetector(tiny_validator(model)),
     ]
 
 
@@ -110,7 +101,7 @@ def test_token_confidence_direction(model) -> None:
 
 
 def test_flow_validator_rows_without_events_get_the_neutral_score(model) -> None:
-    det = FlowValidatorDetector(_flow_validator(model))
+    det = FlowValidatorDetector(tiny_validator(model))
     empty = ScoredExample([1, 5, 6], [0])  # a pad/special token only: no flow event
     s = det.score(det.featurize(model, [empty, *_examples(2)]))
     assert s[0] == det.nan_score and det.last_without_events == 1 and np.isfinite(s).all()

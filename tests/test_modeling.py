@@ -2,28 +2,11 @@
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_flow_config
+from conftest import make_tiny_model, tiny_flow_config, tiny_validator
 from transformers import GenerationConfig
 
 from hf_flowcheck import FlowCheckedModelForCausalLM, FlowGenerateOutput
-from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.fingerprint import FingerprintMismatchError
-
-
-def _validator(model, cfg=None, seed=0):
-    cfg = cfg or tiny_flow_config()
-    torch.manual_seed(seed)
-    v = FlowValidator(
-        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
-    )
-    v.set_base_model(model)
-    return v.eval()
-
-
-@pytest.fixture
-def wrapped():
-    model = make_tiny_model("llama")
-    return FlowCheckedModelForCausalLM(model, _validator(model))
 
 
 def _batch():
@@ -88,7 +71,7 @@ def test_no_validator_error_but_features_allowed():
 
 
 def test_wrong_base_model_is_refused():
-    v = _validator(make_tiny_model("llama", seed=0))
+    v = tiny_validator(make_tiny_model("llama", seed=0))
     with pytest.raises(FingerprintMismatchError, match="readout_sha256"):
         FlowCheckedModelForCausalLM(make_tiny_model("llama", seed=1), v)
 
@@ -177,7 +160,7 @@ def test_save_and_reload(tmp_path, wrapped):
 def test_peft_lora_wrapped():
     peft = pytest.importorskip("peft")
     model = make_tiny_model("llama")
-    v = _validator(model)
+    v = tiny_validator(model)
     lora = peft.get_peft_model(model, peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"])).eval()
     fc = FlowCheckedModelForCausalLM(lora, v)
     out = fc.generate(input_ids=torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False, return_flow_scores=True)

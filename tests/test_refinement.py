@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_flow_config
+from conftest import make_tiny_model, tiny_flow_config, tiny_validator
 from torch import nn
 
 from hf_flowcheck import FlowCheckedModelForCausalLM
@@ -17,16 +17,6 @@ FAMS = ["llama", "gemma2"]
 SMALL = dict(subspace_dim=4, num_competitors=4, n_cal=4, suppress_tokens=[98])
 
 
-def _validator(model, seed=0):
-    cfg = tiny_flow_config()
-    torch.manual_seed(seed)
-    v = FlowValidator(
-        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
-    )
-    v.set_base_model(model)
-    return v.eval()
-
-
 def _batch():
     ids = torch.tensor([[0, 0, 5, 6, 7, 8, 9, 10], [9, 8, 7, 6, 5, 4, 3, 2]])
     att = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
@@ -36,7 +26,7 @@ def _batch():
 @pytest.fixture(scope="module", params=FAMS)
 def setup(request):
     model = make_tiny_model(request.param)
-    fc = FlowCheckedModelForCausalLM(model, _validator(model))
+    fc = FlowCheckedModelForCausalLM(model, tiny_validator(model))
     ids, att = _batch()
     out = fc.generate(
         input_ids=ids,
@@ -230,7 +220,7 @@ def test_fixed_budget_and_answer_shape(setup):
 
 def test_left_padded_row_equals_the_unpadded_prompt():
     model = make_tiny_model("llama")
-    fc = FlowCheckedModelForCausalLM(model, _validator(model))
+    fc = FlowCheckedModelForCausalLM(model, tiny_validator(model))
     ids, att = _batch()
     kw = dict(max_new_tokens=8, do_sample=False, return_flow_scores=True, suppress_tokens=[98])
     batched = fc.generate(input_ids=ids, attention_mask=att, **kw)

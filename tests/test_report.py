@@ -5,21 +5,10 @@ import re
 
 import pytest
 import torch
-from conftest import make_tiny_model, tiny_flow_config
+from conftest import make_tiny_model, tiny_validator
 
 from hf_flowcheck import FlowCheckedModelForCausalLM
-from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.report import ReportItem, render_report, report_items_from_output, save_heatmap_png
-
-
-def _validator(model, cfg=None, seed=0):
-    cfg = cfg or tiny_flow_config()
-    torch.manual_seed(seed)
-    v = FlowValidator(
-        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8), flow_config=cfg
-    )
-    v.set_base_model(model)
-    return v.eval()
 
 
 def _html_tokenizer():
@@ -36,7 +25,7 @@ def _html_tokenizer():
 @pytest.fixture(scope="module")
 def generated():
     model = make_tiny_model("llama")
-    wrapped = FlowCheckedModelForCausalLM(model, _validator(model))
+    wrapped = FlowCheckedModelForCausalLM(model, tiny_validator(model))
     ids = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5]])
     att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
     out = wrapped.generate(
@@ -140,7 +129,7 @@ def test_report_from_a_refinement_result(generated):
     pytest.importorskip("hf_flowcheck.refinement")
     out, tok = generated
     model = make_tiny_model("llama")
-    wrapped = FlowCheckedModelForCausalLM(model, _validator(model))
+    wrapped = FlowCheckedModelForCausalLM(model, tiny_validator(model))
     if not hasattr(wrapped, "refine"):
         pytest.skip("FlowCheckedModelForCausalLM.refine is not available")
     res = wrapped.refine(out, rows=[0, 1], n_cal=2)
