@@ -112,3 +112,12 @@ def tiny_wrapped(model_type: str = "llama", cfg: FlowConfig | None = None):
 @pytest.fixture
 def wrapped():
     return tiny_wrapped()
+
+
+@pytest.fixture(scope="module")
+def one_thread_module():
+    """Torch on one thread for a test module (restored after it)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

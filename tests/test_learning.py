@@ -14,11 +14,8 @@ from hf_flowcheck.workflows.training import train_validator
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread_module):
+    """Tiny training steps run far faster on one thread, especially on a shared machine."""
 
 
 @pytest.fixture(scope="module")

@@ -40,12 +40,8 @@ def planted(n: int, seed: int, pos_rate: float = 0.5) -> tuple[FlowFeatures, tor
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny GRU steps run far faster on one thread, especially on a shared machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_thread_module):
+    """Tiny training steps run far faster on one thread, especially on a shared machine."""
 
 
 @pytest.fixture(scope="module")
