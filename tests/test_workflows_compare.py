@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import make_tiny_model, tiny_flow_config
+from test_baselines import CharTokenizer as _CharTokenizer
 
 from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
 from hf_flowcheck.detectors.baselines import (
@@ -30,22 +31,10 @@ from hf_flowcheck.workflows.compare import (
 )
 
 
-class CharTokenizer:
-    """Printable ASCII -> ids 3..97 (BOS 1, EOS 98, PAD 0): enough for the tiny models (vocab 99)."""
+class CharTokenizer(_CharTokenizer):
+    """The test tokenizer without a chat template (plain prompts)."""
 
-    pad_token_id, bos_token_id, eos_token_id = 0, 1, 98
     chat_template = None
-
-    def __call__(self, text: str, add_special_tokens: bool = True) -> dict[str, list[int]]:
-        ids = [3 + ord(c) - 32 for c in text if 32 <= ord(c) <= 126]
-        return {"input_ids": ([self.bos_token_id] if add_special_tokens else []) + ids}
-
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
-        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
-        return "".join(chr(i - 3 + 32) for i in ids if 3 <= i <= 97)
-
-    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
-        return [self.decode(s) for s in seqs]
 
 
 # ------------------------------------------------------------------------------- abstention

@@ -40,7 +40,7 @@ from torch import nn
 
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
-from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, fingerprint_table, jsonable
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.model_io import input_device, pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
@@ -643,11 +643,7 @@ class HiddenStateProbe(
             "## Base model",
             "",
         ]
-        lines += (
-            (["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()])
-            if fp
-            else ["Not recorded."]
-        )
+        lines += fingerprint_table(fp)
         lines += ["", f"Written by hf_flowcheck {__version__} (format version {self.FORMAT_VERSION}).", ""]
         return "\n".join(lines)
 

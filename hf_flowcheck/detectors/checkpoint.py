@@ -33,6 +33,7 @@ __all__ = [
     "atomic_save_dir",
     "check_checkpoint_config",
     "file_sha256",
+    "fingerprint_table",
     "hub_fetch_errors",
     "jsonable",
     "load_safetensors_strict",
@@ -297,6 +298,13 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def fingerprint_table(fp: Mapping[str, Any] | None) -> list[str]:
+    """Model-card lines: the base-model fingerprint as a Markdown table (or "Not recorded.")."""
+    if not fp:
+        return ["Not recorded."]
+    return ["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()]
 
 
 class SavedDetectorMixin(AtomicSaveMixin):

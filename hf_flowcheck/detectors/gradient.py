@@ -53,7 +53,7 @@ from torch import nn
 from hf_flowcheck.architectures import resolve_architecture, unwrap_model
 from hf_flowcheck.configuration import check_positive_int
 from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
-from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, jsonable
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, fingerprint_table, jsonable
 from hf_flowcheck.errors import GradientSignatureError
 from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
 from hf_flowcheck.model_io import accepts, input_device
@@ -1042,11 +1042,7 @@ class GradientDetector(
             "## Base model",
             "",
         ]
-        lines += (
-            (["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()])
-            if fp
-            else ["Not recorded."]
-        )
+        lines += fingerprint_table(fp)
         lines += ["", "## Evaluation", ""]
         ev = self.training_metadata.get("evaluation")
         lines += ["```text", format_table(ev), "```"] if ev else ["No evaluation recorded."]
