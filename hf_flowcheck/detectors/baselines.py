@@ -42,7 +42,7 @@ from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
 from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, fingerprint_table, jsonable
 from hf_flowcheck.metrics import auroc
-from hf_flowcheck.model_io import input_device, pad_token_id
+from hf_flowcheck.model_io import forward_kwargs, input_device, pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
 from hf_flowcheck.version import __version__
 
@@ -99,13 +99,18 @@ def token_confidence_features(
     for rows in _batches(len(examples), batch_size):
         batch = [examples[i] for i in rows]
         ids, att, _ = batch_examples(batch, pad)
-        logits = _forward(model, ids.to(dev), att.to(dev)).logits
+        # Logits only from the first answer's predicting position on (not the whole prompt's [S, V]).
+        first = min((len(e.prompt_ids) for e in batch if e.answer_ids), default=ids.shape[1])
+        keep = max(1, ids.shape[1] - first + 1)
+        att = att.to(dev)
+        logits = model(input_ids=ids.to(dev), **forward_kwargs(model, att, logits_to_keep=keep)).logits
+        offset = ids.shape[1] - logits.shape[1]  # 0 when the model ignores logits_to_keep
         for j, (i, e) in enumerate(zip(rows, batch)):
             p = len(e.prompt_ids)
             k = len(e.answer_ids)
             if k == 0:
                 continue
-            lp = torch.log_softmax(logits[j, p - 1 : p - 1 + k].float(), dim=-1)  # [k, V]
+            lp = torch.log_softmax(logits[j, p - 1 - offset : p - 1 - offset + k].float(), dim=-1)  # [k, V]
             tok = lp.gather(-1, ids[j, p : p + k].to(dev).unsqueeze(-1)).squeeze(-1)  # [k]
             ent = -(lp.exp() * lp).sum(-1)
             mean = float(tok.mean())
