@@ -280,6 +280,29 @@ def verify_shard(path: Path, expected_sha256: str) -> None:
 
 
 # ------------------------------------------------------------------------------------ store
+def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
+    """Every manifest entry names its own shard file inside the store, once (a hand-edited or merged
+    manifest must not read files elsewhere, or count one shard twice)."""
+    entries = manifest.get("shards", [])
+    seen: dict[str, set[Any]] = {"index": set(), "file": set(), "sha256": set()}
+    for entry in entries:
+        index, file = entry.get("index"), entry.get("file")
+        if not isinstance(index, int) or file != shard_name(index):
+            want = shard_name(index) if isinstance(index, int) else "shard-NNNNN.safetensors"
+            raise FeatureStoreError(
+                f"The manifest of {path} lists shard {file!r} at index {index!r}; a shard entry must name its own "
+                f"file inside the store ({want!r}). The manifest was edited or merged by hand; rerun the extraction "
+                "into a new directory."
+            )
+        for key in seen:
+            if entry.get(key) in seen[key]:
+                raise FeatureStoreError(
+                    f"The manifest of {path} lists the same shard twice ({key} {entry.get(key)!r}); its samples would "
+                    "count twice. The manifest was edited or merged by hand; rerun the extraction into a new directory."
+                )
+            seen[key].add(entry.get(key))
+
+
 def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
     """Concatenate :class:`FlowFeatures` along ``N``, padding ``T`` to the longest part.
 
@@ -351,6 +374,7 @@ class FeatureStore:
                 f"The extraction into {path} has not finished (status {manifest.get('status')!r}). Rerun the same "
                 "extraction command with the same out_dir to resume it, or pass allow_incomplete=True."
             )
+        _check_entries(path, manifest)
         store = cls(path, manifest)
         if verify:
             store.verify()

@@ -151,3 +151,18 @@ def test_written_files_follow_the_umask(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.json").stat().st_mode & 0o777 == 0o644
+
+
+def test_manifest_entries_outside_the_store_or_listed_twice_are_refused(tmp_path):
+    manifest = _make_store(tmp_path, [_shard(2, 2, 0), _shard(2, 2, 2)])
+    first = manifest["shards"][0]
+    outside = {**manifest, "shards": [{**first, "file": "../elsewhere.safetensors"}, manifest["shards"][1]]}
+    write_manifest(tmp_path, outside)
+    with pytest.raises(FeatureStoreError, match=r"must name its own file inside the store"):
+        FeatureStore.open(tmp_path)
+    twice = {**manifest, "shards": [first, {**first, "index": 1, "file": shard_name(1)}]}
+    write_manifest(tmp_path, twice)
+    with pytest.raises(FeatureStoreError, match="lists the same shard twice"):
+        FeatureStore.open(tmp_path)
+    write_manifest(tmp_path, manifest)
+    assert len(FeatureStore.open(tmp_path)) == 4
