@@ -164,6 +164,47 @@ def test_mismatched_setup_is_refused(model, reference, tmp_path):
         run(model, out, resume=False)
 
 
+def test_deleted_manifest_readopts_its_own_shards_and_refuses_foreign_ones(model, reference, tmp_path, monkeypatch):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(reference.path, out)
+    (out / MANIFEST_NAME).unlink()
+    extracted = []
+    monkeypatch.setattr(pl, "_after_shard_hook", extracted.append)
+    store = run(model, out)
+    assert extracted == []  # every shard re-adopted after checking what it holds
+    assert_same_features(store, reference)
+    # Shards of another FlowConfig and no manifest: refused, and nothing is overwritten.
+    (out / MANIFEST_NAME).unlink()
+    before = (out / shard_name(0)).read_bytes()
+    with pytest.raises(
+        pl.FeatureStoreError, match=r"shard-00000\.safetensors was written for other examples or another setup"
+    ):
+        run(model, out, config=tiny_flow_config(boundary="residual"))
+    assert (out / shard_name(0)).read_bytes() == before and not (out / MANIFEST_NAME).exists()
+
+
+def test_unlisted_shard_of_another_setup_is_not_adopted(model, reference, tmp_path, monkeypatch):
+    other = run(model, tmp_path / "other", config=tiny_flow_config(boundary="residual"))
+    out = tmp_path / "store"
+
+    def crash(index):
+        if index == 0:
+            raise KeyboardInterrupt("simulated kill after shard 0")
+
+    monkeypatch.setattr(pl, "_after_shard_hook", crash)
+    with pytest.raises(KeyboardInterrupt):
+        run(model, out)
+    # A shard of the other setup lands in the store before the manifest lists it.
+    (out / shard_name(1)).write_bytes((other.path / shard_name(1)).read_bytes())
+    extracted = []
+    monkeypatch.setattr(pl, "_after_shard_hook", extracted.append)
+    store = run(model, out)
+    assert extracted == [1, 2]  # re-extracted, not adopted
+    assert_same_features(store, reference)
+
+
 def test_corrupted_shard_is_reported_on_resume(model, reference, tmp_path):
     import shutil
 

@@ -299,6 +299,7 @@ def _extract_shard(
     postprocess: Callable[[str], str] | None,
     generate_kwargs: dict[str, Any],
     pad_id: int,
+    setup_key: str = "",
     on_batch: Callable[[int], None],
 ) -> ShardData:
     # Longest first within the shard: less padding; results go back to input order below.
@@ -345,7 +346,9 @@ def _extract_shard(
         )
     meta_keys = list(kept[0][4]) if kept else (["source", "answer"] if protocol != "generated" else [])
     metadata: dict[str, Any] = {f"{k}s": [r[4][k] for r in kept] for k in meta_keys}
-    metadata.update({"shard": shard_index, "plan_key": plan_key, "counts": counts, "protocol": protocol})
+    metadata.update(
+        {"shard": shard_index, "plan_key": plan_key, "setup_key": setup_key, "counts": counts, "protocol": protocol}
+    )
     return ShardData(
         values=feats.values.float(),
         valid=feats.valid,
@@ -456,7 +459,29 @@ def _totals(entries: list[dict[str, Any]], excluded: int) -> dict[str, int]:
     return totals
 
 
-def _shard_is_done(out_dir: Path, index: int, plan_key: str, recorded: dict[int, str]) -> bool:
+def _setup_key(header: dict[str, Any]) -> str:
+    """What makes two shards' features comparable: protocol, FlowConfig, the model's weights, generation."""
+    from hf_flowcheck.fingerprint import CHECKED_FIELDS
+
+    fp = header.get("model_fingerprint") or {}
+    parts = [
+        header["protocol"],
+        header["flow_config_key"],
+        {k: fp.get(k) for k in CHECKED_FIELDS},
+        header["generation"],
+    ]
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _shard_is_done(
+    out_dir: Path, index: int, plan_key: str, recorded: dict[int, str], setup_key: str, *, listed: bool
+) -> bool:
+    """Whether shard ``index`` on disk can be kept.
+
+    A shard the manifest lists is checked against its recorded hash. One it does not list yet (a kill
+    between writing the shard and the manifest, or a deleted manifest) is adopted only when it was
+    written for the same examples (``plan_key``) under the same setup (``setup_key``).
+    """
     path = out_dir / shard_name(index)
     if not path.is_file():
         return False
@@ -468,7 +493,19 @@ def _shard_is_done(out_dir: Path, index: int, plan_key: str, recorded: dict[int,
         raise FeatureStoreError(
             f"Feature shard {path} cannot be read ({err}). Delete it and rerun the extraction to regenerate it."
         ) from None
-    return meta.get("plan_key") == plan_key and int(meta.get("shard", -1)) == index
+    same_plan = meta.get("plan_key") == plan_key and int(meta.get("shard", -1)) == index
+    if index in recorded:
+        return same_plan
+    if meta.get("setup_key") == setup_key and same_plan:
+        return True
+    if not listed:
+        # No manifest says what this directory holds: never overwrite a shard we cannot place.
+        raise FeatureStoreError(
+            f"{path} was written for other examples or another setup (FlowConfig, model, protocol or generation "
+            f"settings) and {out_dir} has no manifest.json to say which. Use a new out_dir, or delete the shard "
+            "files that do not belong to this extraction."
+        )
+    return False
 
 
 # -------------------------------------------------------------------------------- public
@@ -609,11 +646,14 @@ def extract_dataset(
             )
         _check_compatible(out, old, header)
         recorded = {int(e["index"]): e["sha256"] for e in old.get("shards", [])}
-    elif out.exists() and any(p.name.startswith("shard-") for p in out.iterdir()):
-        raise FeatureStoreError(
-            f"{out} holds shard files but no manifest.json; it was not written by this version or its manifest "
-            "was deleted. Use a new out_dir or delete the directory."
-        )
+    # Which shards on disk can be kept, decided before any manifest is written: without one (a deleted
+    # manifest) each shard file is re-adopted only after checking what it holds, and a foreign one is refused.
+    setup_key = _setup_key(header)
+    listed = old is not None
+    done_on_disk = {
+        i: _shard_is_done(out, i, shard_keys[i], recorded, setup_key, listed=listed) if out.exists() else False
+        for i in range(len(shards))
+    }
     state.wait_for_everyone()
     entries: dict[int, dict[str, Any]] = {
         int(e["index"]): e for e in (old or {}).get("shards", []) if int(e["index"]) < len(shards)
@@ -631,7 +671,7 @@ def extract_dataset(
 
     # 2. Each process extracts its strided share of the shards.
     mine = [i for i in range(len(shards)) if i % n_proc == rank]
-    todo = [i for i in mine if not _shard_is_done(out, i, shard_keys[i], recorded)]
+    todo = [i for i in mine if not done_on_disk[i]]
     total = sum(len(shards[i]) for i in mine)
     done = total - sum(len(shards[i]) for i in todo)
     bar = None
@@ -656,6 +696,7 @@ def extract_dataset(
                 postprocess=postprocess,
                 generate_kwargs=generate_kwargs,
                 pad_id=pad_id,
+                setup_key=setup_key,
                 on_batch=(bar.update if bar is not None else (lambda n: None)),
             )
             digest = write_shard(out / shard_name(i), shard)
