@@ -144,3 +144,15 @@ def test_half_precision_model_is_named_in_the_refusal():
     fc = _wrapped()
     with pytest.raises(FingerprintMismatchError, match=r"bfloat16.*dtype=torch\.float32"):
         FlowCheckedModelForCausalLM(fc.base_model.to(torch.bfloat16), fc.validator)
+
+
+def test_non_utf8_jsonl_names_the_file_and_line(tmp_path):
+    from hf_flowcheck.data import load_jsonl
+    from hf_flowcheck.errors import DataFormatError
+
+    path = tmp_path / "latin1.jsonl"
+    good = b'{"knowledge": "k", "question": "q?", "right_answer": "a", "hallucinated_answer": "b"}\n'
+    path.write_bytes(good + good.replace(b"q?", b"caf\xe9?"))
+    with pytest.raises(DataFormatError, match=r"latin1\.jsonl line 2: not UTF-8 text \(byte 0xe9"):
+        load_jsonl(path, task="qa")
+    assert len(load_jsonl(path, task="qa", on_error="skip")) == 1

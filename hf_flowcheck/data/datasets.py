@@ -398,7 +398,10 @@ def _collect(
         try:
             if isinstance(obj, Exception):
                 raise DataFormatError(
-                    f"not valid JSON ({obj}). Fix the line or pass on_error='skip' to skip bad lines.", path, line
+                    f"{obj if isinstance(obj, UnicodeError) else f'not valid JSON ({obj})'}. Fix the line or pass "
+                    "on_error='skip' to skip bad lines.",
+                    path,
+                    line,
                 )
             ex = _build_example(
                 obj,
@@ -428,13 +431,18 @@ def _collect(
 
 
 def _iter_jsonl(path: Path) -> Iterator[tuple[int, Any]]:
-    """Yield ``(1-based line number, object or JSONDecodeError)``; skips blank lines.
+    """Yield ``(1-based line number, object, or the JSONDecodeError/UnicodeError of a bad line)``; skips blank lines.
 
     Text mode with universal newlines, so CRLF files (HaluEval general) read like LF files.
     """
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            line = line.strip()
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError as err:
+                bad = raw[err.start : err.start + 1].hex()
+                yield lineno, UnicodeError(f"not UTF-8 text (byte 0x{bad} at column {err.start + 1}; re-save as UTF-8)")
+                continue
             if not line:
                 continue
             try:
@@ -578,6 +586,10 @@ def load_selfaware(
             doc = json.load(fh)
         except json.JSONDecodeError as err:
             raise DataFormatError(f"not valid JSON ({err.msg}).", file, err.lineno) from None
+        except UnicodeDecodeError as err:
+            raise DataFormatError(
+                f"not UTF-8 text (byte offset {err.start}); re-save the file as UTF-8.", file, 1
+            ) from None
     records = doc.get("example") if isinstance(doc, dict) else doc
     if not isinstance(records, list):
         raise DataFormatError("expected an object with an 'example' list (or a list of records).", file, 1, "example")
