@@ -30,6 +30,7 @@ def run(argv, capsys):
         (["answers", "--out", "x.jsonl", "--dataset", "trivia"], "invalid choice"),
         (["train", "--features", "./no-such-store", "--out", "v"], "no-such-store"),
         (["evaluate", "--validator", "./no/such/validator", "--features", "x"], "no such"),
+        (["answers", "--out", ".", "--limit", "1"], "it is a folder where a file is needed; pass another path"),
     ],
 )
 def test_cli_refuses_with_one_line(argv, needle, capsys):

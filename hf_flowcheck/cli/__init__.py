@@ -31,5 +31,17 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except USER_ERRORS as err:
-        print(f"flowcheck {args.command}: error: {err}", file=sys.stderr)
+        print(f"flowcheck {args.command}: error: {_describe(err)}", file=sys.stderr)
         return 2
+
+
+def _describe(err: BaseException) -> str:
+    """One line for a user error; an OS error names the path, what is wrong with it, and the fix."""
+    if isinstance(err, OSError) and err.filename and err.strerror:
+        kind = {
+            FileExistsError: "it exists and is not what this command writes there",
+            IsADirectoryError: "it is a folder where a file is needed",
+            NotADirectoryError: "it is a file where a folder is needed",
+        }.get(type(err), err.strerror.lower())
+        return f"{err.filename}: {kind}; pass another path."
+    return str(err)
