@@ -105,3 +105,19 @@ def test_flow_validator_rows_without_events_get_the_neutral_score(model) -> None
     empty = ScoredExample([1, 5, 6], [0])  # a pad/special token only: no flow event
     s = det.score(det.featurize(model, [empty, *_examples(2)]))
     assert s[0] == det.nan_score and det.last_without_events == 1 and np.isfinite(s).all()
+
+
+def test_fused_detector_keeps_the_contract(tmp_path) -> None:
+    from hf_flowcheck.workflows.compare import FusedDetector
+
+    rng = np.random.default_rng(0)
+    y = np.arange(40) % 2
+    cols = {"probe": rng.random(40) + 0.8 * y, "confidence": rng.random(40)}
+    with pytest.raises(NotFittedError):
+        FusedDetector().score(cols)
+    fused = FusedDetector().fit(cols, y)
+    s = fused.score(cols)
+    assert s.dtype == np.float64 and s.shape == (40,) and np.isfinite(s).all()
+    assert auroc(y, s) > 0.8 and fused.weights()["probe"] > 0  # higher = more likely hallucinated
+    fused.save_pretrained(tmp_path / "fused")
+    np.testing.assert_array_equal(FusedDetector.from_pretrained(tmp_path / "fused").score(cols), s)
