@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import shlex
 import sys
 import time
@@ -15,7 +14,7 @@ from typing import Any
 
 from hf_flowcheck.cli.options import add_model_options, load_model_from_args, positive_int
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.data import Example
+from hf_flowcheck.data import DATASET_NAMES, Example
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
 from hf_flowcheck.detectors.base import Detector, ScoredExample
 from hf_flowcheck.detectors.baselines import (
@@ -39,7 +38,6 @@ from hf_flowcheck.workflows.compare import (
 from hf_flowcheck.workflows.experiments import evaluate_validator_on_store, train_from_store
 from hf_flowcheck.workflows.extract import (
     _CONFIG_CHOICES,
-    DATASETS,
     PROTOCOLS,
     RECORD_LABEL,
     _newline_stop,
@@ -103,7 +101,7 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """
     add_model_options(parser)
     parser.add_argument(
-        "--dataset", required=True, help=f"One of {', '.join(DATASETS)}, or a path to a JSON Lines file."
+        "--dataset", required=True, help=f"One of {', '.join(DATASET_NAMES)}, or a path to a JSON Lines file."
     )
     parser.add_argument("--task", default="qa", help="Task of a JSON Lines --dataset (selects fields and prompt).")
     parser.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
@@ -189,17 +187,7 @@ def _load_records(args: argparse.Namespace) -> list[Example]:
 def _read_records(args: argparse.Namespace) -> list[Example]:
     from hf_flowcheck import data
 
-    name = args.dataset
-    if name.startswith("halueval-"):
-        task = name[len("halueval-") :]
-        if task not in data.HALUEVAL_FILES:
-            raise ValueError(f"--dataset {name!r} is unknown; use one of {', '.join(DATASETS)} or a JSONL path.")
-        return data.load_halueval(task, args.data_dir, limit=args.limit)
-    if name == "selfaware":
-        return data.load_selfaware(args.data_dir, limit=args.limit)
-    if os.path.isfile(name):
-        return data.load_jsonl(name, task=args.task, limit=args.limit)
-    raise ValueError(f"--dataset {name!r} is neither one of {', '.join(DATASETS)} nor an existing JSON Lines file.")
+    return data.load_by_name(args.dataset, args.data_dir, task=args.task, limit=args.limit)
 
 
 def run_extract(args: argparse.Namespace) -> int:

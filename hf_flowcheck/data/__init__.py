@@ -12,12 +12,14 @@ Example:
 
 from .datasets import (
     DATA_DIR_ENV,
+    DATASET_NAMES,
     HALUEVAL_FILES,
     HUB_DATASETS,
     TASK_FIELDS,
     DataFormatError,
     Example,
     RecordList,
+    load_by_name,
     load_halueval,
     load_halueval_dialogue,
     load_halueval_general,
@@ -64,6 +66,7 @@ QARecord = Example
 """Alias of :class:`Example` (the record type of every task, QA included)."""
 
 __all__ = [
+    "DATASET_NAMES",
     "DATA_DIR_ENV",
     "HALUEVAL_FILES",
     "HUB_DATASETS",
@@ -92,6 +95,7 @@ __all__ = [
     "format_prompt",
     "generation_prompt",
     "label_generated",
+    "load_by_name",
     "load_halueval",
     "load_halueval_dialogue",
     "load_halueval_general",

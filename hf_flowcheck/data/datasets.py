@@ -30,6 +30,7 @@ from typing import Any, Literal
 from hf_flowcheck.errors import DataFormatError
 
 __all__ = [
+    "DATASET_NAMES",
     "DATA_DIR_ENV",
     "HALUEVAL_FILES",
     "HUB_DATASETS",
@@ -37,6 +38,7 @@ __all__ = [
     "DataFormatError",
     "Example",
     "RecordList",
+    "load_by_name",
     "load_halueval",
     "load_halueval_dialogue",
     "load_halueval_general",
@@ -672,3 +674,28 @@ def load_hub(
         on_error=on_error,
         label_map=label_map if label_map is not None else _LABEL_MAPS.get(task),
     )
+
+
+#: Names :func:`load_by_name` knows (a path to a JSON Lines file works as well).
+DATASET_NAMES = ("halueval-qa", "halueval-dialogue", "halueval-summarization", "halueval-general", "selfaware")
+
+
+def load_by_name(name: str, data_dir: str | None = None, *, task: str = "qa", limit: int | None = None) -> Any:
+    """Records of a dataset by name (one of :data:`DATASET_NAMES`) or of a JSON Lines file path.
+
+    Args:
+        name: ``"halueval-<task>"``, ``"selfaware"``, or a path to a JSON Lines file.
+        data_dir: Data directory (default: ``$HF_FLOWCHECK_DATA`` or bundled).
+        task: Task of a JSON Lines file (selects its fields).
+        limit: Only the first ``limit`` records.
+
+    Raises:
+        ValueError: An unknown name that is not an existing file either.
+    """
+    if name.startswith("halueval-") and name in DATASET_NAMES:
+        return load_halueval(name[len("halueval-") :], data_dir, limit=limit)
+    if name == "selfaware":
+        return load_selfaware(data_dir, limit=limit)
+    if name and Path(name).is_file():
+        return load_jsonl(name, task=task, limit=limit)
+    raise ValueError(f"dataset {name!r} is neither one of {', '.join(DATASET_NAMES)} nor an existing JSON Lines file.")

@@ -30,7 +30,6 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -731,18 +730,13 @@ def _load_records(dataset: Mapping[str, Any], data_dir: str | None) -> list[Any]
     from hf_flowcheck import data
 
     name = str(dataset.get("name") or "")
-    limit = dataset.get("limit")
-    if name.startswith("halueval-"):
-        return data.load_halueval(name[len("halueval-") :], data_dir, limit=limit)
-    if name == "selfaware":
-        return data.load_selfaware(data_dir, limit=limit)
-    if name and Path(name).is_file():
-        tasks = dataset.get("tasks") or ["qa"]
-        return data.load_jsonl(name, task=tasks[0], limit=limit)
-    raise ValueError(
-        f"The feature store's manifest names dataset {name!r}, which cannot be reloaded (neither a known dataset nor "
-        "an existing JSON Lines file); the prompts are rebuilt from the records, so the data must be available."
-    )
+    try:
+        return data.load_by_name(name, data_dir, task=(dataset.get("tasks") or ["qa"])[0], limit=dataset.get("limit"))
+    except ValueError as err:
+        raise ValueError(
+            f"The feature store's manifest names dataset {name!r}, which cannot be reloaded ({err}); the prompts are "
+            "rebuilt from the records, so the data must be available."
+        ) from None
 
 
 def generated_completion(raw: str | None, answer: str) -> str:

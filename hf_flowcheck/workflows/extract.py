@@ -726,7 +726,6 @@ def extract_dataset(
 
 
 # ------------------------------------------------------------------------------------ CLI
-DATASETS = ("halueval-qa", "halueval-dialogue", "halueval-summarization", "halueval-general", "selfaware")
 _CONFIG_CHOICES = {
     "boundary": ("normalized", "residual"),
     "token_mask": ("response", "all"),
