@@ -114,6 +114,17 @@ def test_replay_equals_capture_during_generate(model, tmp_path):
         assert int(feats.valid[i, 0].sum()) == t
         torch.testing.assert_close(feats.values[i, :, :t], live.values[0, :, :t], atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(feats.states[i], live.states[0], atol=1e-4, rtol=1e-4)
+    # `flowcheck compare` reads the same part stores: the answers file gives each example, split at the
+    # boundary the replay used.
+    from hf_flowcheck.workflows.compare import examples_from_store
+    from hf_flowcheck.workflows.replay import open_features
+
+    examples = examples_from_store(open_features(tmp_path / "replay"), tok)
+    by_uid = {r.uid: r for r in answers.records}
+    for ex in examples:
+        rec = by_uid[ex.uid]
+        assert ex.answer_ids == rec.gen_ids and ex.label == rec.label
+        assert int(feats.positions[uids.index(ex.uid), 0]) == len(ex.prompt_ids)
 
 
 def test_replay_refuses_another_model(model, tmp_path):

@@ -470,10 +470,10 @@ def _build_detectors(args: argparse.Namespace, tokenizer: Any, protocol: str) ->
 
 def run_compare(args: argparse.Namespace) -> int:
     """Run ``flowcheck compare``; returns the exit status (0 ok, 2 user error)."""
-    from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.replay import open_features
 
     command = "flowcheck " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    store = FeatureStore.open(args.features)
+    store = open_features(args.features)
     model, tokenizer = load_model_from_args(args)
     model.eval()
     if store.model_fingerprint:

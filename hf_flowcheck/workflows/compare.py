@@ -30,6 +30,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -751,10 +752,39 @@ def generated_completion(raw: str | None, answer: str) -> str:
     return raw[: raw.index(answer) + len(answer)]
 
 
+def _examples_from_answers(store: Any, tokenizer: Any, dataset: Mapping[str, Any]) -> list[ScoredExample]:
+    from hf_flowcheck.detectors.base import encode_text
+    from hf_flowcheck.workflows.answers import read_answers
+
+    path = dataset.get("answers")
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"The replayed store names answers file {path!r}, which is not here; run from the folder it was replayed "
+            "in (the path is relative to it) or restore the committed answers file."
+        )
+    by_uid = {r.uid: r for r in read_answers(path).records}
+    out = []
+    for row in store.samples():
+        rec = by_uid.get(row["uid"])
+        if rec is None:
+            raise ValueError(f"uid {row['uid']!r} of the store is not in {path}; the store and file do not match.")
+        if not rec.gen_ids:
+            continue  # an empty answer: nothing for any detector to score
+        prompt_ids = encode_text(tokenizer, rec.prompt)
+        out.append(
+            ScoredExample(
+                prompt_ids, list(rec.gen_ids), int(row["label"]), rec.uid, rec.prompt, rec.answer, "generated"
+            )
+        )
+    return out
+
+
 def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = None) -> list[ScoredExample]:
     """Rebuild the labelled examples of a feature store (``flowcheck extract`` output).
 
-    The store's uids and labels define the examples. Generated protocol: the prompt is rebuilt
+    The store's uids and labels define the examples. Replayed protocol (part stores of
+    ``flowcheck replay``): prompt and generated tokens come from the committed answers file, split by
+    the same rule the replay used. Generated protocol: the prompt is rebuilt
     with :func:`hf_flowcheck.data.generation_prompt` (the store's prompt style) from the record
     of each uid and the answer is the store's ``answer`` metadata, teacher-forced as the raw
     generated text up to its end (:func:`generated_completion`); paired / natural: the
@@ -768,6 +798,8 @@ def examples_from_store(store: Any, tokenizer: Any, *, data_dir: str | None = No
 
     manifest = store.manifest
     dataset = manifest.get("dataset") or {}
+    if store.protocol == "replayed":
+        return _examples_from_answers(store, tokenizer, dataset)
     records = _load_records(dataset, data_dir)
     by_uid = {r.uid: r for r in records}
     rows = store.samples()
