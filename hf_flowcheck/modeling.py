@@ -160,11 +160,15 @@ class FlowCheckedModelForCausalLM(nn.Module):
 
         ``FlowCheckedModelForCausalLM.from_pretrained(base, validator=save_directory)`` reads both back.
         """
-        out = Path(save_directory)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / FLOW_CONFIG_NAME).write_text(json.dumps(self.flow_config.to_dict(), indent=2, sort_keys=True))
-        if self.validator is not None:
-            self.validator.save_pretrained(out / VALIDATOR_SUBFOLDER, **kwargs)
+        from hf_flowcheck.detectors.checkpoint import atomic_save_dir
+
+        def write(tmp: Path) -> None:
+            (tmp / FLOW_CONFIG_NAME).write_text(json.dumps(self.flow_config.to_dict(), indent=2, sort_keys=True))
+            if self.validator is not None:
+                self.validator.save_pretrained(tmp / VALIDATOR_SUBFOLDER, **kwargs)
+
+        # All or nothing: a failure leaves an existing folder as it was.
+        atomic_save_dir(save_directory, write, required=FLOW_CONFIG_NAME)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push the validator (with its flow config and model card) to the Hub."""

@@ -157,3 +157,21 @@ def test_non_utf8_jsonl_names_the_file_and_line(tmp_path):
     with pytest.raises(DataFormatError, match=r"latin1\.jsonl line 2: not UTF-8 text \(byte 0xe9"):
         load_jsonl(path, task="qa")
     assert len(load_jsonl(path, task="qa", on_error="skip")) == 1
+
+
+def test_wrapper_save_is_all_or_nothing(tmp_path):
+    import torch
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    fc = _wrapped()
+    fc.save_pretrained(tmp_path / "saved")
+    before = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    fc.validator.training_metadata["bad"] = torch.zeros(2)  # not JSON: the validator's save raises
+    with pytest.raises(ValueError):
+        fc.save_pretrained(tmp_path / "saved")
+    after = {p.relative_to(tmp_path): p.read_bytes() for p in (tmp_path / "saved").rglob("*") if p.is_file()}
+    assert after == before
+    del fc.validator.training_metadata["bad"]
+    again = FlowCheckedModelForCausalLM(fc.base_model, str(tmp_path / "saved"))
+    assert again.flow_config == fc.flow_config and again.validator is not None

@@ -41,11 +41,11 @@ __all__ = [
 ]
 
 
-def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
+def atomic_save_dir(target: str | os.PathLike[str], write: Any, *, required: str = CONFIG_NAME) -> Path:
     """Write a saved-artifact folder so that a failure leaves the old one untouched.
 
     ``write(tmp)`` fills a fresh temporary folder beside ``target``; only when it returns and the
-    folder holds a JSON ``config.json`` does the old folder make way for the new one (files of the
+    folder holds the JSON file ``required`` (``config.json``) does the old folder make way for the new one (files of the
     old folder that the save does not write are carried over). A failure inside ``write`` removes
     the temporary folder and re-raises: nothing at ``target`` changed.
 
@@ -63,7 +63,7 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any) -> Path:
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
     try:
         write(tmp)
-        json.loads((tmp / CONFIG_NAME).read_text(encoding="utf-8"))
+        json.loads((tmp / required).read_text(encoding="utf-8"))
         # mkdtemp makes 0700 folders (and some writers 0600 files); a saved artifact follows the umask.
         mask = os.umask(0)
         os.umask(mask)
