@@ -172,7 +172,8 @@ def main() -> int:
         def add(name, s_va, s_te, *, va=va, te=te, res=res, seed=seed, **extra):
             ok_va, ok_te = ~np.isnan(s_va), ~np.isnan(s_te)
             row = {
-                "val_auroc": auroc(y[va][ok_va], s_va[ok_va]),
+                # Token confidence is cached for test rows only (--test-of-seeds): no validation AUROC then.
+                "val_auroc": auroc(y[va][ok_va], s_va[ok_va]) if ok_va.any() else float("nan"),
                 "test_auroc": auroc(y[te][ok_te], s_te[ok_te]),
                 "test_missing": int((~ok_te).sum()),
                 **extra,
