@@ -117,8 +117,8 @@ def test_paired_matches_single_sample_extraction(model, reference):
         assert feats.sample_keys[i] == alone.sample_keys[0]
 
 
-def test_resume_after_kill_equals_uninterrupted_run(model, reference, tmp_path, monkeypatch):
-    out = tmp_path / "store"
+def kill_after_first_shard(model, out, monkeypatch):
+    """Run an extraction into ``out`` that is killed right after shard 0 is written."""
 
     def crash(index):
         if index == 0:
@@ -127,6 +127,12 @@ def test_resume_after_kill_equals_uninterrupted_run(model, reference, tmp_path, 
     monkeypatch.setattr(pl, "_after_shard_hook", crash)
     with pytest.raises(KeyboardInterrupt):
         run(model, out)
+
+
+def test_resume_after_kill_equals_uninterrupted_run(model, reference, tmp_path, monkeypatch):
+    out = tmp_path / "store"
+
+    kill_after_first_shard(model, out, monkeypatch)
     assert sorted(p.name for p in out.iterdir()) == [MANIFEST_NAME, shard_name(0)]  # nothing partial, no temp
     assert json.loads((out / MANIFEST_NAME).read_text())["status"] == "in_progress"
     with pytest.raises(Exception, match="has not finished"):
@@ -189,13 +195,7 @@ def test_unlisted_shard_of_another_setup_is_not_adopted(model, reference, tmp_pa
     other = run(model, tmp_path / "other", config=tiny_flow_config(boundary="residual"))
     out = tmp_path / "store"
 
-    def crash(index):
-        if index == 0:
-            raise KeyboardInterrupt("simulated kill after shard 0")
-
-    monkeypatch.setattr(pl, "_after_shard_hook", crash)
-    with pytest.raises(KeyboardInterrupt):
-        run(model, out)
+    kill_after_first_shard(model, out, monkeypatch)
     # A shard of the other setup lands in the store before the manifest lists it.
     (out / shard_name(1)).write_bytes((other.path / shard_name(1)).read_bytes())
     extracted = []
