@@ -9,6 +9,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, tiny_validator
 from test_baselines import CharTokenizer
+from test_baselines import _examples as baseline_examples
 
 from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
 from hf_flowcheck.detectors.baselines import (
@@ -20,19 +21,6 @@ from hf_flowcheck.detectors.baselines import (
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.workflows.compare import FlowValidatorDetector
-
-
-def _examples(n: int = 12) -> list[ScoredExample]:
-    g = torch.Generator().manual_seed(0)
-    return [
-        ScoredExample(
-            [1, *torch.randint(3, 90, (3 + i % 3,), generator=g).tolist()],
-            torch.randint(3, 90, (1 + i % 3,), generator=g).tolist(),
-            label=i % 2,
-            uid=f"u{i}",
-        )
-        for i in range(n)
-    ]
 
 
 def _detectors(model: torch.nn.Module) -> list:
@@ -56,7 +44,7 @@ def model() -> torch.nn.Module:
 @pytest.mark.parametrize("index", range(8))
 def test_score_shape_dtype_fitting_and_round_trip(model, index, tmp_path) -> None:
     det = _detectors(model)[index]
-    ex = _examples()
+    ex = baseline_examples(12)
     feats = det.featurize(model, ex, tokenizer=CharTokenizer())
     if det.trainable:
         with pytest.raises(NotFittedError):
@@ -103,7 +91,7 @@ def test_token_confidence_direction(model) -> None:
 def test_flow_validator_rows_without_events_get_the_neutral_score(model) -> None:
     det = FlowValidatorDetector(tiny_validator(model))
     empty = ScoredExample([1, 5, 6], [0])  # a pad/special token only: no flow event
-    s = det.score(det.featurize(model, [empty, *_examples(2)]))
+    s = det.score(det.featurize(model, [empty, *baseline_examples(2)]))
     assert s[0] == det.nan_score and det.last_without_events == 1 and np.isfinite(s).all()
 
 
