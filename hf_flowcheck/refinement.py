@@ -40,7 +40,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,8 +55,9 @@ from hf_flowcheck.generation import FlowGenerateOutput
 from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
-STRATEGIES = ("flow", "random_depth", "regenerate")
-REFINE_CONFIG_FORMAT = 1
+STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
+#: 2 added ``band``, ``clamp_positions``, ``num_culprits`` and the ``"resample"`` strategy.
+REFINE_CONFIG_FORMAT = 2
 
 
 @dataclass(frozen=True)
@@ -65,8 +66,16 @@ class RefineConfig:
 
     Attributes:
         strategy: ``"flow"`` (clamp at the culprit block), ``"random_depth"`` (the same clamp at a
-            uniformly random block drawn with ``seed``) or ``"regenerate"`` (rollback, no clamp).
-        alpha: Clamp ratio ``α`` (> 0; the paper uses 1.05).
+            uniformly random block drawn with ``seed``), ``"regenerate"`` (rollback, no clamp) or
+            ``"resample"`` (the whole answer again from the prompt, no clamp: the baseline a user
+            would otherwise pick).
+        alpha: Clamp ratio ``α`` (> 0; the paper uses 1.05). Smaller is a stronger clamp.
+        band: Also clamp the ``band`` blocks on each side of the clamped block (``0``: that block only).
+        clamp_positions: Clamp only this many positions from ``t0`` on (``None``: every position
+            until the answer ends).
+        num_culprits: ``m``: roll back to each of the ``m`` highest-scoring answer tokens in turn (each
+            at its own highest-scoring block) and keep the candidate the validator scores lowest.
+            With ``"resample"``, ``m`` whole answers are drawn and the lowest-scoring one is kept.
         num_competitors: ``K`` competitors of the top token for the basis.
         subspace_dim: ``k``, columns of ``U``.
         n_cal: Prefix positions before ``t0`` that give ``s_ref``.
@@ -88,14 +97,23 @@ class RefineConfig:
     threshold: float = 0.5
     seed: int | None = None
     use_cache_prefix: bool = True
+    band: int = 0
+    clamp_positions: int | None = None
+    num_culprits: int = 1
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"strategy={self.strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}."
             )
-        for name in ("num_competitors", "subspace_dim", "n_cal"):
+        for name in ("num_competitors", "subspace_dim", "n_cal", "num_culprits"):
             check_positive_int(name, getattr(self, name))
+        if isinstance(self.band, bool) or not isinstance(self.band, int) or self.band < 0:
+            raise ValueError(
+                f"band={self.band!r} must be an integer >= 0 (blocks clamped on each side of the culprit block)."
+            )
+        if self.clamp_positions is not None:
+            check_positive_int("clamp_positions", self.clamp_positions)
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 0:
             raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
@@ -183,6 +201,7 @@ class BlockClamp:
         start: Absolute position of the first token of the first forward call.
         calibration_start: First calibration position (default ``max(start, t0 - 64)``).
         basis_fn: Fits ``U`` from the block input at ``t0`` when ``basis`` is ``None``.
+        stop: First position no longer patched (``None``: patch every position from ``t0`` on).
         eps: Denominator safeguard (default :data:`hf_flowcheck.configuration.EPS`).
 
     Example:
@@ -207,6 +226,7 @@ class BlockClamp:
         start: int = 0,
         calibration_start: int | None = None,
         basis_fn: BasisFn | None = None,
+        stop: int | None = None,
         eps: float = EPS,
     ) -> None:
         if basis is None and basis_fn is None:
@@ -219,11 +239,14 @@ class BlockClamp:
             raise ValueError(f"s_ref={s_ref!r} must be a non-negative number.")
         if t0 < start:
             raise ValueError(f"t0={t0} lies before the first position the hook will see (start={start}).")
+        if stop is not None and stop <= t0:
+            raise ValueError(f"stop={stop} must lie after t0={t0} (the first position left unpatched).")
         self.block = block
         self.t0 = int(t0)
         self.alpha = float(alpha)
         self.eps = float(eps)
         self.start = int(start)
+        self.stop = None if stop is None else int(stop)
         self.calibration_start = max(self.start, self.t0 - 64) if calibration_start is None else calibration_start
         self.basis = basis.detach().float() if basis is not None else None
         self.basis_fn = basis_fn
@@ -284,10 +307,12 @@ class BlockClamp:
             diff = (h_out.index_select(-2, idx) - h_in.index_select(-2, idx)).float()
             self._cal.append(diff.reshape(-1, diff.shape[-1]))
         hit = pos >= self.t0
+        if self.stop is not None:
+            hit &= pos < self.stop
         if not bool(hit.any()):
             return None
         if self.basis is None:
-            col = max(0, self.t0 - first)
+            col = max(0, self.t0 - first)  # t0 is in this call: the first call with a hit reaches it
             h0 = h_in.reshape(-1, seq, h_in.shape[-1])[0, col].float()
             self.basis = self.basis_fn(h0).detach().float()
         u = self.basis.to(h_out.device)
@@ -333,7 +358,7 @@ class RefinedRow:
 
     Attributes:
         row: Batch row in the original output.
-        strategy: ``"flow"``, ``"random_depth"`` or ``"regenerate"``.
+        strategy: ``"flow"``, ``"random_depth"``, ``"regenerate"`` or ``"resample"``.
         original_ids: Prompt + original answer (up to and including its end-of-sequence token).
         refined_ids: Prompt + answer kept up to ``t0`` + the regenerated suffix.
         prompt_length: Prompt tokens at the start of both lists.
@@ -342,7 +367,7 @@ class RefinedRow:
             no scored token.
         culprit_before: ``(t0, b0)`` used, ``t0`` a column of ``output.sequences``.
         culprit_after: ``(t, b)`` of the refined answer's culprit in ``refined_ids`` (``-1`` if none).
-        patched_block: The block the clamp was on (``None`` for ``"regenerate"``).
+        patched_block: The block the clamp was centred on (``None`` for ``"regenerate"`` and ``"resample"``).
         s_ref: Reference step scale (``nan`` without a patch).
         n_cal_used: Calibration positions behind ``s_ref``.
         positions_patched: Positions that went through the clamp.
@@ -357,6 +382,9 @@ class RefinedRow:
         wall_time_s: Seconds for the regeneration and re-scoring of this row.
         cache_reused: Whether the original KV cache was reused (``False``: the prefix was replayed).
         note: Why the cache was not reused, or other remarks.
+        patched_blocks: Every block clamped (the band around ``patched_block``; empty without a clamp).
+        candidates: Rollbacks tried for this row (``num_culprits``); the one kept scored lowest, and
+            ``forward_tokens``, ``cost_ratio`` and ``wall_time_s`` add up all of them.
     """
 
     row: int
@@ -382,6 +410,8 @@ class RefinedRow:
     wall_time_s: float
     cache_reused: bool
     note: str | None = None
+    patched_blocks: tuple[int, ...] = ()
+    candidates: int = 1
 
     @property
     def original_answer_ids(self) -> list[int]:
@@ -688,38 +718,89 @@ def refine(
     done: list[RefinedRow] = []
     skipped: dict[int, str] = {}
     for row in _select_rows(output, rows, config.threshold):
-        # Draw for every selected row (also skipped ones) so a row's block does not depend on others.
-        drawn = int(torch.randint(n_blocks, (1,), generator=gen))
-        reason = _skip_reason(output, row, prompt_len, real[row], n_blocks)
+        # Draw for every selected row (also skipped ones) so a row's blocks do not depend on others.
+        drawn = torch.randint(n_blocks, (config.num_culprits,), generator=gen).tolist()
+        reason = _skip_reason(output, row, prompt_len, real[row], n_blocks, config.strategy)
         if reason is not None:
             skipped[row] = reason
             continue
-        t0, b0 = (int(v) for v in output.flow_culprits[row].tolist())
-        patched = None if config.strategy == "regenerate" else (b0 if config.strategy == "flow" else drawn)
-        if config.seed is not None:
-            torch.manual_seed(int(config.seed))
-        job = _RowJob(row=row, t0=t0, b0=b0, patched=patched, real=real[row], budget=budget)
-        done.append(_refine_row(model, extractor, validator, output, job, config, dict(generate_kwargs)))
+        tried = []
+        for i, (t0, b0) in enumerate(_candidates(output, row, prompt_len, real[row], config)):
+            center = {"flow": b0, "random_depth": drawn[i]}.get(config.strategy)
+            if config.seed is not None:
+                torch.manual_seed(int(config.seed) + i)
+            job = _RowJob(row=row, t0=t0, b0=b0, center=center, real=real[row], budget=budget)
+            tried.append(_refine_row(model, extractor, validator, output, job, config, dict(generate_kwargs)))
+        done.append(_best_candidate(tried))
     pad = pad_token_id(model, tokenizer, eos_fallback=True)
     return _batch_output(output, done, skipped, config.strategy, 0 if pad is None else pad)
 
 
 @dataclass
 class _RowJob:
-    """One selected row: its culprit, the block to clamp, its real prompt columns and budget."""
+    """One candidate of a selected row: rollback position, the block to clamp around, prompt columns, budget."""
 
     row: int
     t0: int
     b0: int
-    patched: int | None
+    center: int | None
     real: torch.Tensor
     budget: int
 
 
-def _skip_reason(output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int) -> str | None:
+def _candidates(
+    output: Any, row: int, prompt_len: int, real: torch.Tensor, config: RefineConfig
+) -> list[tuple[int, int]]:
+    """``(t0, b0)`` of the ``num_culprits`` rollbacks to try for one row.
+
+    ``"resample"`` rolls back to the last prompt token (the whole answer is drawn again). Otherwise
+    the culprit comes first, then the next answer tokens by their highest event logit, each at the
+    block of that logit (one candidate per token).
+    """
+    if config.strategy == "resample":
+        return [(prompt_len - 1, -1)] * config.num_culprits
+    first = (tuple(int(v) for v in output.flow_culprits[row].tolist()),)
+    scores = getattr(output, "flow_event_scores", None)
+    positions = getattr(output, "flow_positions", None)
+    if config.num_culprits == 1 or scores is None or positions is None:
+        return list(first)
+    ev = scores[row].detach().float().cpu()  # [B, T], -inf where there is no event
+    best, block = ev.max(dim=0)  # per token
+    pos = positions[row].cpu()
+    ok = (pos >= prompt_len) & torch.isfinite(best)
+    order = torch.argsort(-best.masked_fill(~ok, -float("inf")), stable=True)
+    out = list(first)
+    for j in order.tolist():
+        if len(out) >= config.num_culprits or not bool(ok[j]):
+            break
+        cand = (int(pos[j]), int(block[j]))
+        if cand[0] not in {t for t, _ in out}:
+            out.append(cand)
+    return out
+
+
+def _best_candidate(tried: list[RefinedRow]) -> RefinedRow:
+    """The candidate with the lowest score after (unscored ones last), with the costs of all summed."""
+    best = min(tried, key=lambda r: r.score_after if r.score_after == r.score_after else float("inf"))
+    if len(tried) == 1:
+        return best
+    return dataclasses.replace(
+        best,
+        candidates=len(tried),
+        forward_tokens=sum(r.forward_tokens for r in tried),
+        cost_ratio=sum(r.cost_ratio for r in tried),
+        wall_time_s=sum(r.wall_time_s for r in tried),
+    )
+
+
+def _skip_reason(
+    output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int, strategy: str = "flow"
+) -> str | None:
     seqs = output.sequences
     if seqs.shape[1] <= prompt_len:
         return "the output has no generated tokens"
+    if strategy == "resample":
+        return None if int(real.sum()) >= 1 else "the prompt is all padding: nothing to generate from"
     if not bool(output.flow_has_events[row]):
         return "the row has no scored token (empty answer or only special tokens), so no culprit"
     t0, b0 = (int(v) for v in output.flow_culprits[row].tolist())
@@ -748,7 +829,7 @@ def _refine_row(
     config: RefineConfig,
     generate_kwargs: dict[str, Any],
 ) -> RefinedRow:
-    row, t0, b0, patched, real, budget = job.row, job.t0, job.b0, job.patched, job.real, job.budget
+    row, t0, b0, center, real, budget = job.row, job.t0, job.b0, job.center, job.real, job.budget
     strategy, alpha, n_cal = config.strategy, config.alpha, config.n_cal
     started = time.perf_counter()
     seqs = output.sequences
@@ -771,7 +852,11 @@ def _refine_row(
         note = "the culprit is the last position of the budget: one token past the budget was generated"
 
     # Which positions the first forward call must cover: t0, plus the calibration span with a patch.
-    cal_start = max(0, t0_row - n_cal) if patched is not None else t0_row
+    n_blocks = ext.arch.num_blocks
+    patched = (
+        () if center is None else tuple(range(max(0, center - config.band), min(n_blocks, center + config.band + 1)))
+    )
+    cal_start = max(0, t0_row - n_cal) if patched else t0_row
     cache = None
     start = 0
     cache_reused = False
@@ -788,16 +873,19 @@ def _refine_row(
         if why is None and cal_start == 0:
             whole = "the calibration span covers the whole prefix: nothing cached to reuse"
             note = whole + (f"; {note}" if note else "")
-    clamp = None
-    if patched is not None:
-        clamp = BlockClamp(
-            ext.arch.blocks[patched],
+    stop = None if config.clamp_positions is None else t0_row + config.clamp_positions
+    clamps = [
+        BlockClamp(
+            ext.arch.blocks[b],
             t0_row,
             alpha=alpha,
             start=start,
             calibration_start=cal_start,
-            basis_fn=_basis_fn(ext, patched, config.num_competitors, config.subspace_dim),
+            basis_fn=_basis_fn(ext, b, config.num_competitors, config.subspace_dim),
+            stop=stop,
         )
+        for b in patched
+    ]
     kwargs = dict(generate_kwargs)
     kwargs.update(
         input_ids=prefix[None].to(device),
@@ -807,12 +895,10 @@ def _refine_row(
     )
     if cache is not None:
         kwargs["past_key_values"] = cache
-    with _count_tokens(ext.arch.blocks[0]) as count:
-        if clamp is not None:
-            with clamp:
-                out = model.generate(**kwargs)
-        else:
-            out = model.generate(**kwargs)
+    with _count_tokens(ext.arch.blocks[0]) as count, ExitStack() as stack:
+        for clamp in clamps:
+            stack.enter_context(clamp)
+        out = model.generate(**kwargs)
     new_seq = out.sequences[0].to(seqs.device)
     new_answer = new_seq[p_real:]
     refined = new_seq[: p_real + _answer_end(ext, new_answer)].tolist()
@@ -826,7 +912,7 @@ def _refine_row(
     has = bool(scored.has_events[0])
     score_after = float(scored.scores[0]) if has else float("nan")
     culprit_after = (int(scored.culprit_position[0]), int(scored.culprit_block[0])) if has else (-1, -1)
-    stats = clamp.stats if clamp is not None else ClampStats()
+    stats = _merged_stats([c.stats for c in clamps], patched.index(center) if patched else 0)
     orig_tokens = len(original)
     return RefinedRow(
         row=row,
@@ -838,7 +924,7 @@ def _refine_row(
         score_after=score_after,
         culprit_before=(t0, b0),
         culprit_after=culprit_after,
-        patched_block=patched,
+        patched_block=center,
         s_ref=stats.s_ref,
         n_cal_used=stats.n_cal_used,
         positions_patched=stats.positions_patched,
@@ -852,6 +938,20 @@ def _refine_row(
         wall_time_s=time.perf_counter() - started,
         cache_reused=cache_reused,
         note=note,
+        patched_blocks=patched,
+    )
+
+
+def _merged_stats(stats: list[ClampStats], center: int) -> ClampStats:
+    """One row's clamp statistics over its band: counts and λ of all clamps, ``s_ref`` of the center block's."""
+    if not stats:
+        return ClampStats()
+    return ClampStats(
+        s_ref=stats[center].s_ref,
+        n_cal_used=stats[center].n_cal_used,
+        positions_patched=sum(s.positions_patched for s in stats),
+        positions_clamped=sum(s.positions_clamped for s in stats),
+        lambdas=[v for s in stats for v in s.lambdas],
     )
 
 

@@ -153,12 +153,15 @@ def test_positions_are_tracked_across_decode_steps():
     assert clamp.stats.positions_patched == 4
 
 
-def test_tuple_output_stays_a_tuple():
-    class Block(nn.Module):
-        def forward(self, x):
-            return (2 * x, "extra")
+class _DoublingBlock(nn.Module):
+    """A residual-shaped block that returns a tuple, as transformers' decoder layers do."""
 
-    blk = Block()
+    def forward(self, x):
+        return (2 * x, "extra")
+
+
+def test_tuple_output_stays_a_tuple():
+    blk = _DoublingBlock()
     x = torch.randn(1, 5, 8)
     with BlockClamp(blk, 2, basis=_orthonormal(8, 2), s_ref=0.0, alpha=1.0) as clamp:
         y = blk(x)
@@ -318,11 +321,87 @@ def test_refine_config_validates_and_round_trips():
         ({"strategy": "x"}, "strategy='x' is not supported"),
         ({"threshold": 2}, r"threshold=2 must be a number in \[0, 1\]"),
         ({"seed": 1.5}, "seed=1.5 must be an integer"),
+        ({"band": -1}, "band=-1 must be an integer >= 0"),
+        ({"clamp_positions": 0}, "clamp_positions=0 must be a positive integer"),
+        ({"num_culprits": 0}, "num_culprits=0 must be a positive integer"),
     ):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     with pytest.raises(ValueError, match="Unknown RefineConfig field"):
         RefineConfig.from_dict({"beta": 1})
+    old = {k: v for k, v in cfg.to_dict().items() if k not in ("band", "clamp_positions", "num_culprits")}
+    assert RefineConfig.from_dict({**old, "format_version": 1}) == cfg  # format 1 dicts still load
+
+
+# ------------------------------------------------------------------ the operator's options
+def test_band_clamps_the_blocks_around_the_culprit_block(setup):
+    fc, out, att = setup
+    one = fc.refine(out, alpha=0.3, threshold=0.0, attention_mask=att, **SMALL).rows
+    band = fc.refine(out, alpha=0.3, band=1, threshold=0.0, attention_mask=att, **SMALL).rows
+    n_blocks = fc.extractor.arch.num_blocks
+    for a, b in zip(one, band):
+        b0 = a.culprit_before[1]
+        assert a.patched_blocks == (b0,)
+        assert b.patched_blocks == tuple(range(max(0, b0 - 1), min(n_blocks, b0 + 2)))
+        # s_ref is the centre block's; its basis may differ (the block below it is clamped at t0 too).
+        assert b.patched_block == b0 and b.s_ref == b.s_ref
+        assert b.positions_patched == len(b.patched_blocks) * a.positions_patched
+    # A huge band clamps every block, and still leaves no hook behind.
+    every = fc.refine(out, alpha=0.3, band=99, rows=[0], attention_mask=att, **SMALL).rows[0]
+    assert every.patched_blocks == tuple(range(n_blocks))
+    _no_hooks(fc)
+
+
+def test_clamp_positions_stops_the_clamp(setup):
+    fc, out, att = setup
+    full = fc.refine(out, alpha=0.3, threshold=0.0, attention_mask=att, **SMALL).rows
+    short = fc.refine(out, alpha=0.3, clamp_positions=1, threshold=0.0, attention_mask=att, **SMALL).rows
+    for a, b in zip(full, short):
+        assert b.positions_patched == 1 < a.positions_patched or a.positions_patched == 1
+        # The first regenerated token is decided under the same clamp either way.
+        kept = a.culprit_before[0] + 1 - out.prompt_length
+        assert b.refined_answer_ids[: kept + 1] == a.refined_answer_ids[: kept + 1]
+    blk = _DoublingBlock()
+    with BlockClamp(blk, 1, basis=_orthonormal(8, 2), s_ref=0.0, alpha=1.0, stop=3) as clamp:
+        y = blk(torch.randn(1, 5, 8))[0]
+    assert clamp.stats.positions_patched == 2
+    with pytest.raises(ValueError, match="stop=1 must lie after t0=1"):
+        BlockClamp(blk, 1, basis=_orthonormal(8, 2), stop=1)
+    assert y.shape == (1, 5, 8)
+
+
+def test_num_culprits_keeps_the_lowest_scoring_candidate(setup):
+    fc, out, att = setup
+    one = fc.refine(out, alpha=0.3, rows=[1], attention_mask=att, **SMALL).rows[0]
+    three = fc.refine(out, alpha=0.3, num_culprits=3, rows=[1], attention_mask=att, **SMALL).rows[0]
+    assert three.candidates == 3 and one.candidates == 1
+    assert three.score_after <= one.score_after + 1e-6  # the culprit itself is the first candidate
+    assert three.forward_tokens > one.forward_tokens
+    # Candidates are distinct answer tokens; each one refined alone gives one of the kept results.
+    p = out.prompt_length
+    ev = out.flow_event_scores[1].max(0).values
+    assert int((ev > -float("inf")).sum()) >= 3
+    assert three.culprit_before[0] >= p
+
+
+def test_resample_draws_the_whole_answer_again(setup):
+    fc, out, att = setup
+    res = fc.refine(out, strategy="resample", threshold=0.0, attention_mask=att, **SMALL)
+    for r in res.rows:
+        assert r.patched_block is None and r.patched_blocks == () and r.positions_patched == 0
+        assert r.culprit_before == (out.prompt_length - 1, -1)
+        # Greedy: the whole answer comes out the same, from the prompt alone.
+        assert r.refined_ids == r.original_ids
+        assert r.max_new_tokens == out.sequences.shape[1] - out.prompt_length
+        assert r.score_after == pytest.approx(r.score_before, abs=1e-4)
+    sampled = fc.refine(
+        out, strategy="resample", rows=[1], num_culprits=2, attention_mask=att, do_sample=True, seed=0, **SMALL
+    )
+    again = fc.refine(
+        out, strategy="resample", rows=[1], num_culprits=2, attention_mask=att, do_sample=True, seed=0, **SMALL
+    )
+    assert sampled.rows[0].candidates == 2
+    assert sampled.rows[0].refined_ids == again.rows[0].refined_ids  # seeded
 
 
 # ---------------------------------------------------------------------------------- bad inputs
