@@ -56,7 +56,7 @@ from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
 STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
-#: 2 added ``band``, ``clamp_positions``, ``num_culprits`` and the ``"resample"`` strategy.
+#: 2 added ``band``, ``clamp_positions``, ``num_culprits``, ``rescore`` and the ``"resample"`` strategy.
 REFINE_CONFIG_FORMAT = 2
 
 
@@ -83,6 +83,9 @@ class RefineConfig:
         seed: Seeds the random-depth draw (default 0) and, when given, ``torch.manual_seed(seed)``
             before each row's generation (for sampling).
         use_cache_prefix: Reuse the output's KV cache (default); ``False`` replays the whole prefix.
+        rescore: Re-score each refined answer with the validator (default). ``False`` saves one
+            teacher-forced extraction per row (``score_after`` is then ``nan``); it cannot be
+            combined with ``num_culprits > 1``, which keeps the lowest-scoring candidate.
 
     Example:
         >>> RefineConfig(alpha=0.5).strategy
@@ -100,6 +103,7 @@ class RefineConfig:
     band: int = 0
     clamp_positions: int | None = None
     num_culprits: int = 1
+    rescore: bool = True
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
@@ -114,6 +118,13 @@ class RefineConfig:
             )
         if self.clamp_positions is not None:
             check_positive_int("clamp_positions", self.clamp_positions)
+        if not isinstance(self.rescore, bool):
+            raise ValueError(f"rescore={self.rescore!r} must be True or False.")
+        if not self.rescore and self.num_culprits > 1:
+            raise ValueError(
+                f"rescore=False cannot be combined with num_culprits={self.num_culprits}: the candidates are "
+                "compared by their scores after refinement. Keep rescore=True or set num_culprits=1."
+            )
         alpha = self.alpha
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 0:
             raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
@@ -364,7 +375,7 @@ class RefinedRow:
         prompt_length: Prompt tokens at the start of both lists.
         score_before: The original flow score.
         score_after: The refined answer's flow score (teacher-forced, patch off); ``nan`` if it has
-            no scored token.
+            no scored token or ``rescore=False``.
         culprit_before: ``(t0, b0)`` used, ``t0`` a column of ``output.sequences``.
         culprit_after: ``(t, b)`` of the refined answer's culprit in ``refined_ids`` (``-1`` if none).
         patched_block: The block the clamp was centred on (``None`` for ``"regenerate"`` and ``"resample"``).
@@ -903,15 +914,16 @@ def _refine_row(
     new_answer = new_seq[p_real:]
     refined = new_seq[: p_real + _answer_end(ext, new_answer)].tolist()
 
-    # Re-score teacher-forced, with the patch removed.
-    r_ids = torch.tensor([refined], dtype=torch.long)
-    resp = torch.zeros_like(r_ids)
-    resp[:, p_real:] = 1
-    feats = ext.extract(r_ids.to(device), torch.ones_like(r_ids).to(device), resp.to(device))
-    scored = validator.score_features(feats)
-    has = bool(scored.has_events[0])
-    score_after = float(scored.scores[0]) if has else float("nan")
-    culprit_after = (int(scored.culprit_position[0]), int(scored.culprit_block[0])) if has else (-1, -1)
+    score_after, culprit_after = float("nan"), (-1, -1)
+    if config.rescore:  # teacher-forced, with the patch removed
+        r_ids = torch.tensor([refined], dtype=torch.long)
+        resp = torch.zeros_like(r_ids)
+        resp[:, p_real:] = 1
+        feats = ext.extract(r_ids.to(device), torch.ones_like(r_ids).to(device), resp.to(device))
+        scored = validator.score_features(feats)
+        if bool(scored.has_events[0]):
+            score_after = float(scored.scores[0])
+            culprit_after = (int(scored.culprit_position[0]), int(scored.culprit_block[0]))
     stats = _merged_stats([c.stats for c in clamps], patched.index(center) if patched else 0)
     orig_tokens = len(original)
     return RefinedRow(

@@ -324,12 +324,15 @@ def test_refine_config_validates_and_round_trips():
         ({"band": -1}, "band=-1 must be an integer >= 0"),
         ({"clamp_positions": 0}, "clamp_positions=0 must be a positive integer"),
         ({"num_culprits": 0}, "num_culprits=0 must be a positive integer"),
+        ({"rescore": False, "num_culprits": 2}, "rescore=False cannot be combined with num_culprits=2"),
+        ({"rescore": 1}, "rescore=1 must be True or False"),
     ):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     with pytest.raises(ValueError, match="Unknown RefineConfig field"):
         RefineConfig.from_dict({"beta": 1})
-    old = {k: v for k, v in cfg.to_dict().items() if k not in ("band", "clamp_positions", "num_culprits")}
+    new_fields = ("band", "clamp_positions", "num_culprits", "rescore")
+    old = {k: v for k, v in cfg.to_dict().items() if k not in new_fields}
     assert RefineConfig.from_dict({**old, "format_version": 1}) == cfg  # format 1 dicts still load
 
 
@@ -401,6 +404,9 @@ def test_resample_draws_the_whole_answer_again(setup):
         out, strategy="resample", rows=[1], num_culprits=2, attention_mask=att, do_sample=True, seed=0, **SMALL
     )
     assert sampled.rows[0].candidates == 2
+    fast = fc.refine(out, strategy="resample", rows=[1], attention_mask=att, rescore=False, **SMALL).rows[0]
+    assert fast.score_after != fast.score_after and fast.culprit_after == (-1, -1)
+    assert fast.refined_ids == res.rows[-1].refined_ids
     assert sampled.rows[0].refined_ids == again.rows[0].refined_ids  # seeded
 
 
