@@ -147,3 +147,18 @@ def test_replayed_protocol_needs_answer_records(model, tmp_path):
             progress=False,
         )
     assert json  # keep the import honest for linters
+
+
+def test_closed_book_prompt_is_the_qa_two_shot_without_knowledge():
+    from hf_flowcheck.data import QA_SHOTS, generation_prompt
+    from hf_flowcheck.data.datasets import Example
+    from hf_flowcheck.workflows.answers import closed_book
+
+    rec = Example("halueval_qa:77", "qa", {"knowledge": "Secret paragraph.", "question": "Who?"}, "Ann")
+    prompt = generation_prompt(closed_book(rec))
+    assert "Knowledge:" not in prompt and "Secret" not in prompt
+    blocks = prompt.split("\n\n")
+    assert blocks[-1] == "Question: Who?\nAnswer:"
+    assert blocks[:2] == [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in QA_SHOTS]
+    # The open-book prompt of the same record keeps its knowledge and the shots' knowledge.
+    assert generation_prompt(rec).count("Knowledge:") == 3

@@ -85,6 +85,11 @@ TASK_TEMPLATES: dict[str, PromptTemplate] = {
         "Summary:",
     ),
     "general": PromptTemplate("Respond to the user's request.", "Query: {user_query}", "Response:"),
+    "qa-closed-book": PromptTemplate(
+        "Answer the question. Reply with a short answer only.",
+        "Question: {question}",
+        "Answer:",
+    ),
     "selfaware": PromptTemplate(
         "Answer the question with a short answer. If it has no definite answer, say so.",
         "Question: {question}",
@@ -204,27 +209,28 @@ def format_prompt(
     raise ValueError(f"style={style!r} is not supported; use 'plain', 'chat' or 'auto'.")
 
 
-def _shot_examples() -> list[tuple[Example, str]]:
-    return [
-        (Example(s["uid"], "qa", {"knowledge": s["knowledge"], "question": s["question"]}, s["answer"]), s["answer"])
-        for s in QA_SHOTS
-    ]
+def _shot_examples(task: str = "qa") -> list[tuple[Example, str]]:
+    """The QA shots as ``(record, answer)``; for ``"qa-closed-book"`` without their knowledge."""
+    keys = ("question",) if task == "qa-closed-book" else ("knowledge", "question")
+    return [(Example(s["uid"], task, {k: s[k] for k in keys}, s["answer"]), s["answer"]) for s in QA_SHOTS]
 
 
 def qa_fewshot_prompt(example: Example, *, style: PromptStyle = "plain", tokenizer: Any = None) -> str:
     """The default generated-protocol QA prompt: plain 2-shot with the :data:`QA_SHOTS` records.
+
+    A ``"qa-closed-book"`` record gets the same two shots without their knowledge paragraphs.
 
     Raises:
         ValueError: ``example`` is one of the shot records.
     """
     if example.uid in QA_SHOT_UIDS:
         raise ValueError(f"record {example.uid} is a few-shot demonstration; it is excluded from evaluation.")
-    return format_prompt(example, style=style, tokenizer=tokenizer, shots=_shot_examples())
+    return format_prompt(example, style=style, tokenizer=tokenizer, shots=_shot_examples(example.task))
 
 
 def generation_prompt(example: Example, *, style: PromptStyle = "plain", tokenizer: Any = None) -> str:
-    """Default prompt for the generated protocol: 2-shot for QA, zero-shot for other tasks."""
-    if example.task == "qa":
+    """Default prompt for the generated protocol: 2-shot for QA (open or closed book), zero-shot for other tasks."""
+    if example.task in ("qa", "qa-closed-book"):
         return qa_fewshot_prompt(example, style=style, tokenizer=tokenizer)
     return format_prompt(example, style=style, tokenizer=tokenizer)
 
@@ -248,7 +254,7 @@ def make_prompt_fn(
     """
 
     def prompt_fn(example: Example) -> str:
-        use_shots = (example.task == "qa") if fewshot is None else fewshot
+        use_shots = (example.task in ("qa", "qa-closed-book")) if fewshot is None else fewshot
         if use_shots and example.uid in QA_SHOT_UIDS:
             raise ValueError(f"record {example.uid} is a few-shot demonstration; it is excluded from evaluation.")
         return format_prompt(
@@ -256,7 +262,7 @@ def make_prompt_fn(
             style=style,
             tokenizer=tokenizer,
             template=template,
-            shots=_shot_examples() if use_shots else (),
+            shots=_shot_examples(example.task) if use_shots else (),
             max_document_chars=max_document_chars,
         )
 

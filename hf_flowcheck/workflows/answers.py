@@ -327,9 +327,15 @@ ANSWER_DATASETS = ("halueval-qa", "halueval-qa-closed-book", "selfaware")
 
 
 def closed_book(record: Example) -> Example:
-    """A HaluEval-QA record asked without its knowledge paragraph (plain ``Question:/Answer:`` prompt)."""
+    """A HaluEval-QA record asked without its knowledge paragraph (2-shot ``Question:/Answer:`` prompt).
+
+    Zero-shot, SmolLM2-135M left 332 of 500 such answers empty; the two QA shots, without their
+    knowledge, show it the answer format.
+    """
     fields = {"question": record.prompt_fields["question"]}
-    return Example(record.uid, "selfaware", fields, reference=record.reference, label=record.label, meta=record.meta)
+    return Example(
+        record.uid, "qa-closed-book", fields, reference=record.reference, label=record.label, meta=record.meta
+    )
 
 
 def load_answer_records(name: str, data_dir: str | None, *, seed: int, limit: int | None) -> tuple[list[Example], Any]:
