@@ -265,6 +265,10 @@ def summarize(path: str) -> dict:
         f"{len(base)} questions, {len(flagged)} flagged and labelled; regenerated answer equals the file's: "
         f"{100 * out['same_as_file']:.1f}%"
     )
+    # Compare every configuration on the same questions: those that all of them finished.
+    common = [u for u in flagged if all(u in got for got in by.values())]
+    out["common_questions"] = len(common)
+    print(f"{len(common)} flagged questions finished by every configuration (the rows below)")
     print(
         "\n| strategy | decoding | n | hallucinated before % | after % | change (pp) | "
         "right→wrong % (n) | wrong→right % | answers changed % | tokens clamped | cost (time) | cost (decode steps) | bound |"
@@ -272,7 +276,7 @@ def summarize(path: str) -> dict:
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = []
     for (cname, dname), got in by.items():
-        uids = [u for u in flagged if u in got and got[u].get("label_after") is not None]
+        uids = [u for u in common if got[u].get("label_after") is not None]
         if not uids:
             continue
         before = np.array([base[u]["label"] for u in uids], float)
@@ -287,7 +291,7 @@ def summarize(path: str) -> dict:
         cost_t = np.median([got[u]["time_ratio"] for u in uids])
         cost_k = np.mean([got[u]["step_ratio"] for u in uids])
         bound = np.mean([got[u]["bound"] for u in uids])
-        skipped = sum(1 for u in flagged if u in got and "skipped" in got[u])
+        skipped = sum(1 for u in common if "skipped" in got[u])
         entry = {
             "config": cname,
             "decoding": dname,
