@@ -10,7 +10,7 @@ answers the validator flags (score above its validation-chosen ``precision_0.8``
 Configurations are ``strategy[:field=value,...]`` with :class:`~hf_flowcheck.RefineConfig` fields,
 e.g. ``flow:alpha=0.2,band=2`` or ``resample:num_culprits=3``. Decoding settings are ``greedy`` or
 ``sample:T`` (temperature ``T``; each question's seed is fixed, so every strategy draws from the
-same random stream). Rows are appended to ``--out`` (JSONL) as they finish; a rerun skips what is
+same random stream); ``config@decoding`` runs a configuration under that decoding only. Rows are appended to ``--out`` (JSONL) as they finish; a rerun skips what is
 there. ``--summary`` prints the tables from that file without running anything.
 
 It also measures **culprit quality**: for hallucinated answers, how often the validator's culprit
@@ -122,8 +122,13 @@ def run(args: argparse.Namespace) -> None:
     threshold = model.validator.recommended_threshold() if args.threshold is None else args.threshold
     budget = int(answers.header["decoding"]["max_new_tokens"])
     gen_kw = {"max_new_tokens": budget, "pad_token_id": tok.pad_token_id, **_newline_stop(tok)}
-    configs = [parse_config(c) for c in args.configs]
-    decodings = [(d, parse_decoding(d)) for d in args.decoding]
+    # "config@decoding" runs that configuration under that decoding only; a bare one under every --decoding.
+    jobs = []
+    for spec in args.configs:
+        cspec, _, only = spec.partition("@")
+        cname, fields = parse_config(cspec)
+        for dname in [only] if only else args.decoding:
+            jobs.append((cname, fields, dname, parse_decoding(dname)))
 
     out_path = Path(args.out)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -145,7 +150,7 @@ def run(args: argparse.Namespace) -> None:
     t_start = time.perf_counter()
     for n, arec in enumerate(pool):
         rec = by_uid[arec.uid]
-        todo = [(c, d) for c, _ in configs for d, _ in decodings if (arec.uid, c, d) not in done]
+        todo = [(c, d) for c, _, d, _ in jobs if (arec.uid, c, d) not in done]
         if (arec.uid, None, None) in done and not todo:
             continue
         enc = tok(arec.prompt, return_tensors="pt")
@@ -193,42 +198,41 @@ def run(args: argparse.Namespace) -> None:
         if not flagged:
             continue
         t_cur = p + len(out.sequences[0, p:]) - 1
-        for cname, fields in configs:
-            for dname, dec in decodings:
-                if (arec.uid, cname, dname) in done:
-                    continue
-                kw = dict(fields)
-                kw.setdefault("seed", _seed_of(arec.uid))
-                # The table needs only the judge's label; re-scoring is for choosing among candidates.
-                kw.setdefault("rescore", int(kw.get("num_culprits", 1)) > 1)
-                t1 = time.perf_counter()
-                res = model.refine(out, rows=[0], **kw, **row_kw, **dec)
-                dt = time.perf_counter() - t1
-                row = {"uid": arec.uid, "config": cname, "decoding": dname, "label_before": label}
-                if res.rows:
-                    r = res.rows[0]
-                    new_gen = r.refined_answer_ids
-                    new_gen = [t for t in new_gen if t not in eos]
-                    new_label, new_text = judged(rec, new_gen)
-                    t_roll = r.culprit_before[0]
-                    n_orig = max(1, len(out.sequences[0, p:]))
-                    steps = len(r.refined_answer_ids) - (t_roll + 1 - p)  # decode steps refinement ran
-                    row.update(
-                        label_after=new_label,
-                        changed=new_gen != gen,
-                        answer_after=new_text,
-                        score_after=r.score_after,
-                        positions_clamped=r.positions_clamped,
-                        positions_patched=r.positions_patched,
-                        mean_lambda=r.mean_lambda,
-                        time_ratio=1 + dt / t_gen,
-                        step_ratio=1 + steps * r.candidates / n_orig,
-                        bound=1 + (t_cur - t_roll) / n_orig * r.candidates,
-                        candidates=r.candidates,
-                    )
-                else:
-                    row["skipped"] = res.skipped.get(0)
-                emit(row)
+        for cname, fields, dname, dec in jobs:
+            if (arec.uid, cname, dname) in done:
+                continue
+            kw = dict(fields)
+            kw.setdefault("seed", _seed_of(arec.uid))
+            # The table needs only the judge's label; re-scoring is for choosing among candidates.
+            kw.setdefault("rescore", int(kw.get("num_culprits", 1)) > 1)
+            t1 = time.perf_counter()
+            res = model.refine(out, rows=[0], **kw, **row_kw, **dec)
+            dt = time.perf_counter() - t1
+            row = {"uid": arec.uid, "config": cname, "decoding": dname, "label_before": label}
+            if res.rows:
+                r = res.rows[0]
+                new_gen = r.refined_answer_ids
+                new_gen = [t for t in new_gen if t not in eos]
+                new_label, new_text = judged(rec, new_gen)
+                t_roll = r.culprit_before[0]
+                n_orig = max(1, len(out.sequences[0, p:]))
+                steps = len(r.refined_answer_ids) - (t_roll + 1 - p)  # decode steps refinement ran
+                row.update(
+                    label_after=new_label,
+                    changed=new_gen != gen,
+                    answer_after=new_text,
+                    score_after=r.score_after,
+                    positions_clamped=r.positions_clamped,
+                    positions_patched=r.positions_patched,
+                    mean_lambda=r.mean_lambda,
+                    time_ratio=1 + dt / t_gen,
+                    step_ratio=1 + steps * r.candidates / n_orig,
+                    bound=1 + (t_cur - t_roll) / n_orig * r.candidates,
+                    candidates=r.candidates,
+                )
+            else:
+                row["skipped"] = res.skipped.get(0)
+            emit(row)
         if (n + 1) % 10 == 0:
             el = time.perf_counter() - t_start
             print(f"{n + 1}/{len(pool)} questions, {el / 60:.1f} min", flush=True)
