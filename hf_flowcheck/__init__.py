@@ -14,6 +14,7 @@ from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck, capture_generate
 from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
 from hf_flowcheck.refinement import BlockClamp, FlowRefineOutput, RefineConfig, RefinedRow, refine
+from hf_flowcheck.streamer import FlowStreamChunk, FlowTextStreamer
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -26,7 +27,9 @@ __all__ = [
     "FlowGenerateOutput",
     "FlowRecorder",
     "FlowRefineOutput",
+    "FlowStreamChunk",
     "FlowStreamingCheck",
+    "FlowTextStreamer",
     "FlowValidator",
     "FlowValidatorOutput",
     "NonFiniteStateError",

@@ -14,28 +14,65 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from transformers import LogitsProcessor, LogitsProcessorList
+from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_flowcheck.capture import FlowRecorder
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.model_io import accepts
+from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = [
+    "CheckListener",
     "FlowGenerateOutput",
     "FlowStreamingCheck",
     "GenerationCapture",
+    "RunningScores",
     "Scorer",
     "attach_scores",
     "capture_generate",
     "check_generate_kwargs",
     "flow_generate",
+    "token_risk",
 ]
 
-#: ``scorer(input_ids [batch, S], excluded [batch, S] bool) -> (scores [batch], ended [batch] bool)``:
-#: the running flow score of each row's answer so far (``nan`` where a row has no scored token),
-#: leaving out the ``excluded`` positions; ``ended`` marks rows that already emitted their end token.
-Scorer = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+@dataclass
+class RunningScores:
+    """What one streaming check found, for every row of the batch.
+
+    Attributes:
+        scores: ``[batch]`` running flow score of each row's answer so far (``nan`` where a row has
+            no scored token yet, or has ended).
+        ended: ``[batch]`` bool, rows that already emitted their end token.
+        token_risk: ``[batch, T]`` for each scored token, ``sigmoid`` of its highest event logit over
+            the blocks (the validator's per-token evidence; ``nan`` in padding columns).
+        positions: ``[batch, T]`` sequence index of each ``token_risk`` column (-1 for padding).
+    """
+
+    scores: torch.Tensor
+    ended: torch.Tensor
+    token_risk: torch.Tensor
+    positions: torch.Tensor
+
+
+#: ``scorer(input_ids [batch, S], excluded [batch, S] bool) -> RunningScores``: scores each row's
+#: answer so far from the captured states, leaving out the ``excluded`` positions.
+Scorer = Callable[[torch.Tensor, torch.Tensor], RunningScores]
+#: ``listener(n_generated, running)``: told the result of every streaming check (a streamer).
+CheckListener = Callable[[int, RunningScores], None]
+
+
+def token_risk(event_logits: torch.Tensor) -> torch.Tensor:
+    """``[N, B, T]`` event logits (``-inf`` where no event) -> ``[N, T]`` per-token risk in ``[0, 1]``.
+
+    A token's risk is ``sigmoid`` of its highest event logit over the blocks; ``nan`` for a column
+    with no event (padding).
+    """
+    if event_logits.shape[-1] == 0:
+        return event_logits.new_zeros(event_logits.shape[0], 0)
+    top = event_logits.float().max(dim=1).values
+    return torch.where(torch.isfinite(top), torch.sigmoid(top), torch.full_like(top, float("nan")))
 
 
 @dataclass
@@ -62,6 +99,11 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
         prompt_length: Columns of ``sequences`` that belong to the prompt.
         prompt_attention_mask: ``[batch, prompt_length]`` the prompt's attention mask (``refine`` reads
             it, so it need not be passed again).
+        flow_rolled_back: ``[batch]`` bool, rows that crossed ``flow_rollback_threshold`` and were
+            rolled back and regenerated in the call (their ``sequences`` and flow fields are the refined
+            answer's; ``past_key_values`` is then ``None``).
+        flow_refinement: The :class:`~hf_flowcheck.FlowRefineOutput` of those rollbacks (scores before,
+            culprits, clamp statistics).
     """
 
     flow_scores: torch.FloatTensor | None = None
@@ -76,6 +118,8 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
     flow_abstained: torch.BoolTensor | None = None
     prompt_length: int | None = None
     prompt_attention_mask: torch.LongTensor | None = None
+    flow_rolled_back: torch.BoolTensor | None = None
+    flow_refinement: Any = None
 
 
 class FlowStreamingCheck(LogitsProcessor):
@@ -97,6 +141,7 @@ class FlowStreamingCheck(LogitsProcessor):
         eos_token_id: Ends an abstaining row.
         max_new_tokens: The call's budget. A row that abstains too close to it for the whole message
             ends with its end token alone: a message is never cut mid-word.
+        listener: Told every check's :class:`RunningScores` (a :class:`~hf_flowcheck.FlowTextStreamer`).
     """
 
     def __init__(
@@ -108,6 +153,7 @@ class FlowStreamingCheck(LogitsProcessor):
         abstain_ids: list[int] | None = None,
         eos_token_id: int | None = None,
         max_new_tokens: int | None = None,
+        listener: CheckListener | None = None,
     ) -> None:
         if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
             raise ValueError(f"flow_check_every={check_every!r} must be a positive integer.")
@@ -122,6 +168,7 @@ class FlowStreamingCheck(LogitsProcessor):
         self.abstain_ids = list(abstain_ids or [])
         self.eos = eos_token_id
         self.max_new_tokens = max_new_tokens
+        self.listener = listener
         self.running: list[torch.Tensor] = []
         self.steps: list[int] = []
         self.abstain_start: dict[int, int] = {}
@@ -146,14 +193,16 @@ class FlowStreamingCheck(LogitsProcessor):
     def _check(self, input_ids: torch.Tensor, n_gen: int) -> None:
         batch = input_ids.shape[0]
         excluded = ~self.final_mask(torch.ones_like(input_ids, dtype=torch.bool))
-        running, ended = self.scorer(input_ids, excluded)
-        running = running.detach().float().cpu().clone()
-        ended = ended.cpu()
+        result = self.scorer(input_ids, excluded)
+        running = result.scores.detach().float().cpu().clone()
+        ended = result.ended.cpu()
         running[ended] = float("nan")
         for row in sorted(self.abstain_start):
             running[row] = float("nan")
         self.running.append(running)
         self.steps.append(n_gen)
+        if self.listener is not None:
+            self.listener(n_gen, RunningScores(running, ended, result.token_risk.cpu(), result.positions.cpu()))
         if self.threshold is None:
             return
         for row in range(batch):
@@ -268,16 +317,19 @@ class GenerationCapture:
         """A :data:`Scorer` over the states captured so far, scored by ``validator.score_features``."""
         ext = self.extractor
 
-        def score(input_ids: torch.Tensor, excluded: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        def score(input_ids: torch.Tensor, excluded: torch.Tensor) -> RunningScores:
             full_att = self._full_attention(input_ids)
             mask = self._token_mask(input_ids, full_att) & ~excluded.to(input_ids.device)
             resp = torch.zeros_like(input_ids, dtype=torch.bool)
             resp[:, self.prompt_length :] = True
             ended = ~mask[:, -1] & ~ext.before_first_eos(input_ids, resp, self.extra_eos)[:, -1]
             feats = ext.features_from_states(input_ids, full_att, mask, self.recorder.result())
+            n = input_ids.shape[0]
             if feats.values.shape[2] == 0:
-                return torch.full((input_ids.shape[0],), float("nan")), ended
-            return validator.score_features(feats).scores, ended
+                empty = torch.zeros(n, 0)
+                return RunningScores(torch.full((n,), float("nan")), ended, empty, empty.long())
+            out = validator.score_features(feats)
+            return RunningScores(out.scores, ended, token_risk(out.event_logits), feats.positions)
 
         return score
 
@@ -318,6 +370,18 @@ class GenerationCapture:
             return
         # No croppable cache: replay the whole sequence once; the selector keeps its last position.
         ext.forward(seqs, full_att)
+
+
+class _Cancelled(StoppingCriteria):
+    """Stops generation once the consumer of a :class:`~hf_flowcheck.FlowTextStreamer` cancelled it."""
+
+    def __init__(self, streamer: FlowTextStreamer) -> None:
+        self.streamer = streamer
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor, **kwargs: Any) -> torch.BoolTensor:
+        return torch.full(
+            (input_ids.shape[0],), bool(self.streamer.cancelled), dtype=torch.bool, device=input_ids.device
+        )
 
 
 def _can_extend_and_crop(cache: Any, cache_len: int) -> bool:
@@ -434,6 +498,21 @@ def flow_generate(
     check_generate_kwargs(extractor.base, generate_kwargs)
     generate_kwargs.pop("return_dict_in_generate", None)  # flow outputs are always a FlowGenerateOutput
     prompt_len = input_ids.shape[1]
+    streamer = generate_kwargs.get("streamer")
+    flow_streamer = streamer if isinstance(streamer, FlowTextStreamer) else None
+    if flow_streamer is not None:
+        if input_ids.shape[0] != 1:
+            raise ValueError(
+                f"streamer=FlowTextStreamer streams one answer; input_ids has a batch of {input_ids.shape[0]}. "
+                "Stream one prompt per call, or drop streamer= and read flow_running_scores for a batch."
+            )
+        if validator is None:
+            raise ValueError("streamer=FlowTextStreamer needs a validator to score the tokens; load one.")
+        check_every = check_every or 1
+        flow_streamer.begin_flow(prompt_len)
+        stops = StoppingCriteriaList(generate_kwargs.pop("stopping_criteria", None) or [])
+        stops.append(_Cancelled(flow_streamer))
+        generate_kwargs["stopping_criteria"] = stops
     budget = _max_new_tokens(extractor.base, generate_kwargs)
     capture = GenerationCapture(extractor, input_ids, attention_mask, budget, _call_eos(generate_kwargs))
     stream = None
@@ -446,20 +525,31 @@ def flow_generate(
             abstain_ids,
             abstain_eos_id,
             max_new_tokens=budget,
+            listener=(lambda n, r: flow_streamer.on_check(n, r.scores, r.token_risk, r.positions))
+            if flow_streamer is not None
+            else None,
         )
         procs = LogitsProcessorList(generate_kwargs.pop("logits_processor", None) or [])
         procs.append(stream)
         generate_kwargs["logits_processor"] = procs
-    with capture:
-        out = extractor.model.generate(
-            input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True, **generate_kwargs
+    try:
+        with capture:
+            out = extractor.model.generate(
+                input_ids=input_ids, attention_mask=attention_mask, return_dict_in_generate=True, **generate_kwargs
+            )
+            feats = capture.finish(out, stream.final_mask if stream is not None else None)
+        result = FlowGenerateOutput(
+            **{k: v for k, v in out.items()}, prompt_length=prompt_len, prompt_attention_mask=attention_mask
         )
-        feats = capture.finish(out, stream.final_mask if stream is not None else None)
-    result = FlowGenerateOutput(
-        **{k: v for k, v in out.items()}, prompt_length=prompt_len, prompt_attention_mask=attention_mask
-    )
-    if scores or check_every:
-        attach_scores(result, validator, feats)
+        if scores or check_every:
+            attach_scores(result, validator, feats)
+    except BaseException as err:
+        if flow_streamer is not None:
+            flow_streamer.close(err)  # a consumer iterating in another thread must not wait forever
+        raise
+    if flow_streamer is not None:
+        risk = token_risk(result.flow_event_scores)
+        flow_streamer.finish(float(result.flow_scores[0]), risk.cpu(), result.flow_positions.cpu())
     if features:
         result.flow_features = feats
     if stream is not None:

@@ -21,9 +21,10 @@ from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
-from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
+from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
 from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
+from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = [
     "FLOW_GENERATE_KWARGS",
@@ -38,6 +39,8 @@ FLOW_GENERATE_KWARGS = (
     "flow_check_every",
     "flow_abstain_threshold",
     "flow_abstain_message",
+    "flow_rollback_threshold",
+    "flow_max_rollbacks",
 )
 FLOW_CONFIG_NAME = "flow_config.json"
 VALIDATOR_SUBFOLDER = "validator"
@@ -220,6 +223,14 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 this stops and ends with ``flow_abstain_message``. ``"recommended"`` takes the
                 validator's threshold chosen on validation (precision 0.8, see its model card).
             flow_abstain_message: Default ``"I am not sure."``.
+            flow_rollback_threshold: With ``flow_check_every``: a row whose running score exceeds
+                this is stopped there, rolled back to its culprit and regenerated under the block
+                clamp (``refine``) within this call; a number in ``[0, 1]`` or ``"recommended"``.
+            flow_max_rollbacks: Rollback candidates per row (the top culprit tokens; the refined
+                answer the validator scores lowest is kept). Default 1.
+            streamer: A :class:`~hf_flowcheck.FlowTextStreamer` streams text with running scores
+                and per-token risks (batch of one; checks every token unless ``flow_check_every``
+                says otherwise); any other transformers streamer works as with plain ``generate``.
             **kwargs: Everything ``transformers`` ``generate()`` takes.
 
         Returns:
@@ -236,11 +247,16 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 f"flow_check_every={check_every!r} must be a positive integer (check the running score every this many "
                 "tokens; 1 = every token), or None for no streaming check."
             )
-        if flags["flow_abstain_threshold"] is not None and not check_every:
-            raise ValueError(
-                "flow_abstain_threshold needs flow_check_every (how often the running score is checked); pass "
-                "flow_check_every=1 (every token) or a larger integer, or drop flow_abstain_threshold."
-            )
+        for name in ("flow_abstain_threshold", "flow_rollback_threshold"):
+            if flags[name] is not None and not check_every:
+                raise ValueError(
+                    f"{name} needs flow_check_every (how often the running score is checked); pass "
+                    f"flow_check_every=1 (every token) or a larger integer, or drop {name}."
+                )
+        if flags["flow_max_rollbacks"] is not None and flags["flow_rollback_threshold"] is None:
+            raise ValueError("flow_max_rollbacks needs flow_rollback_threshold (when to roll back); pass both.")
+        if isinstance(kwargs.get("streamer"), FlowTextStreamer) and not check_every:
+            check_every = 1  # a flow streamer needs running scores: check every token
         if not (want_scores or want_feats or check_every):
             return (
                 self.base_model.generate(input_ids=input_ids, **kwargs)
@@ -304,6 +320,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
             input_ids = input_ids.repeat_interleave(n_return, dim=0)
             attention_mask = attention_mask.repeat_interleave(n_return, dim=0)
         self._check_context(input_ids, kwargs)
+        if flags["flow_rollback_threshold"] is not None:
+            return self._generate_with_rollback(input_ids, attention_mask, kwargs, flags, want_feats, check_every)
         threshold, abstain_ids, eos = self._abstention(flags) if check_every else (None, None, None)
         return flow_generate(
             self.extractor,
@@ -318,6 +336,89 @@ class FlowCheckedModelForCausalLM(nn.Module):
             abstain_eos_id=eos,
             **kwargs,
         )
+
+    def _generate_with_rollback(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        kwargs: dict[str, Any],
+        flags: dict[str, Any],
+        want_feats: bool,
+        check_every: int,
+    ) -> FlowGenerateOutput:
+        """Generate; rows crossing the rollback threshold stop there and are refined (spec §7) in this call."""
+        if flags["flow_abstain_threshold"] is not None:
+            raise ValueError(
+                "flow_abstain_threshold and flow_rollback_threshold both ask what to do when the running score is "
+                "too high; pass one of them."
+            )
+        if isinstance(kwargs.get("streamer"), FlowTextStreamer):
+            raise ValueError(
+                "flow_rollback_threshold cannot be combined with a FlowTextStreamer: text already streamed cannot "
+                "be taken back. Stream with flow_abstain_threshold, or roll back without a streamer."
+            )
+        max_rollbacks = 1 if flags["flow_max_rollbacks"] is None else flags["flow_max_rollbacks"]
+        if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int) or max_rollbacks < 1:
+            raise ValueError(f"flow_max_rollbacks={max_rollbacks!r} must be a positive integer (rollbacks per row).")
+        threshold = self._threshold("flow_rollback_threshold", flags["flow_rollback_threshold"])
+        _, _, eos = self._abstention({**flags, "flow_abstain_threshold": None})
+        if eos is None:
+            raise ValueError("Rollback needs an end-of-sequence token id (set generation_config.eos_token_id).")
+        result = flow_generate(
+            self.extractor,
+            self.validator,
+            input_ids,
+            attention_mask,
+            scores=True,
+            features=want_feats,
+            check_every=check_every,
+            abstain_threshold=threshold,
+            abstain_ids=[],  # a crossing row ends at once; refine() then rolls it back
+            abstain_eos_id=eos,
+            **dict(kwargs),
+        )
+        crossed = result.flow_abstained.nonzero().squeeze(-1).tolist()
+        result.flow_rolled_back = torch.zeros_like(result.flow_abstained)
+        if not crossed:
+            return result
+        refine_kw = {k: v for k, v in kwargs.items() if k not in ("streamer", "max_length")}
+        refine_kw.setdefault("max_new_tokens", int(result.sequences.shape[1] - result.prompt_length))
+        fixed = refine(
+            self.base_model,
+            self.extractor,
+            self.validator,
+            result,
+            RefineConfig(num_culprits=max_rollbacks, rescore=max_rollbacks > 1),
+            rows=crossed,
+            tokenizer=self.tokenizer,
+            **refine_kw,
+        )
+        # Every flow field is recomputed for the returned sequences (teacher-forced equals capture).
+        seqs = fixed.sequences
+        prompt_len = int(result.prompt_length)
+        full_att = torch.cat([attention_mask, torch.ones_like(seqs[:, prompt_len:])], dim=1).to(seqs.device)
+        resp = torch.zeros_like(seqs)
+        resp[:, prompt_len:] = 1
+        feats = self.extractor.extract(seqs, full_att, resp)
+        result.sequences = seqs
+        result.past_key_values = None  # the cache belongs to the sequences before the rollback
+        attach_scores(result, self.validator, feats)
+        if want_feats:
+            result.flow_features = feats
+        result.flow_rolled_back = fixed.refined.clone()
+        result.flow_abstained = result.flow_abstained & ~fixed.refined
+        result.flow_refinement = fixed
+        return result
+
+    def _threshold(self, name: str, value: Any) -> float:
+        """A score threshold from a generate flag: a number in ``[0, 1]`` or ``"recommended"``."""
+        if isinstance(value, str):
+            if value != "recommended":
+                raise ValueError(f"{name}={value!r} is not supported; pass a number in [0, 1] or 'recommended'.")
+            return self.validator.recommended_threshold()
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
+            raise ValueError(f"{name}={value!r} must be a number in [0, 1] (flow scores are probabilities).")
+        return float(value)
 
     def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
         """The mask plain ``generate()`` infers: pad tokens masked when the pad id is not the EOS id."""
@@ -359,12 +460,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
     def _abstention(self, flags: dict[str, Any]) -> tuple[float | None, list[int], int | None]:
         """``(threshold, message ids, eos id)`` of a streaming check from the generate flags."""
         threshold = flags["flow_abstain_threshold"]
-        if isinstance(threshold, str):
-            if threshold != "recommended":
-                raise ValueError(
-                    f"flow_abstain_threshold={threshold!r} is not supported; pass a number in [0, 1] or 'recommended'."
-                )
-            threshold = self.validator.recommended_threshold()
+        if threshold is not None:
+            threshold = self._threshold("flow_abstain_threshold", threshold)
         message = flags["flow_abstain_message"]
         if message is None:
             message = "I am not sure."
