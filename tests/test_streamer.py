@@ -162,3 +162,33 @@ def test_streamer_refusals(fc):
     with pytest.raises(ValueError, match="batch of 2"):
         fc.generate(input_ids=two, streamer=FlowTextStreamer(CharTokenizer()), **KW)
     _no_hooks(fc)
+
+
+# ------------------------------------------------------------------------------- the example
+def _example():
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "stream_risk.py"
+    spec = importlib.util.spec_from_file_location("stream_risk", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_stream_risk_example_runs_on_a_tiny_model(fc):
+    import json
+
+    ex = _example()
+    tok = CharTokenizer()
+    chunks = list(ex.stream_answer(fc, tok, PROMPT, **KW))
+    assert chunks[-1].final and "".join(c.text for c in chunks)
+    assert all(ex.colour(c).startswith("\033[") for c in chunks)
+    events = list(ex.sse_events(fc, tok, PROMPT, **KW))
+    payloads = [json.loads(e.removeprefix("data: ")) for e in events]
+    assert payloads[-1]["final"] and [p["text"] for p in payloads] == [c.text for c in chunks]
+    # Stopping early cancels the generation and leaves no hook.
+    it = ex.stream_answer(fc, tok, PROMPT, **KW)
+    next(it)
+    it.close()
+    _no_hooks(fc)
