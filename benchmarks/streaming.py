@@ -6,7 +6,12 @@ For each ``check_every`` in the list, times ``FlowCheckedModelForCausalLM.genera
 (greedy, fixed number of new tokens). The validator's weights do not change the cost: the bundled
 validator is used when present, else a randomly initialised one of the same shape.
 
-Run: ``python benchmarks/streaming.py [--batch 4] [--new-tokens 32] [--every 2 4 8 16]``
+Rows: plain ``generate``; the flow score at the end; a streaming check every ``k`` tokens; the same
+with ``flow_rollback_threshold`` (rows crossing it are rolled back and regenerated in the call);
+and, at batch 1, the :class:`~hf_flowcheck.FlowTextStreamer` (checks every token). Each batch size
+in ``--batches`` gets its own table, runs alternating within every repetition.
+
+Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5``
 """
 
 from __future__ import annotations
@@ -22,16 +27,16 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
-    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
-    ap.add_argument("--every", type=int, nargs="+", default=[2, 4, 8, 16])
+    ap.add_argument("--every", type=int, nargs="+", default=[1, 2, 4])
+    ap.add_argument("--rollback", type=float, default=None, help="Also time rollback at this threshold.")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
     from hf_flowcheck import FlowCheckedModelForCausalLM, FlowConfig, FlowValidator, ValidatorConfig
-    from hf_flowcheck.data import generation_prompt, load_halueval_qa
 
     model = FlowCheckedModelForCausalLM.from_pretrained(args.model)
     which = "bundled"
@@ -42,14 +47,20 @@ def main() -> None:
         which = "random (same shape)"
     tok = model.tokenizer
     tok.padding_side = "left"
-    records = load_halueval_qa(limit=args.batch + 10)[10 : 10 + args.batch]
+    for batch in args.batches:
+        table(model, tok, batch, args, which)
+
+
+def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
+    from hf_flowcheck import FlowTextStreamer
+    from hf_flowcheck.data import generation_prompt, load_halueval_qa
+
+    records = load_halueval_qa(limit=batch + 10)[10 : 10 + batch]
     enc = tok([generation_prompt(r) for r in records], return_tensors="pt", padding=True)
     kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
     )
-    print(
-        f"model={args.model} validator={which} batch={args.batch} new_tokens={args.new_tokens} threads={args.threads}"
-    )
+    print(f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads}")
 
     def run(mode):
         t0 = time.perf_counter()
@@ -57,12 +68,20 @@ def main() -> None:
             model.generate(**enc, **kw)
         elif mode == "final":
             model.generate(**enc, **kw, return_flow_scores=True)
+        elif mode == "streamer":
+            model.generate(**enc, **kw, streamer=FlowTextStreamer(tok))
+        elif isinstance(mode, tuple):
+            model.generate(**enc, **kw, flow_check_every=mode[1], flow_rollback_threshold=args.rollback)
         else:
             model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode)
         return time.perf_counter() - t0
 
     run("final")  # warm-up
     modes = ["plain", "final", *args.every]
+    if args.rollback is not None:
+        modes += [("rollback", k) for k in args.every]
+    if batch == 1:
+        modes.append("streamer")
     times = {m: [] for m in modes}
     for _ in range(args.reps):
         for m in modes:
@@ -72,8 +91,14 @@ def main() -> None:
     print("|---|---|---|---|")
     for m in modes:
         t = statistics.median(times[m])
-        label = {"plain": "plain generate", "final": "flow score at the end"}.get(m, f"check_every={m}")
-        checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // m)
+        if isinstance(m, tuple):
+            label, k = f"check_every={m[1]} + rollback at {args.rollback}", m[1]
+        else:
+            label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}.get(
+                m, f"check_every={m}"
+            )
+            k = {"streamer": 1}.get(m, m)
+        checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // k)
         print(f"| {label} | {t:.2f} | {t / plain:.2f}x | {checks} |")
 
 
