@@ -8,12 +8,13 @@ from hf_flowcheck.architectures import (
     supported_architectures,
 )
 from hf_flowcheck.capture import FlowRecorder, NonFiniteStateError
+from hf_flowcheck.clamp import BlockClamp
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.detectors.flow_validator import FlowValidator, FlowValidatorOutput, ValidatorConfig
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, FlowStreamingCheck, capture_generate
 from hf_flowcheck.modeling import FlowCheckedModelForCausalLM
-from hf_flowcheck.refinement import BlockClamp, FlowRefineOutput, RefineConfig, RefinedRow, refine
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, RefinedRow, refine
 from hf_flowcheck.streamer import FlowStreamChunk, FlowTextStreamer
 from hf_flowcheck.version import __version__
 

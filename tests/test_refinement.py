@@ -8,9 +8,10 @@ from conftest import make_tiny_model, tiny_flow_config, tiny_validator
 from torch import nn
 
 from hf_flowcheck import FlowCheckedModelForCausalLM
+from hf_flowcheck.clamp import BlockClamp
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.errors import RefinementError
-from hf_flowcheck.refinement import BlockClamp, FlowRefineOutput, RefineConfig, refine
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
 
 FAMS = ["llama", "gemma2"]
 #: Small-model settings: k and K must fit hidden 32 / vocab 99; the tiny models are kept off EOS.
