@@ -254,9 +254,13 @@ def _fmt(m: tuple[float, float, float], pct: bool = True) -> str:
     return "n/a" if m[0] != m[0] else f"{f * m[0]:.1f} [{f * m[1]:.1f}, {f * m[2]:.1f}]"
 
 
-def summarize(path: str) -> dict:
+def summarize(path: str, answers: str) -> dict:
+    from hf_flowcheck.workflows.answers import read_answers
+
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     base = {r["uid"]: r for r in rows if r["config"] is None}
+    # The judged text of each original answer (the regenerated answers equal the file's; checked below).
+    text_of = {r.uid: r.answer for r in read_answers(answers).records}
     flagged = [u for u, r in base.items() if r["flagged"] and r["label"] is not None]
     out: dict = {"questions": len(base), "flagged_labelled": len(flagged)}
     same = [r["same_as_file"] for r in base.values()]
@@ -275,9 +279,9 @@ def summarize(path: str) -> dict:
     print(f"{len(common)} flagged questions finished by every configuration (the rows below)")
     print(
         "\n| strategy | decoding | n | hallucinated before % | after % | change (pp) | "
-        "right→wrong % (n) | wrong→right % | answers changed % | tokens clamped | cost (time) | cost (decode steps) | bound |"
+        "right→wrong % (n) | wrong→right % | tokens changed % | judged answer changed % | tokens clamped | cost (time) | cost (decode steps) | bound |"
     )
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     table = []
     for (cname, dname), got in by.items():
         uids = [u for u in common if got[u].get("label_after") is not None]
@@ -291,6 +295,8 @@ def summarize(path: str) -> dict:
         r2w = _boot(after[right]) if right.any() else (float("nan"),) * 3
         w2r = _boot(1 - after[wrong]) if wrong.any() else (float("nan"),) * 3
         changed = np.mean([got[u]["changed"] for u in uids])
+        # What a reader sees: the judged answer (its first line) differs, not only tokens after it.
+        judged_changed = np.mean([got[u]["answer_after"] != text_of.get(u) for u in uids])
         clamped = np.mean([got[u]["positions_clamped"] for u in uids])
         cost_t = np.median([got[u]["time_ratio"] for u in uids])
         cost_k = np.mean([got[u]["step_ratio"] for u in uids])
@@ -308,6 +314,7 @@ def summarize(path: str) -> dict:
             "n_right_before": int(right.sum()),
             "wrong_to_right": w2r,
             "changed": float(changed),
+            "judged_answer_changed": float(judged_changed),
             "positions_clamped": float(clamped),
             "cost_time_median": float(cost_t),
             "cost_steps": float(cost_k),
@@ -316,7 +323,7 @@ def summarize(path: str) -> dict:
         table.append(entry)
         print(
             f"| {cname} | {dname} | {len(uids)} | {_fmt(entry['before'])} | {_fmt(entry['after'])} | "
-            f"{_fmt(diff)} | {_fmt(r2w)} ({int(right.sum())}) | {_fmt(w2r)} | {100 * changed:.1f} | {clamped:.1f} | "
+            f"{_fmt(diff)} | {_fmt(r2w)} ({int(right.sum())}) | {_fmt(w2r)} | {100 * changed:.1f} | {100 * judged_changed:.1f} | {clamped:.1f} | "
             f"{cost_t:.2f}× | {cost_k:.2f}× | {bound:.2f}× |"
         )
     out["table"] = table
@@ -361,7 +368,7 @@ def main() -> None:
     ap.add_argument("--summary-json", default=None, help="Also write the summary here.")
     args = ap.parse_args()
     if args.summary:
-        res = summarize(args.summary)
+        res = summarize(args.summary, args.answers)
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(res, indent=2))
         return
@@ -369,7 +376,7 @@ def main() -> None:
         raise SystemExit("--out is required (the JSONL the rows are appended to).")
     torch.set_grad_enabled(False)
     run(args)
-    summarize(args.out)
+    summarize(args.out, args.answers)
 
 
 if __name__ == "__main__":
