@@ -118,6 +118,8 @@ QA_SHOTS: tuple[dict[str, str], ...] = (
 """The two fixed HaluEval-QA records (lines 1 and 2 of ``qa_data.json``) used as shots."""
 
 QA_SHOT_UIDS: tuple[str, ...] = tuple(s["uid"] for s in QA_SHOTS)
+#: Tasks whose generated-protocol prompt is 2-shot with :data:`QA_SHOTS` (closed book: without knowledge).
+FEWSHOT_TASKS: tuple[str, ...] = ("qa", "qa-closed-book")
 """uids of the shot records; :func:`hf_flowcheck.data.split_records` excludes them by default."""
 
 DEFAULT_MAX_DOCUMENT_CHARS = 4000
@@ -230,7 +232,7 @@ def qa_fewshot_prompt(example: Example, *, style: PromptStyle = "plain", tokeniz
 
 def generation_prompt(example: Example, *, style: PromptStyle = "plain", tokenizer: Any = None) -> str:
     """Default prompt for the generated protocol: 2-shot for QA (open or closed book), zero-shot for other tasks."""
-    if example.task in ("qa", "qa-closed-book"):
+    if example.task in FEWSHOT_TASKS:
         return qa_fewshot_prompt(example, style=style, tokenizer=tokenizer)
     return format_prompt(example, style=style, tokenizer=tokenizer)
 
@@ -254,7 +256,7 @@ def make_prompt_fn(
     """
 
     def prompt_fn(example: Example) -> str:
-        use_shots = (example.task in ("qa", "qa-closed-book")) if fewshot is None else fewshot
+        use_shots = (example.task in FEWSHOT_TASKS) if fewshot is None else fewshot
         if use_shots and example.uid in QA_SHOT_UIDS:
             raise ValueError(f"record {example.uid} is a few-shot demonstration; it is excluded from evaluation.")
         return format_prompt(
