@@ -11,7 +11,12 @@ with ``flow_rollback_threshold`` (rows crossing it are rolled back and regenerat
 and, at batch 1, the :class:`~hf_flowcheck.FlowTextStreamer` (checks every token). Each batch size
 in ``--batches`` gets its own table, runs alternating within every repetition.
 
-Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5``
+``--refit always doubling`` times each streaming row with both ``flow_check_refit`` settings (the
+per-token lens channels and JVPs are computed once per token in both). ``--lens-candidates K``
+times the same validator with ``FlowConfig(lens_candidates=K)`` (timing only: its weights were
+trained on exact lens channels, so its scores are not the validator's).
+
+Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5 --refit always doubling``
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ def main() -> None:
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--every", type=int, nargs="+", default=[1, 2, 4])
     ap.add_argument("--rollback", type=float, default=None, help="Also time rollback at this threshold.")
+    ap.add_argument("--refit", nargs="+", default=["always"], choices=["always", "doubling"])
+    ap.add_argument("--lens-candidates", type=int, default=0, help="Time FlowConfig(lens_candidates=K) (timing only).")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -45,6 +52,14 @@ def main() -> None:
         v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names), flow_config=cfg).eval()
         model = FlowCheckedModelForCausalLM(model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False)
         which = "random (same shape)"
+    if args.lens_candidates:
+        import copy
+        import dataclasses
+
+        v = copy.deepcopy(model.validator)
+        v.flow_config = dataclasses.replace(v.flow_config, lens_candidates=args.lens_candidates)
+        model = FlowCheckedModelForCausalLM(model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False)
+        which += f", lens_candidates={args.lens_candidates} (timing only)"
     tok = model.tokenizer
     tok.padding_side = "left"
     for batch in args.batches:
@@ -70,16 +85,18 @@ def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
             model.generate(**enc, **kw, return_flow_scores=True)
         elif mode == "streamer":
             model.generate(**enc, **kw, streamer=FlowTextStreamer(tok))
-        elif isinstance(mode, tuple):
-            model.generate(**enc, **kw, flow_check_every=mode[1], flow_rollback_threshold=args.rollback)
+        elif mode[0] == "rollback":
+            model.generate(
+                **enc, **kw, flow_check_every=mode[1], flow_rollback_threshold=args.rollback, flow_check_refit=mode[2]
+            )
         else:
-            model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode)
+            model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode[1], flow_check_refit=mode[2])
         return time.perf_counter() - t0
 
     run("final")  # warm-up
-    modes = ["plain", "final", *args.every]
+    modes = ["plain", "final", *[("check", k, r) for k in args.every for r in args.refit]]
     if args.rollback is not None:
-        modes += [("rollback", k) for k in args.every]
+        modes += [("rollback", k, r) for k in args.every for r in args.refit]
     if batch == 1:
         modes.append("streamer")
     times = {m: [] for m in modes}
@@ -92,12 +109,12 @@ def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
     for m in modes:
         t = statistics.median(times[m])
         if isinstance(m, tuple):
-            label, k = f"check_every={m[1]} + rollback at {args.rollback}", m[1]
+            label, k = f"check_every={m[1]}, refit {m[2]}", m[1]
+            if m[0] == "rollback":
+                label += f" + rollback at {args.rollback}"
         else:
-            label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}.get(
-                m, f"check_every={m}"
-            )
-            k = {"streamer": 1}.get(m, m)
+            label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}[m]
+            k = 1
         checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // k)
         print(f"| {label} | {t:.2f} | {t / plain:.2f}x | {checks} |")
 

@@ -87,6 +87,9 @@ VARIANTS = {
     "attn-flow+state": dict(names=FLOW, cfg={}, state=True),
     "attn-flow+lens+state": dict(names=FLOW + LENS, cfg={}, state=True),
     "attn-flow+lens+state3": dict(names=FLOW + LENS, cfg={}, state=3),
+    # the state branch starts at the probe (and the event head at zero): training must beat the probe on validation
+    "attn-flow+lens+state@probe": dict(names=FLOW + LENS, cfg={}, state=True, state_init="probe"),
+    "attn-flow+lens+state3@probe": dict(names=FLOW + LENS, cfg={}, state=3, state_init="probe"),
 }
 ATTN = dict(
     head="attention",
@@ -124,6 +127,7 @@ def run_variant(name, spec, feats, y, tr, va, te, probe_layer, seed, epochs):
         seed=seed,
         progress=False,
         selection="val_loss",
+        state_init=spec.get("state_init", "random"),
     )
     s_va = model.score_features(rows(f, va)).logits.double().numpy()
     s_te = model.score_features(rows(f, te)).logits.double().numpy()

@@ -135,6 +135,16 @@ class FlowConfig:
             "readout per (answer token, block)."
         },
     )
+    lens_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "0 (default): the lens channels read out the full vocabulary at every block (exact). K > 0: "
+            "an approximation -- each answer token's candidate set is the top K of the last block's readout "
+            "(which holds the token the model prefers), every block is read out on those K rows only, and "
+            "the four channels are computed within them (probabilities renormalised over the K, rank capped "
+            "at K - 1). One full readout per token instead of one per (token, block): about B times cheaper."
+        },
+    )
     state_summary: str = field(
         default="none",
         metadata={
@@ -155,6 +165,17 @@ class FlowConfig:
             raise ValueError(f"lens_features={self.lens_features!r} must be True or False.")
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
             check_positive_int(name, getattr(self, name))
+        cand = self.lens_candidates
+        if isinstance(cand, bool) or not isinstance(cand, int) or cand < 0:
+            raise ValueError(f"lens_candidates={cand!r} must be 0 (exact, full vocabulary) or a positive integer.")
+        if cand and cand < max(self.num_competitors, 2):
+            raise ValueError(
+                f"lens_candidates={cand} is smaller than num_competitors={self.num_competitors}: the entropy channel "
+                f"ranks the top num_competitors within the candidates. Use lens_candidates >= "
+                f"{max(self.num_competitors, 2)} (e.g. 64) or 0 for the exact readout."
+            )
+        if cand and not self.lens_features:
+            raise ValueError("lens_candidates only applies to the lens channels; set lens_features=True or leave it 0.")
         if self.window_stride > self.window_length:
             raise ValueError(
                 f"window_stride={self.window_stride} is larger than window_length={self.window_length}: "
@@ -194,7 +215,7 @@ class FlowConfig:
         """A string that identifies everything that changes the features (used by manifests)."""
         d = dataclasses.asdict(self)
         # Fields added after format 1 are left out at their defaults, so earlier stores keep their key.
-        for name, default in (("lens_features", False), ("state_summary", "none")):
+        for name, default in (("lens_features", False), ("lens_candidates", 0), ("state_summary", "none")):
             if d[name] == default:
                 del d[name]
         return json.dumps(d, sort_keys=True)

@@ -7,6 +7,7 @@ Capture while the model generates lives in :mod:`hf_flowcheck.generation`; it ha
 from __future__ import annotations
 
 import copy
+import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,17 @@ from hf_flowcheck.architectures import ArchitectureSpec, ResolvedArchitecture, r
 from hf_flowcheck.capture import CapturedStates, FlowRecorder
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.model_io import eos_token_ids, forward_kwargs, input_device
-from hf_flowcheck.signatures import SampleGeometry, lens_features, sample_flow_features, token_key
+from hf_flowcheck.signatures import (
+    SampleGeometry,
+    block_updates,
+    boundary_states,
+    closed_form_norm_jvp,
+    fit_sample_bases,
+    lens_features,
+    sample_flow_features,
+    token_key,
+    window_layout,
+)
 
 __all__ = [
     "FlowExtractor",
@@ -111,6 +122,58 @@ def _float_copy(module: nn.Module) -> nn.Module:
     return dup
 
 
+#: When streaming checks refit the window bases: at every check (exact), or once the answer has
+#: doubled in length since the last fit (1, 2, 4, 8, ... tokens; checks in between project onto the
+#: last bases). The final score always refits.
+STREAM_REFITS: tuple[str, ...] = ("always", "doubling")
+
+
+@dataclass
+class StreamCache:
+    """What the streaming checks of one ``generate`` call reuse between checks.
+
+    A captured (row, position) is recorded once per call, so everything that depends on one
+    token's states only is computed once: its lens channels and its block updates (the JVPs).
+    Both are exact. The window bases depend on the whole answer so far; ``refit`` says when a
+    check refits them (``"doubling"`` is an approximation of the spec at that check).
+
+    Attributes:
+        refit: One of :data:`STREAM_REFITS`.
+        lens: ``{(row, position): [B, 4]}``.
+        updates: ``{(row, position): [B, 3, d]}``.
+        bases: ``{row: (tokens fitted on, [J] bases [d, k])}``.
+        fits: Bases fits run (for tests and benchmarks).
+    """
+
+    refit: str = "always"
+    lens: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    updates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    bases: dict[int, tuple[int, list[torch.Tensor]]] = field(default_factory=dict)
+    fits: int = 0
+
+    def __post_init__(self) -> None:
+        if self.refit not in STREAM_REFITS:
+            raise ValueError(
+                f"flow_check_refit={self.refit!r} is not supported; use one of {', '.join(map(repr, STREAM_REFITS))}."
+            )
+
+    def exact(self) -> StreamCache:
+        """The same per-token caches, with bases refitted (what the final score uses)."""
+        return dataclasses.replace(self, refit="always")
+
+
+def _cached_rows(
+    cache: dict[tuple[int, int], torch.Tensor], keys: list[tuple[int, int]], compute: Any, dim: int
+) -> torch.Tensor:
+    """Rows of ``compute(indices)`` (stacked along ``dim``) for ``keys``, computing only the missing ones."""
+    todo = [j for j, k in enumerate(keys) if k not in cache]
+    if todo:
+        new = compute(todo)
+        for col, j in enumerate(todo):
+            cache[keys[j]] = new.select(dim, col)
+    return torch.stack([cache[k] for k in keys], dim=dim)
+
+
 class FlowExtractor:
     """Computes flow signatures of a HuggingFace causal LM (spec ``flow-signatures.md``).
 
@@ -187,6 +250,9 @@ class FlowExtractor:
             return
         self._norms = [_float_copy(n).to(device) for n in self.arch.boundary_norms]
         dim = self.arch.readout.shape[1]
+        for n in self._norms:
+            # A verified closed form replaces torch.func.jvp (its per-call set-up dominates per-token work).
+            n.flowcheck_jvp = closed_form_norm_jvp(n, dim)
         betas = []
         for n in self._norms:
             bias = getattr(n, "bias", None)
@@ -296,6 +362,36 @@ class FlowExtractor:
         self.last_capture_bytes = rec.nbytes
         return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
 
+    def _lens(self, r_after: torch.Tensor, row: int, want: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
+        """``[R, B, d]`` states after each block of row ``row``'s tokens at ``want`` -> ``[B, R, 4]``."""
+        cfg = self.config
+
+        def compute(sel: Any) -> torch.Tensor:
+            return lens_features(r_after[sel], self._norms[-1], self._readout, cfg.num_competitors, cfg.lens_candidates)
+
+        if cache is None:
+            return compute(slice(None))
+        return _cached_rows(cache.lens, [(row, p) for p in want.tolist()], compute, dim=1)
+
+    def _streamed_features(
+        self, states: CapturedStates, idx: torch.Tensor, row: int, want: torch.Tensor, key: int, cache: StreamCache
+    ) -> tuple[torch.Tensor, SampleGeometry]:
+        """One row's spec features with the per-token updates cached and the bases refitted per ``cache.refit``."""
+        r, o, m = states.r[idx], states.o[idx], states.m[idx]
+        keys = [(row, p) for p in want.tolist()]
+        updates = _cached_rows(cache.updates, keys, lambda sel: block_updates(r[sel], o[sel], m[sel], self._norms), 0)
+        n_tok = len(keys)
+        fitted = cache.bases.get(row)
+        if cache.refit == "always" or fitted is None or n_tok >= 2 * fitted[0]:
+            layout = window_layout(o.shape[1], self.config.window_length, self.config.window_stride)
+            h, _ = boundary_states(r, self._norms, self._betas, self.config.boundary)
+            cache.bases[row] = (n_tok, fit_sample_bases(h, self._readout, layout, self.config, key))
+            cache.fits += 1
+        bases = cache.bases[row][1]
+        return sample_flow_features(
+            r, o, m, self._norms, self._betas, self._readout, self.config, key, bases=bases, updates=updates
+        )
+
     def _device(self) -> torch.device:
         return input_device(self.base)
 
@@ -318,7 +414,12 @@ class FlowExtractor:
         return self.model(input_ids=ids, **{**forward_kwargs(self.base, att), **extra})
 
     def features_from_states(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, mask: torch.Tensor, states: CapturedStates
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        mask: torch.Tensor,
+        states: CapturedStates,
+        cache: StreamCache | None = None,
     ) -> FlowFeatures:
         """Signatures of the masked tokens of ``input_ids`` from already captured states.
 
@@ -327,8 +428,10 @@ class FlowExtractor:
             attention_mask: ``[N, S]`` (its real tokens give each sample's key).
             mask: ``[N, S]`` token mask; every masked position must have been captured.
             states: From :meth:`FlowRecorder.result`.
+            cache: A :class:`StreamCache` for these same captured states (a streaming caller passes
+                one per ``generate`` call); filled in place.
         """
-        return self._assemble(input_ids, attention_mask, mask, states, None)
+        return self._assemble(input_ids, attention_mask, mask, states, None, cache)
 
     # ------------------------------------------------------------------------------ assembly
     def _assemble(
@@ -338,6 +441,7 @@ class FlowExtractor:
         mask: torch.Tensor,
         states: CapturedStates | None,
         sample_keys: list[int] | None,
+        cache: StreamCache | None = None,
     ) -> FlowFeatures:
         n = input_ids.shape[0]
         n_blocks = self.arch.num_blocks
@@ -379,19 +483,13 @@ class FlowExtractor:
             if bool((idx < 0).any()):
                 missing = want[idx < 0].tolist()
                 raise RuntimeError(f"No captured states for row {i} at positions {missing}; capture selector bug.")
-            feats, geo = sample_flow_features(
-                states.r[idx],
-                states.o[idx],
-                states.m[idx],
-                self._norms,
-                self._betas,
-                self._readout,
-                self.config,
-                key,
-            )
+            if cache is None:
+                r, o, m = states.r[idx], states.o[idx], states.m[idx]
+                feats, geo = sample_flow_features(r, o, m, self._norms, self._betas, self._readout, self.config, key)
+            else:
+                feats, geo = self._streamed_features(states, idx, i, want, key, cache)
             if self.config.lens_features:
-                lens = lens_features(states.r[idx][:, 1:], self._norms[-1], self._readout, self.config.num_competitors)
-                feats = torch.cat([feats, lens], dim=-1)
+                feats = torch.cat([feats, self._lens(states.r[idx][:, 1:], i, want, cache)], dim=-1)
             if states_out is not None:
                 r_sel = states.r[idx]  # [R, B+1, d], positions ascending
                 states_out[i] = r_sel[-1] if summary == "last" else r_sel.mean(0)

@@ -18,7 +18,7 @@ from transformers import LogitsProcessor, LogitsProcessorList, StoppingCriteria,
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_flowcheck.capture import FlowRecorder
-from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.extraction import FlowExtractor, FlowFeatures, StreamCache
 from hf_flowcheck.model_io import accepts
 from hf_flowcheck.streamer import FlowTextStreamer
 
@@ -264,6 +264,8 @@ class GenerationCapture:
         max_new_tokens: Budget (sizes the capture buffers; they grow if needed).
         extra_eos: End ids given to this ``generate`` call (``eos_token_id=``): they end an answer
             and are never scored, as the model's own end ids.
+        refit: When streaming checks refit the window bases (see :class:`StreamCache`); the final
+            features always refit, so they equal the teacher-forced extraction.
     """
 
     def __init__(
@@ -273,6 +275,7 @@ class GenerationCapture:
         attention_mask: torch.Tensor,
         max_new_tokens: int,
         extra_eos: frozenset[int] = frozenset(),
+        refit: str = "always",
     ) -> None:
         self.extractor = extractor
         self.extra_eos = extra_eos
@@ -295,6 +298,7 @@ class GenerationCapture:
 
         capacity = p_rows.numel() + input_ids.shape[0] * int(max_new_tokens)
         self.recorder = FlowRecorder(extractor.arch, selector, capacity=capacity)
+        self.cache = StreamCache(refit)
 
     def __enter__(self) -> GenerationCapture:
         self.recorder.__enter__()
@@ -323,7 +327,7 @@ class GenerationCapture:
             resp = torch.zeros_like(input_ids, dtype=torch.bool)
             resp[:, self.prompt_length :] = True
             ended = ~mask[:, -1] & ~ext.before_first_eos(input_ids, resp, self.extra_eos)[:, -1]
-            feats = ext.features_from_states(input_ids, full_att, mask, self.recorder.result())
+            feats = ext.features_from_states(input_ids, full_att, mask, self.recorder.result(), self.cache)
             n = input_ids.shape[0]
             if feats.values.shape[2] == 0:
                 empty = torch.zeros(n, 0)
@@ -350,7 +354,7 @@ class GenerationCapture:
             # generate never feeds its last token back; one more step gives its states.
             self._final_step(output, seqs, full_att)
         states = self.recorder.result()
-        return self.extractor.features_from_states(seqs, full_att, mask, states)
+        return self.extractor.features_from_states(seqs, full_att, mask, states, self.cache.exact())
 
     def _final_step(self, out: Any, seqs: torch.Tensor, full_att: torch.Tensor) -> None:
         ext = self.extractor
@@ -475,6 +479,7 @@ def flow_generate(
     abstain_threshold: float | None = None,
     abstain_ids: list[int] | None = None,
     abstain_eos_id: int | None = None,
+    check_refit: str = "always",
     **generate_kwargs: Any,
 ) -> FlowGenerateOutput:
     """One flow-checked ``generate`` call (what the wrapper's ``generate`` runs once its options are checked).
@@ -490,6 +495,9 @@ def flow_generate(
         abstain_threshold: With ``check_every``: running score above which a row abstains.
         abstain_ids: Token ids of the abstention message.
         abstain_eos_id: Ends an abstaining row (``eos_token_id=`` is a generate setting, passed on).
+        check_refit: When a streaming check refits the window bases: ``"always"`` (each running
+            score is the spec's score of the answer so far) or ``"doubling"`` (see
+            :class:`~hf_flowcheck.extraction.StreamCache`; the final score is exact either way).
         **generate_kwargs: For ``model.generate``.
 
     Returns:
@@ -514,7 +522,9 @@ def flow_generate(
         stops.append(_Cancelled(flow_streamer))
         generate_kwargs["stopping_criteria"] = stops
     budget = _max_new_tokens(extractor.base, generate_kwargs)
-    capture = GenerationCapture(extractor, input_ids, attention_mask, budget, _call_eos(generate_kwargs))
+    capture = GenerationCapture(
+        extractor, input_ids, attention_mask, budget, _call_eos(generate_kwargs), refit=check_refit
+    )
     stream = None
     if check_every:
         stream = FlowStreamingCheck(

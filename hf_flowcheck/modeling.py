@@ -20,7 +20,7 @@ from torch import nn
 from hf_flowcheck.architectures import unwrap_model
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
-from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.extraction import STREAM_REFITS, FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
 from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
@@ -37,6 +37,7 @@ FLOW_GENERATE_KWARGS = (
     "return_flow_scores",
     "return_flow_features",
     "flow_check_every",
+    "flow_check_refit",
     "flow_abstain_threshold",
     "flow_abstain_message",
     "flow_rollback_threshold",
@@ -219,6 +220,11 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 ``flow_event_scores``, ``flow_culprits``. Also read from ``generation_config``.
             return_flow_features: Also return the :class:`FlowFeatures`.
             flow_check_every: Score every row every this many tokens while generating.
+            flow_check_refit: When a streaming check refits the window bases: ``"always"`` (default;
+                every running score is the spec's score of the answer so far) or ``"doubling"``
+                (refit once the answer has doubled in length since the last fit, reuse the last
+                bases in between: an approximation of the running score, far cheaper; the final
+                score is exact either way). Per-token work (lens channels, JVPs) is never repeated.
             flow_abstain_threshold: With ``flow_check_every``: a row whose running score exceeds
                 this stops and ends with ``flow_abstain_message``. ``"recommended"`` takes the
                 validator's threshold chosen on validation (precision 0.8, see its model card).
@@ -252,6 +258,17 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 raise ValueError(
                     f"{name} needs flow_check_every (how often the running score is checked); pass "
                     f"flow_check_every=1 (every token) or a larger integer, or drop {name}."
+                )
+        if flags["flow_check_refit"] is not None:
+            if not check_every and not isinstance(kwargs.get("streamer"), FlowTextStreamer):
+                raise ValueError(
+                    "flow_check_refit needs flow_check_every (it says how streaming checks refit); pass "
+                    "flow_check_every=1 or a larger integer, or drop flow_check_refit."
+                )
+            if flags["flow_check_refit"] not in STREAM_REFITS:
+                raise ValueError(
+                    f"flow_check_refit={flags['flow_check_refit']!r} is not supported; use one of "
+                    f"{', '.join(map(repr, STREAM_REFITS))}."
                 )
         if flags["flow_max_rollbacks"] is not None and flags["flow_rollback_threshold"] is None:
             raise ValueError("flow_max_rollbacks needs flow_rollback_threshold (when to roll back); pass both.")
@@ -334,6 +351,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
             abstain_threshold=threshold,
             abstain_ids=abstain_ids,
             abstain_eos_id=eos,
+            check_refit=flags["flow_check_refit"] or "always",
             **kwargs,
         )
 
@@ -375,6 +393,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
             abstain_threshold=threshold,
             abstain_ids=[],  # a crossing row ends at once; refine() then rolls it back
             abstain_eos_id=eos,
+            check_refit=flags["flow_check_refit"] or "always",
             **dict(kwargs),
         )
         crossed = result.flow_abstained.nonzero().squeeze(-1).tolist()

@@ -501,7 +501,13 @@ def refine(
     if budget is not None and (isinstance(budget, bool) or not isinstance(budget, int) or budget < 1):
         raise ValueError(f"max_new_tokens={budget!r} must be a positive integer (the refined answer's token budget).")
     generate_kwargs.pop("max_length", None)
-    for name in ("return_flow_scores", "return_flow_features", "flow_check_every", "flow_abstain_threshold"):
+    for name in (
+        "return_flow_scores",
+        "return_flow_features",
+        "flow_check_every",
+        "flow_check_refit",
+        "flow_abstain_threshold",
+    ):
         if generate_kwargs.pop(name, None):
             raise ValueError(f"{name} is not supported inside refine(); the refined answer is re-scored already.")
     for name in ("input_ids", "inputs", "past_key_values", "inputs_embeds"):

@@ -13,13 +13,16 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from hf_flowcheck.configuration import EPS, FlowConfig
 
 __all__ = [
     "SampleGeometry",
     "WindowLayout",
+    "block_updates",
     "boundary_states",
+    "closed_form_norm_jvp",
     "competitor_directions",
     "fit_basis",
     "fit_sample_bases",
@@ -304,8 +307,65 @@ def stable_angle(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 # ------------------------------------------------------------------------------------ the JVPs
 def norm_jvp(norm: NormFn, x: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``J_N(x) v`` row-wise, via ``torch.func.jvp`` on the real norm module."""
+    """``J_N(x) v`` row-wise: the norm's verified closed form when it has one (see
+    :func:`closed_form_norm_jvp`), else ``torch.func.jvp`` on the real norm module."""
+    fast = getattr(norm, "flowcheck_jvp", None)
+    if fast is not None:
+        return fast(x, v)
     return torch.func.jvp(norm, (x,), (v,))[1]
+
+
+def closed_form_norm_jvp(norm: nn.Module, dim: int, seed: int = 0) -> Callable | None:
+    """A closed-form ``(x, v) -> J_N(x) v`` for an RMSNorm- or LayerNorm-style module, or ``None``.
+
+    ``torch.func.jvp`` costs a few milliseconds of set-up per call, which dominates when a
+    streaming check adds one token at a time. Norms of the form ``N(x) = g * n(x) (+ beta)`` with
+    ``n`` the RMS or the mean-and-variance normalisation get the closed form; which ``g``
+    (``weight``, ``1 + weight``) and ``eps`` is found by matching the module's own output, and the
+    result is accepted only if it also matches ``torch.func.jvp`` on random probes (else ``None``,
+    and the generic JVP is used).
+
+    Args:
+        norm: A float32 norm module (the extractor's copy).
+        dim: Its width ``d``.
+        seed: Seed of the probes.
+
+    Returns:
+        ``jvp(x [n, d], v [n, d]) -> [n, d]`` or ``None``.
+    """
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, torch.Tensor) or weight.shape != (dim,):
+        return None
+    eps_values = [getattr(norm, n) for n in ("variance_epsilon", "eps", "epsilon") if hasattr(norm, n)]
+    eps_values = [float(e) for e in eps_values if isinstance(e, (int, float))]
+    if not eps_values:
+        return None
+    w = weight.detach().float()
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(4, dim, generator=g).to(w.device) * 3.0 + 0.5
+    v = torch.randn(4, dim, generator=g).to(w.device)
+    with torch.no_grad():
+        y = norm(x).float()
+        ref = torch.func.jvp(norm, (x,), (v,))[1].float()
+    for centered in (False, True):
+        for eps in eps_values:
+            for gain in (w, 1.0 + w):
+
+                def jvp(x: torch.Tensor, v: torch.Tensor, gain=gain, eps=eps, centered=centered) -> torch.Tensor:
+                    if centered:
+                        x = x - x.mean(-1, keepdim=True)
+                        v = v - v.mean(-1, keepdim=True)
+                    s = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+                    return gain * (s * v - x * s.pow(3) * (x * v).mean(-1, keepdim=True))
+
+                xc = x - x.mean(-1, keepdim=True) if centered else x
+                n = xc * torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
+                beta = y - gain * n
+                if not torch.allclose(beta, beta[:1].expand_as(beta), rtol=1e-4, atol=1e-5):
+                    continue  # not this form: what is left is not a constant bias
+                if torch.allclose(jvp(x, v), ref, rtol=1e-4, atol=1e-5):
+                    return jvp
+    return None
 
 
 def path_integrated_updates(
@@ -334,6 +394,28 @@ def path_integrated_updates(
     q_mlp = sum(w * jv[off + i * n : off + (i + 1) * n] for i, (_, w) in enumerate(SIMPSON))
     q_end = jv[2 * off :]
     return q_attn, q_mlp, q_end
+
+
+def block_updates(r: torch.Tensor, o: torch.Tensor, m: torch.Tensor, norms: Sequence[NormFn]) -> torch.Tensor:
+    """The path-integrated updates of every block, in ``d``-space (before any projection).
+
+    Each token's rows depend on that token's states only (a streaming caller may cache them).
+
+    Args:
+        r: ``[R, B+1, d]`` raw residual states.
+        o: ``[R, B, d]``.
+        m: ``[R, B, d]``.
+        norms: ``N_0..N_B``.
+
+    Returns:
+        ``[R, B, 3, d]``: ``(q_attn, q_mlp, q_end)`` of :func:`path_integrated_updates` per block.
+    """
+    n_tok, n_blocks = o.shape[0], o.shape[1]
+    out = r.new_empty(n_tok, n_blocks, 3, r.shape[-1])
+    for b in range(n_blocks):
+        qa, qm, qe = path_integrated_updates(norms[b + 1], r[:, b], r[:, b + 1], o[:, b], m[:, b])
+        out[:, b, 0], out[:, b, 1], out[:, b, 2] = qa, qm, qe
+    return out
 
 
 # ------------------------------------------------------------------------------------ features
@@ -422,6 +504,7 @@ def flow_features(
     bases: Sequence[torch.Tensor],
     layout: WindowLayout,
     config: FlowConfig,
+    updates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleGeometry]:
     """The per-event features of one sample given its window bases (§4–§5).
 
@@ -435,6 +518,7 @@ def flow_features(
         bases: ``J`` tensors ``[d, k]``.
         layout: Windows.
         config: Flow config.
+        updates: Optional ``[R, B, 3, d]`` :func:`block_updates` of these states (computed if ``None``).
 
     Returns:
         ``(features [B, R, F], geometry)`` with ``F = config.num_features`` in ``config.feature_names`` order.
@@ -462,12 +546,10 @@ def flow_features(
     attn_mag = torch.einsum("tbd,bdk->tbk", o, u_tgt).norm(dim=-1)
     mlp_mag = torch.einsum("tbd,bdk->tbk", m, u_tgt).norm(dim=-1)
 
-    q_attn = torch.empty(n_tok, n_blocks, k, device=h_tilde.device)
-    q_mlp = torch.empty_like(q_attn)
-    q_end = torch.empty_like(q_attn)
-    for b in range(n_blocks):
-        qa, qm, qe = path_integrated_updates(norms[b + 1], r[:, b], r[:, b + 1], o[:, b], m[:, b])
-        q_attn[:, b], q_mlp[:, b], q_end[:, b] = qa @ u_tgt[b], qm @ u_tgt[b], qe @ u_tgt[b]
+    if updates is None:
+        updates = block_updates(r, o, m, norms)
+    q = torch.einsum("tbsd,bdk->tbsk", updates, u_tgt)  # [R, B, 3, k]
+    q_attn, q_mlp, q_end = q[:, :, 0], q[:, :, 1], q[:, :, 2]
     dq = q_attn + q_mlp
     update_mag = dq.norm(dim=-1)
     resid_ratio = (dq - q_end).norm(dim=-1) / (update_mag + EPS)
@@ -506,6 +588,7 @@ def sample_flow_features(
     config: FlowConfig,
     sample_key: int,
     bases: Sequence[torch.Tensor] | None = None,
+    updates: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, SampleGeometry]:
     """Everything for one sample: monitored states, bases (unless given), features.
 
@@ -519,6 +602,7 @@ def sample_flow_features(
         config: Flow config.
         sample_key: Stable per-sample key (see :func:`token_key`).
         bases: Optional precomputed window bases (tests use this to rotate the gauge).
+        updates: Optional precomputed ``[R, B, 3, d]`` :func:`block_updates`.
 
     Returns:
         ``(features [B, R, F], geometry)``.
@@ -528,17 +612,24 @@ def sample_flow_features(
     h, h_tilde = boundary_states(r, norms, betas, config.boundary)
     if bases is None:
         bases = fit_sample_bases(h, readout, layout, config, sample_key)
-    return flow_features(h, h_tilde, r, o, m, norms, bases, layout, config)
+    return flow_features(h, h_tilde, r, o, m, norms, bases, layout, config, updates)
 
 
-def lens_features(r_after: torch.Tensor, final_norm: NormFn, readout: torch.Tensor, top_k: int) -> torch.Tensor:
+def lens_features(
+    r_after: torch.Tensor, final_norm: NormFn, readout: torch.Tensor, top_k: int, candidates: int = 0
+) -> torch.Tensor:
     """Readout-lens features of each (token, block): the residual after block ``b`` read out as if final.
+
+    Each token's features depend on that token's states only (a streaming caller may cache them).
 
     Args:
         r_after: ``[R, B, d]`` residual states after each block (``r_{b+1}``).
         final_norm: ``N_B``, the norm before the readout.
         readout: ``W``, ``[V, d]``.
         top_k: Competitors in the entropy (``K``).
+        candidates: 0: read out the whole vocabulary (exact). ``C > 0``: read out, at every block,
+            only the token's top ``C`` rows of the last block's readout, and compute the four
+            channels within them (an approximation: ``C >= max(top_k, 2)``).
 
     Returns:
         ``[B, R, 4]``: top-1 probability, its margin over the runner-up, the entropy of the top-``K``
@@ -549,16 +640,27 @@ def lens_features(r_after: torch.Tensor, final_norm: NormFn, readout: torch.Tens
         return r_after.new_zeros(n_blocks, 0, 4)
     flat = final_norm(r_after.transpose(0, 1).reshape(-1, dim))  # [B*R, d], block-major
     last = flat[-n_tok:]  # the final block's rows: what the model outputs
+    if candidates:
+        c = min(candidates, readout.shape[0])
+        cand = torch.nn.functional.linear(last, readout).topk(c, dim=-1).indices  # [R, C], column 0 = the choice
+        rows = readout[cand]  # [R, C, d]
+        logits = torch.einsum("brd,rcd->brc", flat.reshape(n_blocks, n_tok, dim), rows).float().reshape(-1, c)
+        return _lens_channels(logits, torch.zeros(logits.shape[0], dtype=torch.long), top_k).reshape(n_blocks, n_tok, 4)
     final_choice = torch.nn.functional.linear(last, readout).argmax(-1).repeat(n_blocks)  # [B*R]
     parts = []
     for i in range(0, flat.shape[0], 256):  # bounds memory at 256 x V
         logits = torch.nn.functional.linear(flat[i : i + 256], readout).float()  # [n, V]
-        logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-        top = logits.topk(max(top_k, 2), dim=-1).values  # [n, K]
-        p_top = (top - logz).exp()
-        q = torch.softmax(top, dim=-1)
-        chosen = logits.gather(1, final_choice[i : i + 256, None])
-        rank = (logits > chosen).sum(-1).float()
-        ent = -(q * q.clamp_min(1e-30).log()).sum(-1)
-        parts.append(torch.stack([p_top[:, 0], p_top[:, 0] - p_top[:, 1], ent, torch.log1p(rank)], dim=-1))
+        parts.append(_lens_channels(logits, final_choice[i : i + 256], top_k))
     return torch.cat(parts).reshape(n_blocks, n_tok, 4)
+
+
+def _lens_channels(logits: torch.Tensor, chosen_index: torch.Tensor, top_k: int) -> torch.Tensor:
+    """``[n, V']`` readout logits, ``[n]`` column of the finally chosen token -> ``[n, 4]`` lens channels."""
+    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
+    top = logits.topk(max(top_k, 2), dim=-1).values  # [n, K]
+    p_top = (top - logz).exp()
+    q = torch.softmax(top, dim=-1)
+    chosen = logits.gather(1, chosen_index[:, None])
+    rank = (logits > chosen).sum(-1).float()
+    ent = -(q * q.clamp_min(1e-30).log()).sum(-1)
+    return torch.stack([p_top[:, 0], p_top[:, 0] - p_top[:, 1], ent, torch.log1p(rank)], dim=-1)

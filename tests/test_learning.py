@@ -80,6 +80,36 @@ def test_validator_fits_a_small_training_set(tiny_answers, with_state):
     assert _train_loss(model, feats, labels) < 0.5 * constant
 
 
+def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers):
+    from hf_flowcheck.detectors.baselines import train_logistic_regression
+
+    feats, labels = tiny_answers
+    tr, va = slice(0, 32), slice(32, 48)
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    # epochs that only make things worse on validation (a huge learning rate): the probe itself is kept
+    model, hist = train_validator(
+        feats[tr], labels[tr], feats[va], labels[va], config=cfg, lr=5.0, epochs=2, patience=5,
+        state_init="probe", progress=False,
+    )  # fmt: skip
+    sel = feats.states[tr][:, [2, 4]]
+    mu, sd = sel.mean(0), sel.std(0).clamp_min(1e-6)
+    w, b = train_logistic_regression(((sel - mu) / sd).reshape(32, -1), labels[tr])
+    z = ((feats.states[va][:, [2, 4]] - mu) / sd).reshape(16, -1).double()
+    probe_logits = (z @ w + b).numpy()
+    got = model.score_features(feats[va]).logits.double().numpy()
+    assert hist.best_epoch == 0 and hist.epochs_run == 2
+    shift = got - probe_logits  # the event head is zero: the score is the probe's, shifted by log(pos_weight)
+    assert abs(shift - shift.mean()).max() < 1e-4
+    assert shift.mean() == pytest.approx(math.log(hist.pos_weight), abs=1e-4)
+    assert hist.best_val_loss <= min(hist.val_loss) + 1e-12
+    assert hist.to_dict()["best_epoch"] == hist.best_epoch
+    assert model.training_metadata["hyperparameters"]["state_init"] == "probe"
+    with pytest.raises(ValueError, match="state_init"):
+        train_validator(feats, labels, feats, labels, config=shipped_config(feats), state_init="probe", epochs=1)
+    with pytest.raises(ValueError, match="state_init"):
+        train_validator(feats, labels, feats, labels, config=cfg, state_init="lbfgs", epochs=1)
+
+
 def test_attention_head_culprit_is_the_largest_event(tiny_answers):
     feats, _ = tiny_answers
     model = FlowValidator(shipped_config(feats)).eval()
@@ -217,3 +247,105 @@ def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
     streamed = fc.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_flow_scores=True,
                            flow_check_every=2, suppress_tokens=[98])  # fmt: skip
     torch.testing.assert_close(streamed.flow_scores, out.flow_scores, atol=1e-5, rtol=1e-5)
+
+
+def test_streaming_computes_each_token_lens_once_and_scores_as_without_cache(tiny_answers, monkeypatch):
+    import hf_flowcheck.extraction as extraction
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.fingerprint import model_fingerprint
+
+    feats, labels = tiny_answers
+    model = make_tiny_model("llama")
+    v, _ = train_validator(feats, labels, feats, labels, config=shipped_config(feats), epochs=1, progress=False,
+                           flow_config=tiny_flow_config(lens_features=True))  # fmt: skip
+    v.base_fingerprint = model_fingerprint(model)
+    fc = FlowCheckedModelForCausalLM(model, v)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    kw = dict(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_flow_scores=True,
+              flow_check_every=1, suppress_tokens=[98])  # fmt: skip
+    rows_read = []
+    real = extraction.lens_features
+    monkeypatch.setattr(extraction, "lens_features", lambda r, *a: rows_read.append(r.shape[0]) or real(r, *a))
+    cached = fc.generate(**kw)
+    assert sum(rows_read) == 2 * 6  # every generated token of both rows, once, over 5 checks and the end
+    real_features_from_states = extraction.FlowExtractor.features_from_states
+    monkeypatch.setattr(
+        extraction.FlowExtractor,
+        "features_from_states",
+        lambda self, *a: real_features_from_states(self, *a[:4]),  # drop the cache: recompute at every check
+    )
+    rows_read.clear()
+    fresh = fc.generate(**kw)
+    assert sum(rows_read) > 2 * 6
+    torch.testing.assert_close(cached.flow_running_scores, fresh.flow_running_scores, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(cached.flow_scores, fresh.flow_scores, atol=1e-6, rtol=1e-6)
+
+
+def test_lens_candidates_over_the_whole_vocabulary_are_exact(tiny_answers):
+    model = make_tiny_model("llama")
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11, 12], [13, 14, 15, 16, 17, 18, 19, 20]])
+    resp = torch.zeros_like(ids)
+    resp[:, 5:] = 1
+    vocab = model.get_output_embeddings().weight.shape[0]
+    exact = FlowExtractor(model, tiny_flow_config(lens_features=True)).extract(ids, response_mask=resp)
+    whole = FlowExtractor(model, tiny_flow_config(lens_features=True, lens_candidates=vocab)).extract(
+        ids, response_mask=resp
+    )
+    torch.testing.assert_close(whole.values, exact.values, atol=1e-5, rtol=1e-4)
+    few = FlowExtractor(model, tiny_flow_config(lens_features=True, lens_candidates=8)).extract(ids, response_mask=resp)
+    names = list(few.names)
+    torch.testing.assert_close(few.values[..., :10], exact.values[..., :10])  # the spec's features do not change
+    rank = few.values[..., names.index("lens_rank")]
+    assert float(rank.max()) <= math.log1p(7) + 1e-6
+    assert bool((rank[:, -1][few.valid[:, -1]] == 0).all())  # the last block still prefers its own choice
+    # at the last block the top token is the same, and the normaliser over 8 rows is the smaller one
+    top1, top1_exact = few.values[:, -1, :, names.index("lens_top1")], exact.values[:, -1, :, names.index("lens_top1")]
+    assert bool((top1[few.valid[:, -1]] >= top1_exact[few.valid[:, -1]] - 1e-6).all())
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(lens_features=True, lens_candidates=2), "num_competitors"),
+        (dict(lens_features=True, lens_candidates=-1), "lens_candidates"),
+        (dict(lens_features=True, lens_candidates=True), "lens_candidates"),
+        (dict(lens_candidates=64), "lens_features=True"),
+    ],
+)
+def test_bad_lens_candidates_are_named(kw, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_flow_config(**kw)
+
+
+def test_doubling_refit_is_exact_where_it_refits_and_at_the_end(tiny_answers, monkeypatch):
+    import hf_flowcheck.extraction as extraction
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.fingerprint import model_fingerprint
+
+    feats, labels = tiny_answers
+    model = make_tiny_model("llama")
+    v, _ = train_validator(feats, labels, feats, labels, config=shipped_config(feats), epochs=1, progress=False,
+                           flow_config=tiny_flow_config(lens_features=True))  # fmt: skip
+    v.base_fingerprint = model_fingerprint(model)
+    fc = FlowCheckedModelForCausalLM(model, v)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    kw = dict(input_ids=ids, max_new_tokens=9, min_new_tokens=9, do_sample=False, return_flow_scores=True,
+              flow_check_every=1, suppress_tokens=[98])  # fmt: skip
+    fits = []
+    real = extraction.fit_sample_bases
+    monkeypatch.setattr(extraction, "fit_sample_bases", lambda h, *a: fits.append(h.shape[0]) or real(h, *a))
+    always = fc.generate(**kw)
+    n_always = len(fits)
+    fits.clear()
+    doubling = fc.generate(**kw, flow_check_refit="doubling")
+    # checks after 1..8 tokens: fits at 1, 2, 4 and 8 tokens (per row), then the final (exact) fit at 9
+    assert fits == [1, 1, 2, 2, 4, 4, 8, 8, 9, 9] and n_always == 2 * 9
+    assert always.flow_check_steps.tolist() == doubling.flow_check_steps.tolist() == list(range(1, 9))
+    refit = [0, 1, 3, 7]  # the checks after 1, 2, 4 and 8 tokens
+    torch.testing.assert_close(doubling.flow_running_scores[refit], always.flow_running_scores[refit])
+    torch.testing.assert_close(doubling.flow_scores, always.flow_scores)
+    torch.testing.assert_close(doubling.sequences, always.sequences)
+    with pytest.raises(ValueError, match="flow_check_refit"):
+        fc.generate(input_ids=ids, max_new_tokens=2, return_flow_scores=True, flow_check_every=1, flow_check_refit="x")
+    with pytest.raises(ValueError, match="needs flow_check_every"):
+        fc.generate(input_ids=ids, max_new_tokens=2, return_flow_scores=True, flow_check_refit="doubling")

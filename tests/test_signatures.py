@@ -275,3 +275,26 @@ def test_flow_features_with_identity_bases_by_hand():
     torch.testing.assert_close(feats[:, 0, 5], torch.tensor([1.0, 1.0]))  # identity norm: update = inj
     torch.testing.assert_close(feats[:, 0, 6], torch.tensor([0.0, 0.0]))  # linear norm: no residual
     torch.testing.assert_close(feats[:, 0, 2], torch.tensor([math.pi / 4, math.atan(1 / math.sqrt(2))]))
+
+
+def test_closed_form_norm_jvp_matches_autograd_or_is_refused(family):
+    from hf_flowcheck.signatures import closed_form_norm_jvp
+
+    ext = FlowExtractor(make_tiny_model(family), tiny_flow_config())
+    g = torch.Generator().manual_seed(1)
+    for norm in ext.norms:
+        dim = ext.readout.shape[1]
+        x, v = torch.randn(6, dim, generator=g) * 2, torch.randn(6, dim, generator=g)
+        ref = torch.func.jvp(norm, (x,), (v,))[1]
+        fast = norm.flowcheck_jvp  # RMSNorm / LayerNorm in every family here
+        torch.testing.assert_close(fast(x, v), ref, rtol=1e-4, atol=1e-5)
+
+    class Odd(torch.nn.Module):  # a norm of another form: no closed form, the generic JVP is used
+        def __init__(self):
+            super().__init__()
+            self.weight, self.eps = torch.nn.Parameter(torch.ones(8)), 1e-6
+
+        def forward(self, x):
+            return self.weight * torch.tanh(x)
+
+    assert closed_form_norm_jvp(Odd(), 8) is None

@@ -285,6 +285,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         default=0,
         help="With --state: also read the boundaries this many blocks below and above the probe's (0 = only it).",
     )
+    p.add_argument(
+        "--state-init",
+        choices=["random", "probe"],
+        default="random",
+        help="With --state: start the state branch at the hidden-state probe (its logistic regression) and the "
+        "event head at zero; the probe is then the first checkpoint candidate.",
+    )
     p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
     p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
     p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
@@ -325,6 +332,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         block_embedding=args.block_embedding,
         state=args.state,
         state_spread=args.state_spread,
+        state_init=args.state_init,
         channels=tuple(args.channels) if args.channels else None,
         hidden=args.hidden,
         embed=args.embed,
@@ -425,6 +433,13 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         "and test stay whole. Bounds the cost of fitting the trainable detectors; recorded in the report.",
     )
     parser.add_argument(
+        "--max-eval",
+        type=int,
+        default=None,
+        help="Keep at most this many validation and this many test examples (whole records, in the split's seeded "
+        "order): a seeded subset for the costly detectors (sampling, gradient); recorded in the report.",
+    )
+    parser.add_argument(
         "--timing-prompts",
         type=int,
         default=32,
@@ -487,6 +502,9 @@ def run_compare(args: argparse.Namespace) -> int:
         split_map = {n: _cap(examples, split_map[n], args.max_per_split) for n in SPLIT_NAMES}
     if args.max_train:
         split_map["train"] = _cap(examples, split_map["train"], args.max_train)
+    if args.max_eval:
+        for name in ("validation", "test"):
+            split_map[name] = _cap(examples, split_map[name], args.max_eval)
     detectors = _build_detectors(args, tokenizer, store.protocol)
     report = compare_detectors(
         model,
@@ -501,7 +519,8 @@ def run_compare(args: argparse.Namespace) -> int:
         max_new_tokens=args.max_new_tokens,
         generate_kwargs=(
             {"stopping_criteria": [AnswerLineStop(tokenizer)]}
-            if store.protocol == "generated" and supports_answer_line_stop(tokenizer)
+            # replayed stores hold answers the model generated with this stop (their decoding header)
+            if store.protocol in ("generated", "replayed") and supports_answer_line_stop(tokenizer)
             else None
         ),
         timing_prompts=None if args.timing_prompts <= 0 else args.timing_prompts,
@@ -521,6 +540,7 @@ def run_compare(args: argparse.Namespace) -> int:
         )
     report["command"] = command
     report["features"] = str(args.features)
+    report["caps"] = {"max_per_split": args.max_per_split, "max_train": args.max_train, "max_eval": args.max_eval}
     print(
         f"{store.protocol} protocol, test split of {args.features}: "
         + ", ".join(f"{k} {v}" for k, v in report["sizes"].items())

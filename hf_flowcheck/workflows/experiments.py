@@ -214,6 +214,7 @@ def train_from_store(
     block_embedding: int = 0,
     state: bool = False,
     state_spread: int = 0,
+    state_init: str = "random",
     channels: tuple[str, ...] | None = None,
     hidden: int = 256,
     embed: int = 128,
@@ -230,7 +231,8 @@ def train_from_store(
     """Train a validator on a store's train split, select on validation, report on test, save.
 
     ``features_dir`` is a feature store or a root of replayed part stores. ``state=True`` adds the
-    state branch, reading the residual boundary where a hidden-state probe is best on validation.
+    state branch, reading the residual boundary where a hidden-state probe is best on validation;
+    ``state_init="probe"`` starts it at that probe (see :func:`train_validator`).
     ``channels`` keeps only those feature channels (e.g. the flow-only variant of a lens store).
     The folder also gets ``learning_curve.json``/``.png`` and validation-chosen operating points.
 
@@ -303,6 +305,7 @@ def train_from_store(
         patience=patience,
         weight_decay=weight_decay,
         selection=selection,
+        state_init=state_init,
         seed=seed,
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,

@@ -44,6 +44,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.detectors.baselines import train_logistic_regression
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.fingerprint import model_fingerprint
@@ -281,6 +282,22 @@ def _weighted_bce(logits: np.ndarray, y: np.ndarray, pos_weight: float) -> float
     return float(nn.functional.binary_cross_entropy_with_logits(lt, yt, pos_weight=torch.tensor(pos_weight)))
 
 
+def _warm_start_from_probe(
+    model: FlowValidator, states: torch.Tensor, labels: torch.Tensor, pos_weight: float, l2: float
+) -> None:
+    """Set the state branch to the L2 logistic regression on its (standardised) inputs; zero the event head."""
+    cfg = model.config
+    sel = states[:, list(cfg.state_blocks)].to(model.state_shift)
+    z = ((sel - model.state_shift) / model.state_scale).reshape(len(sel), -1)
+    w, b = train_logistic_regression(z.cpu(), labels.cpu(), l2=l2)
+    with torch.no_grad():
+        model.state_head.weight.copy_(w.to(model.state_head.weight)[None])
+        # The weighted BCE's optimum sits log(pos_weight) above the unweighted probe's logit.
+        model.state_head.bias.fill_(float(b) + math.log(pos_weight))
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+
+
 def train_validator(
     train: FlowFeatures,
     train_labels: Any,
@@ -295,6 +312,8 @@ def train_validator(
     grad_clip: float | None = 1.0,
     patience: int = 10,
     selection: str = "val_loss",
+    state_init: str = "random",
+    state_l2: float = 1e-2,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -319,6 +338,12 @@ def train_validator(
         patience: Epochs without an improvement of the selection metric before stopping.
         selection: ``"val_loss"`` (default: the weighted validation BCE, smooth even on small
             validation sets) or ``"val_auroc"`` picks the kept epoch and drives early stopping.
+        state_init: ``"random"`` or ``"probe"`` (flow + state validators only): start the state branch
+            at an L2 logistic regression on the training states -- the hidden-state probe -- with the
+            event head at zero, so training starts from the probe's score; the initialisation is also
+            a selection candidate (``best_epoch == 0``), so on validation the result is never worse
+            than the probe by the selection metric.
+        state_l2: The probe's L2 penalty for ``state_init="probe"`` (as :class:`HiddenStateProbe`).
         seed: Seed of initialisation, shuffling and dropout.
         checkpoint_dir: Folder for the resumable training state (and ``best/``, the kept
             validator via ``save_pretrained``). An existing state there is resumed; a finished
@@ -350,6 +375,14 @@ def train_validator(
     _positive("weight_decay", weight_decay, allow_zero=True)
     if selection not in ("val_loss", "val_auroc"):
         raise ValueError(f"selection={selection!r} is not supported; use 'val_loss' or 'val_auroc'.")
+    if state_init not in ("random", "probe"):
+        raise ValueError(f"state_init={state_init!r} is not supported; use 'random' or 'probe'.")
+    _positive("state_l2", state_l2, allow_zero=True)
+    if state_init == "probe" and (config is None or not getattr(config, "state_dim", 0)):
+        raise ValueError(
+            "state_init='probe' starts the state branch at the hidden-state probe, but config has no state branch; "
+            "give a ValidatorConfig with state_dim and state_blocks (flowcheck train --state) or use 'random'."
+        )
     if config is not None and getattr(config, "state_dim", 0) and (train.states is None or val.states is None):
         raise ValueError(
             "config has a state branch (state_dim > 0) but the features carry no state summaries; extract them "
@@ -410,6 +443,8 @@ def train_validator(
         "selection": selection,
         "seed": int(seed),
     }
+    if state_init != "random":  # absent for "random", so earlier checkpoints still resume
+        hyper.update(state_init=state_init, state_l2=float(state_l2))
     run_key = {
         **hyper,
         "validator_config": config.to_dict(),
@@ -428,6 +463,8 @@ def train_validator(
         torch.manual_seed(seed)
         model = FlowValidator(config, flow_config=flow_config, base_fingerprint=fingerprint).to(dev)
         model.fit_input_transform(x_tr, m_tr, s_tr)
+        if state_init == "probe":
+            _warm_start_from_probe(model, s_tr, y_tr, pos_weight, state_l2)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=dev))
         best_state: dict[str, torch.Tensor] | None = None
@@ -454,6 +491,12 @@ def train_validator(
             history.stopped_early = bool(info["stopped_early"])
             history.resumed_from_epoch = start
         history.epochs_run = start
+        if state_init == "probe" and start == 0:
+            # The probe itself is the first candidate: training must beat it on validation to be kept.
+            val_logits = _scores(model, x_va, m_va, s_va, max(batch_size, 256), dev)
+            history.best_epoch, history.best_val_auroc = 0, auroc(y_va.numpy(), val_logits)
+            history.best_val_loss = _weighted_bce(val_logits, y_va.numpy(), pos_weight)
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
 
         bar = tqdm(total=epochs, initial=min(start, epochs), disable=not progress, desc="train FlowValidator")
         try:
