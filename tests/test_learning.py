@@ -349,3 +349,27 @@ def test_doubling_refit_is_exact_where_it_refits_and_at_the_end(tiny_answers, mo
         fc.generate(input_ids=ids, max_new_tokens=2, return_flow_scores=True, flow_check_every=1, flow_check_refit="x")
     with pytest.raises(ValueError, match="needs flow_check_every"):
         fc.generate(input_ids=ids, max_new_tokens=2, return_flow_scores=True, flow_check_refit="doubling")
+
+
+def test_prefix_augmentation_cuts_rows_to_prefixes_and_refuses_the_state_branch(tiny_answers):
+    from hf_flowcheck.workflows.training import _random_prefixes
+
+    feats, labels = tiny_answers
+    valid = feats.valid.clone()
+    valid[0, :, 2:] = False  # a 2-token answer
+    valid[1, :, 1:] = False  # a 1-token answer is never cut
+    cut = _random_prefixes(valid, 1.0, torch.Generator().manual_seed(0))
+    n_before, n_after = valid.any(1).sum(-1), cut.any(1).sum(-1)
+    assert bool((n_after >= 1).all()) and bool((n_after[n_before > 1] < n_before[n_before > 1]).all())
+    assert n_after[0] == 1 and n_after[1] == 1
+    cols = torch.arange(valid.shape[-1])
+    assert torch.equal(cut, valid & (cols[None, None, :] < n_after[:, None, None]))  # a prefix, every block
+    assert torch.equal(_random_prefixes(valid, 0.0, torch.Generator().manual_seed(0)), valid)
+    model, hist = train_validator(feats, labels, feats, labels, config=shipped_config(feats), epochs=2,
+                                  prefix_augment=0.5, progress=False)  # fmt: skip
+    assert model.training_metadata["hyperparameters"]["prefix_augment"] == 0.5 and hist.epochs_run == 2
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2,))
+    with pytest.raises(ValueError, match="prefix_augment"):
+        train_validator(feats, labels, feats, labels, config=cfg, prefix_augment=0.5, epochs=1)
+    with pytest.raises(ValueError, match="prefix_augment"):
+        train_validator(feats, labels, feats, labels, config=shipped_config(feats), prefix_augment=1.5, epochs=1)

@@ -82,7 +82,9 @@ def run_replay(args: Any) -> int:
     """``flowcheck replay``: teacher-forced features of an answers file, in part stores."""
     if args.start_part < 0:
         raise ValueError(f"--start-part must be 0 or more, got {args.start_part}.")
-    config = FlowConfig(lens_features=args.lens_features, state_summary=args.state_summary)
+    config = FlowConfig(
+        lens_features=args.lens_features, lens_candidates=args.lens_candidates, state_summary=args.state_summary
+    )
     model, tok = load_model_from_args(args)
     parts = replay_answers(
         model, tok, args.answers, args.out, config=config, part_size=args.part_size,
@@ -292,6 +294,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="With --state: start the state branch at the hidden-state probe (its logistic regression) and the "
         "event head at zero; the probe is then the first checkpoint candidate.",
     )
+    p.add_argument(
+        "--prefix-augment",
+        type=float,
+        default=0.0,
+        help="Probability of cutting a training answer to a random prefix (0-1): a validator for streaming checks, "
+        "whose running scores mean something before the answer ends. Not with --state.",
+    )
     p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
     p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
     p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
@@ -333,6 +342,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         state=args.state,
         state_spread=args.state_spread,
         state_init=args.state_init,
+        prefix_augment=args.prefix_augment,
         channels=tuple(args.channels) if args.channels else None,
         hidden=args.hidden,
         embed=args.embed,
@@ -612,6 +622,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     rp.add_argument("--part-size", type=positive_int, default=500)
     rp.add_argument("--batch-size", type=positive_int, default=8)
     rp.add_argument("--lens-features", action=argparse.BooleanOptionalAction, default=True)
+    rp.add_argument(
+        "--lens-candidates",
+        type=int,
+        default=0,
+        help="0: exact lens channels (full-vocabulary readout per token and block); K: within each token's top K "
+        "of the last block's readout (FlowConfig.lens_candidates, ~B times cheaper, an approximation).",
+    )
     rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
     rp.add_argument(
         "--start-part", type=int, default=0, help="First part to extract (another process may take the earlier ones)."

@@ -215,6 +215,7 @@ def train_from_store(
     state: bool = False,
     state_spread: int = 0,
     state_init: str = "random",
+    prefix_augment: float = 0.0,
     channels: tuple[str, ...] | None = None,
     hidden: int = 256,
     embed: int = 128,
@@ -232,7 +233,8 @@ def train_from_store(
 
     ``features_dir`` is a feature store or a root of replayed part stores. ``state=True`` adds the
     state branch, reading the residual boundary where a hidden-state probe is best on validation;
-    ``state_init="probe"`` starts it at that probe (see :func:`train_validator`).
+    ``state_init="probe"`` starts it at that probe and ``prefix_augment`` trains on random answer
+    prefixes too, for streaming (see :func:`train_validator`).
     ``channels`` keeps only those feature channels (e.g. the flow-only variant of a lens store).
     The folder also gets ``learning_curve.json``/``.png`` and validation-chosen operating points.
 
@@ -306,6 +308,7 @@ def train_from_store(
         weight_decay=weight_decay,
         selection=selection,
         state_init=state_init,
+        prefix_augment=prefix_augment,
         seed=seed,
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,

@@ -282,6 +282,16 @@ def _weighted_bce(logits: np.ndarray, y: np.ndarray, pos_weight: float) -> float
     return float(nn.functional.binary_cross_entropy_with_logits(lt, yt, pos_weight=torch.tensor(pos_weight)))
 
 
+def _random_prefixes(valid: torch.Tensor, p: float, gen: torch.Generator) -> torch.Tensor:
+    """``[n, B, T]`` masks with each row cut, with probability ``p``, to its first ``1..T_i-1`` tokens."""
+    n_tok = valid.any(1).sum(-1)  # [n] tokens per answer (columns are in token order)
+    cut = torch.rand(len(valid), generator=gen) < p
+    keep = (torch.rand(len(valid), generator=gen) * (n_tok - 1).clamp_min(0)).long() + 1  # 1..T_i-1
+    keep = torch.where(cut & (n_tok > 1), keep, n_tok)
+    cols = torch.arange(valid.shape[-1])
+    return valid & (cols[None, None, :] < keep[:, None, None])
+
+
 def _warm_start_from_probe(
     model: FlowValidator, states: torch.Tensor, labels: torch.Tensor, pos_weight: float, l2: float
 ) -> None:
@@ -314,6 +324,7 @@ def train_validator(
     selection: str = "val_loss",
     state_init: str = "random",
     state_l2: float = 1e-2,
+    prefix_augment: float = 0.0,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -344,6 +355,11 @@ def train_validator(
             a selection candidate (``best_epoch == 0``), so on validation the result is never worse
             than the probe by the selection metric.
         state_l2: The probe's L2 penalty for ``state_init="probe"`` (as :class:`HiddenStateProbe`).
+        prefix_augment: Probability that a training answer is cut, in a batch, to a random prefix of
+            its tokens (uniform over ``1..T-1``; it keeps the answer's label), so that the running
+            score of a streaming check means something before the answer ends. Flow(-lens)-only
+            validators: the state branch reads the last token of the whole answer, which a prefix
+            does not have. Validation (selection) uses the whole answers.
         seed: Seed of initialisation, shuffling and dropout.
         checkpoint_dir: Folder for the resumable training state (and ``best/``, the kept
             validator via ``save_pretrained``). An existing state there is resumed; a finished
@@ -378,6 +394,18 @@ def train_validator(
     if state_init not in ("random", "probe"):
         raise ValueError(f"state_init={state_init!r} is not supported; use 'random' or 'probe'.")
     _positive("state_l2", state_l2, allow_zero=True)
+    if (
+        isinstance(prefix_augment, bool)
+        or not isinstance(prefix_augment, (int, float))
+        or not (0.0 <= float(prefix_augment) <= 1.0)
+    ):
+        raise ValueError(f"prefix_augment={prefix_augment!r} must be a probability in [0, 1].")
+    if prefix_augment and config is not None and getattr(config, "state_dim", 0):
+        raise ValueError(
+            "prefix_augment trains on answer prefixes, but this config has a state branch, which reads the residual at "
+            "the last token of the whole answer (a prefix has no such state in the store). Train a flow-only (or "
+            "flow + lens) validator for streaming: drop --state, or set prefix_augment=0."
+        )
     if state_init == "probe" and (config is None or not getattr(config, "state_dim", 0)):
         raise ValueError(
             "state_init='probe' starts the state branch at the hidden-state probe, but config has no state branch; "
@@ -443,8 +471,10 @@ def train_validator(
         "selection": selection,
         "seed": int(seed),
     }
-    if state_init != "random":  # absent for "random", so earlier checkpoints still resume
+    if state_init != "random":  # absent at the defaults, so earlier checkpoints still resume
         hyper.update(state_init=state_init, state_l2=float(state_l2))
+    if prefix_augment:
+        hyper.update(prefix_augment=float(prefix_augment))
     run_key = {
         **hyper,
         "validator_config": config.to_dict(),
@@ -509,7 +539,10 @@ def train_validator(
                 total, count = 0.0, 0
                 for i in range(0, perm.numel(), batch_size):
                     idx = perm[i : i + batch_size]
-                    out = model(x_tr[idx].to(dev), m_tr[idx].to(dev), _rows(s_tr, idx, dev))
+                    mask = m_tr[idx]
+                    if prefix_augment:
+                        mask = _random_prefixes(mask, prefix_augment, gen)
+                    out = model(x_tr[idx].to(dev), mask.to(dev), _rows(s_tr, idx, dev))
                     loss = loss_fn(out.logits, y_tr[idx].to(dev))
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
