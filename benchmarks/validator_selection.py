@@ -90,6 +90,9 @@ VARIANTS = {
     # the state branch starts at the probe (and the event head at zero): training must beat the probe on validation
     "attn-flow+lens+state@probe": dict(names=FLOW + LENS, cfg={}, state=True, state_init="probe"),
     "attn-flow+lens+state3@probe": dict(names=FLOW + LENS, cfg={}, state=3, state_init="probe"),
+    # the probe stays as fitted; the flow part trains as a residual on top of it
+    "attn-flow+lens+state3@frozen-probe": dict(names=FLOW + LENS, cfg={}, state=3, state_init="frozen-probe"),
+    "attn-flow+state3@frozen-probe": dict(names=FLOW, cfg={}, state=3, state_init="frozen-probe"),
 }
 ATTN = dict(
     head="attention",
@@ -190,6 +193,10 @@ def main() -> int:
             print(f"seed {seed} {name:24s} val {row['val_auroc']:.3f} test {row['test_auroc']:.3f}", file=sys.stderr)
 
         add("hidden-state probe", probe.score(feats.states[va]), probe.score(feats.states[te]), layer=layer)
+        # the same probe over the three depths the state3 variants read (layer - 4, layer, layer + 4)
+        three = sorted({min(max(b, 0), feats.states.shape[1] - 1) for b in (layer - 4, layer, layer + 4)})
+        flat = feats.states[:, three].reshape(len(feats), -1)
+        add("hidden-state probe (3 depths)", *logistic(flat[tr], y[tr], [flat[va], flat[te]]), layers=three)
         s = logistic(
             pooled(channels(feats, FLOW))[tr],
             y[tr],

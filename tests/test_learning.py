@@ -108,6 +108,11 @@ def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers):
         train_validator(feats, labels, feats, labels, config=shipped_config(feats), state_init="probe", epochs=1)
     with pytest.raises(ValueError, match="state_init"):
         train_validator(feats, labels, feats, labels, config=cfg, state_init="lbfgs", epochs=1)
+    # frozen: the state branch ends where it started, whatever the flow part learned
+    frozen, _ = train_validator(feats[tr], labels[tr], feats[va], labels[va], config=cfg, lr=1e-2, epochs=3,
+                                patience=5, state_init="frozen-probe", progress=False)  # fmt: skip
+    torch.testing.assert_close(frozen.state_head.weight, model.state_head.weight)
+    assert all(q.requires_grad for q in frozen.parameters())
 
 
 def test_attention_head_culprit_is_the_largest_event(tiny_answers):

@@ -289,10 +289,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--state-init",
-        choices=["random", "probe"],
+        choices=["random", "probe", "frozen-probe"],
         default="random",
         help="With --state: start the state branch at the hidden-state probe (its logistic regression) and the "
-        "event head at zero; the probe is then the first checkpoint candidate.",
+        "event head at zero; the probe is then the first checkpoint candidate. frozen-probe: keep the state branch "
+        "at the probe and train the flow part as a residual on top of it.",
     )
     p.add_argument(
         "--prefix-augment",

@@ -349,11 +349,13 @@ def train_validator(
         patience: Epochs without an improvement of the selection metric before stopping.
         selection: ``"val_loss"`` (default: the weighted validation BCE, smooth even on small
             validation sets) or ``"val_auroc"`` picks the kept epoch and drives early stopping.
-        state_init: ``"random"`` or ``"probe"`` (flow + state validators only): start the state branch
-            at an L2 logistic regression on the training states -- the hidden-state probe -- with the
-            event head at zero, so training starts from the probe's score; the initialisation is also
-            a selection candidate (``best_epoch == 0``), so on validation the result is never worse
-            than the probe by the selection metric.
+        state_init: ``"random"``, ``"probe"`` or ``"frozen-probe"`` (flow + state validators only):
+            start the state branch at an L2 logistic regression on the training states -- the
+            hidden-state probe -- with the event head at zero, so training starts from the probe's
+            score; the initialisation is also a selection candidate (``best_epoch == 0``), so on
+            validation the result is never worse than the probe by the selection metric.
+            ``"frozen-probe"`` keeps the state branch at the probe: only the flow part trains, as a
+            residual on top of it (``best_epoch == 0`` then means the flow part added nothing).
         state_l2: The probe's L2 penalty for ``state_init="probe"`` (as :class:`HiddenStateProbe`).
         prefix_augment: Probability that a training answer is cut, in a batch, to a random prefix of
             its tokens (uniform over ``1..T-1``; it keeps the answer's label), so that the running
@@ -391,8 +393,8 @@ def train_validator(
     _positive("weight_decay", weight_decay, allow_zero=True)
     if selection not in ("val_loss", "val_auroc"):
         raise ValueError(f"selection={selection!r} is not supported; use 'val_loss' or 'val_auroc'.")
-    if state_init not in ("random", "probe"):
-        raise ValueError(f"state_init={state_init!r} is not supported; use 'random' or 'probe'.")
+    if state_init not in ("random", "probe", "frozen-probe"):
+        raise ValueError(f"state_init={state_init!r} is not supported; use 'random', 'probe' or 'frozen-probe'.")
     _positive("state_l2", state_l2, allow_zero=True)
     if (
         isinstance(prefix_augment, bool)
@@ -406,10 +408,10 @@ def train_validator(
             "the last token of the whole answer (a prefix has no such state in the store). Train a flow-only (or "
             "flow + lens) validator for streaming: drop --state, or set prefix_augment=0."
         )
-    if state_init == "probe" and (config is None or not getattr(config, "state_dim", 0)):
+    if state_init != "random" and (config is None or not getattr(config, "state_dim", 0)):
         raise ValueError(
-            "state_init='probe' starts the state branch at the hidden-state probe, but config has no state branch; "
-            "give a ValidatorConfig with state_dim and state_blocks (flowcheck train --state) or use 'random'."
+            f"state_init={state_init!r} starts the state branch at the hidden-state probe, but config has no state "
+            "branch; give a ValidatorConfig with state_dim and state_blocks (flowcheck train --state) or use 'random'."
         )
     if config is not None and getattr(config, "state_dim", 0) and (train.states is None or val.states is None):
         raise ValueError(
@@ -493,9 +495,12 @@ def train_validator(
         torch.manual_seed(seed)
         model = FlowValidator(config, flow_config=flow_config, base_fingerprint=fingerprint).to(dev)
         model.fit_input_transform(x_tr, m_tr, s_tr)
-        if state_init == "probe":
+        if state_init != "random":
             _warm_start_from_probe(model, s_tr, y_tr, pos_weight, state_l2)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+        if state_init == "frozen-probe":
+            model.state_head.requires_grad_(False)
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        optimizer = torch.optim.AdamW(trainable, lr=lr, weight_decay=weight_decay)
         loss_fn = nn.BCEWithLogitsLoss(pos_weight=torch.tensor(pos_weight, device=dev))
         best_state: dict[str, torch.Tensor] | None = None
         start, bad_epochs = 0, 0
@@ -521,7 +526,7 @@ def train_validator(
             history.stopped_early = bool(info["stopped_early"])
             history.resumed_from_epoch = start
         history.epochs_run = start
-        if state_init == "probe" and start == 0:
+        if state_init != "random" and start == 0:
             # The probe itself is the first candidate: training must beat it on validation to be kept.
             val_logits = _scores(model, x_va, m_va, s_va, max(batch_size, 256), dev)
             history.best_epoch, history.best_val_auroc = 0, auroc(y_va.numpy(), val_logits)
@@ -594,6 +599,7 @@ def train_validator(
 
     if best_state is not None:
         model.load_state_dict(best_state)
+    model.requires_grad_(True)  # a frozen probe branch is frozen for this training only
     model.eval()
     model.training_metadata.update(
         {
