@@ -32,8 +32,10 @@ from hf_flowcheck.signatures import (
 )
 
 __all__ = [
+    "STREAM_REFITS",
     "FlowExtractor",
     "FlowFeatures",
+    "StreamCache",
 ]
 
 

@@ -44,6 +44,8 @@ FLOW_GENERATE_KWARGS = (
     "flow_max_rollbacks",
 )
 FLOW_CONFIG_NAME = "flow_config.json"
+#: ``validator="bundled:<name>"`` loads a validator shipped in ``hf_flowcheck/bundled/validators``.
+BUNDLED_PREFIX = "bundled:"
 VALIDATOR_SUBFOLDER = "validator"
 _MISSING = object()
 
@@ -55,6 +57,13 @@ def _load_validator(validator: Any, **hub_kwargs: Any) -> tuple[Any, FlowConfig 
 
     if validator is None or isinstance(validator, FlowValidator):
         return validator, None
+    if isinstance(validator, str) and validator.startswith(BUNDLED_PREFIX):
+        from hf_flowcheck.bundled import bundled_validators
+
+        name, known = validator[len(BUNDLED_PREFIX) :], bundled_validators()
+        if name not in known:
+            raise ValueError(f"No bundled validator {name!r}; bundled: {', '.join(sorted(known)) or 'none'}.")
+        return FlowValidator.from_pretrained(str(known[name])), None
     if isinstance(validator, (str, os.PathLike)):
         from hf_flowcheck.offline_models import local_or_hub
 
@@ -134,7 +143,8 @@ class FlowCheckedModelForCausalLM(nn.Module):
 
         Args:
             base: ``"SmolLM2-135M-Instruct"`` (offline registry), a local folder, or a Hub id.
-            validator: A :class:`FlowValidator`, folder or Hub id. Left out: the bundled default
+            validator: A :class:`FlowValidator`, folder, Hub id or ``"bundled:<name>"`` (a validator
+                shipped with the package, e.g. the streaming one). Left out: the bundled default
                 validator for this base model if there is one (else none). ``None``: no validator.
             flow_config: Extraction settings (default: the validator's).
             load_tokenizer: Also load the tokenizer (kept as ``.tokenizer``).

@@ -274,3 +274,14 @@ def test_a_second_thread_is_refused_clearly(wrapped):
     # after the first call the wrapper is free again, and no hook was left behind
     wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=2, return_flow_scores=True)
     assert not any(m._forward_hooks or m._forward_pre_hooks for m in wrapped.base_model.modules())
+
+
+def test_bundled_validators_load_by_name():
+    from hf_flowcheck.bundled import bundled_validators
+    from hf_flowcheck.modeling import _load_validator
+
+    name = sorted(bundled_validators())[0]
+    v, _ = _load_validator(f"bundled:{name}")
+    assert v.base_fingerprint and v.config.num_features > 0
+    with pytest.raises(ValueError, match="bundled: "):
+        _load_validator("bundled:no-such-validator")
