@@ -802,7 +802,10 @@ class FlowValidator(
         if c.state_dim:
             text += (
                 f" Plus a state branch: the residual at the last answer token entering block(s) {list(c.state_blocks)} "
-                f"(d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit."
+                f"(d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit. Trained on "
+                "complete answers, whose last token is the answer's end: it scores finished answers. Running scores "
+                "of a streaming check (where the last token so far is mid-answer) are outside what it was trained "
+                "on; stream with a flow-only validator trained on answer prefixes."
             )
         return text
 
