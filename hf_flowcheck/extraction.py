@@ -144,14 +144,12 @@ class StreamCache:
         lens: ``{(row, position): [B, 4]}``.
         updates: ``{(row, position): [B, 3, d]}``.
         bases: ``{row: (tokens fitted on, [J] bases [d, k])}``.
-        fits: Bases fits run (for tests and benchmarks).
     """
 
     refit: str = "always"
     lens: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     updates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     bases: dict[int, tuple[int, list[torch.Tensor]]] = field(default_factory=dict)
-    fits: int = 0
 
     def __post_init__(self) -> None:
         if self.refit not in STREAM_REFITS:
@@ -388,7 +386,6 @@ class FlowExtractor:
             layout = window_layout(o.shape[1], self.config.window_length, self.config.window_stride)
             h, _ = boundary_states(r, self._norms, self._betas, self.config.boundary)
             cache.bases[row] = (n_tok, fit_sample_bases(h, self._readout, layout, self.config, key))
-            cache.fits += 1
         bases = cache.bases[row][1]
         return sample_flow_features(
             r, o, m, self._norms, self._betas, self._readout, self.config, key, bases=bases, updates=updates
