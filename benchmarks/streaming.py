@@ -32,6 +32,7 @@ import torch
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="SmolLM2-135M-Instruct")
+    ap.add_argument("--validator", default=None, help="Folder, Hub id or bundled:<name> (default: the bundled one).")
     ap.add_argument("--batches", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--new-tokens", type=int, default=32)
     ap.add_argument("--every", type=int, nargs="+", default=[1, 2, 4])
@@ -45,8 +46,9 @@ def main() -> None:
 
     from hf_flowcheck import FlowCheckedModelForCausalLM, FlowConfig, FlowValidator, ValidatorConfig
 
-    model = FlowCheckedModelForCausalLM.from_pretrained(args.model)
-    which = "bundled"
+    kwargs = {} if args.validator is None else {"validator": args.validator}
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    which = args.validator or "bundled"
     if model.validator is None:
         cfg = FlowConfig()
         v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names), flow_config=cfg).eval()

@@ -1,11 +1,14 @@
 """Watch the risk of every token while the model writes (terminal colours), or serve it as events.
 
-    python examples/stream_risk.py                      # the bundled SmolLM2 and its validator
+    python examples/stream_risk.py                      # the bundled SmolLM2 and its streaming validator
     python examples/stream_risk.py --serve              # print the server-sent events a web handler would send
 
 Each piece of text is printed as soon as the streaming check has scored it, coloured by the
 validator's per-token risk (green < 0.3 <= yellow < 0.6 <= red), followed by the running flow score
-of the whole answer. ``--serve`` shows the served use: :func:`sse_events` is an iterator a web
+of the whole answer. For SmolLM2 the default is the bundled *streaming* validator (flow + lens, trained
+on answer prefixes too, no state branch), whose running scores mean something before the answer ends;
+checks refit the window bases when the answer has doubled (``--refit always`` for the spec's score at
+every check). ``--serve`` shows the served use: :func:`sse_events` is an iterator a web
 handler (Starlette's ``StreamingResponse``, Flask's ``Response``) can return as it is; ``generate``
 runs in a worker thread and a client that goes away cancels it.
 """
@@ -24,6 +27,9 @@ from hf_flowcheck import FlowCheckedModelForCausalLM, FlowStreamChunk, FlowTextS
 from hf_flowcheck.cli.generation import DEMO_SAMPLES
 from hf_flowcheck.data import Example, generation_prompt
 from hf_flowcheck.stopping import AnswerLineStop
+
+#: Flow + lens, trained with prefix_augment=0.5 and no state branch (see the streaming guide).
+STREAMING_VALIDATOR = "bundled:smollm2-135m-instruct-halueval-qa-streaming"
 
 
 def qa_prompt(question: str, knowledge: str | None) -> str:
@@ -95,14 +101,24 @@ def sse_events(model: Any, tokenizer: Any, prompt: str, **generate_kwargs: Any) 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
-    p.add_argument("--validator", default=None, help="Default: the bundled validator for the model.")
+    p.add_argument(
+        "--validator",
+        default=None,
+        help=f"Default: {STREAMING_VALIDATOR} for SmolLM2, else the bundled validator for the model.",
+    )
+    p.add_argument("--refit", choices=["always", "doubling"], default="doubling", help="flow_check_refit")
     p.add_argument("--max-new-tokens", type=int, default=24)
     p.add_argument("--serve", action="store_true", help="Print server-sent events instead of colours.")
     args = p.parse_args()
-    kwargs = {} if args.validator is None else {"validator": args.validator}
+    validator = args.validator
+    if validator is None and args.model == "SmolLM2-135M-Instruct":
+        validator = STREAMING_VALIDATOR
+    kwargs = {} if validator is None else {"validator": validator}
     model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
     tok = model.tokenizer
-    gen = dict(max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+    gen = dict(
+        max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, flow_check_refit=args.refit
+    )
     for question, knowledge, reference in DEMO_SAMPLES:
         q = qa_prompt(question, knowledge)
         print(f"Q: {question.strip()}  (reference: {reference})")
