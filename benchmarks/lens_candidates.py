@@ -69,6 +69,9 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=["attn-flow+lens", "attn-flow+lens+state3@probe"])
     p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--timing", type=int, default=40, help="answers timed (alternating exact and candidates)")
+    p.add_argument(
+        "--limit", type=int, default=None, help="only the first LIMIT answers (errors and timing; no training)"
+    )
     p.add_argument("--out", required=True)
     a = p.parse_args()
     torch.set_num_threads(1)
@@ -81,6 +84,13 @@ def main() -> int:
     ext = FlowExtractor(model, cfg)
     norm, readout = ext.norms[-1], ext.readout
     feats, labels, uids = load_parts(a.parts)
+    if a.limit:
+        keep = np.arange(min(a.limit, len(uids)))
+        feats = FlowFeatures(
+            feats.values[keep], feats.valid[keep], feats.positions[keep], feats.names,
+            [feats.sample_keys[i] for i in keep], states=feats.states[keep] if feats.states is not None else None,
+        )  # fmt: skip
+        labels, uids, a.variants = labels[keep], uids[: len(keep)], []
     recs = {r.uid: r for r in read_answers(a.answers).records}
     lens_idx = [feats.names.index(n) for n in LENS_FEATURES]
     swapped = feats.values.clone()
@@ -121,6 +131,9 @@ def main() -> int:
         print(f"{name}: {report['channels'][name]}", file=sys.stderr)
     report["lens_seconds_per_answer"] = {k: float(np.median(t)) for k, t in times.items()}
     print(f"lens time per answer: {report['lens_seconds_per_answer']}", file=sys.stderr)
+    if not a.variants:
+        Path(a.out).write_text(json.dumps(report, indent=1))
+        return 0
 
     y = labels.numpy()
     has = feats.valid.reshape(len(feats), -1).any(1).numpy()
