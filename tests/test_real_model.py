@@ -144,3 +144,28 @@ def test_sampling_agreement_answer_line_stop_keeps_the_samples(smollm2):
     slow = SamplingAgreementDetector(3, max_new_tokens=24, seed=1, stop_at_answer_line=False)
     assert fast.stop_at_answer_line and not slow.stop_at_answer_line
     assert fast.samples(model, scored, tok) == slow.samples(model, scored, tok)
+
+
+def test_stream_risk_example_on_smollm2_with_the_streaming_validator(checked):
+    """The streaming example's iterator on the real model: running scores while it writes, and a
+    final score that equals the non-streamed one (refit "doubling" changes only the running scores)."""
+    import importlib.util
+    from pathlib import Path
+
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+
+    path = Path(__file__).resolve().parents[1] / "examples" / "stream_risk.py"
+    spec = importlib.util.spec_from_file_location("stream_risk", path)
+    ex = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ex)
+    model = FlowCheckedModelForCausalLM(checked.base_model, ex.STREAMING_VALIDATOR, tokenizer=checked.tokenizer)
+    assert model.validator.config.state_dim == 0  # a streaming validator reads no last-token state
+    tok = model.tokenizer
+    ids = tok(PROMPTS[:1], return_tensors="pt").input_ids
+    kw = dict(max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=tok.pad_token_id)
+    chunks = list(ex.stream_answer(model, tok, ids, flow_check_refit="doubling", **kw))
+    scores = [c.score for c in chunks if not c.final and c.score == c.score]
+    assert len(scores) >= 5 and all(0.0 <= s <= 1.0 for s in scores)
+    plain = model.generate(input_ids=ids, return_flow_scores=True, **kw)
+    assert chunks[-1].final and abs(chunks[-1].score - float(plain.flow_scores[0])) < 1e-4
+    assert "".join(c.text for c in chunks) == tok.decode(plain.sequences[0, ids.shape[1] :], skip_special_tokens=True)
