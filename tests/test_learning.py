@@ -254,8 +254,8 @@ def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
     torch.testing.assert_close(streamed.flow_scores, out.flow_scores, atol=1e-5, rtol=1e-5)
 
 
-def test_streaming_computes_each_token_lens_once_and_scores_as_without_cache(tiny_answers, monkeypatch):
-    import hf_flowcheck.extraction as extraction
+def _lens_wrapped(tiny_answers):
+    """A tiny llama with a flow + lens validator (trained one epoch) and two 6-token prompts."""
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.fingerprint import model_fingerprint
 
@@ -264,8 +264,13 @@ def test_streaming_computes_each_token_lens_once_and_scores_as_without_cache(tin
     v, _ = train_validator(feats, labels, feats, labels, config=shipped_config(feats), epochs=1, progress=False,
                            flow_config=tiny_flow_config(lens_features=True))  # fmt: skip
     v.base_fingerprint = model_fingerprint(model)
-    fc = FlowCheckedModelForCausalLM(model, v)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    return FlowCheckedModelForCausalLM(model, v), torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+
+
+def test_streaming_computes_each_token_lens_once_and_scores_as_without_cache(tiny_answers, monkeypatch):
+    import hf_flowcheck.extraction as extraction
+
+    fc, ids = _lens_wrapped(tiny_answers)
     kw = dict(input_ids=ids, max_new_tokens=6, min_new_tokens=6, do_sample=False, return_flow_scores=True,
               flow_check_every=1, suppress_tokens=[98])  # fmt: skip
     rows_read = []
@@ -324,16 +329,8 @@ def test_bad_lens_candidates_are_named(kw, match):
 
 def test_doubling_refit_is_exact_where_it_refits_and_at_the_end(tiny_answers, monkeypatch):
     import hf_flowcheck.extraction as extraction
-    from hf_flowcheck import FlowCheckedModelForCausalLM
-    from hf_flowcheck.fingerprint import model_fingerprint
 
-    feats, labels = tiny_answers
-    model = make_tiny_model("llama")
-    v, _ = train_validator(feats, labels, feats, labels, config=shipped_config(feats), epochs=1, progress=False,
-                           flow_config=tiny_flow_config(lens_features=True))  # fmt: skip
-    v.base_fingerprint = model_fingerprint(model)
-    fc = FlowCheckedModelForCausalLM(model, v)
-    ids = torch.tensor([[5, 6, 7, 8, 9, 10], [11, 12, 13, 14, 15, 16]])
+    fc, ids = _lens_wrapped(tiny_answers)
     kw = dict(input_ids=ids, max_new_tokens=9, min_new_tokens=9, do_sample=False, return_flow_scores=True,
               flow_check_every=1, suppress_tokens=[98])  # fmt: skip
     fits = []
