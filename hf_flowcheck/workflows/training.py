@@ -600,6 +600,11 @@ def train_validator(
     if best_state is not None:
         model.load_state_dict(best_state)
     model.requires_grad_(True)  # a frozen probe branch is frozen for this training only
+    if state_init != "random" and history.best_epoch == 0:
+        logger.warning(
+            "train_validator: no epoch beat the hidden-state probe on validation, so the kept validator is the probe "
+            "itself: its event head is zero and its culprit (token, block) carries no information."
+        )
     model.eval()
     model.training_metadata.update(
         {
