@@ -45,8 +45,8 @@ class RunningScores:
         scores: ``[batch]`` running flow score of each row's answer so far (``nan`` where a row has
             no scored token yet, or has ended).
         ended: ``[batch]`` bool, rows that already emitted their end token.
-        token_risk: ``[batch, T]`` for each scored token, ``sigmoid`` of its highest event logit over
-            the blocks (the validator's per-token evidence; ``nan`` in padding columns).
+        token_risk: ``[batch, T]`` for each scored token, :func:`token_risk` of the validator's
+            token logits (``nan`` in padding columns).
         positions: ``[batch, T]`` sequence index of each ``token_risk`` column (-1 for padding).
     """
 
@@ -63,16 +63,15 @@ Scorer = Callable[[torch.Tensor, torch.Tensor], RunningScores]
 CheckListener = Callable[[int, RunningScores], None]
 
 
-def token_risk(event_logits: torch.Tensor) -> torch.Tensor:
-    """``[N, B, T]`` event logits (``-inf`` where no event) -> ``[N, T]`` per-token risk in ``[0, 1]``.
+def token_risk(token_logits: torch.Tensor) -> torch.Tensor:
+    """``[N, T]`` validator token logits -> ``[N, T]`` per-token risk in ``[0, 1]``.
 
-    A token's risk is ``sigmoid`` of its highest event logit over the blocks; ``nan`` for a column
-    with no event (padding).
+    A token's risk is the score the answer would get if all of its flow evidence were this token's
+    (``FlowValidatorOutput.token_logits``): on the answer score's scale, which the answer score
+    averages (attention head) or takes the maximum of (max pooling). ``nan`` for a column without
+    events (padding, special tokens).
     """
-    if event_logits.shape[-1] == 0:
-        return event_logits.new_zeros(event_logits.shape[0], 0)
-    top = event_logits.float().max(dim=1).values
-    return torch.where(torch.isfinite(top), torch.sigmoid(top), torch.full_like(top, float("nan")))
+    return torch.sigmoid(token_logits.float())
 
 
 @dataclass
@@ -88,6 +87,8 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
         flow_event_scores: ``[batch, B, T]`` per-event validator logits, ``-inf`` where ``flow_event_mask``
             is false.
         flow_event_mask: ``[batch, B, T]`` bool.
+        flow_token_scores: ``[batch, T]`` per-token risk in ``[0, 1]`` (:func:`token_risk`), ``nan``
+            for a column without events.
         flow_positions: ``[batch, T]`` sequence index of each ``T`` column, -1 for padding.
         flow_culprits: ``[batch, 2]`` long, ``(position t0, block b0)`` of the culprit event, -1 if none.
         flow_has_events: ``[batch]`` bool.
@@ -109,6 +110,7 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
     flow_scores: torch.FloatTensor | None = None
     flow_event_scores: torch.FloatTensor | None = None
     flow_event_mask: torch.BoolTensor | None = None
+    flow_token_scores: torch.FloatTensor | None = None
     flow_positions: torch.LongTensor | None = None
     flow_culprits: torch.LongTensor | None = None
     flow_has_events: torch.BoolTensor | None = None
@@ -333,7 +335,7 @@ class GenerationCapture:
                 empty = torch.zeros(n, 0)
                 return RunningScores(torch.full((n,), float("nan")), ended, empty, empty.long())
             out = validator.score_features(feats)
-            return RunningScores(out.scores, ended, token_risk(out.event_logits), feats.positions)
+            return RunningScores(out.scores, ended, token_risk(out.token_logits), feats.positions)
 
         return score
 
@@ -461,6 +463,7 @@ def attach_scores(result: FlowGenerateOutput, validator: Any, feats: FlowFeature
     result.flow_scores = out.scores
     result.flow_event_scores = out.event_logits
     result.flow_event_mask = feats.valid.to(out.event_logits.device)
+    result.flow_token_scores = token_risk(out.token_logits)
     result.flow_positions = feats.positions
     result.flow_culprits = torch.stack([out.culprit_position, out.culprit_block], dim=-1)
     result.flow_has_events = out.has_events
@@ -558,8 +561,7 @@ def flow_generate(
             flow_streamer.close(err)  # a consumer iterating in another thread must not wait forever
         raise
     if flow_streamer is not None:
-        risk = token_risk(result.flow_event_scores)
-        flow_streamer.finish(float(result.flow_scores[0]), risk.cpu(), result.flow_positions.cpu())
+        flow_streamer.finish(float(result.flow_scores[0]), result.flow_token_scores.cpu(), result.flow_positions.cpu())
     if features:
         result.flow_features = feats
     if stream is not None:

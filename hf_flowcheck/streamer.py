@@ -36,8 +36,9 @@ class FlowStreamChunk:
         token_ids: The tokens of this piece.
         score: Running flow score of the whole answer so far, in ``[0, 1]`` (``nan`` before any
             token is scored). On the ``final`` chunk: the final score ``generate`` returns.
-        token_risks: One risk per token of ``token_ids`` (``sigmoid`` of its highest event logit; ``nan``
-            for a token that is not scored, such as an end token).
+        token_risks: One risk per token of ``token_ids`` in ``[0, 1]``: the score the answer would get
+            if all of its flow evidence were this token's (:func:`~hf_flowcheck.generation.token_risk`);
+            ``nan`` for a token that is not scored, such as an end token.
         final: The last chunk of the answer.
     """
 

@@ -8,7 +8,6 @@ from conftest import tiny_wrapped
 from test_baselines import CharTokenizer
 
 from hf_flowcheck import FlowStreamChunk, FlowTextStreamer
-from hf_flowcheck.generation import token_risk
 
 PROMPT = torch.tensor([[5, 6, 7, 8, 9, 10]])
 KW = dict(max_new_tokens=8, do_sample=False, suppress_tokens=[98])
@@ -38,8 +37,8 @@ def test_chunks_carry_text_running_scores_and_token_risks(fc):
     running = out.flow_running_scores[:, 0].tolist()
     assert [c.score for c in chunks[:-1]] == pytest.approx(running, abs=1e-6)
     assert chunks[-1].score == pytest.approx(float(out.flow_scores[0]), abs=1e-6)
-    # The final chunk's risks are the returned event scores, read per token.
-    final_risk = token_risk(out.flow_event_scores)[0]
+    # The final chunk's risks are the returned per-token scores.
+    final_risk = out.flow_token_scores[0]
     pos = out.flow_positions[0]
     last = chunks[-1]
     start = len(answer) - len(last.token_ids)

@@ -93,6 +93,45 @@ def test_logsumexp_pooling():
         torch.testing.assert_close(out.logits[i], torch.logsumexp(out.event_logits[i][valid[i]], 0))
 
 
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(pooling="logsumexp"),
+        dict(head="attention"),
+        dict(head="attention", state_dim=3, state_blocks=(1, 2)),
+    ],
+)
+def test_token_logits_pool_back_to_the_answer_logit(kw):
+    v = make_validator(seed=2, **kw)
+    values, valid = random_batch(n=4, seed=6, p=0.5)
+    valid[1, :, 2] = False  # a token without events
+    states = torch.randn(4, values.shape[1] + 1, 3) if "state_dim" in kw else None
+    out = v(values, valid, states)
+    tok, w = out.token_logits, out.token_weights
+    has = valid.any(1)
+    assert tok.shape == w.shape == has.shape
+    assert bool(torch.isnan(tok[~has]).all()) and bool(torch.isfinite(tok[has]).all())
+    torch.testing.assert_close(w.sum(1), torch.ones(4))
+    assert bool((w[~has] == 0).all())
+    for i in range(4):
+        t_i, w_i = tok[i][has[i]], w[i][has[i]]
+        if kw.get("head") == "attention":
+            torch.testing.assert_close(out.logits[i], (w_i * t_i).sum(), atol=1e-5, rtol=1e-5)
+        elif kw.get("pooling") == "logsumexp":
+            torch.testing.assert_close(out.logits[i], torch.logsumexp(t_i, 0), atol=1e-5, rtol=1e-5)
+        else:
+            torch.testing.assert_close(out.logits[i], t_i.max())
+            assert int(w[i].argmax()) == int(out.culprit_column[i])
+    # A token's logit is set by its own column: changing another token's features leaves it alone
+    # (the attention head scores events independently).
+    if kw.get("head") == "attention":
+        moved = values.clone()
+        moved[:, :, 0] += 3.0
+        again = v(moved, valid, states)
+        torch.testing.assert_close(again.token_logits[:, 1:], tok[:, 1:], atol=1e-5, rtol=1e-5, equal_nan=True)
+
+
 def test_row_does_not_depend_on_other_rows():
     v = make_validator()
     values, valid = random_batch(n=6, seed=5, p=0.4)

@@ -239,6 +239,13 @@ class FlowValidatorOutput:
         culprit_block: ``[N]`` long, block ``b0`` of the arg-max event (-1 without events).
         culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the arg-max event (-1 without events).
         has_events: ``[N]`` bool, whether the row has at least one valid event.
+        token_logits: ``[N, T]`` each token's logit: the validator's pooling applied to that token's
+            events alone (plus the state term), i.e. the answer's logit if all of its flow evidence
+            were this token's; ``nan`` for a column without events. With the attention head the
+            answer's logit is their ``token_weights``-weighted mean; with the GRU head and max
+            (log-sum-exp) pooling it is their maximum (log-sum-exp, state term counted once).
+        token_weights: ``[N, T]`` each token's share of the pooling (attention mass of its events; for
+            max pooling 1 at the arg-max token), summing to 1 over a row with events.
         culprit_position: ``[N]`` long, sequence position ``t0`` of the culprit (from
             ``FlowFeatures.positions``; -1 without events). Set by :meth:`FlowValidator.score_features` only.
     """
@@ -249,7 +256,45 @@ class FlowValidatorOutput:
     culprit_block: torch.Tensor
     culprit_column: torch.Tensor
     has_events: torch.Tensor
+    token_logits: torch.Tensor
+    token_weights: torch.Tensor
     culprit_position: torch.Tensor | None = None
+
+
+def _token_pool_attention(event_logits: torch.Tensor, attend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Attention pooling restricted to each token's events.
+
+    Args:
+        event_logits: ``[N, B, T]`` (``-inf`` where no event).
+        attend: ``[N, B, T]`` attention logits (``-inf`` where no event).
+
+    Returns:
+        ``(token_logits, token_weights)``, each ``[N, T]``: the within-token attention average of the
+        event logits (``nan`` without events) and the token's share of the answer's attention.
+    """
+    has = torch.isfinite(event_logits)
+    tok_lse = torch.logsumexp(attend, dim=1)  # [N, T], -inf for a token without events
+    within = torch.exp(attend - tok_lse[:, None].masked_fill(~torch.isfinite(tok_lse[:, None]), 0.0))
+    within = within.masked_fill(~has, 0.0)
+    logits = (within * event_logits.masked_fill(~has, 0.0)).sum(1)
+    logits = torch.where(has.any(1), logits, torch.full_like(logits, float("nan")))
+    weights = torch.softmax(tok_lse, dim=1)  # a row without events gives nan
+    return logits, torch.nan_to_num(weights, nan=0.0)
+
+
+def _token_pool_max(event_logits: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Max (or log-sum-exp) pooling restricted to each token's events; see :func:`_token_pool_attention`."""
+    has = event_logits.isfinite().any(1)  # [N, T]
+    if pooling == "max":
+        logits = event_logits.max(dim=1).values
+        weights = torch.zeros_like(logits)
+        if logits.shape[1] > 0:
+            weights.scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
+    else:
+        logits = torch.logsumexp(event_logits, dim=1)
+        weights = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
+    weights = weights * has.any(1, keepdim=True)
+    return torch.where(has, logits, torch.full_like(logits, float("nan"))), weights
 
 
 # ---------------------------------------------------------------------------------------------
@@ -501,7 +546,10 @@ class FlowValidator(
         if length == 0:  # no valid event anywhere (or an empty batch)
             nan = torch.full((n,), float("nan"), dtype=dtype, device=dev)
             minus = torch.full((n,), -1, dtype=torch.long, device=dev)
-            return FlowValidatorOutput(nan, nan.clone(), neg_inf.expand(n, b, t).clone(), minus, minus.clone(), has)
+            tok_nan = torch.full((n, t), float("nan"), dtype=dtype, device=dev)
+            return FlowValidatorOutput(
+                nan, nan.clone(), neg_inf.expand(n, b, t).clone(), minus, minus.clone(), has, tok_nan, tok_nan.clone()
+            )
 
         # Compact: valid events first, in depth-major order (stable sort of ~valid).
         order = torch.sort((~v).to(torch.int8), dim=1, stable=True).indices[:, :length]  # [N, L]
@@ -521,14 +569,18 @@ class FlowValidator(
             seq, _ = nn.utils.rnn.pad_packed_sequence(self.gru(packed)[0], batch_first=True, total_length=length)
             ev = self.head(seq).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
             pooled = ev.max(dim=1).values if cfg.pooling == "max" else torch.logsumexp(ev, dim=1)
+            attend = None
         else:
             ev = self.head(h).squeeze(-1).masked_fill(~keep, float("-inf"))  # [N, L]
-            att = torch.softmax(self.attend(h).squeeze(-1).masked_fill(~keep, float("-inf")), dim=1)
+            attend = self.attend(h).squeeze(-1).masked_fill(~keep, float("-inf"))
+            att = torch.softmax(attend, dim=1)
             pooled = (att * ev.masked_fill(~keep, 0.0)).sum(1)
+        state_term = torch.zeros_like(pooled)
         if states is not None:
             sel = states[:, list(cfg.state_blocks)].to(dev, dtype)
             z = ((sel - self.state_shift) / self.state_scale).reshape(n, -1)
-            pooled = pooled + self.state_head(self.state_dropout(z)).squeeze(-1)
+            state_term = self.state_head(self.state_dropout(z)).squeeze(-1)
+            pooled = pooled + state_term
         logits = torch.where(has, pooled, torch.full_like(pooled, float("nan")))
         scores = torch.sigmoid(logits)
 
@@ -538,14 +590,21 @@ class FlowValidator(
         culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
         culprit_column = torch.where(has, flat % t, minus)
 
-        full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev)
+        full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
+        if attend is not None:
+            att_full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, attend)
+            token_logits, token_weights = _token_pool_attention(full, att_full.reshape(n, b, t))
+        else:
+            token_logits, token_weights = _token_pool_max(full, cfg.pooling)
         return FlowValidatorOutput(
             logits=logits,
             scores=scores,
-            event_logits=full.reshape(n, b, t),
+            event_logits=full,
             culprit_block=culprit_block,
             culprit_column=culprit_column,
             has_events=has,
+            token_logits=token_logits + state_term[:, None],
+            token_weights=token_weights,
         )
 
     @torch.no_grad()
@@ -587,7 +646,7 @@ class FlowValidator(
         finally:
             self.train(was_training)
         out = FlowValidatorOutput(
-            *(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(FlowValidatorOutput)[:6])
+            *(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(FlowValidatorOutput)[:8])
         )
         pos = features.positions.to(dev)
         col = out.culprit_column.clamp_min(0)
