@@ -14,7 +14,9 @@ in ``--batches`` gets its own table, runs alternating within every repetition.
 ``--refit always doubling`` times each streaming row with both ``flow_check_refit`` settings (the
 per-token lens channels and JVPs are computed once per token in both). ``--lens-candidates K``
 times the same validator with ``FlowConfig(lens_candidates=K)`` (timing only: its weights were
-trained on exact lens channels, so its scores are not the validator's).
+trained on exact lens channels, so its scores are not the validator's). ``--basis-solver eigh subspace``
+times every flow row with each ``FlowConfig.basis_solver`` (same features to float32 precision, so
+the validator's own scores), alternating within each repetition.
 
 Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5 --refit always doubling``
 """
@@ -39,6 +41,7 @@ def main() -> None:
     ap.add_argument("--rollback", type=float, default=None, help="Also time rollback at this threshold.")
     ap.add_argument("--refit", nargs="+", default=["always"], choices=["always", "doubling"])
     ap.add_argument("--lens-candidates", type=int, default=0, help="Time FlowConfig(lens_candidates=K) (timing only).")
+    ap.add_argument("--basis-solver", nargs="+", default=["eigh"], choices=["eigh", "subspace"])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
     args = ap.parse_args()
@@ -64,11 +67,23 @@ def main() -> None:
         which += f", lens_candidates={args.lens_candidates} (timing only)"
     tok = model.tokenizer
     tok.padding_side = "left"
+    import dataclasses
+
+    models = {
+        solver: FlowCheckedModelForCausalLM(
+            model.base_model,
+            model.validator,
+            dataclasses.replace(model.flow_config, basis_solver=solver),
+            tokenizer=tok,
+            check_compatibility=False,
+        )
+        for solver in args.basis_solver
+    }
     for batch in args.batches:
-        table(model, tok, batch, args, which)
+        table(models, tok, batch, args, which)
 
 
-def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
+def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -> None:
     from hf_flowcheck import FlowTextStreamer
     from hf_flowcheck.data import generation_prompt, load_halueval_qa
 
@@ -79,7 +94,8 @@ def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
     )
     print(f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads}")
 
-    def run(mode):
+    def run(mode, solver):
+        model = models[solver]
         t0 = time.perf_counter()
         if mode == "plain":
             model.generate(**enc, **kw)
@@ -95,21 +111,24 @@ def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
             model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode[1], flow_check_refit=mode[2])
         return time.perf_counter() - t0
 
-    run("final")  # warm-up
-    modes = ["plain", "final", *[("check", k, r) for k in args.every for r in args.refit]]
+    flow = ["final", *[("check", k, r) for k in args.every for r in args.refit]]
     if args.rollback is not None:
-        modes += [("rollback", k, r) for k in args.every for r in args.refit]
+        flow += [("rollback", k, r) for k in args.every for r in args.refit]
     if batch == 1:
-        modes.append("streamer")
+        flow.append("streamer")
+    first = args.basis_solver[0]
+    modes = [("plain", first)] + [(m, solver) for m in flow for solver in args.basis_solver]
+    for solver in args.basis_solver:
+        run("final", solver)  # warm-up
     times = {m: [] for m in modes}
     for _ in range(args.reps):
         for m in modes:
-            times[m].append(run(m))
-    plain = statistics.median(times["plain"])
-    print("| mode | seconds | ratio to plain generate | checks per row |")
-    print("|---|---|---|---|")
-    for m in modes:
-        t = statistics.median(times[m])
+            times[m].append(run(*m))
+    plain = statistics.median(times[("plain", first)])
+    print("| mode | basis solver | seconds | ratio to plain generate | checks per row |")
+    print("|---|---|---|---|---|")
+    for m, solver in modes:
+        t = statistics.median(times[(m, solver)])
         if isinstance(m, tuple):
             label, k = f"check_every={m[1]}, refit {m[2]}", m[1]
             if m[0] == "rollback":
@@ -118,7 +137,7 @@ def table(model, tok, batch: int, args: argparse.Namespace, which: str) -> None:
             label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}[m]
             k = 1
         checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // k)
-        print(f"| {label} | {t:.2f} | {t / plain:.2f}x | {checks} |")
+        print(f"| {label} | {'-' if m == 'plain' else solver} | {t:.2f} | {t / plain:.2f}x | {checks} |")
 
 
 if __name__ == "__main__":

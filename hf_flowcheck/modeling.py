@@ -110,10 +110,15 @@ class FlowCheckedModelForCausalLM(nn.Module):
         self.validator = validator
         if flow_config is None:
             flow_config = getattr(validator, "flow_config", None) or saved_config or FlowConfig()
-        elif validator is not None and validator.flow_config is not None and validator.flow_config != flow_config:
+        elif (
+            validator is not None
+            and validator.flow_config is not None
+            and not validator.flow_config.same_features(flow_config)
+        ):
             raise ValueError(
                 f"flow_config {flow_config} differs from the one the validator was trained with "
-                f"({validator.flow_config}); its scores would be meaningless. Leave flow_config=None."
+                f"({validator.flow_config}); its scores would be meaningless. Leave flow_config=None, or change "
+                "only basis_solver (dataclasses.replace(validator.flow_config, basis_solver='subspace'))."
             )
         self.tokenizer = tokenizer
         self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)

@@ -31,6 +31,14 @@ def test_defaults_match_spec():
         "mlp_turn_ratio",
     )
     assert FlowConfig(features="paper").feature_names == PAPER_FEATURES == FULL_FEATURES[:8]
+    assert c.basis_solver == "eigh"
+
+
+def test_basis_solver_changes_how_not_what():
+    c, fast = FlowConfig(), FlowConfig(basis_solver="subspace")
+    assert "basis_solver" not in c.signature_key() and "basis_solver" in fast.signature_key()
+    assert c.same_features(fast) and fast.same_features(c)
+    assert not c.same_features(FlowConfig(seed=1))
 
 
 @pytest.mark.parametrize(
@@ -43,6 +51,7 @@ def test_defaults_match_spec():
         ({"transport_min_overlap": 1.5}, "transport_min_overlap"),
         ({"features": "all"}, "features='all'"),
         ({"window_length": 2, "window_stride": 3}, "window_stride=3"),
+        ({"basis_solver": "lanczos"}, "basis_solver='lanczos'"),
     ],
 )
 def test_bad_values_name_the_field(kw, needle):

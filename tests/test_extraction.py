@@ -195,6 +195,18 @@ def test_other_configs_run(core_family):
         assert torch.isfinite(f.values).all() and f.valid.all()
 
 
+def test_subspace_basis_solver_gives_the_eigensolve_features(core_family):
+    model = make_tiny_model(core_family)
+    gen = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, 90, (2, 14), generator=gen)
+    resp = torch.zeros_like(ids)
+    resp[:, 5:] = 1
+    exact = FlowExtractor(model, tiny_flow_config()).extract(ids, response_mask=resp)
+    fast = FlowExtractor(model, tiny_flow_config(basis_solver="subspace")).extract(ids, response_mask=resp)
+    assert torch.equal(exact.valid, fast.valid)
+    torch.testing.assert_close(fast.values, exact.values, atol=2e-3, rtol=2e-3)
+
+
 def test_peft_lora_model():
     peft = pytest.importorskip("peft")
     model = make_tiny_model("llama")

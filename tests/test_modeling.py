@@ -285,3 +285,17 @@ def test_bundled_validators_load_by_name():
     assert v.base_fingerprint and v.config.num_features > 0
     with pytest.raises(ValueError, match="bundled: "):
         _load_validator("bundled:no-such-validator")
+
+
+def test_flow_config_must_match_the_validator_but_for_the_basis_solver():
+    import dataclasses
+
+    model = make_tiny_model("llama")
+    v = tiny_validator(model)
+    with pytest.raises(ValueError, match="differs from the one the validator was trained with"):
+        FlowCheckedModelForCausalLM(model, v, dataclasses.replace(v.flow_config, seed=5))
+    fast = FlowCheckedModelForCausalLM(model, v, dataclasses.replace(v.flow_config, basis_solver="subspace"))
+    exact = FlowCheckedModelForCausalLM(model, v)
+    ids, att = _batch()
+    kw = dict(input_ids=ids, attention_mask=att, max_new_tokens=6, do_sample=False, return_flow_scores=True)
+    torch.testing.assert_close(fast.generate(**kw).flow_scores, exact.generate(**kw).flow_scores, atol=1e-3, rtol=0)

@@ -9,6 +9,8 @@ from conftest import make_tiny_model, tiny_flow_config
 from hf_flowcheck import FlowExtractor
 from hf_flowcheck.configuration import EPS
 from hf_flowcheck.signatures import (
+    SUBSPACE_TOL,
+    _top_subspace,
     boundary_states,
     fit_basis,
     flow_features,
@@ -78,6 +80,24 @@ def test_fit_basis_full_rank_deficient_and_empty():
     torch.testing.assert_close((u @ u.T) @ span, span, atol=1e-5, rtol=0)  # contains the found span
     torch.testing.assert_close(fit_basis(torch.zeros(0, d), d, k), torch.eye(d)[:, :k])
     torch.testing.assert_close(fit_basis(torch.zeros(5, d), d, k), torch.eye(d)[:, :k])
+
+
+def test_subspace_solver_finds_the_eigensolve_subspace_or_falls_back():
+    gen = torch.Generator().manual_seed(3)
+    d, k = 48, 6
+    # A decaying spectrum, as competitor directions have.
+    dirs = torch.randn(200, d, generator=gen) * torch.linspace(3.0, 0.1, d)
+    u, v = fit_basis(dirs, d, k), fit_basis(dirs, d, k, solver="subspace")
+    torch.testing.assert_close(v.T @ v, torch.eye(k), atol=1e-5, rtol=0)
+    assert _top_subspace(dirs.T @ dirs, k) is not None  # the iteration was kept, not the fallback
+    assert float(torch.linalg.matrix_norm(v @ v.T - u @ u.T, 2)) <= SUBSPACE_TOL  # sin of the largest angle
+    # Rank 2 < k: the Ritz values fail the rank test, so the eigensolve (and its completion) is used.
+    span = _orth(d, 2, gen)
+    low = torch.randn(60, 2, generator=gen) @ span.T
+    assert torch.equal(fit_basis(low, d, k, solver="subspace"), fit_basis(low, d, k))
+    # Fewer than 4k directions: the thin SVD either way.
+    few = dirs[: 4 * k - 1]
+    assert torch.equal(fit_basis(few, d, k, solver="subspace"), fit_basis(few, d, k))
 
 
 def test_procrustes_optimality_lemma_a3():
