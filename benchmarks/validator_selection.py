@@ -154,6 +154,7 @@ def main() -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS))
     p.add_argument("--epochs", type=int, default=60)
     p.add_argument("--gru-seeds", type=int, nargs="*", default=[0], help="split seeds on which GRU variants run")
+    p.add_argument("--gru-epochs", type=int, default=None, help="cap the GRU variants' epochs (recorded)")
     p.add_argument("--train-sizes", type=int, nargs="*", default=[], help="learning curve of --curve-variant")
     p.add_argument("--curve-variant", default="attn-flow+lens+state")
     p.add_argument("--confidence", default=None, help="JSON from benchmarks/answer_confidence.py")
@@ -216,7 +217,10 @@ def main() -> int:
         for name in a.variants:
             if VARIANTS[name]["cfg"].get("head") == "gru" and seed not in a.gru_seeds:
                 continue  # the GRUs are ~30x slower to train; they run on --gru-seeds only
-            s_va, s_te, info = run_variant(name, VARIANTS[name], feats, y, tr, va, te, layer, seed, a.epochs)
+            spec = VARIANTS[name]
+            if spec["cfg"].get("head") == "gru" and a.gru_epochs is not None:
+                spec = {**spec, "epochs": a.gru_epochs}
+            s_va, s_te, info = run_variant(name, spec, feats, y, tr, va, te, layer, seed, a.epochs)
             add(name, s_va, s_te, **info)
         results["seeds"][seed] = res
         if seed == a.seeds[0] and a.train_sizes:
