@@ -10,38 +10,45 @@ On the seed-0 test split of a replayed store, for each validator:
   deviation of the risks;
 - **answer AUROC** (95% interval) of the answer score, of the highest token risk and of the first
   token's risk;
-- **localization proxy**: HaluEval-QA has no token labels. Within each hallucinated answer, a token
-  whose text (lower-cased word characters) does not occur in any reference answer is "unsupported",
-  one whose text does is "supported"; the AUROC of the token risk for unsupported against supported
-  tokens, over the hallucinated answers that have both kinds (0.5 = no localization).
+- **localization proxy**: the weak token labels of
+  :func:`~hf_flowcheck.workflows.token_labels.reference_token_labels` (in a hallucinated answer, a
+  word token absent from every reference answer is unsupported, one present is supported). The
+  AUROC of the token risk for unsupported against supported tokens of the hallucinated answers that
+  have both kinds, pooled over tokens and averaged per answer (0.5 = no localization).
+
+``--train W [W ...]`` also trains the streaming design (flow + lens channels, attention head, no
+state branch, ``prefix_augment=0.5``) on the seed-0 training split with token loss weight ``W``
+(the same weak labels on the training answers; ``0`` = answer loss only) and reports it likewise.
 
 Run: ``python benchmarks/token_risk.py --parts runs/replay/smol-qa
 --answers answers/SmolLM2-135M-Instruct/halueval-qa.jsonl --model SmolLM2-135M-Instruct
---validator hf_flowcheck/bundled/validators/smollm2-135m-instruct-halueval-qa-streaming --out runs/token-risk.json``
+--validator hf_flowcheck/bundled/validators/smollm2-135m-instruct-halueval-qa-streaming --train 0 1
+--out runs/token-risk.json``
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from validator_selection import ATTN, FLOW, LENS, rows
+
 from hf_flowcheck.data.splits import split_records
-from hf_flowcheck.detectors import FlowValidator
-from hf_flowcheck.detectors.base import encode_text
+from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
 from hf_flowcheck.metrics import auroc, evaluate_scores
 from hf_flowcheck.offline_models import resolve_model
 from hf_flowcheck.workflows.answers import read_answers
 from hf_flowcheck.workflows.replay import load_parts
-
-
-def _words(text: str) -> str:
-    return " ".join(re.findall(r"\w+", text.lower()))
+from hf_flowcheck.workflows.token_labels import reference_token_labels
+from hf_flowcheck.workflows.training import train_validator
 
 
 def _ci(y: np.ndarray, s: np.ndarray) -> dict:
@@ -49,12 +56,49 @@ def _ci(y: np.ndarray, s: np.ndarray) -> dict:
     return {"auroc": m["value"], "ci": [m["low"], m["high"]], "n": len(y)}
 
 
+def evaluate(v: FlowValidator, test, y: np.ndarray, token_y: np.ndarray) -> dict:
+    """The metrics of the module docstring for one validator on the test rows."""
+    out = v.score_features(test.select(v.config.feature_names))
+    scored = test.valid.any(1)  # [N, T] columns with events
+    defs = {
+        "token logit": torch.sigmoid(out.token_logits.float()),
+        "highest event logit (before session 7)": torch.sigmoid(out.event_logits.float().max(1).values),
+    }
+    res: dict = {"answer score": _ci(y, out.scores.double().numpy())}
+    for name, risk in defs.items():
+        r = risk.masked_fill(~scored, float("nan")).double().numpy()
+        vals = r[~np.isnan(r)]
+        sd = [np.nanstd(row) for row in r if np.sum(~np.isnan(row)) > 1]
+        first = np.array([row[~np.isnan(row)][0] for row in r])
+        loc_y, loc_s, per_answer = [], [], []
+        for i in np.flatnonzero(y == 1):
+            cols = ~np.isnan(token_y[i]) & ~np.isnan(r[i])
+            kinds = token_y[i][cols]
+            if kinds.size and kinds.min() == 0 and kinds.max() == 1:
+                loc_y.extend(kinds.tolist())
+                loc_s.extend(r[i][cols].tolist())
+                per_answer.append(auroc(kinds, r[i][cols]))
+        res[name] = {
+            "share_at_least_0.98": float(np.mean(vals >= 0.98)),
+            "median": float(np.median(vals)),
+            "mean_within_answer_sd": float(np.mean(sd)),
+            "answer AUROC of the highest token risk": _ci(y, np.nanmax(r, axis=1)),
+            "answer AUROC of the first token's risk": _ci(y, first),
+            "localization AUROC (pooled tokens)": _ci(np.array(loc_y), np.array(loc_s)) if loc_y else None,
+            "localization AUROC (mean per answer)": float(np.mean(per_answer)) if per_answer else None,
+            "localization answers": len(per_answer),
+        }
+    return res
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--parts", required=True)
     p.add_argument("--answers", required=True, help="the answers JSONL the store was replayed from")
     p.add_argument("--model", required=True, help="tokenizer of the store's model (offline name or folder)")
-    p.add_argument("--validator", action="append", required=True, help="validator folder (repeatable)")
+    p.add_argument("--validator", action="append", default=[], help="validator folder (repeatable)")
+    p.add_argument("--train", type=float, nargs="*", default=[], help="token loss weights to train with")
+    p.add_argument("--epochs", type=int, default=40)
     p.add_argument("--seed", type=int, default=0, help="split seed")
     p.add_argument("--out", default=None)
     a = p.parse_args()
@@ -63,66 +107,31 @@ def main() -> int:
     split = split_records(uids, seed=a.seed)
     index = {u: i for i, u in enumerate(uids)}
     has = feats.valid.reshape(len(feats), -1).any(1)
-    te = [index[u] for u in split.test if bool(has[index[u]])]
-    y = labels.numpy()[te]
+    tr, va, te = (
+        np.array([index[u] for u in split[n] if bool(has[index[u]])]) for n in ("train", "validation", "test")
+    )
+    y = labels.numpy()
     records = {r.uid: r for r in read_answers(a.answers).records}
     tok = AutoTokenizer.from_pretrained(resolve_model(a.model))
-    # Per test answer and column: 1 unsupported, 0 supported, -1 not a word token / not an answer token.
-    support = np.full((len(te), feats.valid.shape[-1]), -1, dtype=np.int64)
-    for row, i in enumerate(te):
-        rec = records[uids[i]]
-        start = len(encode_text(tok, rec.prompt))
-        refs = " " + " ".join(_words(r) for r in rec.references) + " "
-        for col, pos in enumerate(feats.positions[i].tolist()):
-            j = pos - start
-            if pos < 0 or not 0 <= j < len(rec.gen_ids):
-                continue
-            w = _words(tok.decode([rec.gen_ids[j]]))
-            if w:
-                support[row, col] = int(f" {w} " not in refs and f" {w}" not in refs and w not in refs.split())
-    report: dict = {"split_seed": a.seed, "n_test": len(te), "validators": {}}
+    token_y = reference_token_labels(feats, uids, records, tok, labels).numpy()
+    test = rows(feats, te)
+    report: dict = {"split_seed": a.seed, "sizes": [len(tr), len(va), len(te)], "validators": {}}
     for folder in a.validator:
-        v = FlowValidator.from_pretrained(folder)
-        sub = feats.select(v.config.feature_names)
-        sub = type(sub)(
-            sub.values[te], sub.valid[te], sub.positions[te], sub.names, [sub.sample_keys[i] for i in te],
-            states=None if sub.states is None else sub.states[te],
-        )  # fmt: skip
-        out = v.score_features(sub)
-        scored = sub.valid.any(1)  # [N, T] columns with events
-        defs = {
-            "token logit (session 7)": torch.sigmoid(out.token_logits.float()),
-            "highest event logit (before)": torch.sigmoid(out.event_logits.float().max(1).values),
-        }
-        res: dict = {"answer score": _ci(y, out.scores.double().numpy())}
-        for name, risk in defs.items():
-            r = risk.masked_fill(~scored, float("nan")).double().numpy()
-            vals = r[~np.isnan(r)]
-            sd = [np.nanstd(row) for row in r if np.sum(~np.isnan(row)) > 1]
-            first = np.array([row[~np.isnan(row)][0] for row in r])
-            top = np.nanmax(r, axis=1)
-            loc_y, loc_s, per_answer = [], [], []
-            for row in range(len(te)):
-                if y[row] != 1:
-                    continue
-                cols = (support[row] >= 0) & ~np.isnan(r[row])
-                kinds = support[row][cols]
-                if kinds.min(initial=1) == 0 and kinds.max(initial=0) == 1:
-                    loc_y.extend(kinds.tolist())
-                    loc_s.extend(r[row][cols].tolist())
-                    per_answer.append(auroc(kinds, r[row][cols]))
-            res[name] = {
-                "share_at_least_0.98": float(np.mean(vals >= 0.98)),
-                "median": float(np.median(vals)),
-                "mean_within_answer_sd": float(np.mean(sd)),
-                "answer AUROC of the highest token risk": _ci(y, top),
-                "answer AUROC of the first token's risk": _ci(y, first),
-                "localization AUROC (pooled tokens)": _ci(np.array(loc_y), np.array(loc_s)) if loc_y else None,
-                "localization AUROC (mean per answer)": float(np.mean(per_answer)) if per_answer else None,
-                "localization answers": len(per_answer),
-            }
+        res = evaluate(FlowValidator.from_pretrained(folder), test, y[te], token_y[te])
         report["validators"][folder.rstrip("/").split("/")[-1]] = res
-        print(json.dumps({folder: res}, indent=1, default=float), file=sys.stderr)
+        print(json.dumps({folder: res}, default=float), file=sys.stderr)
+    f = feats.select(FLOW + LENS)
+    cfg = ValidatorConfig.from_feature_names(f.names, **{**ATTN, "num_blocks": f.num_blocks})
+    for w in a.train:
+        model, hist = train_validator(
+            rows(f, tr), y[tr], rows(f, va), y[va], config=cfg, epochs=a.epochs, patience=10, batch_size=32,
+            seed=0, progress=False, prefix_augment=0.5, token_labels=torch.as_tensor(token_y[tr]),
+            token_loss_weight=w,
+        )  # fmt: skip
+        res = evaluate(model, rows(f, te), y[te], token_y[te])
+        res["best_epoch"] = hist.best_epoch
+        report["validators"][f"streaming design, token loss weight {w}"] = res
+        print(json.dumps({w: res}, default=float), file=sys.stderr)
     if a.out:
         with open(a.out, "w") as fh:
             json.dump(report, fh, indent=1, default=float)

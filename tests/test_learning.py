@@ -375,3 +375,53 @@ def test_prefix_augmentation_cuts_rows_to_prefixes_and_refuses_the_state_branch(
         train_validator(feats, labels, feats, labels, config=cfg, prefix_augment=0.5, epochs=1)
     with pytest.raises(ValueError, match="prefix_augment"):
         train_validator(feats, labels, feats, labels, config=shipped_config(feats), prefix_augment=1.5, epochs=1)
+
+
+def test_token_loss_teaches_the_token_logits_a_token_target(tiny_answers):
+    feats, labels = tiny_answers
+    # A learnable token target: the sign of one feature at the token's first block.
+    target = (feats.values[:, 0, :, 0] > feats.values[:, 0, :, 0].median()).float()
+    target = target.masked_fill(~feats.valid.any(1), float("nan"))
+    kw = dict(config=shipped_config(feats), lr=1e-2, epochs=40, patience=40, batch_size=16, weight_decay=0.0,
+              progress=False)  # fmt: skip
+    plain, _ = train_validator(feats, labels, feats, labels, **kw)
+    taught, _ = train_validator(feats, labels, feats, labels, token_labels=target, token_loss_weight=1.0, **kw)
+    from hf_flowcheck.metrics import auroc
+
+    def token_auroc(model):
+        out = model(feats.values, feats.valid).token_logits
+        use = torch.isfinite(target) & torch.isfinite(out)
+        return auroc(target[use].numpy(), out[use].detach().numpy())
+
+    assert token_auroc(taught) > 0.9 and token_auroc(taught) > token_auroc(plain) + 0.1
+    assert taught.training_metadata["hyperparameters"]["token_loss_weight"] == 1.0
+    with pytest.raises(ValueError, match="needs token_labels"):
+        train_validator(feats, labels, feats, labels, token_loss_weight=1.0, epochs=1, progress=False)
+    with pytest.raises(ValueError, match="token_labels has shape"):
+        train_validator(feats, labels, feats, labels, token_labels=target[:, :2], token_loss_weight=1.0, epochs=1)
+    with pytest.raises(ValueError, match="token_loss_weight"):
+        train_validator(feats, labels, feats, labels, token_labels=target, token_loss_weight=-1.0, epochs=1)
+
+
+def test_reference_token_labels_mark_unsupported_words_of_wrong_answers():
+    from types import SimpleNamespace
+
+    from test_baselines import CharTokenizer
+
+    from hf_flowcheck.extraction import FlowFeatures
+    from hf_flowcheck.workflows.token_labels import reference_token_labels
+
+    tok = CharTokenizer()
+    prompt = "Q?"
+    start = len(tok(prompt)["input_ids"])
+    answer = "ab x"  # one character per token: 'a', 'b', ' ', 'x'
+    gen = tok(answer, add_special_tokens=False)["input_ids"]
+    rec = SimpleNamespace(prompt=prompt, gen_ids=gen, references=["Cab"])
+    pos = torch.tensor([[start, start + 1, start + 2, start + 3, -1]] * 2)
+    feats = FlowFeatures(torch.zeros(2, 1, 5, 1), torch.ones(2, 1, 5, dtype=torch.bool), pos, ("f",), [0, 1])
+    out = reference_token_labels(feats, ["u0", "u1"], {"u0": rec, "u1": rec}, tok, [1, 0])
+    assert out[0, :2].tolist() == [0.0, 0.0] and out[0, 3].item() == 1.0  # 'a', 'b' in "cab"; 'x' is not
+    assert torch.isnan(out[0, 2]) and torch.isnan(out[0, 4])  # a space has no word; -1 is padding
+    assert out[1, [0, 1, 3]].tolist() == [0.0, 0.0, 0.0]  # a right answer's tokens are all supported
+    with pytest.raises(ValueError, match="no answer record"):
+        reference_token_labels(feats, ["u0", "missing"], {"u0": rec}, tok, [1, 0])

@@ -325,6 +325,8 @@ def train_validator(
     state_init: str = "random",
     state_l2: float = 1e-2,
     prefix_augment: float = 0.0,
+    token_labels: torch.Tensor | None = None,
+    token_loss_weight: float = 0.0,
     seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
@@ -362,6 +364,12 @@ def train_validator(
             score of a streaming check means something before the answer ends. Flow(-lens)-only
             validators: the state branch reads the last token of the whole answer, which a prefix
             does not have. Validation (selection) uses the whole answers.
+        token_labels: ``[N, T]`` weak token labels of the train rows (1 / 0, ``nan`` = no label; e.g.
+            :func:`~hf_flowcheck.workflows.token_labels.reference_token_labels`). With
+            ``token_loss_weight > 0`` the loss adds that weight times the mean BCE of the validator's
+            token logits against them, so per-token risks learn a token-level target.
+            Selection still uses the answer-level validation loss (or AUROC).
+        token_loss_weight: Weight of the token loss (0: off).
         seed: Seed of initialisation, shuffling and dropout.
         checkpoint_dir: Folder for the resumable training state (and ``best/``, the kept
             validator via ``save_pretrained``). An existing state there is resumed; a finished
@@ -408,6 +416,16 @@ def train_validator(
             "the last token of the whole answer (a prefix has no such state in the store). Train a flow-only (or "
             "flow + lens) validator for streaming: drop --state, or set prefix_augment=0."
         )
+    _positive("token_loss_weight", token_loss_weight, allow_zero=True)
+    if token_loss_weight and token_labels is None:
+        raise ValueError("token_loss_weight > 0 needs token_labels ([N, T] per train row); give both or neither.")
+    if token_labels is not None:
+        token_labels = torch.as_tensor(token_labels, dtype=torch.float32)
+        if tuple(token_labels.shape) != tuple(train.positions.shape):
+            raise ValueError(
+                f"token_labels has shape {tuple(token_labels.shape)} but the train features have "
+                f"{tuple(train.positions.shape)} (rows, token columns); label the same rows and columns."
+            )
     if state_init != "random" and (config is None or not getattr(config, "state_dim", 0)):
         raise ValueError(
             f"state_init={state_init!r} starts the state branch at the hidden-state probe, but config has no state "
@@ -447,6 +465,7 @@ def train_validator(
             "No validation sample has a valid event (all token masks are empty); check the response masks."
         )
     x_tr, m_tr, y_tr = train.values[tr_idx], train.valid[tr_idx], y_tr[tr_idx]
+    t_tr = token_labels[tr_idx] if token_loss_weight else None
     x_va, m_va, y_va = val.values[va_idx], val.valid[va_idx], y_va[va_idx]
     with_states = bool(config.state_dim)
     s_tr = train.states[tr_idx] if with_states else None
@@ -477,6 +496,9 @@ def train_validator(
         hyper.update(state_init=state_init, state_l2=float(state_l2))
     if prefix_augment:
         hyper.update(prefix_augment=float(prefix_augment))
+    if token_loss_weight:
+        labels_key = hashlib.sha256(token_labels.nan_to_num(-1.0).numpy().tobytes()).hexdigest()
+        hyper.update(token_loss_weight=float(token_loss_weight), token_labels=labels_key)
     run_key = {
         **hyper,
         "validator_config": config.to_dict(),
@@ -549,6 +571,14 @@ def train_validator(
                         mask = _random_prefixes(mask, prefix_augment, gen)
                     out = model(x_tr[idx].to(dev), mask.to(dev), _rows(s_tr, idx, dev))
                     loss = loss_fn(out.logits, y_tr[idx].to(dev))
+                    if t_tr is not None:
+                        target = t_tr[idx].to(dev)
+                        use = torch.isfinite(target) & torch.isfinite(out.token_logits)
+                        if bool(use.any()):
+                            tok_loss = nn.functional.binary_cross_entropy_with_logits(
+                                out.token_logits[use], target[use]
+                            )
+                            loss = loss + token_loss_weight * tok_loss
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     if grad_clip is not None:
