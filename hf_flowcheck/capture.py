@@ -48,18 +48,26 @@ class CapturedStates:
     rows: torch.Tensor
     positions: torch.Tensor
 
-    def check_finite(self) -> None:
-        """Raise :class:`NonFiniteStateError` naming the first (in depth) bad block and position."""
-        n_blocks = self.o.shape[1]
+    def check_finite(self, start: int = 0) -> None:
+        """Raise :class:`NonFiniteStateError` naming the first (in depth) bad block and position.
+
+        Args:
+            start: Check the kept positions from this index on (a streaming caller has checked the
+                earlier ones).
+        """
+        r, o, m, pos = self.r[start:], self.o[start:], self.m[start:], self.positions[start:]
+        if bool(torch.isfinite(r).all()) and bool(torch.isfinite(o).all()) and bool(torch.isfinite(m).all()):
+            return
+        n_blocks = o.shape[1]
         for b in range(n_blocks + 1):
-            parts = [("residual entering", self.r[:, b])]
+            parts = [("residual entering", r[:, b])]
             if b < n_blocks:
-                parts += [("attention output of", self.o[:, b]), ("MLP output of", self.m[:, b])]
+                parts += [("attention output of", o[:, b]), ("MLP output of", m[:, b])]
             for what, t in parts:
                 bad = ~torch.isfinite(t).all(dim=-1)
                 if bool(bad.any()):
                     idx = bad.nonzero().squeeze(-1)
-                    i = int(idx[self.positions[idx].argmin()])
+                    i = start + int(idx[pos[idx].argmin()])
                     where = f"block {b}" if b < n_blocks else "the final norm"
                     raise NonFiniteStateError(
                         f"Non-finite value (NaN/inf) in the {what} {where} at sequence position "

@@ -144,12 +144,14 @@ class StreamCache:
         lens: ``{(row, position): [B, 4]}``.
         updates: ``{(row, position): [B, 3, d]}``.
         bases: ``{row: (tokens fitted on, [J] bases [d, k])}``.
+        checked: Captured positions already checked for non-finite values.
     """
 
     refit: str = "always"
     lens: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     updates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     bases: dict[int, tuple[int, list[torch.Tensor]]] = field(default_factory=dict)
+    checked: int = 0
 
     def __post_init__(self) -> None:
         if self.refit not in STREAM_REFITS:
@@ -459,7 +461,10 @@ class FlowExtractor:
         keys: list[int] = []
         geometry: list[SampleGeometry | None] | None = [] if self.keep_geometry else None
         if states is not None:
-            states.check_finite()
+            done = cache.checked if cache is not None and cache.checked <= states.r.shape[0] else 0
+            states.check_finite(done)
+            if cache is not None:
+                cache.checked = states.r.shape[0]
             self._prepare_math(device)
             rows, pos = states.rows, states.positions
             # Index of each captured (row, position) in a dense [N, S] table.

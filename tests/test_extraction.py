@@ -219,3 +219,28 @@ def test_peft_lora_model():
 def test_subspace_larger_than_hidden_refused():
     with pytest.raises(ValueError, match="subspace_dim=64"):
         FlowExtractor(make_tiny_model("llama"), FlowConfig(subspace_dim=64))
+
+
+def test_streaming_check_finds_a_non_finite_state_of_a_later_token():
+    from conftest import tiny_wrapped
+
+    fc = tiny_wrapped("llama")
+    calls = {"n": 0}
+
+    def poison(mod, args, out):
+        calls["n"] += 1
+        if calls["n"] == 4:  # the third generated token's forward: earlier checks saw finite states
+            out = out.clone()
+            out[0, -1] = float("nan")
+        return out
+
+    handle = fc.extractor.arch.mlp_modules[1].register_forward_hook(poison)
+    try:
+        with pytest.raises(NonFiniteStateError, match="MLP output of block 1"):
+            fc.generate(input_ids=torch.tensor([[5, 6, 7, 8]]), max_new_tokens=6, min_new_tokens=6, do_sample=False,
+                        flow_check_every=1, suppress_tokens=[98])  # fmt: skip
+    finally:
+        handle.remove()
+    assert calls["n"] >= 4
+    for blk in fc.extractor.arch.blocks:
+        assert not blk._forward_hooks and not blk._forward_pre_hooks
