@@ -162,3 +162,25 @@ def test_closed_book_prompt_is_the_qa_two_shot_without_knowledge():
     assert blocks[:2] == [f"Question: {s['question']}\nAnswer: {s['answer']}" for s in QA_SHOTS]
     # The open-book prompt of the same record keeps its knowledge and the shots' knowledge.
     assert generation_prompt(rec).count("Knowledge:") == 3
+
+
+def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path):
+    from hf_flowcheck.workflows.experiments import train_from_store
+
+    recs = [
+        Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2)
+        for i in range(84)
+    ]
+    write(model, tmp_path / "a.jsonl", recs, judge="record-label", batch_size=12)
+    replay_answers(
+        model, CharTokenizer(), tmp_path / "a.jsonl", tmp_path / "replay", config=tiny_flow_config(), part_size=42
+    )
+    kw = dict(epochs=2, head="attention", hidden=16, embed=8, progress=False, n_bootstrap=20)
+    with pytest.raises(ValueError, match="needs the model's tokenizer"):
+        train_from_store(tmp_path / "replay", tmp_path / "v0", token_loss_weight=0.5, **kw)
+    v, report = train_from_store(
+        tmp_path / "replay", tmp_path / "v1", token_loss_weight=0.5, tokenizer=CharTokenizer(), **kw
+    )
+    hyper = v.training_metadata["hyperparameters"]
+    assert hyper["token_loss_weight"] == 0.5 and len(hyper["token_labels"]) == 64
+    assert report["history"]["epochs_run"] == 2

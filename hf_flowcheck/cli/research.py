@@ -302,6 +302,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="Probability of cutting a training answer to a random prefix (0-1): a validator for streaming checks, "
         "whose running scores mean something before the answer ends. Not with --state.",
     )
+    p.add_argument(
+        "--token-loss-weight",
+        type=float,
+        default=0.0,
+        help="Add this weight times a token-level loss on weak labels from the reference answers (a replayed store; "
+        "needs --model): per-token risks that point at the unsupported words. 0 (default): off.",
+    )
+    p.add_argument("--model", default=None, help="With --token-loss-weight: the store's model (for its tokenizer).")
     p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
     p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
     p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
@@ -318,6 +326,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
+
+
+def _tokenizer_for(model: str | None) -> Any:
+    if not model:
+        raise SystemExit("flowcheck train: --token-loss-weight needs --model (the store's model, for its tokenizer).")
+    from transformers import AutoTokenizer
+
+    from hf_flowcheck.offline_models import resolve_model
+
+    return AutoTokenizer.from_pretrained(resolve_model(model))
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -344,6 +362,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         state_spread=args.state_spread,
         state_init=args.state_init,
         prefix_augment=args.prefix_augment,
+        token_loss_weight=args.token_loss_weight,
+        tokenizer=_tokenizer_for(args.model) if args.token_loss_weight else None,
         channels=tuple(args.channels) if args.channels else None,
         hidden=args.hidden,
         embed=args.embed,

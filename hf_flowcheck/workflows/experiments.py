@@ -197,6 +197,24 @@ def _plot_learning_curve(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, tokenizer: Any) -> Any:
+    """Weak token labels of a replayed store's rows, from its committed answers file."""
+    from hf_flowcheck.workflows.answers import read_answers
+    from hf_flowcheck.workflows.token_labels import reference_token_labels
+
+    if tokenizer is None:
+        raise ValueError("token_loss_weight > 0 needs the model's tokenizer (flowcheck train --model NAME).")
+    path = (store.manifest.get("dataset") or {}).get("answers")
+    if not path or not Path(path).is_file():
+        raise ValueError(
+            f"token_loss_weight > 0 reads the token labels from the answers file a replayed store names, but this "
+            f"store names {path!r}, which is not here; replay a committed answers file (flowcheck replay), or set "
+            "token_loss_weight to 0."
+        )
+    records = {r.uid: r for r in read_answers(path).records}
+    return reference_token_labels(feats, uids, records, tokenizer, labels)
+
+
 def train_from_store(
     features_dir: str | Path,
     out_dir: str | Path,
@@ -216,6 +234,8 @@ def train_from_store(
     state_spread: int = 0,
     state_init: str = "random",
     prefix_augment: float = 0.0,
+    token_loss_weight: float = 0.0,
+    tokenizer: Any = None,
     channels: tuple[str, ...] | None = None,
     hidden: int = 256,
     embed: int = 128,
@@ -234,7 +254,10 @@ def train_from_store(
     ``features_dir`` is a feature store or a root of replayed part stores. ``state=True`` adds the
     state branch, reading the residual boundary where a hidden-state probe is best on validation;
     ``state_init="probe"`` starts it at that probe and ``prefix_augment`` trains on random answer
-    prefixes too, for streaming (see :func:`train_validator`).
+    prefixes too, for streaming (see :func:`train_validator`). ``token_loss_weight > 0`` (a replayed
+    store; needs the model's ``tokenizer``) adds the token loss on the weak labels of
+    :func:`~hf_flowcheck.workflows.token_labels.reference_token_labels`, read from the store's
+    committed answers file.
     ``channels`` keeps only those feature channels (e.g. the flow-only variant of a lens store).
     The folder also gets ``learning_curve.json``/``.png`` and validation-chosen operating points.
 
@@ -258,8 +281,11 @@ def train_from_store(
     if drop_uids is not None:
         split = split.without(drop_uids)
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
-    train_f, train_y, _ = parts["train"]
+    train_f, train_y, train_uids = parts["train"]
     val_f, val_y, _ = parts["validation"]
+    token_labels = None
+    if token_loss_weight:
+        token_labels = _store_token_labels(store, train_f, train_uids, train_y, tokenizer)
     n_pos, n_neg = int(train_y.sum()), int((train_y == 0).sum())
     if min(n_pos, n_neg) < MIN_PER_CLASS:
         raise ValueError(
@@ -309,6 +335,8 @@ def train_from_store(
         selection=selection,
         state_init=state_init,
         prefix_augment=prefix_augment,
+        token_labels=token_labels,
+        token_loss_weight=token_loss_weight,
         seed=seed,
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,
