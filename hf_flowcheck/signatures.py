@@ -211,14 +211,15 @@ def complete_basis(partial: torch.Tensor, dim: int, k: int) -> torch.Tensor:
 SUBSPACE_BLOCK, SUBSPACE_ITERS, SUBSPACE_TOL = 2, 16, 2e-3
 
 
-def _top_subspace(gram: torch.Tensor, k: int) -> torch.Tensor | None:
+def _top_subspace(gram: torch.Tensor, k: int, n_dir: int) -> torch.Tensor | None:
     """Top-``k`` eigenvectors of a PSD ``[d, d]`` matrix by block subspace iteration, or ``None``.
 
     A seeded block of ``2k`` columns, ``SUBSPACE_ITERS`` multiply-and-orthonormalize steps and a
     Rayleigh–Ritz step: the error falls like ``(lambda_{2k+1} / lambda_k)^iters``. The result is kept
     only when the Davis–Kahan bound ``||G V - V Theta||_F / (theta_k - theta_{k+1})`` on the sine of
     its largest angle to the exact top-``k`` subspace is below ``SUBSPACE_TOL`` and the ``k`` values
-    pass the eigensolve's rank test; otherwise ``None`` (the caller runs the full eigensolve).
+    pass the eigensolve's rank test (the same tolerance, from ``n_dir`` directions); otherwise
+    ``None`` (the caller runs the full eigensolve).
     """
     dim = gram.shape[0]
     block = min(SUBSPACE_BLOCK * k, dim)
@@ -230,7 +231,7 @@ def _top_subspace(gram: torch.Tensor, k: int) -> torch.Tensor | None:
     theta, vecs = theta.flip(0), vecs.flip(1)
     v = q @ vecs[:, :k]
     top, gap = float(theta[0]), float(theta[k - 1] - theta[k]) if block > k else 0.0
-    rank_tol = top**0.5 * (dim * torch.finfo(torch.float32).eps) ** 0.5
+    rank_tol = top**0.5 * (max(n_dir, dim) * torch.finfo(torch.float32).eps) ** 0.5
     if top <= 0 or gap <= 0 or float(theta[k - 1].clamp_min(0).sqrt()) <= rank_tol:
         return None
     if float((gram @ v - v * theta[:k]).norm()) / gap > SUBSPACE_TOL:
@@ -256,11 +257,12 @@ def fit_basis(directions: torch.Tensor, dim: int, k: int, solver: str = "eigh") 
     n_dir = directions.shape[0]
     if n_dir == 0:
         return eye[:, :k].clone()
-    if solver == "subspace" and n_dir >= 4 * k and 4 * k <= dim:
-        fast = _top_subspace(directions.T @ directions, k)
+    gram = directions.T @ directions if n_dir >= 4 * k else None
+    if solver == "subspace" and gram is not None and 4 * k <= dim:
+        fast = _top_subspace(gram, k, n_dir)
         if fast is not None:
             return fast
-    if n_dir < 4 * k:
+    if gram is None:
         # Few directions: an exact thin SVD is cheap, and its rank test is the sharpest.
         _, sv, vh = torch.linalg.svd(directions, full_matrices=False)
         tol = sv.max() * max(directions.shape) * torch.finfo(torch.float32).eps
@@ -268,7 +270,7 @@ def fit_basis(directions: torch.Tensor, dim: int, k: int, solver: str = "eigh") 
     else:
         # Many directions: the top right singular vectors are the top eigenvectors of D^T D, which
         # costs a d x d eigensolve instead of an M x d SVD (3x faster at M=1024, d=576).
-        evals, evecs = torch.linalg.eigh(directions.T @ directions)
+        evals, evecs = torch.linalg.eigh(gram)
         sv = evals.flip(0).clamp_min(0).sqrt()
         vecs = evecs.flip(1)
         tol = sv.max() * (max(directions.shape) * torch.finfo(torch.float32).eps) ** 0.5

@@ -89,7 +89,7 @@ def test_subspace_solver_finds_the_eigensolve_subspace_or_falls_back():
     dirs = torch.randn(200, d, generator=gen) * torch.linspace(3.0, 0.1, d)
     u, v = fit_basis(dirs, d, k), fit_basis(dirs, d, k, solver="subspace")
     torch.testing.assert_close(v.T @ v, torch.eye(k), atol=1e-5, rtol=0)
-    assert _top_subspace(dirs.T @ dirs, k) is not None  # the iteration was kept, not the fallback
+    assert _top_subspace(dirs.T @ dirs, k, dirs.shape[0]) is not None  # the iteration was kept, not the fallback
     assert float(torch.linalg.matrix_norm(v @ v.T - u @ u.T, 2)) <= SUBSPACE_TOL  # sin of the largest angle
     # Rank 2 < k: the Ritz values fail the rank test, so the eigensolve (and its completion) is used.
     span = _orth(d, 2, gen)
