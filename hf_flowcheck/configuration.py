@@ -147,6 +147,18 @@ class FlowConfig:
             "at K - 1). One full readout per token instead of one per (token, block): about B times cheaper."
         },
     )
+    competitor_candidates: int = field(
+        default=0,
+        metadata={
+            "help": "0 (default): each (token, block) ranks its competitors over the whole vocabulary (the spec). "
+            "C > 0: an approximation -- a sample's candidate set is the union of its answer tokens' top C of the "
+            "last block's readout, and every (token, block) ranks its top token and K competitors within that "
+            "set (ties still to the smaller token id). One full-vocabulary readout per answer token instead of one "
+            "per read-out (token, block) pair (7x fewer at the defaults), and the ranking runs over the set. The "
+            "early blocks' own top tokens are rarely in the set, so their competitor directions, bases and "
+            "features change: a validator must be trained on features computed this way."
+        },
+    )
     basis_solver: str = field(
         default="eigh",
         metadata={
@@ -189,6 +201,17 @@ class FlowConfig:
             )
         if cand and not self.lens_features:
             raise ValueError("lens_candidates only applies to the lens channels; set lens_features=True or leave it 0.")
+        comp = self.competitor_candidates
+        if isinstance(comp, bool) or not isinstance(comp, int) or comp < 0:
+            raise ValueError(
+                f"competitor_candidates={comp!r} must be 0 (exact, full vocabulary) or a positive integer."
+            )
+        if comp and comp <= self.num_competitors:
+            raise ValueError(
+                f"competitor_candidates={comp} leaves no room for the top token and num_competitors="
+                f"{self.num_competitors} competitors within one token's candidates. Use competitor_candidates > "
+                f"{self.num_competitors} (e.g. 256) or 0 for the whole vocabulary."
+            )
         if self.window_stride > self.window_length:
             raise ValueError(
                 f"window_stride={self.window_stride} is larger than window_length={self.window_length}: "
@@ -231,6 +254,7 @@ class FlowConfig:
         for name, default in (
             ("lens_features", False),
             ("lens_candidates", 0),
+            ("competitor_candidates", 0),
             ("state_summary", "none"),
             ("basis_solver", "eigh"),
         ):

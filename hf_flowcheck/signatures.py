@@ -22,6 +22,7 @@ __all__ = [
     "WindowLayout",
     "block_updates",
     "boundary_states",
+    "candidate_rows",
     "closed_form_norm_jvp",
     "competitor_directions",
     "fit_basis",
@@ -497,6 +498,24 @@ def boundary_states(
     return h, h - betas[None]
 
 
+def candidate_rows(last: torch.Tensor, readout: torch.Tensor, per_token: int) -> torch.Tensor:
+    """A sample's competitor candidates (``FlowConfig.competitor_candidates``): the union of each
+    token's top ``per_token`` rows of the last block's readout.
+
+    Args:
+        last: ``[R, d]`` the monitored states after the last block.
+        readout: ``W``, ``[V, d]``.
+        per_token: ``C``, candidates per token.
+
+    Returns:
+        ``[U]`` long, ascending token ids, ``min(C, V) <= U <= min(R * C, V)`` (all ``V`` when ``R = 0``).
+    """
+    if last.shape[0] == 0 or per_token >= readout.shape[0]:
+        return torch.arange(readout.shape[0], device=readout.device)
+    top = (last.to(readout.dtype) @ readout.T).topk(per_token, dim=-1).indices  # [R, C]
+    return torch.unique(top)  # sorted
+
+
 def fit_sample_bases(
     h: torch.Tensor,
     readout: torch.Tensor,
@@ -527,7 +546,10 @@ def fit_sample_bases(
     b_all = torch.cat([b for _, b in pairs]).to(h.device)
     states = h[t_all, b_all]  # [P, d]
     w = readout if readout.dtype == torch.float32 else readout.float()
-    logits = states @ w.T  # [P, V], the only V-wide product
+    if config.competitor_candidates:
+        # Ranking within an ascending-id subset keeps "ties to the smaller token id" (rank_top's order).
+        w = w[candidate_rows(h[:, -1], w, config.competitor_candidates)]
+    logits = states @ w.T  # [P, V] (or [P, |candidates|]), the only V-wide product
     bases = []
     start = 0
     for size in sizes:

@@ -41,6 +41,13 @@ def test_basis_solver_changes_how_not_what():
     assert not c.same_features(FlowConfig(seed=1))
 
 
+def test_competitor_candidates_change_the_features_and_the_key():
+    c, cand = FlowConfig(), FlowConfig(competitor_candidates=256)
+    assert "competitor_candidates" not in c.signature_key() and "competitor_candidates" in cand.signature_key()
+    assert not c.same_features(cand)
+    assert FlowConfig.from_dict(cand.to_dict()) == cand
+
+
 @pytest.mark.parametrize(
     "kw, needle",
     [
@@ -52,6 +59,9 @@ def test_basis_solver_changes_how_not_what():
         ({"features": "all"}, "features='all'"),
         ({"window_length": 2, "window_stride": 3}, "window_stride=3"),
         ({"basis_solver": "lanczos"}, "basis_solver='lanczos'"),
+        ({"competitor_candidates": -1}, "competitor_candidates=-1"),
+        ({"competitor_candidates": True}, "competitor_candidates=True"),
+        ({"competitor_candidates": 32}, "competitor_candidates > 32"),
     ],
 )
 def test_bad_values_name_the_field(kw, needle):

@@ -207,6 +207,34 @@ def test_subspace_basis_solver_gives_the_eigensolve_features(core_family):
     torch.testing.assert_close(fast.values, exact.values, atol=2e-3, rtol=2e-3)
 
 
+def test_competitor_candidates_over_the_whole_vocabulary_are_exact():
+    model = make_tiny_model("llama")
+    gen = torch.Generator().manual_seed(2)
+    ids = torch.randint(3, 90, (2, 14), generator=gen)
+    resp = torch.zeros_like(ids)
+    resp[:, 5:] = 1
+    vocab = model.get_output_embeddings().weight.shape[0]
+    exact = FlowExtractor(model, tiny_flow_config()).extract(ids, response_mask=resp)
+    whole = FlowExtractor(model, tiny_flow_config(competitor_candidates=vocab)).extract(ids, response_mask=resp)
+    torch.testing.assert_close(whole.values, exact.values, atol=1e-5, rtol=1e-5)
+    few = FlowExtractor(model, tiny_flow_config(competitor_candidates=6)).extract(ids, response_mask=resp)
+    assert torch.equal(few.valid, exact.valid) and bool(few.values[few.valid].isfinite().all())
+    assert not torch.allclose(few.values[few.valid], exact.values[exact.valid])  # an approximation, not the spec
+
+
+def test_generate_capture_equals_replay_with_competitor_candidates():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config(competitor_candidates=6))
+    gen = torch.Generator().manual_seed(3)
+    ids, att = _left_padded(gen, [6, 4])
+    prompt_len = ids.shape[1]
+    out, feats = capture_generate(ext, ids, attention_mask=att, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    resp = torch.zeros_like(out)
+    resp[:, prompt_len:] = 1
+    replay = ext.extract(out, torch.cat([att, torch.ones_like(out[:, prompt_len:])], dim=1), resp)
+    torch.testing.assert_close(feats.values, replay.values, atol=1e-4, rtol=1e-4)
+
+
 def test_peft_lora_model():
     peft = pytest.importorskip("peft")
     model = make_tiny_model("llama")

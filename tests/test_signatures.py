@@ -12,6 +12,7 @@ from hf_flowcheck.signatures import (
     SUBSPACE_TOL,
     _top_subspace,
     boundary_states,
+    candidate_rows,
     fit_basis,
     flow_features,
     grassmann_drift,
@@ -66,6 +67,17 @@ def test_cap_bounds_readouts_and_is_seeded():
     assert any(not torch.equal(a[0], b[0]) for a, b in zip(pairs, other))
     small = select_readout_pairs(2, w, 32, 1024, sample_key=7, seed0=0)  # under the cap: every pair
     assert [t.numel() for t, _ in small] == [2 * len(w.pool_blocks(j)) for j in range(w.num_windows)]
+
+
+def test_candidate_rows_are_the_union_of_each_tokens_top():
+    gen = torch.Generator().manual_seed(0)
+    w, last = torch.randn(50, 8, generator=gen), torch.randn(3, 8, generator=gen)
+    rows = candidate_rows(last, w, 5)
+    top = (last @ w.T).topk(5, dim=-1).indices
+    assert rows.tolist() == sorted(set(top.flatten().tolist()))
+    assert 5 <= rows.numel() <= 15
+    assert torch.equal(candidate_rows(last, w, 50), torch.arange(50))
+    assert torch.equal(candidate_rows(last[:0], w, 5), torch.arange(50))
 
 
 def test_fit_basis_full_rank_deficient_and_empty():

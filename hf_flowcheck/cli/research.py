@@ -83,8 +83,9 @@ def run_replay(args: Any) -> int:
     if args.start_part < 0:
         raise ValueError(f"--start-part must be 0 or more, got {args.start_part}.")
     config = FlowConfig(
-        lens_features=args.lens_features, lens_candidates=args.lens_candidates, state_summary=args.state_summary
-    )
+        lens_features=args.lens_features, lens_candidates=args.lens_candidates, state_summary=args.state_summary,
+        competitor_candidates=args.competitor_candidates,
+    )  # fmt: skip
     model, tok = load_model_from_args(args)
     parts = replay_answers(
         model, tok, args.answers, args.out, config=config, part_size=args.part_size,
@@ -649,6 +650,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         default=0,
         help="0: exact lens channels (full-vocabulary readout per token and block); K: within each token's top K "
         "of the last block's readout (FlowConfig.lens_candidates, ~B times cheaper, an approximation).",
+    )
+    rp.add_argument(
+        "--competitor-candidates",
+        type=int,
+        default=0,
+        help="0: rank each (token, block)'s competitors over the whole vocabulary (the spec); C: within the union "
+        "of the answer tokens' top C of the last block's readout (FlowConfig.competitor_candidates, an "
+        "approximation; a validator must be trained on it).",
     )
     rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
     rp.add_argument(

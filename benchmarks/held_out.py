@@ -1,0 +1,134 @@
+"""A shipped validator on answers it never saw: its own test split plus every answer added since.
+
+A validator trained on the first ``--trained-parts`` part stores of a replay root saw their train
+and validation splits (split seed ``--split-seed``). When the answers file has grown since, every
+answer of the later parts is as unseen as that test split. This scores, on the union of the two
+(the held-out set), the validators, the hidden-state probes (1 and 3 depths, fitted on the same
+train split, layer chosen on the same validation split), a pooled-flow logistic regression (train
+split), answer length and exact token confidence, with 95% bootstrap intervals and paired
+bootstrap intervals of "validator minus each baseline" on the same resampled answers. Rows are
+also reported for the original test split and the new answers separately.
+
+Run: ``python benchmarks/held_out.py --parts runs/replay/qwen-qa --trained-parts 3
+--validator hf_flowcheck/bundled/validators/qwen2.5-coder-0.5b-instruct-halueval-qa
+--confidence runs/confidence-qwen-qa.json --out runs/cmp/qwen-held-out.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from compare_subset import _row, paired_difference
+from pooled_flow_probe import fit_logistic
+
+from hf_flowcheck.data.splits import split_records
+from hf_flowcheck.detectors import FlowValidator
+from hf_flowcheck.detectors.baselines import HiddenStateProbe
+from hf_flowcheck.workflows.replay import PartedStore
+
+
+def pooled_events(feats) -> np.ndarray:
+    """``[N, 2F + 1]``: mean and max of every channel over each answer's valid events, log1p length."""
+    m = feats.valid.float()
+    cnt = m.sum((1, 2)).clamp_min(1)
+    mean = (feats.values * m[..., None]).sum((1, 2)) / cnt[:, None]
+    mx = feats.values.masked_fill(~feats.valid[..., None], -1e9).amax((1, 2)).clamp_min(-1e3)
+    ntok = (feats.positions >= 0).sum(1).float()
+    return torch.cat([mean, mx, torch.log1p(ntok)[:, None]], 1).double().numpy()
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--parts", required=True)
+    p.add_argument("--trained-parts", type=int, required=True, help="how many parts the validator's store had")
+    p.add_argument("--validator", action="append", default=[])
+    p.add_argument("--confidence", default=None, help="JSON from benchmarks/answer_confidence.py")
+    p.add_argument("--split-seed", type=int, default=0)
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(1)
+    store = PartedStore(a.parts)
+    feats, labels, uids = store.load()
+    part_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(store.parts)])
+    old = [u for u, k in zip(uids, part_of) if k < a.trained_parts]
+    if len({int(s.manifest["dataset"]["part"]) for s in store.parts[: a.trained_parts]}) != a.trained_parts:
+        raise SystemExit(f"{a.parts}: the first {a.trained_parts} parts are not all complete")
+    split = split_records(old, seed=a.split_seed)
+    index = {u: i for i, u in enumerate(uids)}
+    tr = np.array([index[u] for u in split.train])
+    va = np.array([index[u] for u in split.validation])
+    seen = set(split.train) | set(split.validation)
+    old_test = np.array([index[u] for u in split.test])
+    new = np.array([i for i, k in enumerate(part_of) if k >= a.trained_parts and uids[i] not in seen], dtype=np.int64)
+    y_all = labels.numpy()
+
+    scores: dict[str, np.ndarray] = {}
+    for folder in a.validator:
+        v = FlowValidator.from_pretrained(folder)
+        name = f"validator {folder.rstrip('/').split('/')[-1]}"
+        scores[name] = v.score_features(feats.select(v.config.feature_names)).scores.double().numpy()
+    probe = HiddenStateProbe(kind="logistic").fit(feats.states[tr], y_all[tr], feats.states[va], y_all[va])
+    scores[f"hidden-state probe, 1 depth (block {probe.layer})"] = np.asarray(probe.score(feats.states))
+    n_bound = feats.states.shape[1]
+    three = sorted({min(max(b, 0), n_bound - 1) for b in (probe.layer - 4, probe.layer, probe.layer + 4)})
+    z3 = feats.states[:, three].reshape(len(feats), -1)
+    probe3 = HiddenStateProbe(kind="logistic").fit(z3[tr, None], y_all[tr], z3[va, None], y_all[va])
+    scores[f"hidden-state probe, 3 depths {three}"] = np.asarray(probe3.score(z3[:, None]))
+    for group, names in (("flow", [n for n in feats.names if not n.startswith("lens_")]), ("all", list(feats.names))):
+        x = pooled_events(feats.select(tuple(names)))
+        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
+        w, b = fit_logistic((x[tr] - mu) / sd, y_all[tr])
+        scores[f"pooled {group} features + logistic regression"] = ((x - mu) / sd) @ w + b
+    scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
+    if a.confidence:
+        cache = json.loads(Path(a.confidence).read_text())
+        stat = cache["statistics"][0]
+        scores[f"token confidence, exact ({stat})"] = np.array(
+            [cache["scores"].get(u, [np.nan])[0] for u in uids], dtype=np.float64
+        )
+
+    report: dict = {
+        "parts": a.parts,
+        "trained_parts": a.trained_parts,
+        "split_seed": a.split_seed,
+        "train": len(tr),
+        "validation": len(va),
+        "sets": {},
+    }
+    for set_name, idx in (("held out (test split + new answers)", np.concatenate([old_test, new])),
+                          ("test split of the training store", old_test), ("new answers only", new)):  # fmt: skip
+        if len(idx) == 0:
+            continue
+        y = y_all[idx]
+        rows = {}
+        validators = {k: s[idx] for k, s in scores.items() if k.startswith("validator")}
+        for name, s_all in scores.items():
+            s = s_all[idx]
+            ok = ~np.isnan(s)
+            rows[name] = _row(y[ok], s[ok])
+            rows[name]["covered"] = int(ok.sum())
+            if not name.startswith("validator") and ok.all():
+                for vname, vs in validators.items():
+                    rows[name][f"{vname} minus this"] = paired_difference(y, vs, s)
+        report["sets"][set_name] = {"n": len(idx), "positives": int(y.sum()), "rows": rows}
+        print(f"\n{set_name}: {len(idx)} answers ({int(y.sum())} hallucinated)", file=sys.stderr)
+        for name, r in rows.items():
+            extra = {k.split(" minus")[0][-12:]: [round(x, 3) for x in v] for k, v in r.items() if "minus" in k}
+            cov = "" if r["covered"] == len(idx) else f" (on {r['covered']})"
+            print(
+                f"  {name}: {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{cov} {extra or ''}", file=sys.stderr
+            )
+    if a.out:
+        Path(a.out).write_text(json.dumps(report, indent=1, default=float))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
