@@ -51,14 +51,44 @@ def paired_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int = 1000
     return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
 
 
-def main() -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def store_arguments(p: argparse.ArgumentParser) -> None:
+    """The options every store-scoring benchmark takes."""
     p.add_argument("--parts", required=True)
-    p.add_argument("--compare", nargs="+", required=True, help="JSON reports of flowcheck compare --max-eval")
     p.add_argument("--validator", action="append", default=[])
     p.add_argument("--confidence", default=None, help="JSON from benchmarks/answer_confidence.py")
     p.add_argument("--split-seed", type=int, default=0)
     p.add_argument("--out", default=None)
+
+
+def probe_scores(feats, y: np.ndarray, tr: np.ndarray, va: np.ndarray) -> dict[str, np.ndarray]:
+    """Hidden-state probes at 1 depth (chosen on validation) and at 3 depths around it, fitted on ``tr``."""
+    probe = HiddenStateProbe(kind="logistic").fit(feats.states[tr], y[tr], feats.states[va], y[va])
+    n_bound = feats.states.shape[1]
+    three = sorted({min(max(b, 0), n_bound - 1) for b in (probe.layer - 4, probe.layer, probe.layer + 4)})
+    z3 = feats.states[:, three].reshape(len(feats), -1)
+    probe3 = HiddenStateProbe(kind="logistic").fit(z3[tr, None], y[tr], z3[va, None], y[va])
+    return {
+        f"hidden-state probe, 1 depth (block {probe.layer})": np.asarray(probe.score(feats.states)),
+        f"hidden-state probe, 3 depths {three}": np.asarray(probe3.score(z3[:, None])),
+    }
+
+
+def confidence_scores(path: str, uids: list[str]) -> dict[str, np.ndarray]:
+    """Exact token confidence of each uid from an ``answer_confidence.py`` cache (NaN where absent)."""
+    with open(path) as fh:
+        cache = json.load(fh)
+    stat = cache["statistics"][0]
+    return {
+        f"token confidence, exact ({stat})": np.array(
+            [cache["scores"].get(u, [np.nan])[0] for u in uids], dtype=np.float64
+        )
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    store_arguments(p)
+    p.add_argument("--compare", nargs="+", required=True, help="JSON reports of flowcheck compare --max-eval")
     a = p.parse_args()
     torch.set_num_threads(1)
     feats, labels, uids = load_parts(a.parts)
@@ -67,31 +97,15 @@ def main() -> int:
     tr = np.array([index[u] for u in split.train])
     va = np.array([index[u] for u in split.validation])
     y_all = labels.numpy()
-    probes = {
-        "hidden-state probe, 1 depth": HiddenStateProbe(kind="logistic").fit(
-            feats.states[tr], y_all[tr], feats.states[va], y_all[va]
-        )
-    }
-    layer = probes["hidden-state probe, 1 depth"].layer
-    n_bound = feats.states.shape[1]
-    three = sorted({min(max(b, 0), n_bound - 1) for b in (layer - 4, layer, layer + 4)})
-    z3 = feats.states[:, three].reshape(len(feats), -1)
-    probe3 = HiddenStateProbe(kind="logistic").fit(z3[tr, None], y_all[tr], z3[va, None], y_all[va])
     own: dict[str, np.ndarray] = {}
     for folder in a.validator:
         v = FlowValidator.from_pretrained(folder)
         own[f"validator {folder.rstrip('/').split('/')[-1]}"] = (
             v.score_features(feats.select(v.config.feature_names)).scores.double().numpy()
         )
-    own["hidden-state probe, 1 depth"] = np.asarray(probes["hidden-state probe, 1 depth"].score(feats.states))
-    own[f"hidden-state probe, 3 depths {three}"] = np.asarray(probe3.score(z3[:, None]))
+    own.update(probe_scores(feats, y_all, tr, va))
     if a.confidence:
-        with open(a.confidence) as fh:
-            cache = json.load(fh)
-        stat = cache["statistics"][0]
-        own[f"token confidence, exact ({stat})"] = np.array(
-            [cache["scores"].get(u, [np.nan])[0] for u in uids], dtype=np.float64
-        )
+        own.update(confidence_scores(a.confidence, uids))
     report: dict = {"split_seed": a.split_seed, "subsets": {}}
     for path in a.compare:
         with open(path) as fh:

@@ -25,12 +25,11 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare_subset import _row, paired_difference
+from compare_subset import _row, confidence_scores, paired_difference, probe_scores, store_arguments
 from pooled_flow_probe import fit_logistic
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
-from hf_flowcheck.detectors.baselines import HiddenStateProbe
 from hf_flowcheck.workflows.replay import PartedStore
 
 
@@ -46,12 +45,8 @@ def pooled_events(feats) -> np.ndarray:
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--parts", required=True)
+    store_arguments(p)
     p.add_argument("--trained-parts", type=int, required=True, help="how many parts the validator's store had")
-    p.add_argument("--validator", action="append", default=[])
-    p.add_argument("--confidence", default=None, help="JSON from benchmarks/answer_confidence.py")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(1)
     store = PartedStore(a.parts)
@@ -74,13 +69,7 @@ def main() -> int:
         v = FlowValidator.from_pretrained(folder)
         name = f"validator {folder.rstrip('/').split('/')[-1]}"
         scores[name] = v.score_features(feats.select(v.config.feature_names)).scores.double().numpy()
-    probe = HiddenStateProbe(kind="logistic").fit(feats.states[tr], y_all[tr], feats.states[va], y_all[va])
-    scores[f"hidden-state probe, 1 depth (block {probe.layer})"] = np.asarray(probe.score(feats.states))
-    n_bound = feats.states.shape[1]
-    three = sorted({min(max(b, 0), n_bound - 1) for b in (probe.layer - 4, probe.layer, probe.layer + 4)})
-    z3 = feats.states[:, three].reshape(len(feats), -1)
-    probe3 = HiddenStateProbe(kind="logistic").fit(z3[tr, None], y_all[tr], z3[va, None], y_all[va])
-    scores[f"hidden-state probe, 3 depths {three}"] = np.asarray(probe3.score(z3[:, None]))
+    scores.update(probe_scores(feats, y_all, tr, va))
     for group, names in (("flow", [n for n in feats.names if not n.startswith("lens_")]), ("all", list(feats.names))):
         x = pooled_events(feats.select(tuple(names)))
         mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
@@ -88,11 +77,7 @@ def main() -> int:
         scores[f"pooled {group} features + logistic regression"] = ((x - mu) / sd) @ w + b
     scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
     if a.confidence:
-        cache = json.loads(Path(a.confidence).read_text())
-        stat = cache["statistics"][0]
-        scores[f"token confidence, exact ({stat})"] = np.array(
-            [cache["scores"].get(u, [np.nan])[0] for u in uids], dtype=np.float64
-        )
+        scores.update(confidence_scores(a.confidence, uids))
 
     report: dict = {
         "parts": a.parts,
@@ -112,6 +97,8 @@ def main() -> int:
         for name, s_all in scores.items():
             s = s_all[idx]
             ok = ~np.isnan(s)
+            if len(np.unique(y[ok])) < 2:  # e.g. token confidence not computed for these answers yet
+                continue
             rows[name] = _row(y[ok], s[ok])
             rows[name]["covered"] = int(ok.sum())
             if not name.startswith("validator") and ok.all():
