@@ -38,6 +38,7 @@ def main() -> int:
         default=None,
         help="only the answers in the test split of these split seeds (the rows a table reports)",
     )
+    p.add_argument("--uids", default=None, help="only the answers whose uid is in this JSON list")
     a = p.parse_args()
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", "1"))))
     cache = {"statistics": list(CONFIDENCE_STATISTICS)}
@@ -53,6 +54,10 @@ def main() -> int:
         labelled = [r.uid for r in read_answers(a.answers).records if r.label is not None]
         keep = set().union(*(split_records(labelled, seed=s).test for s in a.test_of_seeds))
         recs = [r for r in recs if r.uid in keep]
+    if a.uids:
+        with open(a.uids) as fh:
+            wanted = set(json.load(fh))
+        recs = [r for r in recs if r.uid in wanted]
     t0 = time.perf_counter()
     for i in range(0, len(recs), 64):
         chunk = recs[i : i + 64]

@@ -47,6 +47,7 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     store_arguments(p)
     p.add_argument("--trained-parts", type=int, required=True, help="how many parts the validator's store had")
+    p.add_argument("--uids-out", default=None, help="also write the held-out uids (a JSON list) here")
     a = p.parse_args()
     torch.set_num_threads(1)
     store = PartedStore(a.parts)
@@ -63,6 +64,9 @@ def main() -> int:
     old_test = np.array([index[u] for u in split.test])
     new = np.array([i for i, k in enumerate(part_of) if k >= a.trained_parts and uids[i] not in seen], dtype=np.int64)
     y_all = labels.numpy()
+    if a.uids_out:  # the answers to score with answer_confidence.py --uids
+        held = [uids[i] for i in np.concatenate([old_test, new])]
+        Path(a.uids_out).write_text(json.dumps(held))
 
     scores: dict[str, np.ndarray] = {}
     for folder in a.validator:
