@@ -151,12 +151,12 @@ class FlowConfig:
         default=0,
         metadata={
             "help": "0 (default): each (token, block) ranks its competitors over the whole vocabulary (the spec). "
-            "C > 0: an approximation -- a sample's candidate set is the union of its answer tokens' top C of the "
-            "last block's readout, and every (token, block) ranks its top token and K competitors within that "
-            "set (ties still to the smaller token id). One full-vocabulary readout per answer token instead of one "
-            "per read-out (token, block) pair (7x fewer at the defaults), and the ranking runs over the set. The "
-            "early blocks' own top tokens are rarely in the set, so their competitor directions, bases and "
-            "features change: a validator must be trained on features computed this way."
+            "C > 0: a sample's candidate set is the union of its answer tokens' top C of the last block's "
+            "readout, and every (token, block) ranks its top token and K competitors within that set (ties "
+            "still to the smaller token id). One full-vocabulary readout per answer token instead of one per "
+            "read-out (token, block) pair (7x fewer at the defaults). Not an approximation of the spec's "
+            "features: the intermediate blocks' own top tokens are mostly outside the set, so the competitor "
+            "directions, bases and features change (docs/performance.md); a validator must be trained on them."
         },
     )
     basis_solver: str = field(

@@ -656,8 +656,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         type=int,
         default=0,
         help="0: rank each (token, block)'s competitors over the whole vocabulary (the spec); C: within the union "
-        "of the answer tokens' top C of the last block's readout (FlowConfig.competitor_candidates, an "
-        "approximation; a validator must be trained on it).",
+        "of the answer tokens' top C of the last block's readout (FlowConfig.competitor_candidates: other "
+        "features than the spec's; a validator must be trained on them).",
     )
     rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
     rp.add_argument(
