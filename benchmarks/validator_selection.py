@@ -173,7 +173,7 @@ def main() -> int:
     for seed in a.seeds:
         split = split_records(uids, seed=seed)
         tr, va, te = (np.array([index[u] for u in split[n] if has[index[u]]]) for n in ("train", "validation", "test"))
-        res: dict = {"sizes": [len(tr), len(va), len(te)], "rows": {}}
+        res: dict = {"sizes": [len(tr), len(va), len(te)], "rows": {}, "test_uids": [uids[i] for i in te]}
         probe = HiddenStateProbe(kind="logistic", l2=1e-2).fit(feats.states[tr], y[tr], feats.states[va], y[va])
         layer = int(probe.layer)
 
@@ -190,6 +190,7 @@ def main() -> int:
                 full = evaluate_scores(y[te][ok_te], s_te[ok_te], name=name, n_bootstrap=1000, seed=0)
                 row["test_metrics"] = full
                 row["test_ci"] = [full["metrics"]["auroc"]["low"], full["metrics"]["auroc"]["high"]]
+                row["test_scores"] = [float(x) for x in s_te]  # for paired comparisons across stores
             res["rows"][name] = row
             print(f"seed {seed} {name:24s} val {row['val_auroc']:.3f} test {row['test_auroc']:.3f}", file=sys.stderr)
 
@@ -204,10 +205,11 @@ def main() -> int:
             [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]],
         )
         add("pooled flow + LR", *s)
-        lens_top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]  # final readout, per token
-        n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
-        conf = -(torch.log(lens_top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok  # mean -log p(top)
-        add("final-readout confidence", conf[va].numpy(), conf[te].numpy())
+        if "lens_top1" in feats.names:  # stores replayed with --no-lens-features have no final readout
+            lens_top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]  # final readout, per token
+            n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
+            conf = -(torch.log(lens_top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok  # mean -log p(top)
+            add("final-readout confidence", conf[va].numpy(), conf[te].numpy())
         length = feats.valid[:, 0].sum(-1).double().numpy()
         add("answer length", length[va], length[te])
         if conf_cache:
