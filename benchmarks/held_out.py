@@ -43,11 +43,49 @@ def pooled_events(feats) -> np.ndarray:
     return torch.cat([mean, mx, torch.log1p(ntok)[:, None]], 1).double().numpy()
 
 
+def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray, n_new: int) -> None:
+    """Add the held-out rows to ``--record-in``'s model card; its weights and other files stay as they are."""
+    import shutil
+    import tempfile
+
+    from hf_flowcheck.metrics import evaluate_scores
+
+    folder = Path(a.record_in)
+    name = f"validator {str(a.record_in).rstrip('/').split('/')[-1]}"
+    if name not in scores:
+        raise SystemExit(f"--record-in {a.record_in} is not one of the --validator folders")
+    rows = {}
+    for row, s_all in scores.items():
+        s = s_all[held]
+        if np.isnan(s).any():
+            continue
+        rows["this validator" if row == name else row] = evaluate_scores(
+            y_all[held], s, name=row, n_bootstrap=1000, seed=0
+        )
+    v = FlowValidator.from_pretrained(folder)
+    v.record_later_evaluation(
+        f"Held out: the test split plus {n_new} answers added after training",
+        rows,
+        command="python " + " ".join(sys.argv),
+        note=f"The answers file grew after training; its {n_new} newer labelled answers were never seen in "
+        "training or selection, like the test split above. Baselines fitted on the same train split.",
+    )
+    with tempfile.TemporaryDirectory() as tmp:
+        v.save_pretrained(tmp)
+        for f in ("config.json", "README.md", "model.safetensors"):
+            shutil.copyfile(Path(tmp) / f, folder / f)
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     store_arguments(p)
     p.add_argument("--trained-parts", type=int, required=True, help="how many parts the validator's store had")
     p.add_argument("--uids-out", default=None, help="also write the held-out uids (a JSON list) here")
+    p.add_argument(
+        "--record-in",
+        default=None,
+        help="a --validator folder: add the held-out table to its model card (config.json and README.md)",
+    )
     a = p.parse_args()
     torch.set_num_threads(1)
     store = PartedStore(a.parts)
@@ -118,6 +156,8 @@ def main() -> int:
             )
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1, default=float))
+    if a.record_in:
+        record(a, scores, y_all, np.concatenate([old_test, new]), len(new))
     return 0
 
 

@@ -97,6 +97,24 @@ def test_config_json_and_model_card(tmp_path, validator):
     assert huggingface_hub.ModelCard.load(tmp_path / "README.md").data.library_name == "hf_flowcheck"
 
 
+def test_later_evaluations_get_their_own_card_sections(tmp_path, validator):
+    from hf_flowcheck.metrics import evaluate_scores
+
+    before = dict(validator.training_metadata)
+    held = {"validator": evaluate_scores([0, 1, 0, 1], [0.1, 0.9, 0.4, 0.3], name="validator", n_bootstrap=10)}
+    validator.record_later_evaluation("Held out: 4 newer answers", held, command="python benchmarks/held_out.py")
+    validator.record_later_evaluation("Held out: 4 newer answers", held, command="python benchmarks/held_out.py -x")
+    assert len(validator.training_metadata["later_evaluations"]) == 1  # the same title replaces, not repeats
+    assert validator.training_metadata["evaluation"] == before["evaluation"]  # training's own stays
+    validator.save_pretrained(tmp_path)
+    card = (tmp_path / "README.md").read_text()
+    assert "### Held out: 4 newer answers" in card and "held_out.py -x" in card
+    assert FlowValidator.from_pretrained(tmp_path).training_metadata["later_evaluations"][0]["command"].endswith("-x")
+    with pytest.raises(ValueError, match="evaluate_scores"):
+        validator.record_later_evaluation("bad", {"validator": {"auroc": 0.5}}, command="x")
+    validator.training_metadata = before
+
+
 def test_non_json_metadata_is_refused(tmp_path):
     v = FlowValidator(ValidatorConfig(num_features=4, **SMALL), training_metadata={"bad": object()})
     with pytest.raises(ValueError, match=r"cannot be written to config.json"):

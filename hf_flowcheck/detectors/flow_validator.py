@@ -725,6 +725,27 @@ class FlowValidator(
             self.training_metadata["command"] = str(command)
         self.training_metadata.update(jsonable(extra, "training_metadata"))
 
+    def record_later_evaluation(self, title: str, results: Any, *, command: str, note: str = "") -> None:
+        """Add an evaluation made after training (e.g. on answers collected since) to the model card.
+
+        The training-time evaluation (:meth:`record_evaluation`) stays as it was; each later one gets its
+        own card section with its table, note and command.
+
+        Args:
+            title: Section title, e.g. ``"Held out: the test split plus 910 newer answers"``.
+            results: :func:`~hf_flowcheck.metrics.evaluate_scores` results (as for :meth:`record_evaluation`).
+            command: The command line that produced them.
+            note: What the rows are, in a sentence or two.
+        """
+        from hf_flowcheck.metrics import format_table
+
+        format_table(results)
+        entry = {"title": str(title), "evaluation": jsonable(results, "evaluation"), "command": str(command)}
+        if note:
+            entry["note"] = str(note)
+        later = [e for e in self.training_metadata.get("later_evaluations", []) if e.get("title") != entry["title"]]
+        self.training_metadata["later_evaluations"] = [*later, entry]
+
     # ----------------------------------------------------------------------------------- I/O
 
     def model_card_text(self, repo_id: str | None = None) -> str:
@@ -784,6 +805,11 @@ class FlowValidator(
         for key in ("protocol", "dataset", "split"):
             if key in meta:
                 lines.append(f"- {key}: `{meta[key]}`")
+        for later in meta.get("later_evaluations") or []:
+            lines += ["", f"### {later['title']}", ""]
+            if later.get("note"):
+                lines += [later["note"], ""]
+            lines += ["```text", format_table(later["evaluation"]), "```", "", "```bash", later["command"], "```"]
         points = meta.get("operating_points") or {}
         rows = [(k, v) for k, v in points.items() if isinstance(v, dict)]
         if rows:
