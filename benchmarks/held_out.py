@@ -118,6 +118,11 @@ def main() -> int:
         w, b = fit_logistic((x[tr] - mu) / sd, y_all[tr])
         scores[f"pooled {group} features + logistic regression"] = ((x - mu) / sd) @ w + b
     scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
+    if "lens_top1" in feats.names:  # -mean log p of the final readout's top token, one position later than exact
+        top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]
+        n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
+        conf = -(torch.log(top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok
+        scores["final-readout confidence (-mean log p of the top token)"] = conf.double().numpy()
     if a.confidence:
         scores.update(confidence_scores(a.confidence, uids))
 
