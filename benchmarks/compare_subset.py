@@ -34,6 +34,7 @@ def _row(y: np.ndarray, s: np.ndarray) -> dict:
         "auroc": m["auroc"]["value"],
         "ci": [m["auroc"]["low"], m["auroc"]["high"]],
         "auprc": m["auprc"]["value"],
+        "precision_at_recall_0.8": m["precision_at_recall_0.8"]["value"],
         "n": len(y),
         "positives": int(y.sum()),
     }
