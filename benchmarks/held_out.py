@@ -157,7 +157,9 @@ def main() -> int:
             extra = {k.split(" minus")[0][-12:]: [round(x, 3) for x in v] for k, v in r.items() if "minus" in k}
             cov = "" if r["covered"] == len(idx) else f" (on {r['covered']})"
             print(
-                f"  {name}: {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{cov} {extra or ''}", file=sys.stderr
+                f"  {name}: {r['auroc']:.3f} [{r['ci'][0]:.3f}, {r['ci'][1]:.3f}]{cov} AUPRC {r['auprc']:.3f} "
+                f"P@R0.8 {r['precision_at_recall_0.8']:.3f} {extra or ''}",
+                file=sys.stderr,
             )
     if a.out:
         Path(a.out).write_text(json.dumps(report, indent=1, default=float))
