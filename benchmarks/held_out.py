@@ -48,6 +48,9 @@ def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray
     import shutil
     import tempfile
 
+    from safetensors.torch import load_file
+
+    from hf_flowcheck.detectors.checkpoint import file_sha256
     from hf_flowcheck.metrics import evaluate_scores
 
     folder = Path(a.record_in)
@@ -59,9 +62,10 @@ def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray
         s = s_all[held]
         if np.isnan(s).any():
             continue
-        rows["this validator" if row == name else row] = evaluate_scores(
-            y_all[held], s, name=row, n_bootstrap=1000, seed=0
-        )
+        result = evaluate_scores(y_all[held], s, name=row, n_bootstrap=1000, seed=0)
+        # accuracy at 0.5 means nothing for scores that are not probabilities (length, log-probs)
+        result["metrics"] = {k: v for k, v in result["metrics"].items() if not k.startswith("accuracy")}
+        rows["this validator" if row == name else row] = result
     v = FlowValidator.from_pretrained(folder)
     v.record_later_evaluation(
         f"Held out: the test split plus {n_new} answers added after training",
@@ -72,8 +76,13 @@ def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray
     )
     with tempfile.TemporaryDirectory() as tmp:
         v.save_pretrained(tmp)
-        for f in ("config.json", "README.md", "model.safetensors"):
-            shutil.copyfile(Path(tmp) / f, folder / f)
+        # Keep the folder's weights file byte for byte (a re-save may order its header differently).
+        old, again = load_file(str(folder / "model.safetensors")), load_file(str(Path(tmp) / "model.safetensors"))
+        assert old.keys() == again.keys() and all(torch.equal(old[k], again[k]) for k in old)
+        config = json.loads((Path(tmp) / "config.json").read_text())
+        config["weights_sha256"] = file_sha256(folder / "model.safetensors")
+        (folder / "config.json").write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
+        shutil.copyfile(Path(tmp) / "README.md", folder / "README.md")
 
 
 def main() -> int:
