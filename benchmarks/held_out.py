@@ -99,10 +99,11 @@ def main() -> int:
     torch.set_num_threads(1)
     store = PartedStore(a.parts)
     feats, labels, uids = store.load()
-    part_of = np.concatenate([np.full(len(s), i) for i, s in enumerate(store.parts)])
+    numbers = [int(s.manifest["dataset"]["part"]) for s in store.parts]
+    if not set(range(a.trained_parts)) <= set(numbers):
+        raise SystemExit(f"{a.parts}: parts 0..{a.trained_parts - 1} are not all complete (have {numbers})")
+    part_of = np.concatenate([np.full(len(s), k) for k, s in zip(numbers, store.parts)])
     old = [u for u, k in zip(uids, part_of) if k < a.trained_parts]
-    if len({int(s.manifest["dataset"]["part"]) for s in store.parts[: a.trained_parts]}) != a.trained_parts:
-        raise SystemExit(f"{a.parts}: the first {a.trained_parts} parts are not all complete")
     split = split_records(old, seed=a.split_seed)
     index = {u: i for i, u in enumerate(uids)}
     tr = np.array([index[u] for u in split.train])
