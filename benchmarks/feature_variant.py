@@ -9,7 +9,7 @@ example ``basis_solver=subspace`` or ``competitor_candidates=256``), runs altern
 - the median relative difference per block (approximations can differ by depth);
 - the largest difference of the validator's answer score (the same weights on both; for a variant
   that changes the features, a validator would have to be retrained on them);
-- the extraction time of each, and their ratio (one thread).
+- the extraction time of each, and of the window fits alone (``fit_sample_bases``), with their ratios.
 
 Run: ``python benchmarks/feature_variant.py --answers answers/SmolLM2-135M-Instruct/halueval-qa.jsonl
 --model SmolLM2-135M-Instruct --set basis_solver=subspace --limit 60 --out runs/basis-solver.json``
