@@ -14,7 +14,8 @@ in ``--batches`` gets its own table, runs alternating within every repetition.
 ``--refit always doubling`` times each streaming row with both ``flow_check_refit`` settings (the
 per-token lens channels and JVPs are computed once per token in both). ``--lens-candidates K``
 times the same validator with ``FlowConfig(lens_candidates=K)`` (timing only: its weights were
-trained on exact lens channels, so its scores are not the validator's). ``--basis-solver eigh subspace``
+trained on exact lens channels, so its scores are not the validator's); ``--competitor-candidates C``
+likewise with ``FlowConfig(competitor_candidates=C)``. ``--basis-solver eigh subspace``
 times every flow row with each ``FlowConfig.basis_solver`` (same features to float32 precision, so
 the validator's own scores), alternating within each repetition.
 
@@ -41,6 +42,9 @@ def main() -> None:
     ap.add_argument("--rollback", type=float, default=None, help="Also time rollback at this threshold.")
     ap.add_argument("--refit", nargs="+", default=["always"], choices=["always", "doubling"])
     ap.add_argument("--lens-candidates", type=int, default=0, help="Time FlowConfig(lens_candidates=K) (timing only).")
+    ap.add_argument(
+        "--competitor-candidates", type=int, default=0, help="Time FlowConfig(competitor_candidates=C) (timing only)."
+    )
     ap.add_argument("--basis-solver", nargs="+", default=["eigh"], choices=["eigh", "subspace"])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
@@ -57,14 +61,20 @@ def main() -> None:
         v = FlowValidator(ValidatorConfig.from_feature_names(cfg.feature_names), flow_config=cfg).eval()
         model = FlowCheckedModelForCausalLM(model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False)
         which = "random (same shape)"
-    if args.lens_candidates:
-        import copy
-        import dataclasses
+    for field, value in (
+        ("lens_candidates", args.lens_candidates),
+        ("competitor_candidates", args.competitor_candidates),
+    ):
+        if value:
+            import copy
+            import dataclasses
 
-        v = copy.deepcopy(model.validator)
-        v.flow_config = dataclasses.replace(v.flow_config, lens_candidates=args.lens_candidates)
-        model = FlowCheckedModelForCausalLM(model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False)
-        which += f", lens_candidates={args.lens_candidates} (timing only)"
+            v = copy.deepcopy(model.validator)
+            v.flow_config = dataclasses.replace(v.flow_config, **{field: value})
+            model = FlowCheckedModelForCausalLM(
+                model.base_model, v, tokenizer=model.tokenizer, check_compatibility=False
+            )
+            which += f", {field}={value} (timing only)"
     tok = model.tokenizer
     tok.padding_side = "left"
     import dataclasses
