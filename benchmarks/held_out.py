@@ -26,21 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_subset import _row, confidence_scores, paired_difference, probe_scores, store_arguments
-from pooled_flow_probe import fit_logistic
+from validator_selection import FLOW, channels, logistic, pooled
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
 from hf_flowcheck.workflows.replay import PartedStore
-
-
-def pooled_events(feats) -> np.ndarray:
-    """``[N, 2F + 1]``: mean and max of every channel over each answer's valid events, log1p length."""
-    m = feats.valid.float()
-    cnt = m.sum((1, 2)).clamp_min(1)
-    mean = (feats.values * m[..., None]).sum((1, 2)) / cnt[:, None]
-    mx = feats.values.masked_fill(~feats.valid[..., None], -1e9).amax((1, 2)).clamp_min(-1e3)
-    ntok = (feats.positions >= 0).sum(1).float()
-    return torch.cat([mean, mx, torch.log1p(ntok)[:, None]], 1).double().numpy()
 
 
 def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray, n_new: int) -> None:
@@ -122,11 +112,8 @@ def main() -> int:
         name = f"validator {folder.rstrip('/').split('/')[-1]}"
         scores[name] = v.score_features(feats.select(v.config.feature_names)).scores.double().numpy()
     scores.update(probe_scores(feats, y_all, tr, va))
-    for group, names in (("flow", [n for n in feats.names if not n.startswith("lens_")]), ("all", list(feats.names))):
-        x = pooled_events(feats.select(tuple(names)))
-        mu, sd = x[tr].mean(0), x[tr].std(0) + 1e-6
-        w, b = fit_logistic((x[tr] - mu) / sd, y_all[tr])
-        scores[f"pooled {group} features + logistic regression"] = ((x - mu) / sd) @ w + b
+    flow = pooled(channels(feats, FLOW))  # the tables' "pooled flow + LR" (validator_selection.py)
+    scores["pooled flow features + logistic regression"] = logistic(flow[tr], y_all[tr], [flow])[0]
     scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
     if "lens_top1" in feats.names:  # -mean log p of the final readout's top token, one position later than exact
         top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]
