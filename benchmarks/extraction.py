@@ -65,9 +65,7 @@ def child(args) -> None:
     minus the RSS just before (model loading and warm-up are excluded). The allocator may reuse
     memory freed earlier, so this can only under-count, never over-count, what the mode needs.
     """
-    import threading
-
-    import psutil
+    from peak_rss import peak_rss_growth
 
     from hf_flowcheck import FlowConfig, FlowExtractor
 
@@ -76,22 +74,8 @@ def child(args) -> None:
     ext = FlowExtractor(model, FlowConfig(), tokenizer=tok)
     enc = _encode(tok, _prompts(args.batch, tok))
     _run(args.child, model, tok, ext, enc, 2)  # warm up kernels and allocator
-    proc = psutil.Process()
-    base = proc.memory_info().rss
-    peak = [base]
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
-            time.sleep(0.002)
-
-    t = threading.Thread(target=sample, daemon=True)
-    t.start()
-    _run(args.child, model, tok, ext, enc, args.new_tokens)
-    done.set()
-    t.join()
-    print(json.dumps({"rss_growth_bytes": peak[0] - base}))
+    growth = peak_rss_growth(lambda: _run(args.child, model, tok, ext, enc, args.new_tokens))
+    print(json.dumps({"rss_growth_bytes": growth}))
 
 
 def main() -> None:

@@ -19,14 +19,21 @@ likewise with ``FlowConfig(competitor_candidates=C)``. ``--basis-solver eigh sub
 times every flow row with each ``FlowConfig.basis_solver`` (same features to float32 precision, so
 the validator's own scores), alternating within each repetition.
 
+``--memory`` adds each row's peak resident-set growth minus plain ``generate``'s, each mode measured
+once in a fresh process (model loading and a warm-up excluded), next to the capture bound
+``R·(B+1)·3·d·4`` bytes (``R`` = batch × new tokens, ``B`` blocks, ``d`` hidden size).
+
 Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5 --refit always doubling``
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -48,6 +55,9 @@ def main() -> None:
     ap.add_argument("--basis-solver", nargs="+", default=["eigh"], choices=["eigh", "subspace"])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--memory", action="store_true", help="Also measure each row's peak RSS in a fresh process.")
+    ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--child-batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -89,12 +99,14 @@ def main() -> None:
         )
         for solver in args.basis_solver
     }
+    if args.child:
+        child(models, tok, args)
+        return
     for batch in args.batches:
         table(models, tok, batch, args, which)
 
 
-def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -> None:
-    from hf_flowcheck import FlowTextStreamer
+def _encode(tok, batch: int, args: argparse.Namespace):
     from hf_flowcheck.data import generation_prompt, load_halueval_qa
 
     records = load_halueval_qa(limit=batch + 10)[10 : 10 + batch]
@@ -102,7 +114,12 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
     kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
     )
-    print(f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads}")
+    return enc, kw
+
+
+def _runner(models: dict, tok, enc, kw: dict, args: argparse.Namespace):
+    """``run(mode, solver)``: one generation in the given mode, returning its seconds."""
+    from hf_flowcheck import FlowTextStreamer
 
     def run(mode, solver):
         model = models[solver]
@@ -121,6 +138,49 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
             model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode[1], flow_check_refit=mode[2])
         return time.perf_counter() - t0
 
+    return run
+
+
+def _mode_key(mode) -> str:
+    return mode if isinstance(mode, str) else ":".join(map(str, mode))
+
+
+def _mode_from_key(key: str):
+    if ":" not in key:
+        return key
+    kind, k, refit = key.split(":")
+    return (kind, int(k), refit)
+
+
+def child(models: dict, tok, args: argparse.Namespace) -> None:
+    """Peak RSS growth of one mode in this (fresh) process, printed as JSON."""
+    from peak_rss import peak_rss_growth
+
+    enc, kw = _encode(tok, args.child_batch, args)
+    mode, solver = _mode_from_key(args.child), args.basis_solver[0]
+    run = _runner(models, tok, enc, kw, args)
+    run(mode, solver)  # warm up kernels and allocator
+    print(json.dumps({"rss_growth_bytes": peak_rss_growth(lambda: run(mode, solver))}))
+
+
+def _child_growth(mode, solver: str, batch: int, args: argparse.Namespace) -> int:
+    cmd = [sys.executable, __file__, "--child", _mode_key(mode), "--child-batch", str(batch)]
+    cmd += ["--model", args.model, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    cmd += ["--basis-solver", solver, "--lens-candidates", str(args.lens_candidates)]
+    cmd += ["--competitor-candidates", str(args.competitor_candidates)]
+    if args.validator:
+        cmd += ["--validator", args.validator]
+    if args.rollback is not None:
+        cmd += ["--rollback", str(args.rollback)]
+    res = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])["rss_growth_bytes"]
+
+
+def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -> None:
+    enc, kw = _encode(tok, batch, args)
+    print(f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads}")
+    run = _runner(models, tok, enc, kw, args)
+
     flow = ["final", *[("check", k, r) for k in args.every for r in args.refit]]
     if args.rollback is not None:
         flow += [("rollback", k, r) for k in args.every for r in args.refit]
@@ -134,9 +194,20 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
     for _ in range(args.reps):
         for m in modes:
             times[m].append(run(*m))
+    extra = {}
+    if args.memory:
+        base = next(iter(models.values())).base_model.config
+        bound = batch * args.new_tokens * (base.num_hidden_layers + 1) * 3 * base.hidden_size * 4
+        growth = {m: _child_growth(m[0], m[1], batch, args) for m in modes}
+        plain_growth = growth[("plain", first)]
+        extra = {m: ((g - plain_growth) / bound, (g - plain_growth) / 2**20) for m, g in growth.items()}
+        print(
+            f"capture bound R*(B+1)*3*d*4 = {bound / 2**20:.1f} MiB; plain generate peak RSS growth {plain_growth / 2**20:.1f} MiB"
+        )
     plain = statistics.median(times[("plain", first)])
-    print("| mode | basis solver | seconds | ratio to plain generate | checks per row |")
-    print("|---|---|---|---|---|")
+    mem_head = " peak RSS extra / bound |" if extra else ""
+    print(f"| mode | basis solver | seconds | ratio to plain generate | checks per row |{mem_head}")
+    print("|---|---|---|---|---|" + ("---|" if extra else ""))
     for m, solver in modes:
         t = statistics.median(times[(m, solver)])
         if isinstance(m, tuple):
@@ -147,7 +218,8 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
             label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}[m]
             k = 1
         checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // k)
-        print(f"| {label} | {'-' if m == 'plain' else solver} | {t:.2f} | {t / plain:.2f}x | {checks} |")
+        mem = " {:.2f} ({:.0f} MiB) |".format(*extra[(m, solver)]) if extra else ""
+        print(f"| {label} | {'-' if m == 'plain' else solver} | {t:.2f} | {t / plain:.2f}x | {checks} |{mem}")
 
 
 if __name__ == "__main__":
