@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_subset import _row, confidence_scores, paired_difference, probe_scores, store_arguments
-from validator_selection import FLOW, channels, logistic, pooled
+from validator_selection import FLOW, channels, final_readout_confidence, logistic, pooled
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
@@ -115,10 +115,8 @@ def main() -> int:
     flow = pooled(channels(feats, FLOW))  # the tables' "pooled flow + LR" (validator_selection.py)
     scores["pooled flow features + logistic regression"] = logistic(flow[tr], y_all[tr], [flow])[0]
     scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
-    if "lens_top1" in feats.names:  # -mean log p of the final readout's top token, one position later than exact
-        top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]
-        n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
-        conf = -(torch.log(top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok
+    conf = final_readout_confidence(feats)
+    if conf is not None:
         scores["final-readout confidence (-mean log p of the top token)"] = conf.double().numpy()
     if a.confidence:
         scores.update(confidence_scores(a.confidence, uids))

@@ -16,6 +16,7 @@ import json
 import sys
 
 import numpy as np
+from validator_selection import final_readout_confidence
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
@@ -60,6 +61,11 @@ def main() -> int:
             col = np.array([cache["scores"].get(u, [np.nan] * 4)[j] for u in uids], dtype=np.float64)[has]
             ok = ~np.isnan(col)
             rows[f"token confidence ({stat})"] = evaluate_scores(y[ok], col[ok], name=stat)
+    conf = final_readout_confidence(feats)
+    if conf is not None:
+        rows["final-readout confidence (-mean log p of the top token)"] = evaluate_scores(
+            y, conf.double().numpy()[has], name="final-readout confidence"
+        )
     length = feats.valid[:, 0].sum(-1).double().numpy()[has]
     rows["answer length"] = evaluate_scores(y, length, name="length")
     print(format_table(rows))

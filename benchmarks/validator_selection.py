@@ -59,6 +59,18 @@ def pooled(feats: FlowFeatures) -> torch.Tensor:
     return torch.cat([mean, mx], -1)
 
 
+def final_readout_confidence(feats: FlowFeatures) -> torch.Tensor | None:
+    """-mean log p of the final readout's top token per answer, ``[N]``; ``None`` without lens channels.
+
+    The lens channel at the last block is the readout one position later than exact token confidence.
+    """
+    if "lens_top1" not in feats.names:  # stores replayed with --no-lens-features have no final readout
+        return None
+    top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]
+    n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
+    return -(torch.log(top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok
+
+
 def logistic(xtr, ytr, xs: list[torch.Tensor], l2: float = 1e-2) -> list[np.ndarray]:
     mu, sd = xtr.mean(0), xtr.std(0).clamp_min(1e-6)
     w, b = train_logistic_regression((xtr - mu) / sd, torch.as_tensor(ytr), l2=l2)
@@ -205,10 +217,8 @@ def main() -> int:
             [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]],
         )
         add("pooled flow + LR", *s)
-        if "lens_top1" in feats.names:  # stores replayed with --no-lens-features have no final readout
-            lens_top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]  # final readout, per token
-            n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
-            conf = -(torch.log(lens_top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok  # mean -log p(top)
+        conf = final_readout_confidence(feats)
+        if conf is not None:
             add("final-readout confidence", conf[va].numpy(), conf[te].numpy())
         length = feats.valid[:, 0].sum(-1).double().numpy()
         add("answer length", length[va], length[te])
