@@ -57,13 +57,16 @@ def record(a, scores: dict[str, np.ndarray], y_all: np.ndarray, held: np.ndarray
         result["metrics"] = {k: v for k, v in result["metrics"].items() if not k.startswith("accuracy")}
         rows["this validator" if row == name else row] = result
     v = FlowValidator.from_pretrained(folder)
-    v.record_later_evaluation(
-        f"Held out: the test split plus {n_new} answers added after training",
-        rows,
-        command="python " + " ".join(sys.argv),
-        note=f"The answers file grew after training; its {n_new} newer labelled answers were never seen in "
-        "training or selection, like the test split above. Baselines fitted on the same train split.",
-    )
+    baselines = "Baselines fitted on the same train split, the probes' depths chosen on the same validation split."
+    if n_new:
+        title = f"Held out: the test split plus {n_new} answers added after training"
+        note = (
+            f"The answers file grew after training; its {n_new} newer labelled answers were never seen in "
+            f"training or selection, like the test split above. {baselines}"
+        )
+    else:  # the validator was trained on every part: the held-out set is its test split
+        title, note = "The test split, against the baselines", baselines
+    v.record_later_evaluation(title, rows, command="python " + " ".join(sys.argv), note=note)
     with tempfile.TemporaryDirectory() as tmp:
         v.save_pretrained(tmp)
         # Keep the folder's weights file byte for byte (a re-save may order its header differently).
