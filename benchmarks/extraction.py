@@ -93,6 +93,8 @@ def main() -> None:
         child(args)
         return
 
+    from peak_rss import capture_bound_bytes
+
     from hf_flowcheck import FlowConfig, FlowExtractor
 
     torch.set_num_threads(args.threads)
@@ -115,7 +117,7 @@ def main() -> None:
                     same = torch.equal(out, plain_out)
                     n_resp = int(feats.num_tokens().sum())
         plain, flow = statistics.median(times["plain"]), statistics.median(times["flow"])
-        bound = n_resp * (n_blocks + 1) * 3 * dim * 4
+        bound = capture_bound_bytes(n_resp, n_blocks, dim)
         row = {
             "batch": batch,
             "plain_s": round(plain, 3),

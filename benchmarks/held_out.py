@@ -134,8 +134,8 @@ def main() -> int:
     }
     for set_name, idx in (("held out (test split + new answers)", np.concatenate([old_test, new])),
                           ("test split of the training store", old_test), ("new answers only", new)):  # fmt: skip
-        if len(idx) == 0:
-            continue
+        if len(idx) == 0 or (len(new) == 0 and set_name != "held out (test split + new answers)"):
+            continue  # without new answers the held-out set is the test split: one table, not three
         y = y_all[idx]
         rows = {}
         validators = {k: s[idx] for k, s in scores.items() if k.startswith("validator")}

@@ -1,4 +1,4 @@
-"""Peak resident-set growth of one callable, sampled from a background thread.
+"""Peak resident-set growth of one callable, and the capture bound it is compared with.
 
 Shared by the benchmarks that report memory. Run each measurement in a fresh process: the
 allocator reuses memory that earlier work freed, so a figure taken after other runs can only
@@ -39,3 +39,8 @@ def peak_rss_growth(fn: Callable[[], object], interval_s: float = 0.002) -> int:
         t.join()
     peak[0] = max(peak[0], proc.memory_info().rss)
     return peak[0] - base
+
+
+def capture_bound_bytes(response_tokens: int, num_blocks: int, hidden_size: int) -> int:
+    """The capture buffers' bound ``R·(B+1)·3·d·4`` bytes: three float32 ``d``-vectors per boundary and token."""
+    return response_tokens * (num_blocks + 1) * 3 * hidden_size * 4

@@ -196,8 +196,10 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
             times[m].append(run(*m))
     extra = {}
     if args.memory:
+        from peak_rss import capture_bound_bytes
+
         base = next(iter(models.values())).base_model.config
-        bound = batch * args.new_tokens * (base.num_hidden_layers + 1) * 3 * base.hidden_size * 4
+        bound = capture_bound_bytes(batch * args.new_tokens, base.num_hidden_layers, base.hidden_size)
         growth = {m: _child_growth(m[0], m[1], batch, args) for m in modes}
         plain_growth = growth[("plain", first)]
         extra = {m: ((g - plain_growth) / bound, (g - plain_growth) / 2**20) for m, g in growth.items()}
