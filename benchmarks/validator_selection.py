@@ -93,6 +93,10 @@ VARIANTS = {
         ),
         epochs=30,
     ),
+    # the depth-summary head (per-block mean/max over tokens, a convolution over depth)
+    "depth-flow": dict(names=FLOW, cfg=dict(head="depth")),
+    "depth-flow+lens": dict(names=FLOW + LENS, cfg=dict(head="depth")),
+    "depth-flow+lens+state": dict(names=FLOW + LENS, cfg=dict(head="depth"), state=True),
     "attn-flow": dict(names=FLOW, cfg={}),
     "attn-flow+lens": dict(names=FLOW + LENS, cfg={}),
     "attn-lens": dict(names=LENS, cfg={}),

@@ -57,11 +57,15 @@ def _train_loss(model, feats, labels) -> float:
     return float(torch.nn.functional.binary_cross_entropy_with_logits(logits, labels.float(), pos_weight=w))
 
 
-@pytest.mark.parametrize("with_state", [False, True], ids=["flow-only", "flow+state"])
-def test_validator_fits_a_small_training_set(tiny_answers, with_state):
+@pytest.mark.parametrize(
+    "with_state, head",
+    [(False, "attention"), (True, "attention"), (False, "depth")],
+    ids=["flow-only", "flow+state", "depth-head"],
+)
+def test_validator_fits_a_small_training_set(tiny_answers, with_state, head):
     feats, labels = tiny_answers
     kw = dict(state_dim=feats.states.shape[-1], state_blocks=(2, 4)) if with_state else {}
-    cfg = shipped_config(feats, **kw)
+    cfg = shipped_config(feats, head=head, **kw)
     model, hist = train_validator(
         feats,
         labels,
@@ -80,12 +84,13 @@ def test_validator_fits_a_small_training_set(tiny_answers, with_state):
     assert _train_loss(model, feats, labels) < 0.5 * constant
 
 
-def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers):
+@pytest.mark.parametrize("head", ["attention", "depth"])
+def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers, head):
     from hf_flowcheck.detectors.baselines import train_logistic_regression
 
     feats, labels = tiny_answers
     tr, va = slice(0, 32), slice(32, 48)
-    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    cfg = shipped_config(feats, head=head, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
     # epochs that only make things worse on validation (a huge learning rate): the probe itself is kept
     model, hist = train_validator(
         feats[tr], labels[tr], feats[va], labels[va], config=cfg, lr=5.0, epochs=2, patience=5,
@@ -157,15 +162,18 @@ def test_state_branch_needs_states(tiny_answers):
         ValidatorConfig(num_features=4, head="transformer")
 
 
-def test_saved_flow_state_validator_round_trips(tiny_answers, tmp_path):
+@pytest.mark.parametrize("head", ["attention", "depth"])
+def test_saved_flow_state_validator_round_trips(tiny_answers, tmp_path, head):
     feats, labels = tiny_answers
-    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    cfg = shipped_config(feats, head=head, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
     model, _ = train_validator(feats, labels, feats, labels, config=cfg, epochs=2, progress=False)
     model.save_pretrained(tmp_path / "v")
     back = FlowValidator.from_pretrained(tmp_path / "v")
     assert back.config == model.config
     a, b = model.score_features(feats), back.score_features(feats)
     assert torch.equal(a.scores, b.scores)
+    assert torch.equal(a.culprit_position, b.culprit_position) and torch.equal(a.culprit_block, b.culprit_block)
+    assert head in back.model_card_text()
 
 
 def test_format_2_config_loads_as_the_spec_gru():
@@ -230,13 +238,14 @@ def test_save_keeps_files_it_does_not_write(tiny_answers, tmp_path):
     assert names == ["README.md", "checkpoints", "config.json", "evaluation.json", "model.safetensors"]
 
 
-def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
+@pytest.mark.parametrize("head", ["attention", "depth"])
+def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers, head):
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.fingerprint import model_fingerprint
 
     feats, labels = tiny_answers
     model = make_tiny_model("llama")
-    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    cfg = shipped_config(feats, head=head, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
     v, _ = train_validator(feats, labels, feats, labels, config=cfg, epochs=2, progress=False,
                            flow_config=tiny_flow_config(lens_features=True, state_summary="last"))  # fmt: skip
     v.base_fingerprint = model_fingerprint(model)
@@ -252,6 +261,14 @@ def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers):
     streamed = fc.generate(input_ids=ids, max_new_tokens=5, do_sample=False, return_flow_scores=True,
                            flow_check_every=2, suppress_tokens=[98])  # fmt: skip
     torch.testing.assert_close(streamed.flow_scores, out.flow_scores, atol=1e-5, rtol=1e-5)
+    # the culprit that refinement rolls back to is the validator's own
+    ref = v.score_features(replay)
+    assert torch.equal(out.flow_culprits[:, 1], ref.culprit_block)
+    assert torch.equal(out.flow_culprits[:, 0], ref.culprit_position)
+    refined = fc.refine(out, threshold=0.0, suppress_tokens=[98])
+    for row in refined.rows:  # rolled back to the validator's culprit
+        assert tuple(row.culprit_before) == (int(ref.culprit_position[row.row]), int(ref.culprit_block[row.row]))
+    assert refined.rows
 
 
 def _lens_wrapped(tiny_answers):

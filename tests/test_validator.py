@@ -100,6 +100,8 @@ def test_logsumexp_pooling():
         dict(pooling="logsumexp"),
         dict(head="attention"),
         dict(head="attention", state_dim=3, state_blocks=(1, 2)),
+        dict(head="depth"),
+        dict(head="depth", state_dim=3, state_blocks=(1, 2)),
     ],
 )
 def test_token_logits_pool_back_to_the_answer_logit(kw):
@@ -118,6 +120,19 @@ def test_token_logits_pool_back_to_the_answer_logit(kw):
         t_i, w_i = tok[i][has[i]], w[i][has[i]]
         if kw.get("head") == "attention":
             torch.testing.assert_close(out.logits[i], (w_i * t_i).sum(), atol=1e-5, rtol=1e-5)
+        elif kw.get("head") == "depth":
+            # a token's logit is the answer's logit had the answer only this token's events
+            for j in has[i].nonzero()[:, 0].tolist():
+                alone = v(
+                    values[i : i + 1, :, j : j + 1],
+                    valid[i : i + 1, :, j : j + 1],
+                    states[i : i + 1] if states is not None else None,
+                )
+                torch.testing.assert_close(tok[i, j], alone.logits[0], atol=1e-5, rtol=1e-5)
+            assert int(w[i].argmax()) == int(out.culprit_column[i])
+            # the culprit token has the largest event logit of the culprit block
+            b0 = int(out.culprit_block[i])
+            assert out.event_logits[i, b0, out.culprit_column[i]] == out.event_logits[i, b0].max()
         elif kw.get("pooling") == "logsumexp":
             torch.testing.assert_close(out.logits[i], torch.logsumexp(t_i, 0), atol=1e-5, rtol=1e-5)
         else:
@@ -132,8 +147,9 @@ def test_token_logits_pool_back_to_the_answer_logit(kw):
         torch.testing.assert_close(again.token_logits[:, 1:], tok[:, 1:], atol=1e-5, rtol=1e-5, equal_nan=True)
 
 
-def test_row_does_not_depend_on_other_rows():
-    v = make_validator()
+@pytest.mark.parametrize("head", ["gru", "attention", "depth"])
+def test_row_does_not_depend_on_other_rows(head):
+    v = make_validator(head=head)
     values, valid = random_batch(n=6, seed=5, p=0.4)
     valid[2] = False
     valid[2, 0, :2] = True  # a short row next to long ones
@@ -145,8 +161,9 @@ def test_row_does_not_depend_on_other_rows():
         assert int(alone.culprit_block[0]) == int(batch.culprit_block[i])
 
 
-def test_padding_columns_and_garbage_in_invalid_cells_change_nothing():
-    v = make_validator()
+@pytest.mark.parametrize("head", ["gru", "attention", "depth"])
+def test_padding_columns_and_garbage_in_invalid_cells_change_nothing(head):
+    v = make_validator(head=head)
     values, valid = random_batch(n=3, t=5, seed=7)
     base = v(values, valid)
     # Insert two all-invalid columns in the middle and one at the end, filled with garbage (even NaN).
@@ -164,8 +181,9 @@ def test_padding_columns_and_garbage_in_invalid_cells_change_nothing():
     assert torch.equal(torch.tensor(cols)[base.culprit_column], out.culprit_column)
 
 
-def test_rows_without_events_never_crash():
-    v = make_validator()
+@pytest.mark.parametrize("head", ["gru", "attention", "depth"])
+def test_rows_without_events_never_crash(head):
+    v = make_validator(head=head)
     values, valid = random_batch(n=3)
     valid[1] = False
     out = v(values, valid)
@@ -182,9 +200,10 @@ def test_rows_without_events_never_crash():
     assert none.scores.shape == (0,)
 
 
-def test_gradients_finite_with_an_empty_row():
+@pytest.mark.parametrize("head", ["gru", "attention", "depth"])
+def test_gradients_finite_with_an_empty_row(head):
     torch.manual_seed(0)
-    v = FlowValidator(ValidatorConfig(num_features=F, **SMALL)).train()
+    v = FlowValidator(ValidatorConfig(num_features=F, head=head, **SMALL)).train()
     values, valid = random_batch(n=3)
     valid[1] = False
     out = v(values, valid)

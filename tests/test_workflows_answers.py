@@ -164,7 +164,8 @@ def test_closed_book_prompt_is_the_qa_two_shot_without_knowledge():
     assert generation_prompt(rec).count("Knowledge:") == 3
 
 
-def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path):
+@pytest.mark.parametrize("head", ["attention", "depth"])
+def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path, head):
     from hf_flowcheck.workflows.experiments import train_from_store
 
     recs = [
@@ -175,7 +176,7 @@ def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path):
     replay_answers(
         model, CharTokenizer(), tmp_path / "a.jsonl", tmp_path / "replay", config=tiny_flow_config(), part_size=42
     )
-    kw = dict(epochs=2, head="attention", hidden=16, embed=8, progress=False, n_bootstrap=20)
+    kw = dict(epochs=2, head=head, hidden=16, embed=8, progress=False, n_bootstrap=20)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         train_from_store(tmp_path / "replay", tmp_path / "v0", token_loss_weight=0.5, **kw)
     v, report = train_from_store(

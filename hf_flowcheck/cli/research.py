@@ -264,9 +264,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--head",
-        choices=["attention", "gru"],
+        choices=["attention", "gru", "depth"],
         default="gru",
-        help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9.",
+        help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9; "
+        "depth: per-block mean/max over tokens, a 1-D convolution over depth, the mean block logit.",
     )
     p.add_argument("--pooling", choices=["max", "logsumexp"], default="max", help="GRU head's pooling.")
     p.add_argument(

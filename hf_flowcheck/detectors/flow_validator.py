@@ -1,11 +1,14 @@
 """The flow validator (spec ``flow-signatures.md`` §6, paper B.9): events in, one sample score out.
 
-Two heads share the event encoder. ``head="gru"`` is the spec's B.9, described below.
+Three heads share the event encoder. ``head="gru"`` is the spec's B.9, described below.
 ``head="attention"`` scores each event on its own and takes the attention-weighted mean of the
 event logits as the sample logit (every event gets gradient; the culprit is the event with the
-largest logit). Either head can read its inputs scaled per (block, feature), a block embedding,
-the readout-lens channels and, in a *flow + state* validator, the residual state at the last
-answer token (:class:`ValidatorConfig`).
+largest logit). ``head="depth"`` is a depth-summary model: per block, the mean and maximum of the
+event embeddings over the answer's tokens and the largest event logit, a 1-D convolution over depth,
+one logit per block, their mean as the sample logit (the culprit is the block with the largest logit
+and, in it, the token with the largest event logit). Every head can read its inputs scaled per
+(block, feature), a block embedding, the readout-lens channels and, in a *flow + state* validator,
+the residual state at the last answer token (:class:`ValidatorConfig`).
 
 Events are the valid ``(b, t)`` cells of a :class:`~hf_flowcheck.extraction.FlowFeatures` tensor,
 read depth-major (every masked token of block 0, then block 1, ...). Each event's feature vector
@@ -64,7 +67,7 @@ WEIGHTS_NAME = "model.safetensors"
 MODEL_CARD_NAME = "README.md"
 POOLINGS: tuple[str, ...] = ("max", "logsumexp")
 INPUT_TRANSFORMS: tuple[str, ...] = ("block_log_standardize", "log_standardize", "standardize", "none")
-HEADS: tuple[str, ...] = ("attention", "gru")
+HEADS: tuple[str, ...] = ("attention", "gru", "depth")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -123,7 +126,10 @@ class ValidatorConfig:
         metadata={
             "help": "'gru' (the spec's B.9: a GRU over the depth-major events, then max/logsumexp pooling) or "
             "'attention' (each event scored on its own, the sample logit an attention-weighted mean of the "
-            "event logits: every event gets gradient, and the culprit is the event with the largest logit)."
+            "event logits: every event gets gradient, and the culprit is the event with the largest logit) or "
+            "'depth' (a depth-summary model: per block, the mean and max over tokens of the event embeddings and "
+            "the largest event logit, a 1-D convolution over depth (kernel 3), one logit per block, their mean; "
+            "the culprit is the block with the largest logit and, in it, the token with the largest event logit)."
         },
     )
     num_blocks: int = field(
@@ -282,6 +288,18 @@ def _token_pool_attention(event_logits: torch.Tensor, attend: torch.Tensor) -> t
     return logits, torch.nan_to_num(weights, nan=0.0)
 
 
+def _mean_present(x: torch.Tensor) -> torch.Tensor:
+    """Mean over the last dim of the non-``nan`` entries; ``nan`` where there are none.
+
+    ``torch.nanmean`` would also do in the forward pass, but its backward through an all-``nan`` row
+    divides by zero; here such rows get zero gradient.
+    """
+    present = ~torch.isnan(x)
+    count = present.sum(-1)
+    mean = x.nan_to_num(0.0).sum(-1) / count.clamp_min(1).to(x.dtype)
+    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
+
+
 def _token_pool_max(event_logits: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Max (or log-sum-exp) pooling restricted to each token's events; see :func:`_token_pool_attention`."""
     has = event_logits.isfinite().any(1)  # [N, T]
@@ -400,6 +418,11 @@ class FlowValidator(
         if cfg.head == "gru":
             self.gru = nn.GRU(cfg.embed, cfg.gru_hidden, num_layers=1, batch_first=True)
             self.head = nn.Linear(cfg.gru_hidden, 1)
+        elif cfg.head == "depth":
+            self.head = nn.Linear(cfg.embed, 1)  # event logit: picks the culprit token, and a block input
+            self.depth_conv = nn.Conv1d(2 * cfg.embed + 1, cfg.embed, kernel_size=3, padding=1)
+            self.depth_dropout = nn.Dropout(p)
+            self.depth_out = nn.Linear(cfg.embed, 1)  # block logit
         else:
             self.head = nn.Linear(cfg.embed, 1)  # event logit
             self.attend = nn.Linear(cfg.embed, 1)  # attention score of the event in the pooled logit
@@ -560,7 +583,12 @@ class FlowValidator(
         if cfg.event_layernorm:
             xc = torch.cat([self.input_norm(xc[..., :f]), xc[..., f:]], dim=-1)
         h = self.embed_norm(self.mlp(xc))  # [N, L, embed]
-        if cfg.head == "gru":
+        depth = None
+        if cfg.head == "depth":
+            depth = self._depth_pool(h, keep, order, valid.to(dev))
+            ev = depth["event_logits"].reshape(n, e).gather(1, order).masked_fill(~keep, float("-inf"))
+            pooled, attend = depth["logits"], None
+        elif cfg.head == "gru":
             # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
             # rows x longest row); trailing padding could not reach valid events anyway (causal).
             packed = nn.utils.rnn.pack_padded_sequence(
@@ -584,14 +612,18 @@ class FlowValidator(
         logits = torch.where(has, pooled, torch.full_like(pooled, float("nan")))
         scores = torch.sigmoid(logits)
 
-        arg = ev.argmax(dim=1)  # [N]
-        flat = order.gather(1, arg[:, None]).squeeze(1)
+        argmax_event = order.gather(1, ev.argmax(dim=1)[:, None]).squeeze(1)  # [N]
+        flat = depth["culprit"] if depth is not None else argmax_event
         minus = torch.full_like(flat, -1)
         culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
         culprit_column = torch.where(has, flat % t, minus)
 
         full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
-        if attend is not None:
+        if depth is not None:
+            token_logits = depth["token_logits"]
+            token_weights = torch.zeros_like(token_logits).scatter(1, culprit_column.clamp_min(0)[:, None], 1.0)
+            token_weights = token_weights * has[:, None]
+        elif attend is not None:
             att_full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, attend)
             token_logits, token_weights = _token_pool_attention(full, att_full.reshape(n, b, t))
         else:
@@ -606,6 +638,67 @@ class FlowValidator(
             token_logits=token_logits + state_term[:, None],
             token_weights=token_weights,
         )
+
+    def _block_logits(self, emb: torch.Tensor, event_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The depth head's per-block logits.
+
+        Args:
+            emb: ``[N, B, T, E]`` event embeddings (zero where ``mask`` is false).
+            event_logits: ``[N, B, T]`` event logits.
+            mask: ``[N, B, T]`` bool, the valid events.
+
+        Returns:
+            ``[N, B]`` block logits, ``nan`` for a block without events.
+        """
+        count = mask.sum(2)  # [N, B]
+        present = count > 0
+        mean = emb.sum(2) / count.clamp_min(1)[..., None].to(emb.dtype)
+        top = emb.masked_fill(~mask[..., None], float("-inf")).amax(2)
+        top_logit = event_logits.masked_fill(~mask, float("-inf")).amax(2)
+        summary = torch.cat([mean, top, top_logit[..., None]], dim=-1)
+        summary = summary.masked_fill(~present[..., None], 0.0)  # an absent block is a zero input to the conv
+        z = nn.functional.gelu(self.depth_conv(summary.transpose(1, 2))).transpose(1, 2)  # [N, B, E]
+        out = self.depth_out(self.depth_dropout(z)).squeeze(-1)
+        return out.masked_fill(~present, float("nan"))
+
+    def _depth_pool(
+        self, h: torch.Tensor, keep: torch.Tensor, order: torch.Tensor, valid: torch.Tensor
+    ) -> dict[str, torch.Tensor]:
+        """Depth-summary pooling of compacted event embeddings.
+
+        Args:
+            h: ``[N, L, E]`` embeddings of the compacted events (``order`` maps them to ``B*T`` cells).
+            keep: ``[N, L]`` bool, the real (non-padding) compacted events.
+            order: ``[N, L]`` long, the flat ``b*T + t`` cell of each compacted event.
+            valid: ``[N, B, T]`` bool.
+
+        Returns:
+            ``logits`` ``[N]`` (mean block logit), ``event_logits`` ``[N, B, T]``, ``culprit`` ``[N]``
+            (flat cell: the block with the largest logit, in it the token with the largest event
+            logit) and ``token_logits`` ``[N, T]`` (the answer's logit had it only this token's events).
+        """
+        n, b, t = valid.shape
+        emb = torch.zeros(n, b * t, h.shape[-1], dtype=h.dtype, device=h.device)
+        emb = emb.scatter(1, order[..., None].expand_as(h), h.masked_fill(~keep[..., None], 0.0)).reshape(n, b, t, -1)
+        emb = emb * valid[..., None]
+        ev = self.head(emb).squeeze(-1).masked_fill(~valid, float("-inf"))  # [N, B, T]
+        blocks = self._block_logits(emb, ev, valid)  # [N, B]
+        logits = _mean_present(blocks)
+        best_block = blocks.nan_to_num(float("-inf")).argmax(1)  # [N]
+        column = ev.gather(1, best_block[:, None, None].expand(n, 1, t)).squeeze(1).argmax(1)
+        # One token alone: its mean and max over tokens are its own embedding.
+        per_token = self._block_logits(
+            emb.transpose(1, 2).reshape(n * t, b, 1, -1),
+            ev.transpose(1, 2).reshape(n * t, b, 1),
+            valid.transpose(1, 2).reshape(n * t, b, 1),
+        )
+        token_logits = _mean_present(per_token.reshape(n, t, b))
+        return {
+            "logits": logits,
+            "event_logits": ev,
+            "culprit": best_block * t + column,
+            "token_logits": token_logits,
+        }
 
     @torch.no_grad()
     def score_features(self, features: FlowFeatures, *, batch_size: int = 256) -> FlowValidatorOutput:
@@ -877,6 +970,12 @@ class FlowValidator(
             parts.append(
                 f"GRU ({c.embed}→{c.gru_hidden}) over the events in depth-major order → Linear({c.gru_hidden}→1) per "
                 f"event → `{c.pooling}` pooling"
+            )
+        elif c.head == "depth":
+            parts.append(
+                f"per event a logit Linear({c.embed}→1); per block the mean and max over tokens of the event "
+                f"embeddings and the largest event logit → Conv1d over depth ({2 * c.embed + 1}→{c.embed}, kernel 3, "
+                f"GELU) → Linear({c.embed}→1) per block; the sample logit is the mean block logit"
             )
         else:
             parts.append(

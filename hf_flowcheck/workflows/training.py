@@ -304,8 +304,10 @@ def _warm_start_from_probe(
         model.state_head.weight.copy_(w.to(model.state_head.weight)[None])
         # The weighted BCE's optimum sits log(pos_weight) above the unweighted probe's logit.
         model.state_head.bias.fill_(float(b) + math.log(pos_weight))
-        model.head.weight.zero_()
-        model.head.bias.zero_()
+        # The flow part's last layer at zero: the depth head's block logits, the other heads' event logits.
+        flow_out = model.depth_out if model.config.head == "depth" else model.head
+        flow_out.weight.zero_()
+        flow_out.bias.zero_()
 
 
 def train_validator(
