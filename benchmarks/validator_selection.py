@@ -98,6 +98,9 @@ VARIANTS = {
     "depth-flow+lens": dict(names=FLOW + LENS, cfg=dict(head="depth")),
     "depth-flow+lens+state": dict(names=FLOW + LENS, cfg=dict(head="depth"), state=True),
     "attn-flow": dict(names=FLOW, cfg={}),
+    # ensembles of five independently initialised heads, trained together on their mean logit
+    "attn-flow-x5": dict(names=FLOW, cfg=dict(members=5)),
+    "attn-flow+lens+state-x5": dict(names=FLOW + LENS, cfg=dict(members=5), state=True),
     "attn-flow+lens": dict(names=FLOW + LENS, cfg={}),
     "attn-lens": dict(names=LENS, cfg={}),
     "attn-flow+state": dict(names=FLOW, cfg={}, state=True),

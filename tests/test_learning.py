@@ -59,12 +59,14 @@ def _train_loss(model, feats, labels) -> float:
 
 @pytest.mark.parametrize(
     "with_state, head",
-    [(False, "attention"), (True, "attention"), (False, "depth")],
-    ids=["flow-only", "flow+state", "depth-head"],
+    [(False, "attention"), (True, "attention"), (False, "depth"), (False, "ensemble")],
+    ids=["flow-only", "flow+state", "depth-head", "ensemble"],
 )
 def test_validator_fits_a_small_training_set(tiny_answers, with_state, head):
     feats, labels = tiny_answers
     kw = dict(state_dim=feats.states.shape[-1], state_blocks=(2, 4)) if with_state else {}
+    if head == "ensemble":
+        head, kw = "attention", dict(members=3)
     cfg = shipped_config(feats, head=head, **kw)
     model, hist = train_validator(
         feats,
@@ -113,6 +115,9 @@ def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers, head):
         train_validator(feats, labels, feats, labels, config=shipped_config(feats), state_init="probe", epochs=1)
     with pytest.raises(ValueError, match="state_init"):
         train_validator(feats, labels, feats, labels, config=cfg, state_init="lbfgs", epochs=1)
+    with pytest.raises(ValueError, match="members=2"):
+        ens = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4), members=2)
+        train_validator(feats, labels, feats, labels, config=ens, state_init="probe", epochs=1)
     # frozen: the state branch ends where it started, whatever the flow part learned
     frozen, _ = train_validator(feats[tr], labels[tr], feats[va], labels[va], config=cfg, lr=1e-2, epochs=3,
                                 patience=5, state_init="frozen-probe", progress=False)  # fmt: skip
@@ -162,10 +167,11 @@ def test_state_branch_needs_states(tiny_answers):
         ValidatorConfig(num_features=4, head="transformer")
 
 
-@pytest.mark.parametrize("head", ["attention", "depth"])
+@pytest.mark.parametrize("head", ["attention", "depth", "ensemble"])
 def test_saved_flow_state_validator_round_trips(tiny_answers, tmp_path, head):
     feats, labels = tiny_answers
-    cfg = shipped_config(feats, head=head, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    kw = dict(head="attention", members=2) if head == "ensemble" else dict(head=head)
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4), **kw)
     model, _ = train_validator(feats, labels, feats, labels, config=cfg, epochs=2, progress=False)
     model.save_pretrained(tmp_path / "v")
     back = FlowValidator.from_pretrained(tmp_path / "v")
@@ -173,7 +179,7 @@ def test_saved_flow_state_validator_round_trips(tiny_answers, tmp_path, head):
     a, b = model.score_features(feats), back.score_features(feats)
     assert torch.equal(a.scores, b.scores)
     assert torch.equal(a.culprit_position, b.culprit_position) and torch.equal(a.culprit_block, b.culprit_block)
-    assert head in back.model_card_text()
+    assert (head if head != "ensemble" else "ensemble of 2") in back.model_card_text()
 
 
 def test_format_2_config_loads_as_the_spec_gru():
@@ -238,14 +244,15 @@ def test_save_keeps_files_it_does_not_write(tiny_answers, tmp_path):
     assert names == ["README.md", "checkpoints", "config.json", "evaluation.json", "model.safetensors"]
 
 
-@pytest.mark.parametrize("head", ["attention", "depth"])
+@pytest.mark.parametrize("head", ["attention", "depth", "ensemble"])
 def test_flow_state_validator_in_generate_equals_teacher_forced(tiny_answers, head):
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.fingerprint import model_fingerprint
 
     feats, labels = tiny_answers
     model = make_tiny_model("llama")
-    cfg = shipped_config(feats, head=head, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    kw = dict(head="attention", members=2) if head == "ensemble" else dict(head=head)
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4), **kw)
     v, _ = train_validator(feats, labels, feats, labels, config=cfg, epochs=2, progress=False,
                            flow_config=tiny_flow_config(lens_features=True, state_summary="last"))  # fmt: skip
     v.base_fingerprint = model_fingerprint(model)

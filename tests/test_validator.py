@@ -243,7 +243,7 @@ def test_config_validation(kwargs, match):
 def test_config_round_trip_and_strict_from_dict():
     cfg = ValidatorConfig.from_feature_names(["a", "b"], pooling="logsumexp")
     d = cfg.to_dict()
-    assert d["format_version"] == 3 and "hf_flowcheck_version" in d
+    assert d["format_version"] == ValidatorConfig.FORMAT_VERSION == 4 and "hf_flowcheck_version" in d
     assert ValidatorConfig.from_dict(d) == cfg
     old = {k: v for k, v in d.items() if k not in ("input_transform", "event_layernorm")}
     assert ValidatorConfig.from_dict({**old, "format_version": 1}).input_transform == "none"  # the spec's B.9
@@ -280,3 +280,39 @@ def test_score_features_positions_names_and_batching():
         v.score_features(wrong)
     with pytest.raises(ValueError, match="takes FlowFeatures"):
         v.score_features(values)
+
+
+@pytest.mark.parametrize("head", ["gru", "attention", "depth"])
+def test_ensemble_is_the_mean_of_its_members(head):
+    v = make_validator(seed=3, head=head, members=3)
+    values, valid = random_batch(n=4, seed=8, p=0.5)
+    valid[2] = False  # a row without events
+    out = v(values, valid)
+    parts = [m(values, valid) for m in v.members]
+    torch.testing.assert_close(out.logits, torch.stack([o.logits for o in parts]).mean(0), equal_nan=True)
+    assert not torch.allclose(parts[0].logits[:2], parts[1].logits[:2])  # members start apart
+    events = torch.stack([o.event_logits for o in parts]).mean(0)
+    torch.testing.assert_close(out.event_logits, events)
+    flat = events.reshape(4, -1).argmax(1)
+    t = values.shape[2]
+    has = out.has_events
+    assert has.tolist() == [True, True, False, True]
+    assert torch.equal(out.culprit_block[has], (flat // t)[has]) and torch.equal(
+        out.culprit_column[has], (flat % t)[has]
+    )
+    assert int(out.culprit_block[2]) == -1 and torch.isnan(out.scores[2])
+    torch.testing.assert_close(out.token_weights[has].sum(1), torch.ones(3))
+    alone = v(values[1:2], valid[1:2])
+    torch.testing.assert_close(alone.logits[0], out.logits[1], atol=1e-6, rtol=1e-6)
+
+
+def test_ensemble_config_checks_and_older_formats():
+    with pytest.raises(ValueError, match="members"):
+        ValidatorConfig(num_features=F, members=0)
+    d = ValidatorConfig(num_features=F).to_dict()
+    assert d["format_version"] == 4 and d["members"] == 1
+    d["format_version"] = 3
+    d.pop("members")
+    assert ValidatorConfig.from_dict(d).members == 1
+    v = make_validator(members=2)
+    assert "ensemble of 2" in v.model_card_text()

@@ -269,6 +269,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9; "
         "depth: per-block mean/max over tokens, a 1-D convolution over depth, the mean block logit.",
     )
+    p.add_argument(
+        "--members",
+        type=int,
+        default=1,
+        help="Train an ensemble of this many independently initialised validators (their mean logit); 1 = one.",
+    )
     p.add_argument("--pooling", choices=["max", "logsumexp"], default="max", help="GRU head's pooling.")
     p.add_argument(
         "--input-transform",
@@ -359,6 +365,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         input_transform=args.input_transform,
         event_layernorm=args.event_layernorm,
         head=args.head,
+        members=args.members,
         block_embedding=args.block_embedding,
         state=args.state,
         state_spread=args.state_spread,

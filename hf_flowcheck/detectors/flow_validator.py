@@ -86,7 +86,8 @@ class ValidatorConfig:
 
     #: 2 added ``input_transform`` and ``event_layernorm``; format-1 files load as the spec's plain B.9.
     #: 3 added ``head``, ``num_blocks``, ``block_embedding`` and the state branch; format-2 files load as GRUs.
-    FORMAT_VERSION: ClassVar[int] = 3
+    #: 4 added ``members``; format-3 files load as one member.
+    FORMAT_VERSION: ClassVar[int] = 4
 
     num_features: int = field(metadata={"help": "F, the number of feature channels per event (10 'full', 8 'paper')."})
     hidden: int = field(default=256, metadata={"help": "Width of the MLP's hidden layer (F→hidden→embed)."})
@@ -153,9 +154,17 @@ class ValidatorConfig:
         default=(),
         metadata={"help": "Which of the B+1 residual boundaries the state branch reads (indices into states)."},
     )
+    members: int = field(
+        default=1,
+        metadata={
+            "help": "An ensemble of this many independently initialised validators of this shape, trained together; "
+            "the answer's logit, the event and token logits are their means, and the culprit is the event with the "
+            "largest mean logit. 1 = a single validator."
+        },
+    )
 
     def __post_init__(self) -> None:
-        for name in ("num_features", "hidden", "embed", "gru_hidden"):
+        for name in ("num_features", "hidden", "embed", "gru_hidden", "members"):
             check_positive_int(name, getattr(self, name), "ValidatorConfig")
         for name in ("num_blocks", "block_embedding", "state_dim"):
             value = getattr(self, name)
@@ -397,6 +406,13 @@ class FlowValidator(
         self.flow_config: FlowConfig | None = flow_config
         self.base_fingerprint: dict[str, Any] | None = dict(base_fingerprint) if base_fingerprint else None
         self.training_metadata: dict[str, Any] = dict(training_metadata or {})
+        self.members: nn.ModuleList | None = None
+        if cfg.members > 1:
+            # Composition: each member is a one-member validator of the same shape (its own input
+            # scaling, encoder, head and state branch), initialised from the RNG in turn.
+            one = dataclasses.replace(cfg, members=1)
+            self.members = nn.ModuleList(FlowValidator(one) for _ in range(cfg.members))
+            return
 
         f, p = cfg.num_features, cfg.dropout
         # Affine input scaling fitted on the train split by fit_input_transform: per feature, or per
@@ -501,6 +517,10 @@ class FlowValidator(
             valid: ``[N, B, T]`` bool.
             states: ``[N, B+1, d]`` training state summaries (flow + state validators only).
         """
+        if self.members is not None:
+            for member in self.members:
+                member.fit_input_transform(values, valid, states)
+            return
         mode = self.config.input_transform
         if mode != "none":
             x = values.to(self.feature_shift.dtype)
@@ -545,6 +565,8 @@ class FlowValidator(
         Returns:
             :class:`FlowValidatorOutput` (``culprit_position`` is ``None``; see :meth:`score_features`).
         """
+        if self.members is not None:
+            return self._ensemble_forward(values, valid, states)
         valid = self._check_inputs(values, valid)
         n, b, t, f = values.shape
         states = self._check_states(states, n)
@@ -639,6 +661,36 @@ class FlowValidator(
             token_weights=token_weights,
         )
 
+    def _ensemble_forward(
+        self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None
+    ) -> FlowValidatorOutput:
+        """Mean of the members' outputs; the culprit is the event with the largest mean logit."""
+        outs = [member(values, valid, states) for member in self.members]
+
+        def mean(name: str) -> torch.Tensor:
+            return torch.stack([getattr(o, name) for o in outs]).mean(0)
+
+        logits, events = mean("logits"), mean("event_logits")  # -inf (no event) stays -inf
+        has = outs[0].has_events
+        n, _, t = events.shape
+        minus = torch.full((n,), -1, dtype=torch.long, device=events.device)
+        if events.numel():
+            flat = events.reshape(n, -1).argmax(1)
+            culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
+            culprit_column = torch.where(has, flat % t, minus)
+        else:
+            culprit_block, culprit_column = minus, minus.clone()
+        return FlowValidatorOutput(
+            logits=logits,
+            scores=torch.sigmoid(logits),
+            event_logits=events,
+            culprit_block=culprit_block,
+            culprit_column=culprit_column,
+            has_events=has,
+            token_logits=mean("token_logits"),
+            token_weights=mean("token_weights"),
+        )
+
     def _block_logits(self, emb: torch.Tensor, event_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """The depth head's per-block logits.
 
@@ -723,7 +775,7 @@ class FlowValidator(
         self.check_feature_names(features.names)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
-        dev = self.head.weight.device
+        dev = next(self.parameters()).device
         was_training = self.training
         self.eval()
         try:
@@ -955,6 +1007,13 @@ class FlowValidator(
 
     def _architecture_text(self) -> str:
         c = self.config
+        if self.members is not None:
+            return (
+                f"An ensemble of {c.members} validators of the same shape, initialised independently and trained "
+                "together on their mean logit; the answer's, events' and tokens' logits are the members' means, and "
+                "the culprit is the event with the largest mean logit. Each member: "
+                + self.members[0]._architecture_text()
+            )
         scaling = {
             "block_log_standardize": "signed log, then per-(block, feature) standardisation (train split)",
             "log_standardize": "signed log, then per-feature standardisation (train split)",

@@ -433,6 +433,11 @@ def train_validator(
             f"state_init={state_init!r} starts the state branch at the hidden-state probe, but config has no state "
             "branch; give a ValidatorConfig with state_dim and state_blocks (flowcheck train --state) or use 'random'."
         )
+    if state_init != "random" and getattr(config, "members", 1) > 1:
+        raise ValueError(
+            f"state_init={state_init!r} starts one state branch at the hidden-state probe; an ensemble "
+            f"(members={config.members}) has one per member. Use state_init='random' or members=1."
+        )
     if config is not None and getattr(config, "state_dim", 0) and (train.states is None or val.states is None):
         raise ValueError(
             "config has a state branch (state_dim > 0) but the features carry no state summaries; extract them "
