@@ -97,6 +97,7 @@ VARIANTS = {
     "depth-flow": dict(names=FLOW, cfg=dict(head="depth")),
     "depth-flow+lens": dict(names=FLOW + LENS, cfg=dict(head="depth")),
     "depth-flow+lens+state": dict(names=FLOW + LENS, cfg=dict(head="depth"), state=True),
+    "depth-flow+state3@frozen-probe": dict(names=FLOW, cfg=dict(head="depth"), state=3, state_init="frozen-probe"),
     "attn-flow": dict(names=FLOW, cfg={}),
     # ensembles of five independently initialised heads, trained together on their mean logit
     "attn-flow-x5": dict(names=FLOW, cfg=dict(members=5)),
