@@ -115,8 +115,8 @@ def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers, head):
         train_validator(feats, labels, feats, labels, config=shipped_config(feats), state_init="probe", epochs=1)
     with pytest.raises(ValueError, match="state_init"):
         train_validator(feats, labels, feats, labels, config=cfg, state_init="lbfgs", epochs=1)
+    ens = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4), members=2)
     with pytest.raises(ValueError, match="members=2"):
-        ens = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4), members=2)
         train_validator(feats, labels, feats, labels, config=ens, state_init="probe", epochs=1)
     # frozen: the state branch ends where it started, whatever the flow part learned
     frozen, _ = train_validator(feats[tr], labels[tr], feats[va], labels[va], config=cfg, lr=1e-2, epochs=3,
