@@ -309,6 +309,12 @@ def _mean_present(x: torch.Tensor) -> torch.Tensor:
     return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
 
 
+def _culprit_cells(flat: torch.Tensor, has: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, column)`` of each row's culprit from its flat ``b*T + t`` cell; ``-1`` for rows without events."""
+    minus = torch.full_like(flat, -1)
+    return torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus), torch.where(has, flat % t, minus)
+
+
 def _token_pool_max(event_logits: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Max (or log-sum-exp) pooling restricted to each token's events; see :func:`_token_pool_attention`."""
     has = event_logits.isfinite().any(1)  # [N, T]
@@ -608,7 +614,6 @@ class FlowValidator(
         depth = None
         if cfg.head == "depth":
             depth = self._depth_pool(h, keep, order, valid.to(dev))
-            ev = depth["event_logits"].reshape(n, e).gather(1, order).masked_fill(~keep, float("-inf"))
             pooled, attend = depth["logits"], None
         elif cfg.head == "gru":
             # Packed: the GRU runs over each row's valid events only (cost ~ total events, not
@@ -634,13 +639,13 @@ class FlowValidator(
         logits = torch.where(has, pooled, torch.full_like(pooled, float("nan")))
         scores = torch.sigmoid(logits)
 
-        argmax_event = order.gather(1, ev.argmax(dim=1)[:, None]).squeeze(1)  # [N]
-        flat = depth["culprit"] if depth is not None else argmax_event
-        minus = torch.full_like(flat, -1)
-        culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
-        culprit_column = torch.where(has, flat % t, minus)
+        if depth is not None:
+            full, flat = depth["event_logits"], depth["culprit"]
+        else:
+            full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
+            flat = order.gather(1, ev.argmax(dim=1)[:, None]).squeeze(1)  # the arg-max event's cell, [N]
+        culprit_block, culprit_column = _culprit_cells(flat, has, t)
 
-        full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
         if depth is not None:
             token_logits = depth["token_logits"]
             token_weights = torch.zeros_like(token_logits).scatter(1, culprit_column.clamp_min(0)[:, None], 1.0)
@@ -673,13 +678,11 @@ class FlowValidator(
         logits, events = mean("logits"), mean("event_logits")  # -inf (no event) stays -inf
         has = outs[0].has_events
         n, _, t = events.shape
-        minus = torch.full((n,), -1, dtype=torch.long, device=events.device)
         if events.numel():
-            flat = events.reshape(n, -1).argmax(1)
-            culprit_block = torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus)
-            culprit_column = torch.where(has, flat % t, minus)
-        else:
-            culprit_block, culprit_column = minus, minus.clone()
+            culprit_block, culprit_column = _culprit_cells(events.reshape(n, -1).argmax(1), has, t)
+        else:  # no token columns: no culprit
+            culprit_block = torch.full((n,), -1, dtype=torch.long, device=events.device)
+            culprit_column = culprit_block.clone()
         return FlowValidatorOutput(
             logits=logits,
             scores=torch.sigmoid(logits),
@@ -730,9 +733,9 @@ class FlowValidator(
             logit) and ``token_logits`` ``[N, T]`` (the answer's logit had it only this token's events).
         """
         n, b, t = valid.shape
+        # Back to the [N, B, T] grid; cells that are not events stay zero (padding writes zeros).
         emb = torch.zeros(n, b * t, h.shape[-1], dtype=h.dtype, device=h.device)
         emb = emb.scatter(1, order[..., None].expand_as(h), h.masked_fill(~keep[..., None], 0.0)).reshape(n, b, t, -1)
-        emb = emb * valid[..., None]
         ev = self.head(emb).squeeze(-1).masked_fill(~valid, float("-inf"))  # [N, B, T]
         blocks = self._block_logits(emb, ev, valid)  # [N, B]
         logits = _mean_present(blocks)
