@@ -50,6 +50,31 @@ __all__ = [
 ]
 
 
+def run_corpus(args: Any) -> int:
+    """``flowcheck corpus``: the model's own answers in every task and prompt style, resumable, in rounds."""
+    from hf_flowcheck.data.corpus import CORPUS_TASKS
+    from hf_flowcheck.fingerprint import model_fingerprint
+    from hf_flowcheck.workflows.corpus import generate_corpus
+
+    tasks = args.tasks or list(CORPUS_TASKS)
+    model, tok = load_model_from_args(args)
+    counts = generate_corpus(
+        model,
+        tok,
+        args.out,
+        fingerprint=model_fingerprint(model),
+        tasks=tasks,
+        per_cell=args.per_cell,
+        per_round=args.per_round,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        data_dir=args.data_dir,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    print(f"{args.out}: {sum(counts.values())} answers in {len(counts)} cells")
+    return 0
+
+
 def run_answers(args: Any) -> int:
     """``flowcheck answers``: the model's greedy answers into a committed, resumable JSONL."""
     from transformers import StoppingCriteriaList
@@ -644,6 +669,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     ans.add_argument("--batch-size", type=positive_int, default=16)
     ans.add_argument("--max-new-tokens", type=positive_int, default=32)
     ans.set_defaults(func=run_answers)
+
+    from hf_flowcheck.data.corpus import CORPUS_TASKS
+
+    cp = sub.add_parser(
+        "corpus", help="The model's own answers in every corpus task and prompt style (resumable; commit it)."
+    )
+    add_model_options(cp)
+    cp.add_argument("--out", required=True, help="The corpus folder to create or resume.")
+    cp.add_argument("--tasks", nargs="+", choices=tuple(CORPUS_TASKS), default=None, help="Default: all.")
+    cp.add_argument("--per-cell", type=positive_int, default=100, help="Answers per (task, style) cell to reach.")
+    cp.add_argument("--per-round", type=positive_int, default=8, help="Answers added to every cell per round.")
+    cp.add_argument("--batch-size", type=positive_int, default=8)
+    cp.add_argument("--seed", type=int, default=0, help="Seed of the record permutation.")
+    cp.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
+    cp.set_defaults(func=run_corpus)
 
     rp = sub.add_parser("replay", help="Teacher-forced flow features of an answers file (part stores).")
     add_model_options(rp, help="The model that wrote the answers.")

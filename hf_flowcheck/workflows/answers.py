@@ -57,6 +57,10 @@ class AnswerRecord:
         label: 0 correct, 1 hallucinated, ``None`` dropped/failed by the judge.
         judge_reason: The judge's explanation.
         references: The reference answer(s) the judge compared against.
+        task: The corpus task (``None`` in files written before the corpus).
+        style: The prompt style (``None`` in older files).
+        end: The answer end the decoding allowed (``"eos"``, ``"newline"``, ``"cut"``; ``None`` in older files).
+        stop: What ended this answer: ``"eos"``, ``"stop"`` (a stopping criterion) or ``"max_new_tokens"``.
     """
 
     uid: str
@@ -68,6 +72,10 @@ class AnswerRecord:
     label: int | None
     judge_reason: str
     references: list[str] = field(default_factory=list)
+    task: str | None = None
+    style: str | None = None
+    end: str | None = None
+    stop: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"kind": "answer", **self.__dict__}
@@ -169,6 +177,8 @@ def _references(rec: Example) -> list[str]:
 
 
 def _judge(judge: Any, rec: Example, answer: str) -> JudgeResult:
+    if getattr(judge, "takes_example", False):
+        return judge(rec, answer)
     if judge == "record-label":
         if rec.label is None:
             return JudgeResult(None, "record has no label", "failed")
@@ -194,6 +204,7 @@ def generate_answers(
     decoding: dict[str, Any] | None = None,
     postprocess: Callable[[str], str] = clean_generation,
     log: Callable[[str], None] | None = print,
+    record_fields: dict[str, str] | None = None,
 ) -> AnswerFile:
     """Greedily answer ``records`` and append the answers to ``out_path`` batch by batch (resumable).
 
@@ -203,7 +214,8 @@ def generate_answers(
         records: Source records (few-shot demonstration records are skipped).
         out_path: The JSONL to create or resume.
         prompt_fn: ``record -> prompt``.
-        judge: ``"record-label"`` or a judge callable ``(question, answer, reference, knowledge)``.
+        judge: ``"record-label"``, a judge callable ``(question, answer, reference, knowledge)``, or a
+            callable ``(record, answer)`` whose ``takes_example`` attribute is true (the corpus judge).
         dataset: What the records are (name, split, sample, prompt style), recorded in the header.
         fingerprint: The model's fingerprint (:func:`hf_flowcheck.fingerprint.model_fingerprint`).
         batch_size: Prompts per ``generate`` call (left padded; longest first within chunks of 8 batches).
@@ -212,6 +224,7 @@ def generate_answers(
         decoding: JSON description of the decoding settings for the header (the stop rule).
         postprocess: Raw continuation -> judged answer.
         log: Progress sink (``None`` for silence).
+        record_fields: ``task``/``style``/``end`` written on every answer line (the corpus).
 
     Returns:
         The whole file after this run.
@@ -261,7 +274,7 @@ def generate_answers(
         for r in sorted(todo[c : c + chunk], key=lambda r: -len(tokenizer(prompt_fn(r))["input_ids"]))
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    eos = model.generation_config.eos_token_id
+    eos = (generate_kwargs or {}).get("eos_token_id", model.generation_config.eos_token_id)
     eos_ids = set(eos if isinstance(eos, list) else [eos]) if eos is not None else set()
     device = next(model.parameters()).device
     t_start = time.perf_counter()
@@ -284,10 +297,14 @@ def generate_answers(
         lines = []
         for i, rec in enumerate(batch):
             gen: list[int] = []
+            stop = "stop"
             for tok in seqs[i, width:].tolist():
                 if tok in eos_ids:
+                    stop = "eos"
                     break
                 gen.append(tok)
+            if stop != "eos" and len(gen) >= max_new_tokens:
+                stop = "max_new_tokens"
             raw = tokenizer.decode(gen, skip_special_tokens=True)
             answer = postprocess(raw)
             result = _judge(judge, rec, answer)
@@ -301,6 +318,8 @@ def generate_answers(
                 label=result.label,
                 judge_reason=result.reason,
                 references=_references(rec),
+                stop=stop,
+                **(record_fields or {}),
             )
             lines.append(json.dumps(out.to_json(), ensure_ascii=False) + "\n")
         with path.open("a", encoding="utf-8") as fh:
