@@ -90,7 +90,8 @@ class FlowConfig:
         10
     """
 
-    FORMAT_VERSION: ClassVar[int] = 1
+    #: 2 added ``score_terminators`` (default False; format-1 dicts load with True).
+    FORMAT_VERSION: ClassVar[int] = 2
 
     boundary: str = field(
         default="normalized",
@@ -178,6 +179,16 @@ class FlowConfig:
         },
     )
 
+    score_terminators: bool = field(
+        default=False,
+        metadata={
+            "help": "Also score the answer's terminators: the whitespace-only tokens (a stop newline, trailing "
+            "spaces) after its last content token. False (default): the score, the culprit and any state "
+            "summary read only what the answer says, so the same answer scores the same however it ended. "
+            "True is how validators before config format 2 were trained (they load with it)."
+        },
+    )
+
     def __post_init__(self) -> None:
         _choice("boundary", self.boundary, ("normalized", "residual"))
         _choice("token_mask", self.token_mask, ("response", "all"))
@@ -186,8 +197,9 @@ class FlowConfig:
         _choice("features", self.features, ("full", "paper"))
         _choice("state_summary", self.state_summary, STATE_SUMMARIES)
         _choice("basis_solver", self.basis_solver, BASIS_SOLVERS)
-        if not isinstance(self.lens_features, bool):
-            raise ValueError(f"lens_features={self.lens_features!r} must be True or False.")
+        for flag in ("lens_features", "score_terminators"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False.")
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
             check_positive_int(name, getattr(self, name))
         cand = self.lens_candidates
@@ -241,8 +253,16 @@ class FlowConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
+        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused.
+
+        A format-1 dict (written before ``score_terminators`` existed) loads with
+        ``score_terminators=True``: the terminator tokens its validator was trained on stay scored.
+        """
+        fmt = data.get("format_version", cls.FORMAT_VERSION) if isinstance(data, dict) else cls.FORMAT_VERSION
+        kwargs = versioned_fields(cls, data, cls.FORMAT_VERSION)
+        if isinstance(fmt, int) and fmt < 2:
+            kwargs.setdefault("score_terminators", True)
+        return cls(**kwargs)
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)
@@ -257,6 +277,7 @@ class FlowConfig:
             ("competitor_candidates", 0),
             ("state_summary", "none"),
             ("basis_solver", "eigh"),
+            ("score_terminators", True),
         ):
             if d[name] == default:
                 del d[name]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,6 +31,7 @@ from hf_flowcheck.signatures import (
     token_key,
     window_layout,
 )
+from hf_flowcheck.tokens import token_table
 
 __all__ = [
     "STREAM_REFITS",
@@ -226,6 +228,8 @@ class FlowExtractor:
         self.keep_geometry = keep_geometry
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.special_ids = self._special_ids(tokenizer, special_token_ids)
+        self.tokenizer = tokenizer
+        self._blank: dict[torch.device, torch.Tensor] = {}
         self._norms: list[nn.Module] | None = None
         self._betas: torch.Tensor | None = None
         self._readout: torch.Tensor | None = None
@@ -303,6 +307,35 @@ class FlowExtractor:
         seen = torch.cumsum(eos.long(), dim=-1) > 0
         return region & ~seen
 
+    def trailing_blank(self, ids: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+        """True for the whitespace-only tokens of ``region`` after its last content token (its terminators).
+
+        Args:
+            ids: ``[N, S]`` token ids.
+            region: ``[N, S]`` bool, the answer tokens of each row.
+
+        Returns:
+            ``[N, S]`` bool; all False without a tokenizer (no way to tell whitespace tokens apart).
+        """
+        if not (hasattr(self.tokenizer, "get_vocab") and hasattr(self.tokenizer, "batch_decode")):
+            if not getattr(self, "_warned_no_tokenizer", False):
+                self._warned_no_tokenizer = True
+                warnings.warn(
+                    "FlowExtractor has no tokenizer, so trailing whitespace/newline tokens stay in the score; "
+                    "pass tokenizer= (FlowCheckedModelForCausalLM loads it), or FlowConfig(score_terminators=True) "
+                    "to score them on purpose.",
+                    stacklevel=3,
+                )
+            return torch.zeros_like(region)
+        blank_table = self._blank.get(ids.device)
+        if blank_table is None:
+            blank_table = self._blank[ids.device] = token_table(self.tokenizer).blank.to(ids.device)
+        inside = ids < blank_table.shape[0]
+        blank = blank_table[ids.clamp(0, blank_table.shape[0] - 1)] & inside
+        content = region & ~blank
+        content_after = torch.flip(torch.cumsum(torch.flip(content.long(), [-1]), -1), [-1]) > 0
+        return region & ~content_after
+
     def token_mask(
         self,
         input_ids: torch.Tensor,
@@ -321,6 +354,8 @@ class FlowExtractor:
             return valid
         resp = response_mask.bool()
         kept_resp = self.before_first_eos(input_ids, resp, extra_eos) & valid
+        if not self.config.score_terminators:
+            kept_resp = kept_resp & ~self.trailing_blank(input_ids, kept_resp)
         if self.config.token_mask == "all":
             return (valid & ~resp) | kept_resp
         return kept_resp

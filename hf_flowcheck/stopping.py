@@ -13,11 +13,12 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from transformers import StoppingCriteria
+
+from hf_flowcheck.tokens import TokenTable, token_table
 
 __all__ = ["AnswerLineStop", "bind_prompt_width", "supports_answer_line_stop"]
 
@@ -25,27 +26,6 @@ __all__ = ["AnswerLineStop", "bind_prompt_width", "supports_answer_line_stop"]
 def supports_answer_line_stop(tokenizer: Any) -> bool:
     """Whether ``tokenizer`` offers what :class:`AnswerLineStop` reads (``get_vocab``, ``batch_decode``)."""
     return hasattr(tokenizer, "get_vocab") and hasattr(tokenizer, "batch_decode")
-
-
-@dataclass(frozen=True)
-class _TokenTable:
-    """Per-token facts, each a bool tensor of shape ``(V,)``."""
-
-    has_newline: torch.Tensor
-    blank: torch.Tensor  # decodes to whitespace only (or nothing)
-    text_before_newline: torch.Tensor  # non-blank text precedes the token's first newline
-
-    def to(self, device: torch.device) -> _TokenTable:
-        return _TokenTable(*(t.to(device) for t in (self.has_newline, self.blank, self.text_before_newline)))
-
-
-def _token_table(tokenizer: Any) -> _TokenTable:
-    size = max(getattr(tokenizer, "__len__", lambda: 0)(), max(tokenizer.get_vocab().values()) + 1)
-    texts = tokenizer.batch_decode([[i] for i in range(size)], skip_special_tokens=True)
-    has_nl = torch.tensor(["\n" in s for s in texts])
-    blank = torch.tensor([s.strip() == "" for s in texts])
-    before = torch.tensor([s.split("\n", 1)[0].strip() != "" for s in texts])
-    return _TokenTable(has_nl, blank, before)
 
 
 class AnswerLineStop(StoppingCriteria):
@@ -63,11 +43,11 @@ class AnswerLineStop(StoppingCriteria):
         ValueError: Called before a prompt width was bound.
     """
 
-    def __init__(self, tokenizer: Any, prompt_width: int | None = None, *, _table: _TokenTable | None = None):
-        self._table = _table if _table is not None else _token_table(tokenizer)
+    def __init__(self, tokenizer: Any, prompt_width: int | None = None, *, _table: TokenTable | None = None):
+        self._table = _table if _table is not None else token_table(tokenizer)
         self._tokenizer = tokenizer
         self.prompt_width = prompt_width
-        self._on: dict[torch.device, _TokenTable] = {}
+        self._on: dict[torch.device, TokenTable] = {}
 
     def for_prompt(self, prompt_width: int) -> AnswerLineStop:
         """A criterion for prompts of ``prompt_width`` tokens, sharing this one's tables."""
@@ -75,7 +55,7 @@ class AnswerLineStop(StoppingCriteria):
             raise ValueError(f"prompt_width={prompt_width!r} must be a non-negative integer.")
         return AnswerLineStop(self._tokenizer, prompt_width, _table=self._table)
 
-    def _table_on(self, device: torch.device) -> _TokenTable:
+    def _table_on(self, device: torch.device) -> TokenTable:
         if device not in self._on:
             self._on[device] = self._table.to(device)
         return self._on[device]

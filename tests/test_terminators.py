@@ -1,0 +1,98 @@
+"""An answer scores for what it says: its terminators (stop newline, trailing spaces, EOS) stay out."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_tiny_model, tiny_flow_config, tiny_validator
+from test_workflows_extract import CharTokenizer
+
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.extraction import FlowExtractor
+
+
+class VocabCharTokenizer(CharTokenizer):
+    """CharTokenizer plus the two methods the token table reads."""
+
+    def __len__(self):
+        return 99
+
+    def get_vocab(self):
+        return {self.decode([i], skip_special_tokens=False): i for i in range(99)}
+
+    def batch_decode(self, seqs, skip_special_tokens=True):
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in seqs]
+
+
+PROMPT = "Question: who wrote it?\nAnswer:"
+ENDINGS = ["", "\n", " \n", "  ", "\n\n"]
+
+
+def _features(ext, answer_text):
+    tok = ext.tokenizer
+    p = tok(PROMPT)["input_ids"]
+    a = tok(" Ann Lee" + answer_text, add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + a + [98]])  # the EOS is never scored
+    resp = torch.tensor([[0] * len(p) + [1] * (len(a) + 1)])
+    return ext.extract(ids, response_mask=resp)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_tiny_model("llama")
+
+
+def test_same_answer_scores_the_same_however_it_ends(model):
+    cfg = tiny_flow_config(state_summary="last")
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    val = tiny_validator(model, cfg)
+    base = _features(ext, "")
+    base_score = float(val.score_features(base).scores[0])
+    assert math.isfinite(base_score)
+    for end in ENDINGS[1:]:
+        feats = _features(ext, end)
+        assert torch.equal(feats.positions, base.positions), repr(end)
+        assert torch.allclose(feats.values, base.values), repr(end)
+        assert torch.allclose(feats.states, base.states), repr(end)  # the state is read at the last content token
+        assert abs(float(val.score_features(feats).scores[0]) - base_score) <= 0.02
+
+
+def test_score_terminators_keeps_the_old_behaviour(model):
+    cfg = tiny_flow_config(score_terminators=True)
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    assert _features(ext, "\n").values.shape[2] == _features(ext, "").values.shape[2] + 1
+
+
+def test_no_content_tokens_gets_nan_and_a_flag(model):
+    cfg = tiny_flow_config()
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    tok = ext.tokenizer
+    p = tok(PROMPT)["input_ids"]
+    ids = torch.tensor([[*p, 97, 2, 97]])  # "\n \n": nothing said
+    feats = ext.extract(ids, response_mask=torch.tensor([[0] * len(p) + [1, 1, 1]]))
+    out = tiny_validator(model, cfg).score_features(feats)
+    assert not bool(out.has_events[0]) and math.isnan(float(out.scores[0]))
+
+
+def test_without_a_tokenizer_it_warns_and_scores_them(model):
+    ext = FlowExtractor(model, tiny_flow_config())
+    ids = torch.tensor([[5, 6, 7, 97]])
+    with pytest.warns(UserWarning, match="no tokenizer"):
+        feats = ext.extract(ids, response_mask=torch.tensor([[0, 1, 1, 1]]))
+    assert feats.values.shape[2] == 3
+
+
+def test_format_1_configs_load_with_their_terminators_scored():
+    old = FlowConfig().to_dict()
+    del old["score_terminators"]
+    old["format_version"] = 1
+    assert FlowConfig.from_dict(old).score_terminators is True
+    assert FlowConfig.from_dict(FlowConfig().to_dict()).score_terminators is False
+    assert FlowConfig().score_terminators is False
+    # stores keyed before the field existed keep their key
+    assert "score_terminators" not in FlowConfig(score_terminators=True).signature_key()
+    assert FlowConfig().signature_key() != FlowConfig(score_terminators=True).signature_key()
+    with pytest.raises(ValueError, match="score_terminators"):
+        FlowConfig(score_terminators="no")
