@@ -9,7 +9,10 @@ these, ``r[b+1] = r[b] + o[b] + m[b]`` holds for every block (parallel residual 
 
 from __future__ import annotations
 
+import threading
+import weakref
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,6 +24,7 @@ __all__ = [
     "ResolvedArchitecture",
     "UnsupportedArchitectureError",
     "get_architecture",
+    "model_lock",
     "register_architecture",
     "resolve_architecture",
     "supported_architectures",
@@ -178,10 +182,33 @@ class ResolvedArchitecture:
     attn_modules: list[nn.Module]
     mlp_modules: list[nn.Module]
     readout: torch.Tensor  # [V, d]
+    #: The model's one re-entrant lock (:func:`model_lock`): hooks on it and every generate take it.
+    lock: Any = field(default=None, repr=False, compare=False)
 
     @property
     def num_blocks(self) -> int:
         return len(self.blocks)
+
+
+_MODEL_LOCKS: weakref.WeakKeyDictionary[nn.Module, threading.RLock] = weakref.WeakKeyDictionary()
+_LOCKS_GUARD = threading.Lock()
+
+
+def model_lock(model: nn.Module) -> threading.RLock:
+    """The one re-entrant lock of ``model`` (PEFT wrappers unwrapped), shared by every wrapper over it.
+
+    Capture and clamp hooks sit on the model's shared modules, so a forward pass of another thread
+    while they are on would be recorded (or clamped) as if it were this call's. Every hook owner
+    (:class:`~hf_flowcheck.capture.FlowRecorder`, refinement) and every ``generate`` of a
+    :class:`~hf_flowcheck.FlowCheckedModelForCausalLM`, plain or flow-checked, holds this lock, so
+    calls from several threads run one after another and each gets the result it would get alone.
+    """
+    base = unwrap_model(model)
+    with _LOCKS_GUARD:
+        lock = _MODEL_LOCKS.get(base)
+        if lock is None:
+            lock = _MODEL_LOCKS[base] = threading.RLock()
+        return lock
 
 
 def resolve_architecture(model: nn.Module, override: ArchitectureSpec | None = None) -> ResolvedArchitecture:
@@ -197,4 +224,4 @@ def resolve_architecture(model: nn.Module, override: ArchitectureSpec | None = N
     out_emb = model.get_output_embeddings()
     if out_emb is None or not hasattr(out_emb, "weight"):
         raise UnsupportedArchitectureError(f"{type(model).__name__} has no output embedding (readout) weight.")
-    return ResolvedArchitecture(spec, blocks, norms, attn, mlp, out_emb.weight)
+    return ResolvedArchitecture(spec, blocks, norms, attn, mlp, out_emb.weight, model_lock(model))

@@ -112,6 +112,8 @@ class FlowRecorder:
 
     # ----------------------------------------------------------------------------- lifecycle
     def __enter__(self) -> FlowRecorder:
+        if self.arch.lock is not None:
+            self.arch.lock.acquire()  # no other thread's forward passes while the hooks are on
         try:
             blocks = self.arch.blocks
             for b, block in enumerate(blocks):
@@ -122,11 +124,15 @@ class FlowRecorder:
             self._handles.append(final.register_forward_pre_hook(self._make_r_hook(len(blocks)), with_kwargs=True))
         except BaseException:
             self.remove()
+            if self.arch.lock is not None:
+                self.arch.lock.release()
             raise
         return self
 
     def __exit__(self, *exc) -> None:
         self.remove()
+        if self.arch.lock is not None:
+            self.arch.lock.release()
 
     def remove(self) -> None:
         """Remove every hook this recorder registered (idempotent)."""

@@ -13,7 +13,6 @@ import os
 __all__ = [
     "AnswerFileError",
     "CheckpointError",
-    "ConcurrentGenerateError",
     "CorruptShardError",
     "DataFormatError",
     "ExtractionMismatchError",
@@ -104,10 +103,6 @@ class GradientSignatureError(RuntimeError):
 
 class NoValidatorError(ValueError):
     """``return_flow_scores=True`` without a validator."""
-
-
-class ConcurrentGenerateError(RuntimeError):
-    """A flow-checked ``generate`` was called on a wrapper whose ``generate`` is running in another thread."""
 
 
 class RefinementError(ValueError):

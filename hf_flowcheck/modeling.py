@@ -10,20 +10,19 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import threading
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from hf_flowcheck.architectures import unwrap_model
+from hf_flowcheck.architectures import model_lock, unwrap_model
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.errors import ConcurrentGenerateError, NoValidatorError
+from hf_flowcheck.errors import NoValidatorError
 from hf_flowcheck.extraction import STREAM_REFITS, FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
-from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, refine
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, check_rollback_decoding, refine
 from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = [
@@ -124,7 +123,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
         self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)
         # Capture hooks sit on the shared model: one flow-checked generate at a time per wrapper.
         # The extractor owns the flow config; `flow_config` reads it.
-        self._flow_lock = threading.Lock()
+        self._model_lock = model_lock(model)
         if validator is not None:
             validator.to(self.extractor.arch.readout.device).eval()
 
@@ -174,10 +173,14 @@ class FlowCheckedModelForCausalLM(nn.Module):
             validator = default_validator_for(model, name=os.fspath(base))
         return cls(model, validator, flow_config, tokenizer=tokenizer)
 
-    def save_pretrained(self, save_directory: str | os.PathLike[str], **kwargs: Any) -> None:
+    def save_pretrained(
+        self, save_directory: str | os.PathLike[str], *, overwrite: bool = False, **kwargs: Any
+    ) -> None:
         """Save the validator (``validator/``) and the flow config — not the base weights.
 
         ``FlowCheckedModelForCausalLM.from_pretrained(base, validator=save_directory)`` reads both back.
+        A folder that holds anything else (the base model's own files, say) is refused; ``overwrite=True``
+        replaces another hf_flowcheck artifact but never a file hf_flowcheck did not write.
         """
         from hf_flowcheck.detectors.checkpoint import atomic_save_dir
 
@@ -187,7 +190,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 self.validator.save_pretrained(tmp / VALIDATOR_SUBFOLDER, **kwargs)
 
         # All or nothing: a failure leaves an existing folder as it was.
-        atomic_save_dir(save_directory, write, required=FLOW_CONFIG_NAME)
+        atomic_save_dir(save_directory, write, required=FLOW_CONFIG_NAME, overwrite=overwrite)
 
     def push_to_hub(self, repo_id: str, **kwargs: Any) -> Any:
         """Push the validator (with its flow config and model card) to the Hub."""
@@ -289,22 +292,14 @@ class FlowCheckedModelForCausalLM(nn.Module):
             raise ValueError("flow_max_rollbacks needs flow_rollback_threshold (when to roll back); pass both.")
         if isinstance(kwargs.get("streamer"), FlowTextStreamer) and not check_every:
             check_every = 1  # a flow streamer needs running scores: check every token
-        if not (want_scores or want_feats or check_every):
-            return (
-                self.base_model.generate(input_ids=input_ids, **kwargs)
-                if input_ids is not None
-                else (self.base_model.generate(**kwargs))
-            )
-        if not self._flow_lock.acquire(blocking=False):
-            raise ConcurrentGenerateError(
-                "A flow-checked generate() is already running on this model in another thread; its capture hooks sit "
-                "on the shared modules. Use one FlowCheckedModelForCausalLM (and base model) per thread, or call "
-                "generate() from one thread at a time."
-            )
-        try:
+        # One call at a time per base model, plain ones included: another thread's forward passes would
+        # otherwise run through this call's capture hooks (architectures.model_lock).
+        with self._model_lock:
+            if not (want_scores or want_feats or check_every):
+                if input_ids is not None:
+                    kwargs["input_ids"] = input_ids
+                return self.base_model.generate(**kwargs)
             return self._flow_generate(input_ids, kwargs, flags, want_scores, want_feats, check_every)
-        finally:
-            self._flow_lock.release()
 
     def _flow_generate(
         self,
@@ -394,6 +389,7 @@ class FlowCheckedModelForCausalLM(nn.Module):
         if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int) or max_rollbacks < 1:
             raise ValueError(f"flow_max_rollbacks={max_rollbacks!r} must be a positive integer (rollbacks per row).")
         threshold = self._threshold("flow_rollback_threshold", flags["flow_rollback_threshold"])
+        check_rollback_decoding(kwargs)
         _, _, eos = self._abstention({**flags, "flow_abstain_threshold": None})
         if eos is None:
             raise ValueError("Rollback needs an end-of-sequence token id (set generation_config.eos_token_id).")
@@ -435,7 +431,14 @@ class FlowCheckedModelForCausalLM(nn.Module):
         resp[:, prompt_len:] = 1
         feats = self.extractor.extract(seqs, full_att, resp)
         result.sequences = seqs
-        result.past_key_values = None  # the cache belongs to the sequences before the rollback
+        # What generate() returned per step belongs to the sequences before the rollback.
+        result.past_key_values = None
+        for name in ("scores", "logits", "attentions", "hidden_states"):
+            if getattr(result, name, None) is not None:
+                setattr(result, name, None)
+        if result.flow_running_scores is not None:
+            # [checks, N]: the refined rows' running scores were of the answer that was replaced
+            result.flow_running_scores[:, fixed.refined.to(result.flow_running_scores.device)] = float("nan")
         attach_scores(result, self.validator, feats)
         if want_feats:
             result.flow_features = feats

@@ -513,15 +513,48 @@ def refine(
     for name in ("input_ids", "inputs", "past_key_values", "inputs_embeds"):
         if name in generate_kwargs:
             raise ValueError(f"{name} cannot be given to refine(); the prefix and its cache come from `output`.")
+    check_rollback_decoding(generate_kwargs)
     budget = int(budget) if budget is not None else seqs.shape[1] - prompt_len
     if "generation_config" not in generate_kwargs and "do_sample" not in generate_kwargs:
         generate_kwargs["do_sample"] = False
     generate_kwargs.pop("return_dict_in_generate", None)
-    gen = torch.Generator().manual_seed(0 if config.seed is None else int(config.seed))
-    n_blocks = extractor.arch.num_blocks
     if attention_mask is None:
         attention_mask = getattr(output, "prompt_attention_mask", None)
     real = _prompt_mask(pad_token_id(model, tokenizer), seqs[:, :prompt_len], attention_mask)
+    with extractor.arch.lock:  # the clamp's hooks sit on shared modules (architectures.model_lock)
+        done, skipped = _refine_rows(
+            model, extractor, validator, output, config, rows, real, prompt_len, budget, generate_kwargs
+        )
+    pad = pad_token_id(model, tokenizer, eos_fallback=True)
+    return _batch_output(output, done, skipped, config.strategy, 0 if pad is None else pad)
+
+
+def check_rollback_decoding(generate_kwargs: dict[str, Any]) -> None:
+    """Refuse, by name, the decoding options the rollback cannot honour (it continues one cached row)."""
+    cfg = generate_kwargs.get("generation_config")
+    for name, ok in (("use_cache", lambda v: v is not False), ("num_beams", lambda v: v in (None, 1))):
+        value = generate_kwargs.get(name, getattr(cfg, name, None))
+        if not ok(value):
+            raise ValueError(
+                f"{name}={value!r} is not supported by refine(): the rollback continues each answer from its cached "
+                "prefix with greedy or sampled decoding. Drop it (refine uses the cache and one beam)."
+            )
+
+
+def _refine_rows(
+    model: nn.Module,
+    extractor: FlowExtractor,
+    validator: Any,
+    output: FlowGenerateOutput,
+    config: RefineConfig,
+    rows: Sequence[int] | None,
+    real: torch.Tensor,
+    prompt_len: int,
+    budget: int,
+    generate_kwargs: dict[str, Any],
+) -> tuple[list[RefinedRow], dict[int, str]]:
+    gen = torch.Generator().manual_seed(0 if config.seed is None else int(config.seed))
+    n_blocks = extractor.arch.num_blocks
     done: list[RefinedRow] = []
     skipped: dict[int, str] = {}
     for row in _select_rows(output, rows, config.threshold):
@@ -539,8 +572,7 @@ def refine(
             job = _RowJob(row=row, t0=t0, b0=b0, center=center, real=real[row], budget=budget)
             tried.append(_refine_row(model, extractor, validator, output, job, config, dict(generate_kwargs)))
         done.append(_best_candidate(tried))
-    pad = pad_token_id(model, tokenizer, eos_fallback=True)
-    return _batch_output(output, done, skipped, config.strategy, 0 if pad is None else pad)
+    return done, skipped
 
 
 @dataclass
@@ -768,5 +800,6 @@ __all__ = [
     "FlowRefineOutput",
     "RefineConfig",
     "RefinedRow",
+    "check_rollback_decoding",
     "refine",
 ]

@@ -88,6 +88,14 @@ class FlowTextStreamer(BaseStreamer):
         self._reset()
 
     def _reset(self) -> None:
+        # A reused streamer never replays its previous answer: drop what its last consumer left
+        # (the same queue object, so a consumer already waiting on it gets the new answer).
+        while True:
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self.chunks = []
         self._ids: list[int] = []
         self._risks: dict[int, float] = {}
         self._emitted = 0
@@ -102,7 +110,9 @@ class FlowTextStreamer(BaseStreamer):
     # ------------------------------------------------------------------ transformers' protocol
     def put(self, value: torch.Tensor) -> None:
         """Receives the prompt (first call, skipped) and then each new token (batch of one)."""
-        if not self._prompt_seen:
+        if not self._prompt_seen or self._closed:
+            if self._closed:  # a new plain generate() on a streamer whose last answer ended
+                self._reset()
             self._prompt_seen = True
             return
         if value.dim() > 1 and value.shape[0] != 1:
@@ -128,6 +138,11 @@ class FlowTextStreamer(BaseStreamer):
             prompt_length: Sequence index of the first generated token (maps the risks' positions
                 to the streamed tokens).
         """
+        if self._prompt_seen and not self._closed:
+            raise RuntimeError(
+                "This FlowTextStreamer is still streaming another answer; make one streamer per request "
+                "(FlowTextStreamer(tokenizer)) or wait until its stream ends."
+            )
         self._reset()
         self._flow_run = True
         self._prompt_length = int(prompt_length)

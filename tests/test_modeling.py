@@ -235,47 +235,6 @@ def test_num_return_sequences_is_supported_with_sampling(wrapped):
         )
 
 
-def test_a_second_thread_is_refused_clearly(wrapped):
-    import threading
-
-    from transformers import LogitsProcessor, LogitsProcessorList
-
-    from hf_flowcheck.errors import ConcurrentGenerateError
-
-    entered, release = threading.Event(), threading.Event()
-
-    class Hold(LogitsProcessor):
-        def __call__(self, input_ids, scores):
-            entered.set()
-            release.wait(10)
-            return scores
-
-    ids, att = _batch()
-    first: dict = {}
-
-    def run():
-        first["out"] = wrapped.generate(
-            input_ids=ids,
-            attention_mask=att,
-            max_new_tokens=2,
-            do_sample=False,
-            return_flow_scores=True,
-            logits_processor=LogitsProcessorList([Hold()]),
-        )
-
-    t = threading.Thread(target=run)
-    t.start()
-    assert entered.wait(10)
-    with pytest.raises(ConcurrentGenerateError, match="one FlowCheckedModelForCausalLM"):
-        wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=2, return_flow_scores=True)
-    release.set()
-    t.join(10)
-    assert first["out"].flow_scores.shape == (2,)
-    # after the first call the wrapper is free again, and no hook was left behind
-    wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=2, return_flow_scores=True)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in wrapped.base_model.modules())
-
-
 def test_bundled_validators_load_by_name():
     from hf_flowcheck.bundled import bundled_validators
     from hf_flowcheck.modeling import _load_validator

@@ -37,11 +37,64 @@ __all__ = [
     "hub_fetch_errors",
     "jsonable",
     "load_safetensors_strict",
+    "path_lock_file",
     "weights_file",
 ]
 
 
-def atomic_save_dir(target: str | os.PathLike[str], write: Any, *, required: str = CONFIG_NAME) -> Path:
+def _artifact_kind(folder: Path, required: str) -> tuple[str, str] | None:
+    """What hf_flowcheck artifact ``folder`` holds, read from its ``required`` JSON; ``None`` if none."""
+    import json
+
+    try:
+        data = json.loads((folder / required).read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return None
+    if not isinstance(data, dict):
+        return None
+    if data.get("library") == "hf_flowcheck":
+        return ("detector", str(data.get("model_class")))
+    if "hf_flowcheck_version" in data:
+        return ("file", required)
+    return None
+
+
+def path_lock_file(path: str | os.PathLike[str]) -> Path:
+    """The lock file that serialises writers of ``path`` (kept in the temp folder, not beside the artifact)."""
+    import hashlib
+    import tempfile
+
+    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:24]
+    folder = Path(tempfile.gettempdir()) / "hf_flowcheck-locks"
+    folder.mkdir(exist_ok=True)
+    return folder / f"{key}.lock"
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _clean_leftovers(target: Path) -> None:
+    """Remove what killed saves of ``target`` left beside it (their process is gone)."""
+    import re
+    import shutil
+
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(saving|old)-(\d+)(-.*)?$")
+    for entry in target.parent.iterdir():
+        m = pattern.match(entry.name)
+        if m and int(m.group(2)) != os.getpid() and not _pid_alive(int(m.group(2))):
+            shutil.rmtree(entry, ignore_errors=True)
+
+
+def atomic_save_dir(
+    target: str | os.PathLike[str], write: Any, *, required: str = CONFIG_NAME, overwrite: bool = False
+) -> Path:
     """Write a saved-artifact folder so that a failure leaves the old one untouched.
 
     ``write(tmp)`` fills a fresh temporary folder beside ``target``; only when it returns and the
@@ -49,43 +102,77 @@ def atomic_save_dir(target: str | os.PathLike[str], write: Any, *, required: str
     old folder that the save does not write are carried over). A failure inside ``write`` removes
     the temporary folder and re-raises: nothing at ``target`` changed.
 
+    The destination is checked before anything is replaced: an existing, non-empty folder must hold
+    an hf_flowcheck artifact of the same kind (same ``required`` file, same detector class), or only
+    files the save does not write (kept). A folder whose files the save would replace and that is not
+    such an artifact (a model folder) is refused, ``overwrite=True`` or not; ``overwrite=True`` lets an
+    hf_flowcheck artifact of another kind be replaced. A symlink is
+    followed (the link stays, its folder gets the artifact). Saves of one folder take turns (a file
+    lock beside it), and what killed saves left behind is removed at the next save.
+
     Raises:
-        FileExistsError: ``target`` is a file.
+        FileExistsError: ``target`` is a file, or a folder this save must not replace.
     """
     import json
     import shutil
     import tempfile
 
-    target = Path(target).expanduser()
+    from filelock import FileLock
+
+    target = Path(os.path.realpath(Path(target).expanduser()))
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file; save_pretrained() needs a folder path (a new or existing folder).")
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
-    try:
-        write(tmp)
-        json.loads((tmp / required).read_text(encoding="utf-8"))
-        # mkdtemp makes 0700 folders (and some writers 0600 files); a saved artifact follows the umask.
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o777 & ~mask)
-        for entry in tmp.iterdir():
-            if entry.is_file():
-                os.chmod(entry, 0o666 & ~mask)
-        old = None
-        if target.exists():
-            # Files the save does not write (a training checkpoint, an evaluation) stay in the folder.
-            for entry in target.iterdir():
-                if not (tmp / entry.name).exists():
-                    os.replace(entry, tmp / entry.name)
-            old = target.parent / f".{target.name}.old-{os.getpid()}"
-            os.replace(target, old)
-        os.replace(tmp, target)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    with FileLock(str(path_lock_file(target))):
+        _clean_leftovers(target)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-{os.getpid()}-", dir=target.parent))
+        try:
+            write(tmp)
+            json.loads((tmp / required).read_text(encoding="utf-8"))
+            if target.exists() and any(target.iterdir()):
+                _check_destination(target, tmp, required, overwrite)
+            # mkdtemp makes 0700 folders (and some writers 0600 files); a saved artifact follows the umask.
+            mask = os.umask(0)
+            os.umask(mask)
+            os.chmod(tmp, 0o777 & ~mask)
+            for entry in tmp.iterdir():
+                if entry.is_file():
+                    os.chmod(entry, 0o666 & ~mask)
+            old = None
+            if target.exists():
+                # Files the save does not write (a training checkpoint, an evaluation) stay in the folder.
+                for entry in target.iterdir():
+                    if not (tmp / entry.name).exists():
+                        os.replace(entry, tmp / entry.name)
+                old = target.parent / f".{target.name}.old-{os.getpid()}"
+                os.replace(target, old)
+            os.replace(tmp, target)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return target
+
+
+def _check_destination(target: Path, tmp: Path, required: str, overwrite: bool) -> None:
+    old_kind, new_kind = _artifact_kind(target, required), _artifact_kind(tmp, required)
+    if old_kind == new_kind:
+        return
+    what = f"an hf_flowcheck {old_kind[1]}" if old_kind else "files that are not an hf_flowcheck artifact"
+    if old_kind is None:
+        clashing = sorted(e.name for e in tmp.iterdir() if (target / e.name).exists())
+        if clashing:  # files the save does not write are kept, so only a clash could lose data
+            raise FileExistsError(
+                f"{target} holds {what} ({', '.join(sorted(e.name for e in target.iterdir())[:5])}); saving there "
+                f"would replace {', '.join(clashing)}. Save to a new or empty folder (overwrite=True never "
+                "replaces files hf_flowcheck did not write)."
+            )
+        return
+    if not overwrite:
+        raise FileExistsError(
+            f"{target} holds {what}, not a {new_kind[1]}; save to another folder, or pass overwrite=True to replace it."
+        )
 
 
 @contextmanager
@@ -279,11 +366,17 @@ class AtomicSaveMixin:
         """Save config, weights and model card atomically: a failure leaves an existing folder as it was.
 
         Takes ``PyTorchModelHubMixin.save_pretrained``'s arguments (``push_to_hub=True`` pushes
-        after the local save).
+        after the local save) and ``overwrite`` (see :func:`atomic_save_dir`: a folder holding anything
+        but a detector of this class is refused unless ``overwrite=True``; foreign files never go).
         """
         push = kwargs.pop("push_to_hub", False)
         repo_id = kwargs.pop("repo_id", None)
-        atomic_save_dir(save_directory, lambda tmp: super(AtomicSaveMixin, self).save_pretrained(tmp, **kwargs))
+        overwrite = kwargs.pop("overwrite", False)
+        atomic_save_dir(
+            save_directory,
+            lambda tmp: super(AtomicSaveMixin, self).save_pretrained(tmp, **kwargs),
+            overwrite=overwrite,
+        )
         if push:
             return self.push_to_hub(repo_id or Path(save_directory).name, **kwargs)
         return None
