@@ -27,6 +27,7 @@ __all__ = [
     "OfflineModelNotInstalledError",
     "RefinementError",
     "UnsupportedArchitectureError",
+    "WriterBusyError",
 ]
 
 
@@ -107,3 +108,7 @@ class NoValidatorError(ValueError):
 
 class RefinementError(ValueError):
     """Refinement was asked for something it cannot do (the message says what to change)."""
+
+
+class WriterBusyError(RuntimeError):
+    """Another process is writing the same answers file or store; the message names its PID."""

@@ -139,6 +139,10 @@ def test_shape_mismatch_and_missing_weights(tmp_path, validator):
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["validator_config"]["hidden"] = 8
     (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="was edited after it was saved"):
+        FlowValidator.from_pretrained(tmp_path)
+    del cfg["config_sha256"]  # as in files saved before the config hash: the weights' shapes still catch it
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match="other shapes"):
         FlowValidator.from_pretrained(tmp_path)
     (tmp_path / "model.safetensors").unlink()
@@ -287,3 +291,29 @@ def test_check_compatible_without_fingerprint():
         v.check_compatible(make_tiny_model("llama"))
     with pytest.raises(ValueError, match="Unknown fingerprint field"):
         check_fingerprint({}, make_tiny_model("llama"), fields=("colour",))
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda c: c["flow_config"].update(window_length=c["flow_config"]["window_length"] + 1),
+        lambda c: c.update(flow_config=None),
+        lambda c: c["base_fingerprint"].popitem(),
+        lambda c: c["validator_config"].update(format_version=c["validator_config"]["format_version"] - 1),
+        lambda c: c["training_metadata"].update(recommended_threshold=0.01),
+    ],
+)
+def test_any_edit_of_config_json_is_refused(tmp_path, validator, edit):
+    validator.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    edit(cfg)
+    (tmp_path / "config.json").write_text(json.dumps(cfg, indent=1))
+    with pytest.raises(CheckpointError, match="edited after it was saved"):
+        FlowValidator.from_pretrained(tmp_path)
+
+
+def test_reformatting_config_json_is_not_an_edit(tmp_path, validator):
+    validator.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    (tmp_path / "config.json").write_text(json.dumps(cfg))  # other whitespace and key order
+    FlowValidator.from_pretrained(tmp_path)

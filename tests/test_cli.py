@@ -6,7 +6,7 @@ from conftest import make_tiny_model, tiny_flow_config
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from hf_flowcheck.cli import main
+from hf_flowcheck.cli import build_parser, main
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 
 
@@ -84,7 +84,7 @@ def test_report_writes_html(folders, tmp_path):
     assert html.count("<svg") >= 2 and "http://" not in html and "https://" not in html
 
 
-@pytest.mark.parametrize("command", [None, "demo", "generate", "report", "extract", "train", "evaluate", "compare"])
+@pytest.mark.parametrize("command", [None, *sorted(build_parser()._subparsers._group_actions[0].choices)])
 def test_every_help_page_renders(command, capsys):
     argv = ["--help"] if command is None else [command, "--help"]
     with pytest.raises(SystemExit) as exit_info:
@@ -102,3 +102,23 @@ def test_demo_samples_are_the_dataset_records():
         fields = recs[uid].prompt_fields
         assert (fields["question"], fields["knowledge"]) == (question, knowledge)
         assert reference in recs[uid].references
+
+
+@pytest.mark.parametrize(
+    "argv, expected",
+    [
+        ([], None),
+        (["--lens-features"], True),
+        (["--no-lens-features"], False),
+        (["--no-score-terminators"], False),
+    ],
+)
+def test_boolean_config_options_are_real_flags(argv, expected, tmp_path):
+    from hf_flowcheck.cli import build_parser
+
+    base = ["extract", "--dataset", "halueval-qa", "--out", str(tmp_path)]
+    args = build_parser().parse_args(base + argv)
+    flag = argv[0].lstrip("-").replace("no-", "").replace("-", "_") if argv else "lens_features"
+    assert getattr(args, f"flow_{flag}") is expected
+    with pytest.raises(SystemExit):
+        build_parser().parse_args([*base, "--lens-features", "False"])  # no longer read as True

@@ -87,6 +87,46 @@ def test_duplicate_uid_is_refused(model, tmp_path):
     path.write_text("\n".join([*lines, lines[1]]) + "\n")
     with pytest.raises(AnswerFileError, match="appears twice"):
         read_answers(path)
+    # resuming repairs it: the first record of each uid is kept, and the run goes on
+    first = lines[1]
+    path.write_text("\n".join([*lines, lines[1].replace('"gen_ids": [', '"gen_ids": [5, '), lines[2]]) + "\n")
+    whole = write(model, path, records(3))
+    assert [r.uid for r in whole.records] == ["g:0", "g:1", "g:2"]
+    assert path.read_text().splitlines()[1] == first
+
+
+def test_a_second_writer_is_refused_with_the_holders_pid(model, tmp_path):
+    import os
+
+    from hf_flowcheck.errors import WriterBusyError
+    from hf_flowcheck.filelocks import exclusive_writer
+
+    path = tmp_path / "a.jsonl"
+    with exclusive_writer(path, "answers file"), pytest.raises(WriterBusyError, match=f"PID {os.getpid()}"):
+        write(model, path, records(2))
+    assert not path.exists()
+    write(model, path, records(2))  # free again
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (lambda r: {**r, "gen_ids": ["a"]}, "gen_ids"),
+        (lambda r: {**r, "label": 2}, "label=2"),
+        (lambda r: {**r, "answer_len": 99}, "answer_len=99"),
+        (lambda r: {**r, "uid": 7}, "uid 7"),
+    ],
+)
+def test_bad_fields_name_file_and_line(model, tmp_path, edit, match):
+    import json
+
+    path = tmp_path / "a.jsonl"
+    write(model, path, records(2))
+    lines = path.read_text().splitlines()
+    lines[2] = json.dumps(edit(json.loads(lines[2])))
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(AnswerFileError, match=rf"a\.jsonl:3: .*{match}"):
+        read_answers(path)
 
 
 def test_replay_equals_capture_during_generate(model, tmp_path):

@@ -177,13 +177,19 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     for f in dataclasses.fields(FlowConfig):
         flag = "--" + f.name.replace("_", "-")
         kind = type(f.default)
+        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
+        if kind is bool:  # type=bool would read "False" as True: a real --flag / --no-flag pair
+            group.add_argument(
+                flag, dest=f"flow_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
+            )
+            continue
         group.add_argument(
             flag,
             dest=f"flow_{f.name}",
             type=kind,
             default=None,
             choices=_CONFIG_CHOICES.get(f.name),
-            help=f"{f.metadata.get('help', '')} (default: {f.default!r})",
+            help=help_text,
         )
     return parser
 

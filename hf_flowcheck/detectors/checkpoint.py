@@ -24,6 +24,7 @@ from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntr
 from torch import nn
 
 from hf_flowcheck.errors import CheckpointError
+from hf_flowcheck.filelocks import path_lock
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -32,12 +33,12 @@ __all__ = [
     "SavedDetectorMixin",
     "atomic_save_dir",
     "check_checkpoint_config",
+    "config_sha256",
     "file_sha256",
     "fingerprint_table",
     "hub_fetch_errors",
     "jsonable",
     "load_safetensors_strict",
-    "path_lock_file",
     "weights_file",
 ]
 
@@ -57,17 +58,6 @@ def _artifact_kind(folder: Path, required: str) -> tuple[str, str] | None:
     if "hf_flowcheck_version" in data:
         return ("file", required)
     return None
-
-
-def path_lock_file(path: str | os.PathLike[str]) -> Path:
-    """The lock file that serialises writers of ``path`` (kept in the temp folder, not beside the artifact)."""
-    import hashlib
-    import tempfile
-
-    key = hashlib.sha256(os.path.realpath(path).encode()).hexdigest()[:24]
-    folder = Path(tempfile.gettempdir()) / "hf_flowcheck-locks"
-    folder.mkdir(exist_ok=True)
-    return folder / f"{key}.lock"
 
 
 def _pid_alive(pid: int) -> bool:
@@ -117,13 +107,11 @@ def atomic_save_dir(
     import shutil
     import tempfile
 
-    from filelock import FileLock
-
     target = Path(os.path.realpath(Path(target).expanduser()))
     if target.exists() and not target.is_dir():
         raise FileExistsError(f"{target} is a file; save_pretrained() needs a folder path (a new or existing folder).")
     target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path_lock_file(target))):
+    with path_lock(target):
         _clean_leftovers(target)
         tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-{os.getpid()}-", dir=target.parent))
         try:
@@ -382,6 +370,15 @@ class AtomicSaveMixin:
         return None
 
 
+def config_sha256(config: Mapping[str, Any]) -> str:
+    """sha256 of a ``config.json`` dict's canonical JSON, the ``config_sha256`` entry itself left out."""
+    import hashlib
+    import json
+
+    body = {k: v for k, v in config.items() if k != "config_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def file_sha256(path: str | os.PathLike[str]) -> str:
     """Hex sha256 of a file's bytes."""
     import hashlib
@@ -465,6 +462,8 @@ class SavedDetectorMixin(AtomicSaveMixin):
         save_file(state, str(save_directory / SAFETENSORS_SINGLE_FILE), metadata=meta)
         # The weights' hash ties config and weights together: a folder mixed from two saves is refused.
         config["weights_sha256"] = file_sha256(save_directory / SAFETENSORS_SINGLE_FILE)
+        # And every entry of config.json is bound to the rest: an edited field is refused on load.
+        config["config_sha256"] = config_sha256(config)
         (save_directory / CONFIG_NAME).write_text(json.dumps(config, sort_keys=True, indent=2), encoding="utf-8")
         (save_directory / "README.md").write_text(self.model_card_text(), encoding="utf-8")
 
@@ -523,6 +522,13 @@ class SavedDetectorMixin(AtomicSaveMixin):
         config = check_checkpoint_config(
             config, model_id, key=cls.CONFIG_KEY, class_name=cls.__name__, format_version=cls.FORMAT_VERSION
         )
+        recorded_config = config.get("config_sha256")
+        if recorded_config is not None and config_sha256(config) != recorded_config:
+            raise CheckpointError(
+                f"The {CONFIG_NAME} of {model_id!r} was edited after it was saved (config_sha256 differs); an edited "
+                "flow config, fingerprint or size would score silently wrong. Re-save the detector with "
+                "save_pretrained(), or change it through its API and save again."
+            )
         try:
             det = cls.from_config_dict(config, **model_kwargs)
         except ValueError as err:

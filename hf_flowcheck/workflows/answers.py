@@ -27,6 +27,7 @@ import torch
 
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, clean_generation
 from hf_flowcheck.errors import AnswerFileError
+from hf_flowcheck.filelocks import exclusive_writer
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -118,8 +119,11 @@ def _check_header(path: Path, line_no: int, obj: Any) -> dict[str, Any]:
     return obj
 
 
-def _parse(path: Path, *, allow_torn_tail: bool) -> tuple[AnswerFile, int]:
-    """The file and the byte length of its complete lines (a torn last line is excluded)."""
+def _parse(path: Path, *, allow_torn_tail: bool, keep_first: bool = False) -> tuple[AnswerFile, int]:
+    """The file and the byte length of its complete lines (a torn last line is excluded).
+
+    ``keep_first``: a uid that appears again is skipped (its first record kept) instead of refused.
+    """
     data = path.read_bytes()
     good_len = len(data) if data.endswith(b"\n") or not data else data.rfind(b"\n") + 1
     if good_len != len(data) and not allow_torn_tail:
@@ -142,13 +146,60 @@ def _parse(path: Path, *, allow_torn_tail: bool) -> tuple[AnswerFile, int]:
             rec = AnswerRecord(**obj)
         except TypeError as err:
             raise AnswerFileError(f"{path}:{line_no}: malformed answer line ({err}).") from err
+        problem = _bad_field(rec)
+        if problem:
+            raise AnswerFileError(f"{path}:{line_no}: {problem}; fix or delete that line.")
         if rec.uid in seen:
-            raise AnswerFileError(f"{path}:{line_no}: uid {rec.uid!r} appears twice.")
+            if keep_first:
+                continue
+            raise AnswerFileError(
+                f"{path}:{line_no}: uid {rec.uid!r} appears twice (two runs appended to one file); resume the run "
+                "(`flowcheck answers`/`flowcheck corpus` with the same --out) to keep the first of each."
+            )
         seen.add(rec.uid)
         records.append(rec)
     if header is None:
         raise AnswerFileError(f"{path}: empty file; delete it or pass another --out.")
     return AnswerFile(path, header, records), good_len
+
+
+def _bad_field(rec: AnswerRecord) -> str | None:
+    """What is wrong with a parsed record's field types, or ``None``."""
+    if not isinstance(rec.uid, str) or not rec.uid:
+        return f"uid {rec.uid!r} is not a non-empty string"
+    if not isinstance(rec.gen_ids, list) or not all(isinstance(t, int) and not isinstance(t, bool) and t >= 0
+                                                    for t in rec.gen_ids):  # fmt: skip
+        return f"gen_ids of {rec.uid!r} must be a list of non-negative integer token ids"
+    if (
+        isinstance(rec.answer_len, bool)
+        or not isinstance(rec.answer_len, int)
+        or not 0 <= rec.answer_len <= len(rec.gen_ids)
+    ):
+        return f"answer_len={rec.answer_len!r} of {rec.uid!r} must be an integer in [0, {len(rec.gen_ids)}]"
+    if rec.label not in (0, 1, None) or isinstance(rec.label, bool):
+        return f"label={rec.label!r} of {rec.uid!r} must be 0, 1 or null"
+    for name in ("prompt", "raw", "answer", "judge_reason"):
+        if not isinstance(getattr(rec, name), str):
+            return f"{name} of {rec.uid!r} must be a string"
+    return None
+
+
+def _rewrite_keeping_first(path: Path, good_len: int) -> None:
+    """Rewrite ``path`` atomically with the first record of each uid (a torn last line dropped)."""
+    data = path.read_bytes()[:good_len].splitlines(keepends=True)
+    seen: set[str] = set()
+    kept = [data[0]]
+    for raw in data[1:]:
+        uid = json.loads(raw.decode("utf-8")).get("uid")
+        if uid not in seen:
+            seen.add(uid)
+            kept.append(raw)
+    tmp = path.with_name(f".{path.name}.repair-{os.getpid()}")
+    with tmp.open("wb") as fh:
+        fh.write(b"".join(kept))
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
 
 
 def read_answers(path: str | os.PathLike[str]) -> AnswerFile:
@@ -231,9 +282,8 @@ def generate_answers(
 
     Raises:
         AnswerFileError: ``out_path`` was written for another model, dataset or decoding.
+        WriterBusyError: Another process is writing ``out_path`` (its PID is named).
     """
-    from hf_flowcheck.stopping import bind_prompt_width
-
     if batch_size < 1 or max_new_tokens < 1:
         raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive integers.")
     path = Path(out_path).expanduser()
@@ -246,16 +296,43 @@ def generate_answers(
         "dataset": dataset,
         "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens, **(decoding or {})},
     }
+    with exclusive_writer(path, "answers file"):
+        return _generate_locked(
+            model, tokenizer, records, path, header, prompt_fn, judge, batch_size, max_new_tokens,
+            generate_kwargs, postprocess, log, record_fields,
+        )  # fmt: skip
+
+
+def _generate_locked(
+    model: Any,
+    tokenizer: Any,
+    records: Sequence[Example],
+    path: Path,
+    header: dict[str, Any],
+    prompt_fn: Callable[[Example], str],
+    judge: Any,
+    batch_size: int,
+    max_new_tokens: int,
+    generate_kwargs: dict[str, Any] | None,
+    postprocess: Callable[[str], str],
+    log: Callable[[str], None] | None,
+    record_fields: dict[str, str] | None,
+) -> AnswerFile:
+    from hf_flowcheck.stopping import bind_prompt_width
+
     done: set[str] = set()
     if path.exists():
-        existing, good_len = _parse(path, allow_torn_tail=True)
+        existing, good_len = _parse(path, allow_torn_tail=True, keep_first=True)
         for key in ("model", "dataset", "decoding"):
             if existing.header.get(key) != header[key]:
                 raise AnswerFileError(
                     f"{path} was written with another {key} ({existing.header.get(key)!r}, now {header[key]!r}); "
                     "pass another --out to start a new file."
                 )
-        if good_len != path.stat().st_size:
+        n_lines = path.read_bytes()[:good_len].count(b"\n")
+        if n_lines != len(existing.records) + 1:  # duplicates appended by a second writer: keep the first
+            _rewrite_keeping_first(path, good_len)
+        elif good_len != path.stat().st_size:
             with path.open("r+b") as fh:  # cut a line torn by a kill
                 fh.truncate(good_len)
         done = {r.uid for r in existing.records}
