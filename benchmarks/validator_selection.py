@@ -41,11 +41,7 @@ def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:
 
 
 def rows(feats: FlowFeatures, idx: np.ndarray) -> FlowFeatures:
-    t = torch.as_tensor(idx, dtype=torch.long)
-    st = None if feats.states is None else feats.states[t]
-    return FlowFeatures(
-        feats.values[t], feats.valid[t], feats.positions[t], feats.names, [feats.sample_keys[i] for i in idx], states=st
-    )
+    return feats.take(idx)
 
 
 def pooled(feats: FlowFeatures) -> torch.Tensor:

@@ -101,6 +101,19 @@ class FlowFeatures:
             self.states,
         )  # fmt: skip
 
+    def take(self, idx: Any) -> FlowFeatures:
+        """The rows ``idx`` (any integer index sequence, in that order) of every field.
+
+        Args:
+            idx: ``[n]`` row indices (list, numpy array or tensor).
+        """
+        t = torch.as_tensor(idx, dtype=torch.long).reshape(-1)
+        geo = [self.geometry[i] for i in t.tolist()] if self.geometry is not None else None
+        return FlowFeatures(
+            self.values[t], self.valid[t], self.positions[t], self.names, [self.sample_keys[i] for i in t.tolist()],
+            geo, None if self.states is None else self.states[t],
+        )  # fmt: skip
+
     def __getitem__(self, idx: int | slice) -> FlowFeatures:
         if isinstance(idx, int):
             idx = slice(idx, idx + 1)

@@ -19,7 +19,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_flowcheck.capture import FlowRecorder
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures, StreamCache
-from hf_flowcheck.model_io import accepts
+from hf_flowcheck.model_io import accepts, cache_keyword
 from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = [
@@ -364,7 +364,7 @@ class GenerationCapture:
         cache_len = seqs.shape[1] - 1
         if _can_extend_and_crop(cache, cache_len):
             pos = (full_att.long().cumsum(-1) - 1).clamp_min(0)[:, -1:]
-            kwargs: dict[str, Any] = {"attention_mask": full_att, "past_key_values": cache, "use_cache": True}
+            kwargs: dict[str, Any] = {"attention_mask": full_att, cache_keyword(ext.base): cache, "use_cache": True}
             if accepts(ext.base, "position_ids"):
                 kwargs["position_ids"] = pos
             if accepts(ext.base, "cache_position"):

@@ -11,7 +11,15 @@ from torch import nn
 
 from hf_flowcheck.architectures import unwrap_model
 
-__all__ = ["accepts", "as_token_ids", "eos_token_ids", "forward_kwargs", "input_device", "pad_token_id"]
+__all__ = [
+    "accepts",
+    "as_token_ids",
+    "cache_keyword",
+    "eos_token_ids",
+    "forward_kwargs",
+    "input_device",
+    "pad_token_id",
+]
 
 _ACCEPTS_CACHE: dict[tuple[type, str], bool] = {}
 
@@ -27,6 +35,12 @@ def accepts(model: nn.Module, name: str) -> bool:
             ok = False
         _ACCEPTS_CACHE[key] = ok
     return _ACCEPTS_CACHE[key]
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword that hands a KV cache to ``model`` (and its ``generate``): ``cache`` where the model's
+    ``forward`` takes it (transformers >= 5.2x deprecates ``past_key_values``), else ``past_key_values``."""
+    return "cache" if accepts(unwrap_model(model), "cache") else "past_key_values"
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -53,7 +53,7 @@ from hf_flowcheck.configuration import check_positive_int, versioned_fields
 from hf_flowcheck.errors import NoValidatorError, RefinementError
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.generation import FlowGenerateOutput
-from hf_flowcheck.model_io import pad_token_id
+from hf_flowcheck.model_io import cache_keyword, pad_token_id
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
 STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
@@ -733,7 +733,7 @@ def _refine_row(
         return_dict_in_generate=True,
     )
     if cache is not None:
-        kwargs["past_key_values"] = cache
+        kwargs[cache_keyword(model)] = cache
     with _count_tokens(ext.arch.blocks[0]) as count, ExitStack() as stack:
         for clamp in clamps:
             stack.enter_context(clamp)

@@ -49,10 +49,12 @@ def test_generate_prints_score_and_culprit(folders, capsys, tmp_path):
             str(heat),
         ]
     )
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert rc == 0
     assert "Flow score:" in out and "Culprit:" in out and "block" in out
     assert heat.is_file() and heat.stat().st_size > 1000
+    assert "Warning: --raw-prompt" in captured.err  # not the format the validators were trained on
 
 
 def test_generate_without_validator_says_how_to_get_one(folders, capsys):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -134,3 +135,34 @@ def test_generate_corpus_resumes_in_rounds(tmp_path, monkeypatch):
     assert line["task"] == "popqa" and line["style"] == "chat"
     with pytest.raises(ValueError, match="known"):
         read_corpus(tmp_path, tasks=["nq-open"])
+
+
+class VocabChatTokenizer(ChatCharTokenizer):
+    def __len__(self):
+        return 99
+
+    def get_vocab(self):
+        return {self.decode([i], skip_special_tokens=False): i for i in range(99)}
+
+    def batch_decode(self, seqs, skip_special_tokens=True):
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in seqs]
+
+
+def test_answer_views_are_prefixes_of_the_one_generation():
+    from hf_flowcheck.workflows.answers import AnswerRecord
+    from hf_flowcheck.workflows.corpus import answer_view
+
+    tok = VocabChatTokenizer()
+    gen = tok("\nParis\nQuestion: x", add_special_tokens=False)["input_ids"]
+    rec = AnswerRecord("u", "p", gen, 6, "", "Paris", 0, "", style="plain", stop="max_new_tokens")
+    newline = answer_view(rec, "newline", tok)
+    assert tok.decode(newline.gen_ids) == "\nParis\n"  # the leading newline does not end it
+    assert answer_view(rec, "primary", tok).gen_ids == newline.gen_ids
+    assert answer_view(rec, "eos", tok) is None  # the model did not end it
+    assert answer_view(rec, "cut", tok).gen_ids == gen[:6]
+    chat = dataclasses.replace(rec, style="chat", stop="eos")
+    assert answer_view(chat, "eos", tok).gen_ids == gen == answer_view(chat, "primary", tok).gen_ids
+    short = dataclasses.replace(chat, gen_ids=gen[:3])
+    assert answer_view(short, "cut", tok) is None
+    with pytest.raises(ValueError, match="primary"):
+        answer_view(rec, "stop", tok)

@@ -116,6 +116,23 @@ def _qa_prompt(question: str, context: str | None) -> str:
     return generation_prompt(Example(uid="cli", task="qa", prompt_fields=fields))
 
 
+def _warn_format(context: str | None, *, raw_prompt: bool) -> None:
+    """Say when the prompt is not the format the bundled validators were trained on (their score means less)."""
+    if raw_prompt:
+        why = "--raw-prompt sends your text as it is"
+    elif not (context or "").strip():
+        why = "no --context was given"
+    else:
+        return
+    print(
+        f"Warning: {why}. The bundled validators were trained on answers to questions with a knowledge passage in "
+        "the plain two-shot prompt; outside that format their score is a weak ranking, not a probability "
+        "(closed-book AUROC 0.73, chat template 0.57: docs/results.md). Pass --context PASSAGE for a score that "
+        "means what its model card says.",
+        file=sys.stderr,
+    )
+
+
 def cmd_generate(args: argparse.Namespace) -> int:
     """Flow-checked generation: answer, score, culprit, heatmap."""
     model = _load_checked(args)
@@ -131,6 +148,7 @@ def _answer(model, question: str, context: str | None, args: argparse.Namespace,
     prompt = _qa_prompt(question, context) if not args.raw_prompt else question
     if not prompt.strip():
         raise ValueError("the question is empty; pass the question to answer.")
+    _warn_format(context, raw_prompt=args.raw_prompt)
     enc = tok(prompt, return_tensors="pt")
     t0 = time.perf_counter()
     out = model.generate(
@@ -193,12 +211,17 @@ def cmd_report(args: argparse.Namespace) -> int:
     prompts = [_qa_prompt(q, args.context) for q in args.questions]
     enc = tok(prompts, return_tensors="pt", padding=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    from hf_flowcheck.stopping import AnswerLineStop
+
+    _warn_format(args.context, raw_prompt=False)
     out = model.generate(
         **enc,
         max_new_tokens=args.max_new_tokens,
         do_sample=False,
         return_flow_scores=True,
         return_flow_features=True,
+        # the answer line only: without the stop the model writes an invented next question, and it is scored
+        stopping_criteria=[AnswerLineStop(tok, enc.input_ids.shape[1])],
         pad_token_id=pad,
     )
     refined = None

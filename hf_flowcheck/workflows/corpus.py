@@ -11,6 +11,7 @@ stopped at any time leaves a balanced corpus, and the next run resumes where it 
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -19,6 +20,7 @@ from typing import Any
 
 from hf_flowcheck.data.corpus import (
     CORPUS_TASKS,
+    CUT_TOKENS,
     GENERATION_CAPS,
     assign_cells,
     check_task,
@@ -28,9 +30,10 @@ from hf_flowcheck.data.corpus import (
     postprocess_for,
 )
 from hf_flowcheck.model_io import eos_token_ids
-from hf_flowcheck.workflows.answers import AnswerFile, generate_answers, read_answers
+from hf_flowcheck.tokens import token_table
+from hf_flowcheck.workflows.answers import AnswerFile, AnswerRecord, generate_answers, read_answers
 
-__all__ = ["cell_path", "generate_corpus", "read_corpus"]
+__all__ = ["answer_view", "cell_path", "generate_corpus", "read_corpus"]
 
 
 def cell_path(out_dir: str | os.PathLike[str], task: str, style: str) -> Path:
@@ -119,3 +122,49 @@ def read_corpus(out_dir: str | os.PathLike[str], tasks: Sequence[str] | None = N
     for t in names:
         check_task(t)
     return [read_answers(p) for t in names for p in sorted((root / t).glob("*.jsonl"))]
+
+
+def answer_view(record: AnswerRecord, end: str, tokenizer: Any) -> AnswerRecord | None:
+    """``record`` as it would have ended with answer end ``end``; ``None`` where that end did not occur.
+
+    Greedy decoding is deterministic, so each end is a prefix of the one stored generation:
+
+    * ``"eos"``: the whole generation, when the model ended it (``stop == "eos"``);
+    * ``"newline"``: up to and including the first token holding a newline after text;
+    * ``"cut"``: the first :data:`~hf_flowcheck.data.corpus.CUT_TOKENS` tokens, when there were more;
+    * ``"primary"``: what the corpus trains on: chat answers whole, plain ones up to their newline
+      (or their judged tokens when there is none).
+
+    The label is the record's: a cut answer is labelled by what the model was answering.
+    """
+    gen = list(record.gen_ids)
+    if end == "eos":
+        keep = len(gen) if record.stop == "eos" else None
+    elif end == "newline":
+        keep = _first_line_end(gen, tokenizer)
+    elif end == "cut":
+        keep = CUT_TOKENS if len(gen) > CUT_TOKENS else None
+    elif end == "primary":
+        if (record.style or "chat").startswith("chat"):
+            keep = len(gen)
+        else:
+            keep = _first_line_end(gen, tokenizer) or record.answer_len
+    else:
+        raise ValueError(f"end={end!r} is not supported; use 'eos', 'newline', 'cut' or 'primary'.")
+    if not keep:
+        return None
+    return dataclasses.replace(record, gen_ids=gen[:keep], answer_len=min(record.answer_len, keep), end=end)
+
+
+def _first_line_end(gen: list[int], tokenizer: Any) -> int | None:
+    """Tokens up to and including the first newline that follows text (what AnswerLineStop stops at)."""
+    table = token_table(tokenizer)
+    size = table.blank.shape[0]
+    seen_text = False
+    for i, tok in enumerate(gen):
+        inside = tok < size
+        if inside and bool(table.has_newline[tok]) and (seen_text or bool(table.text_before_newline[tok])):
+            return i + 1
+        if not inside or not bool(table.blank[tok]):
+            seen_text = True
+    return None

@@ -1,0 +1,201 @@
+"""Transfer of a flow validator across prompt styles and tasks of the robustness corpus.
+
+Two steps, both resumable:
+
+``replay``  teacher-forces every labelled corpus answer (its primary view: chat answers whole,
+            plain ones up to their answer line) into one feature store per (task, style) cell,
+            with the bundled validator's flow recipe and the new default ``score_terminators=False``;
+            also records each answer's token confidence (-mean / -min log p, mean entropy) from the
+            same model, and the three answer ends of each answer for the terminator check.
+``matrix``  leave-one-out: for each prompt style (and each task) held out, train the bundled design
+            on the other cells (a grouped 85/15 train/validation split for early stopping), test on
+            the held-out cell; report AUROC with 95% bootstrap intervals beside -mean log p, -min
+            log p, mean entropy, answer length and the shipped validator; the share of scores >= 0.99
+            and <= 0.01; and a grouped in-distribution split for reference (not used to choose).
+
+Commands (see docs/results.md, "Transfer across prompt styles and tasks"):
+
+    python benchmarks/corpus_transfer.py replay --model SmolLM2-135M-Instruct \
+        --corpus answers/SmolLM2-135M-Instruct/corpus --features runs/corpus-feats/smol
+    python benchmarks/corpus_transfer.py matrix --model SmolLM2-135M-Instruct \
+        --features runs/corpus-feats/smol --out benchmarks/results/corpus_transfer_smol.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_flowcheck.bundled import bundled_validators
+from hf_flowcheck.data.corpus import CORPUS_TASKS, PROMPT_STYLES
+from hf_flowcheck.detectors.base import ScoredExample, encode_text
+from hf_flowcheck.detectors.baselines import token_confidence_features
+from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+from hf_flowcheck.metrics import auroc, bootstrap_ci
+from hf_flowcheck.offline_models import load_model
+from hf_flowcheck.store import FeatureStore, pad_features
+from hf_flowcheck.workflows.corpus import answer_view, read_corpus
+from hf_flowcheck.workflows.extract import extract_dataset
+from hf_flowcheck.workflows.training import train_validator
+
+BUNDLED = {"SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa"}
+
+
+def shipped(model_name: str) -> FlowValidator:
+    return FlowValidator.from_pretrained(bundled_validators()[BUNDLED[model_name]])
+
+
+def replay(args: argparse.Namespace) -> int:
+    model, tok = load_model(args.model)
+    model.eval()
+    ref = shipped(args.model)
+    cfg = dataclasses.replace(ref.flow_config, score_terminators=False)
+    root = Path(args.features)
+    for f in read_corpus(args.corpus):
+        task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
+        views = [v for r in f.labelled if (v := answer_view(r, "primary", tok)) is not None]
+        if not views:
+            continue
+        cell = root / task / style
+        t0 = time.perf_counter()
+        extract_dataset(
+            model, tok, views, cell, config=cfg, protocol="replayed", batch_size=8, shard_size=32, progress=False,
+            dataset={"corpus": str(f.path), "view": "primary"},
+        )  # fmt: skip
+        conf_path = cell / "confidence.json"
+        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+        todo = [v for v in views if v.uid not in conf]
+        if todo:
+            ex = [ScoredExample(encode_text(tok, v.prompt), list(v.gen_ids), v.label, v.uid) for v in todo]
+            with torch.inference_mode():
+                stats = token_confidence_features(model, ex, batch_size=8)
+            for v, row in zip(todo, stats, strict=True):
+                conf[v.uid] = [float(x) for x in row[:3]] + [len(v.gen_ids)]
+            conf_path.write_text(json.dumps(conf))
+        print(f"{task}/{style}: {len(views)} answers, {time.perf_counter() - t0:.0f} s", flush=True)
+    return 0
+
+
+def load_cells(root: Path) -> tuple:
+    feats, labels, meta = [], [], []
+    for cell in sorted(p for p in root.glob("*/*") if (p / "manifest.json").is_file()):
+        store = FeatureStore.open(cell, allow_incomplete=True)
+        f, y, uids = store.load()
+        conf = json.loads((cell / "confidence.json").read_text())
+        feats.append(f)
+        labels.append(y)
+        for u in uids:
+            meta.append((cell.parent.name, cell.name, u, *conf[u]))
+    return pad_features(feats), torch.cat(labels).numpy().astype(int), meta
+
+
+def ci_row(y, s) -> dict:
+    ok = ~np.isnan(s)
+    y, s = y[ok], s[ok]
+    if len(set(y.tolist())) < 2:
+        return {"auroc": None, "n": len(y)}
+    lo, hi = bootstrap_ci(auroc, y, s, n=500)
+    return {"auroc": round(auroc(y, s), 3), "ci": [round(lo, 3), round(hi, 3)], "n": len(y), "pos": int(y.sum())}
+
+
+def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int) -> FlowValidator:
+    rng = np.random.default_rng(seed)
+    idx = rng.permutation(idx)
+    n_val = max(20, len(idx) * 15 // 100)
+    va, tr = idx[:n_val], idx[n_val:]
+    cfg = ValidatorConfig.from_dict(ref.config.to_dict())
+    v, _ = train_validator(
+        feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
+        epochs=epochs, patience=5, state_init="frozen-probe", seed=seed, progress=False,
+        flow_config=dataclasses.replace(ref.flow_config, score_terminators=False),
+    )  # fmt: skip
+    return v.eval()
+
+
+def score(v: FlowValidator, feats) -> np.ndarray:
+    with torch.inference_mode():
+        return v.score_features(feats).scores.float().cpu().numpy()
+
+
+def cell_report(y, scores: dict[str, np.ndarray], idx) -> dict:
+    out = {name: ci_row(y[idx], s[idx]) for name, s in scores.items()}
+    v = scores["validator"][idx]
+    v = v[~np.isnan(v)]
+    out["validator"]["share_ge_0.99"] = round(float((v >= 0.99).mean()), 3) if v.size else None
+    out["validator"]["share_le_0.01"] = round(float((v <= 0.01).mean()), 3) if v.size else None
+    s = scores["shipped"][idx]
+    s = s[~np.isnan(s)]
+    out["shipped"]["share_ge_0.99"] = round(float((s >= 0.99).mean()), 3) if s.size else None
+    return out
+
+
+def matrix(args: argparse.Namespace) -> int:
+    feats, y, meta = load_cells(Path(args.features))
+    task = np.array([m[0] for m in meta])
+    style = np.array([m[1] for m in meta])
+    conf = np.array([m[3:] for m in meta], dtype=float)
+    ref = shipped(args.model)
+    base = {
+        "-mean log p": conf[:, 0],
+        "-min log p": conf[:, 1],
+        "mean entropy": conf[:, 2],
+        "length": conf[:, 3],
+        "shipped": score(ref, feats),
+    }
+    trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
+    results: dict = {"n": len(y), "hallucinated": int(y.sum()), "held_out": {}}
+    groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
+    for kind, name, held in groups:
+        if held.sum() < 20 or len(set(y[held].tolist())) < 2:
+            continue
+        tr = np.flatnonzero(trainable & ~held)
+        t0 = time.perf_counter()
+        v = train_on(feats, y, tr, ref, args.seed, args.epochs)
+        scores = {"validator": score(v, feats), **base}
+        results["held_out"][f"{kind}={name}"] = cell_report(y, scores, np.flatnonzero(held))
+        print(f"{kind}={name}: {json.dumps(results['held_out'][f'{kind}={name}'])} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)  # fmt: skip
+    # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
+    rng = np.random.default_rng(args.seed + 1)
+    perm = rng.permutation(np.flatnonzero(trainable))
+    cut = len(perm) * 7 // 10
+    v = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs)
+    results["in_distribution"] = cell_report(y, {"validator": score(v, feats), **base}, perm[cut:])
+    styles = [k for k in results["held_out"] if k.startswith("style=")]
+    results["mean_held_out_style_auroc"] = {
+        name: round(float(np.mean([results["held_out"][k][name]["auroc"] for k in styles])), 3)
+        for name in ("validator", *base)
+    }
+    Path(args.out).write_text(json.dumps(results, indent=1))
+    print(json.dumps(results["mean_held_out_style_auroc"]))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("replay")
+    r.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
+    r.add_argument("--corpus", required=True)
+    r.add_argument("--features", required=True)
+    r.set_defaults(func=replay)
+    m = sub.add_parser("matrix")
+    m.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
+    m.add_argument("--features", required=True)
+    m.add_argument("--out", required=True)
+    m.add_argument("--epochs", type=int, default=20)
+    m.add_argument("--seed", type=int, default=0)
+    m.set_defaults(func=matrix)
+    args = p.parse_args(argv)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
