@@ -75,10 +75,19 @@ def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
 
 
-def check_positive_int(name: str, value: Any, owner: str = "") -> None:
-    """Raise a ``ValueError`` naming ``owner.name`` unless ``value`` is an int >= 1 (bools refused)."""
+def check_positive_int(name: str, value: Any, owner: str = "", *, at_most: int | None = None) -> None:
+    """Raise a ``ValueError`` naming ``owner.name`` unless ``value`` is an int >= 1 (bools refused).
+
+    ``at_most`` bounds it too: a size read from a hand-edited file is refused before anything of that
+    size is allocated.
+    """
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{owner + '.' if owner else ''}{name}={value!r} must be a positive integer.")
+    if at_most is not None and value > at_most:
+        raise ValueError(
+            f"{owner + '.' if owner else ''}{name}={value!r} is larger than {at_most}, more than any validator "
+            "needs; the config was probably edited by hand. Use a value <= the bound."
+        )
 
 
 @dataclass
@@ -201,7 +210,7 @@ class FlowConfig:
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False.")
         for name in ("window_length", "window_stride", "num_competitors", "subspace_dim", "direction_cap"):
-            check_positive_int(name, getattr(self, name))
+            check_positive_int(name, getattr(self, name), at_most=1 << 20)
         cand = self.lens_candidates
         if isinstance(cand, bool) or not isinstance(cand, int) or cand < 0:
             raise ValueError(f"lens_candidates={cand!r} must be 0 (exact, full vocabulary) or a positive integer.")

@@ -35,10 +35,42 @@ from hf_flowcheck.tokens import token_table
 
 __all__ = [
     "STREAM_REFITS",
+    "FeatureSource",
     "FlowExtractor",
     "FlowFeatures",
     "StreamCache",
 ]
+
+
+@dataclass(frozen=True)
+class FeatureSource:
+    """Where features (or a generation) came from: the flow recipe and the model's fingerprint.
+
+    Attributes:
+        flow_config: The :class:`~hf_flowcheck.FlowConfig` that computed them.
+        fingerprint: :func:`~hf_flowcheck.fingerprint.model_fingerprint` of the model.
+    """
+
+    flow_config: FlowConfig
+    fingerprint: dict[str, Any]
+
+    def check_model(self, fingerprint: dict[str, Any] | None, what: str) -> None:
+        """Raise :class:`~hf_flowcheck.errors.FingerprintMismatchError` if ``fingerprint`` is another model's."""
+        from hf_flowcheck.errors import FingerprintMismatchError
+        from hf_flowcheck.fingerprint import CHECKED_FIELDS
+
+        if not fingerprint:
+            return
+        diff = [
+            k
+            for k in CHECKED_FIELDS
+            if fingerprint.get(k) is not None and fingerprint.get(k) != self.fingerprint.get(k)
+        ]
+        if diff:
+            raise FingerprintMismatchError(
+                f"{what} came from another model than this one ({', '.join(diff)} differ: "
+                f"{self.fingerprint.get('base_id')!r} vs {fingerprint.get('base_id')!r}); use the model that made them."
+            )
 
 
 @dataclass
@@ -54,6 +86,9 @@ class FlowFeatures:
         geometry: Per-sample window bases and transports (only kept when asked for).
         states: ``[N, B+1, d]`` float32 residual-state summary of each sample's masked tokens
             (``FlowConfig.state_summary``), zeros for samples without tokens; ``None`` when off.
+        source: The model and flow config that computed them (set by :class:`FlowExtractor`;
+            ``None`` for features read from a store, which checks its own manifest). A validator
+            refuses features whose source is not the model and recipe it was trained on.
     """
 
     values: torch.Tensor
@@ -63,6 +98,7 @@ class FlowFeatures:
     sample_keys: list[int] = field(default_factory=list)
     geometry: list[SampleGeometry | None] | None = None
     states: torch.Tensor | None = None
+    source: FeatureSource | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -84,6 +120,7 @@ class FlowFeatures:
             list(self.sample_keys),
             self.geometry,
             None if self.states is None else self.states.to(device),
+            self.source,
         )
 
     def select(self, names: tuple[str, ...] | list[str]) -> FlowFeatures:
@@ -98,7 +135,7 @@ class FlowFeatures:
         idx = [self.names.index(n) for n in names]
         return FlowFeatures(
             self.values[..., idx], self.valid, self.positions, tuple(names), list(self.sample_keys), self.geometry,
-            self.states,
+            self.states, self.source,
         )  # fmt: skip
 
     def take(self, idx: Any) -> FlowFeatures:
@@ -111,7 +148,7 @@ class FlowFeatures:
         geo = [self.geometry[i] for i in t.tolist()] if self.geometry is not None else None
         return FlowFeatures(
             self.values[t], self.valid[t], self.positions[t], self.names, [self.sample_keys[i] for i in t.tolist()],
-            geo, None if self.states is None else self.states[t],
+            geo, None if self.states is None else self.states[t], self.source,
         )  # fmt: skip
 
     def __getitem__(self, idx: int | slice) -> FlowFeatures:
@@ -120,7 +157,14 @@ class FlowFeatures:
         geo = self.geometry[idx] if self.geometry is not None else None
         states = None if self.states is None else self.states[idx]
         return FlowFeatures(
-            self.values[idx], self.valid[idx], self.positions[idx], self.names, self.sample_keys[idx], geo, states
+            self.values[idx],
+            self.valid[idx],
+            self.positions[idx],
+            self.names,
+            self.sample_keys[idx],
+            geo,
+            states,
+            self.source,
         )
 
 
@@ -249,6 +293,16 @@ class FlowExtractor:
         self._math_device: torch.device | None = None
         #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
         self.last_capture_bytes = 0
+        self._source: FeatureSource | None = None
+
+    @property
+    def source(self) -> FeatureSource:
+        """This extractor's :class:`FeatureSource` (its config and the model's fingerprint, computed once)."""
+        if self._source is None or self._source.flow_config != self.config:
+            from hf_flowcheck.fingerprint import model_fingerprint
+
+            self._source = FeatureSource(dataclasses.replace(self.config), model_fingerprint(self.model))
+        return self._source
 
     # ------------------------------------------------------------------------------- set-up
     def _special_ids(self, tokenizer: Any, extra: Iterable[int] | None) -> set[int]:
@@ -551,4 +605,6 @@ class FlowExtractor:
             positions[i, :r_i] = want
             if geometry is not None:
                 geometry.append(geo)
-        return FlowFeatures(values, valid, positions, self.config.feature_names, keys, geometry, states_out)
+        return FlowFeatures(
+            values, valid, positions, self.config.feature_names, keys, geometry, states_out, self.source
+        )

@@ -105,6 +105,8 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
             answer's; ``past_key_values`` is then ``None``).
         flow_refinement: The :class:`~hf_flowcheck.FlowRefineOutput` of those rollbacks (scores before,
             culprits, clamp statistics).
+        flow_source: The :class:`~hf_flowcheck.extraction.FeatureSource` (model fingerprint and flow
+            config) that made this output; ``refine`` refuses an output of another model.
     """
 
     flow_scores: torch.FloatTensor | None = None
@@ -122,6 +124,7 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
     prompt_attention_mask: torch.LongTensor | None = None
     flow_rolled_back: torch.BoolTensor | None = None
     flow_refinement: Any = None
+    flow_source: Any = None
 
 
 class FlowStreamingCheck(LogitsProcessor):
@@ -554,6 +557,7 @@ def flow_generate(
         result = FlowGenerateOutput(
             **{k: v for k, v in out.items()}, prompt_length=prompt_len, prompt_attention_mask=attention_mask
         )
+        result.flow_source = extractor.source
         if scores or check_every:
             attach_scores(result, validator, feats)
     except BaseException as err:

@@ -514,6 +514,9 @@ def refine(
         if name in generate_kwargs:
             raise ValueError(f"{name} cannot be given to refine(); the prefix and its cache come from `output`.")
     check_rollback_decoding(generate_kwargs)
+    source = getattr(output, "flow_source", None)
+    if source is not None:  # its KV cache and culprits are another model's otherwise
+        source.check_model(extractor.source.fingerprint, "This output")
     budget = int(budget) if budget is not None else seqs.shape[1] - prompt_len
     if "generation_config" not in generate_kwargs and "do_sample" not in generate_kwargs:
         generate_kwargs["do_sample"] = False

@@ -330,7 +330,11 @@ def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
         pos.append(torch.nn.functional.pad(p.positions, (0, extra), value=-1))
         keys.extend(p.sample_keys)
     states = torch.cat([p.states for p in parts]) if all(with_states) else None
-    return FlowFeatures(torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states)
+    sources = {id(p.source): p.source for p in parts}
+    source = next(iter(sources.values())) if len(sources) == 1 else None
+    return FlowFeatures(
+        torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states, source=source
+    )
 
 
 class FeatureStore:

@@ -317,3 +317,14 @@ def test_reformatting_config_json_is_not_an_edit(tmp_path, validator):
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps(cfg))  # other whitespace and key order
     FlowValidator.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("field, value", [("hidden", 2**31), ("members", 10**6), ("state_dim", 2**40)])
+def test_absurd_sizes_are_refused_before_allocation(tmp_path, validator, field, value):
+    validator.save_pretrained(tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["validator_config"][field] = value
+    del cfg["config_sha256"]  # as a file saved before the config hash: the bound still holds
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=f"{field}="):
+        FlowValidator.from_pretrained(tmp_path)

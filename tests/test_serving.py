@@ -121,3 +121,36 @@ def test_after_a_rollback_nothing_of_the_discarded_run_is_returned(pair):
     if bool(out.flow_rolled_back.any()):
         assert out.scores is None and out.past_key_values is None
         assert torch.isnan(out.flow_running_scores[:, out.flow_rolled_back]).all()
+
+
+def test_features_of_another_model_or_recipe_are_refused():
+    import dataclasses
+
+    from conftest import tiny_flow_config
+
+    from hf_flowcheck.errors import FingerprintMismatchError
+    from hf_flowcheck.extraction import FlowExtractor
+
+    a, b = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=1)
+    cfg = tiny_flow_config()
+    va = tiny_validator(a, cfg)
+    ids, resp = torch.tensor([[5, 6, 7, 8, 9]]), torch.tensor([[0, 0, 1, 1, 1]])
+    va.score_features(FlowExtractor(a, cfg).extract(ids, response_mask=resp))  # its own: fine
+    with pytest.raises(FingerprintMismatchError, match="another model"):
+        va.score_features(FlowExtractor(b, cfg).extract(ids, response_mask=resp))
+    other = dataclasses.replace(cfg, center="mean")
+    with pytest.raises(ValueError, match="center"):
+        va.score_features(FlowExtractor(a, other).extract(ids, response_mask=resp))
+
+
+def test_refining_another_models_output_is_refused():
+    from hf_flowcheck.errors import FingerprintMismatchError
+
+    a, b = make_tiny_model("llama", seed=0), make_tiny_model("llama", seed=1)
+    fa = FlowCheckedModelForCausalLM(a, tiny_validator(a))
+    fb = FlowCheckedModelForCausalLM(b, tiny_validator(b))
+    out = fa.generate(input_ids=PROMPTS[0], return_flow_scores=True, **KW)
+    assert out.flow_source.fingerprint == fa.extractor.source.fingerprint
+    with pytest.raises(FingerprintMismatchError, match="This output came from another model"):
+        fb.refine(out, threshold=0.0)
+    _no_hooks(b)

@@ -75,6 +75,19 @@ HEADS: tuple[str, ...] = ("attention", "gru", "depth")
 # ---------------------------------------------------------------------------------------------
 
 
+#: Upper bounds of the size fields (checked before any allocation; far above any trained validator).
+SIZE_BOUNDS: dict[str, int] = {
+    "num_features": 256,
+    "hidden": 4096,
+    "embed": 4096,
+    "gru_hidden": 4096,
+    "members": 64,
+    "num_blocks": 1024,
+    "block_embedding": 1024,
+    "state_dim": 65536,
+}
+
+
 @dataclass
 class ValidatorConfig:
     """Shape of the flow validator (paper B.9 defaults).
@@ -164,12 +177,13 @@ class ValidatorConfig:
     )
 
     def __post_init__(self) -> None:
-        for name in ("num_features", "hidden", "embed", "gru_hidden", "members"):
-            check_positive_int(name, getattr(self, name), "ValidatorConfig")
-        for name in ("num_blocks", "block_embedding", "state_dim"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"ValidatorConfig.{name}={value!r} must be a non-negative integer.")
+        for name, bound in SIZE_BOUNDS.items():
+            if name in ("num_blocks", "block_embedding", "state_dim"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
+                    raise ValueError(f"ValidatorConfig.{name}={value!r} must be an integer in [0, {bound}].")
+            else:
+                check_positive_int(name, getattr(self, name), "ValidatorConfig", at_most=bound)
         if self.head not in HEADS:
             raise ValueError(
                 f"ValidatorConfig.head={self.head!r} is not supported; use one of {', '.join(map(repr, HEADS))}."
@@ -755,6 +769,22 @@ class FlowValidator(
             "token_logits": token_logits,
         }
 
+    def check_source(self, source: Any) -> None:
+        """Refuse features of another model or flow recipe than this validator's (``None``: unknown, allowed)."""
+        if source is None:
+            return
+        if self.flow_config is not None and not self.flow_config.same_features(source.flow_config):
+            mine, theirs = self.flow_config.to_dict(), source.flow_config.to_dict()
+            diff = sorted(
+                k for k in mine if k not in ("hf_flowcheck_version", "basis_solver") and mine[k] != theirs.get(k)
+            )
+            raise ValueError(
+                f"These features were computed with another FlowConfig than this validator was trained on "
+                f"({', '.join(f'{k}: {theirs.get(k)!r} vs {mine[k]!r}' for k in diff)}); extract them with "
+                "FlowExtractor(model, validator.flow_config)."
+            )
+        source.check_model(self.base_fingerprint, "These features")
+
     @torch.no_grad()
     def score_features(self, features: FlowFeatures, *, batch_size: int = 256) -> FlowValidatorOutput:
         """Score a :class:`~hf_flowcheck.extraction.FlowFeatures` batch in eval mode.
@@ -768,7 +798,9 @@ class FlowValidator(
             ``[N]`` (sequence index ``t0`` of the culprit, -1 for rows without events).
 
         Raises:
-            ValueError: If the feature names differ from those the validator was trained on.
+            ValueError: If the feature names differ from those the validator was trained on, or the
+                features were computed with another flow recipe (``features.source``).
+            FingerprintMismatchError: The features came from another model than the validator's.
         """
         if not isinstance(features, FlowFeatures):
             raise ValueError(
@@ -776,6 +808,7 @@ class FlowValidator(
                 "call the validator directly for raw (values, valid) tensors."
             )
         self.check_feature_names(features.names)
+        self.check_source(features.source)
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size={batch_size!r} must be a positive integer.")
         dev = next(self.parameters()).device
