@@ -17,20 +17,21 @@ demo: install
 	$(PY) -m hf_flowcheck.cli demo
 
 test: install
+	@echo "make test: about 4 minutes on a quiet 2-core machine, up to 12 when another job shares the cores"
 	$(PY) -m pytest -q -m "not slow and not hub and not gpu"
 
 test-all: install
 	$(PY) -m pytest -q -m "not hub and not gpu"
 
 lint:
-	ruff check hf_flowcheck tests benchmarks examples
-	ruff format --check hf_flowcheck tests benchmarks examples
+	$(PY) -m ruff check hf_flowcheck tests benchmarks examples
+	$(PY) -m ruff format --check hf_flowcheck tests benchmarks examples
 
 format:
-	ruff format hf_flowcheck tests benchmarks examples
+	$(PY) -m ruff format hf_flowcheck tests benchmarks examples
 
 docs: install
-	mkdocs build --strict
+	$(PY) -m mkdocs build --strict
 
 bench: install
 	$(PY) benchmarks/extraction.py

@@ -68,10 +68,40 @@ def test_no_import_cycle() -> None:
             visit(m)
 
 
+def _declared_all(tree: ast.Module) -> list[str] | None:
+    for node in tree.body:
+        targets = (
+            node.targets if isinstance(node, ast.Assign) else [node.target] if isinstance(node, ast.AnnAssign) else []
+        )
+        if any(isinstance(t, ast.Name) and t.id == "__all__" for t in targets):
+            return [ast.literal_eval(e) for e in node.value.elts]  # a literal list of names
+    return None
+
+
+def _defined_names(tree: ast.Module) -> set[str]:
+    names: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+    return names
+
+
 def test_public_modules_declare_all() -> None:
-    missing = [
-        _module_name(p)
-        for p in ROOT.rglob("*.py")
-        if not p.name.startswith("_") and "__all__" not in p.read_text() and p.name != "version.py"
-    ]
-    assert not missing, f"modules without __all__: {missing}"
+    """Every public module and package declares a literal __all__ whose names it defines or imports."""
+    problems = []
+    for p in sorted(ROOT.rglob("*.py")):
+        if (p.name.startswith("_") and p.name != "__init__.py") or p.name == "version.py":
+            continue
+        tree = ast.parse(p.read_text())
+        declared = _declared_all(tree)
+        if declared is None:
+            problems.append(f"{_module_name(p)}: no __all__")
+            continue
+        undefined = sorted(set(declared) - _defined_names(tree))
+        if undefined:
+            problems.append(f"{_module_name(p)}: __all__ names {undefined} it does not define")
+    assert not problems, problems

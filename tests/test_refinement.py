@@ -235,9 +235,10 @@ def test_left_padded_row_equals_the_unpadded_prompt():
     assert a.prompt_length == b.prompt_length == 6
     assert a.original_ids == b.original_ids and a.refined_ids == b.refined_ids
     assert a.score_after == pytest.approx(b.score_after, abs=1e-4)
-    # Without attention_mask, leading pad tokens are taken as padding.
+    # Without any attention mask (neither given nor kept on the output), leading pad tokens are taken as padding.
+    batched.prompt_attention_mask = None
     c = fc.refine(batched, rows=[0], alpha=0.3, **SMALL).rows[0]
-    assert c.refined_ids == a.refined_ids
+    assert c.prompt_length == 6 and c.refined_ids == a.refined_ids
 
 
 def test_no_patch_left_after_refine_or_error(setup):

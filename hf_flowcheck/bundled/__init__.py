@@ -8,6 +8,8 @@ from typing import Any
 
 from torch import nn
 
+__all__ = ["VALIDATORS_DIR", "bundled_validators", "default_validator_for"]
+
 VALIDATORS_DIR = Path(__file__).parent / "validators"
 
 

@@ -50,7 +50,7 @@ DEMO_SAMPLES: list[tuple[str, str | None, str | None]] = [
 ]
 
 
-def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
+def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout, top_blocks: int = 5) -> None:
     """Per block: the culprit token's event score and features (the depth profile behind the flag)."""
     feats = out.flow_features
     pos = int(out.flow_culprits[row, 0])
@@ -59,14 +59,23 @@ def _print_culprit_depth_profile(out, row: int = 0, stream=sys.stdout) -> None:
         return
     col = int(cols[0])
     names = feats.names
-    print("\nDepth profile of the culprit token (event score = sigmoid of the validator's event logit):", file=stream)
-    print("block  event " + " ".join(f"{n[:11]:>11}" for n in names), file=stream)
     ev = out.flow_event_scores[row, :, col].sigmoid()
     block = int(out.flow_culprits[row, 1])
-    for b in range(feats.values.shape[1]):
-        mark = " <- culprit" if b == block else ""
-        vals = " ".join(f"{float(x):11.4f}" for x in feats.values[row, b, col])
-        print(f"{b:5d} {float(ev[b]):6.3f} {vals}{mark}", file=stream)
+    top = sorted(range(feats.values.shape[1]), key=lambda b: -float(ev[b]))[:top_blocks]
+    width = max(len(n) for n in names)
+    print(
+        f"\nDepth profile of the culprit token: its {len(top)} highest-scoring blocks of {feats.values.shape[1]} "
+        "(event score = sigmoid of the validator's event logit)",
+        file=stream,
+    )
+    print(
+        f"{'feature':<{width}} " + " ".join(f"{'b' + str(b) + ('*' if b == block else ''):>8}" for b in top),
+        file=stream,
+    )
+    print(f"{'event score':<{width}} " + " ".join(f"{float(ev[b]):8.3f}" for b in top), file=stream)
+    for j, name in enumerate(names):
+        print(f"{name:<{width}} " + " ".join(f"{float(feats.values[row, b, col, j]):8.3f}" for b in top), file=stream)
+    print("(* = the culprit block; flowcheck generate --depth-profile prints this for any question)", file=stream)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -75,6 +84,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
     The two are the first test-split questions (split seed 0, answers file order) that SmolLM2
     answered right and wrong: they show what a score looks like on each, not a chosen success.
     """
+    import transformers
+
+    transformers.logging.set_verbosity_error()  # the demo prints its answers, not library chatter
+    transformers.logging.disable_progress_bar()
     args.validator = None
     args.raw_prompt = False
     args.depth_profile = True
@@ -253,6 +266,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     gen.add_argument("--threshold", type=unit_interval, default=None, help=THRESHOLD_HELP)
     gen.add_argument("--heatmap", default="flowcheck_heatmap.png", help="PNG path ('' to skip).")
     gen.add_argument("--raw-prompt", action="store_true", help="Use the question as the whole prompt.")
+    gen.add_argument(
+        "--depth-profile", action="store_true", help="Print the culprit token's event scores and features by block."
+    )
     gen.set_defaults(func=cmd_generate)
 
     rep = sub.add_parser("report", help="Write a self-contained HTML report of flow-checked generations.")
