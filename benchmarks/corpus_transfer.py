@@ -89,10 +89,12 @@ def load_cells(root: Path) -> tuple:
         store = FeatureStore.open(cell, allow_incomplete=True)
         f, y, uids = store.load()
         conf = json.loads((cell / "confidence.json").read_text())
+        poly_path = cell / "polygraph.json"
+        poly = json.loads(poly_path.read_text()) if poly_path.is_file() else {}
         feats.append(f)
         labels.append(y)
         for u in uids:
-            meta.append((cell.parent.name, cell.name, u, *conf[u]))
+            meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {})))
     return pad_features(feats), torch.cat(labels).numpy().astype(int), meta
 
 
@@ -140,7 +142,7 @@ def matrix(args: argparse.Namespace) -> int:
     feats, y, meta = load_cells(Path(args.features))
     task = np.array([m[0] for m in meta])
     style = np.array([m[1] for m in meta])
-    conf = np.array([m[3:] for m in meta], dtype=float)
+    conf = np.array([m[3:7] for m in meta], dtype=float)
     ref = shipped(args.model)
     base = {
         "-mean log p": conf[:, 0],
@@ -149,6 +151,9 @@ def matrix(args: argparse.Namespace) -> int:
         "length": conf[:, 3],
         "shipped": score(ref, feats),
     }
+    poly_names = sorted({k for m in meta for k in m[7]})
+    for name in poly_names:  # lm-polygraph's estimators (benchmarks/polygraph_baselines.py), nan where not run
+        base[f"polygraph {name}"] = np.array([m[7].get(name, np.nan) for m in meta], dtype=float)
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     results: dict = {"n": len(y), "hallucinated": int(y.sum()), "held_out": {}}
     groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
