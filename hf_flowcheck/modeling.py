@@ -18,7 +18,7 @@ from torch import nn
 
 from hf_flowcheck.architectures import model_lock, unwrap_model
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.errors import NoValidatorError
+from hf_flowcheck.errors import CheckpointError, NoValidatorError
 from hf_flowcheck.extraction import STREAM_REFITS, FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
@@ -69,7 +69,13 @@ def _load_validator(validator: Any, **hub_kwargs: Any) -> tuple[Any, FlowConfig 
         folder = Path(validator).expanduser()
         saved = folder / FLOW_CONFIG_NAME
         if saved.is_file():
-            config = FlowConfig.from_dict(json.loads(saved.read_text()))
+            try:
+                config = FlowConfig.from_dict(json.loads(saved.read_text(encoding="utf-8")))
+            except (UnicodeDecodeError, ValueError, TypeError) as err:
+                raise CheckpointError(
+                    f"{saved} is not a valid flow config ({err}); the folder is damaged. Save it again with "
+                    "FlowCheckedModelForCausalLM.save_pretrained(), or pass the validator/ subfolder alone."
+                ) from None
             sub = folder / VALIDATOR_SUBFOLDER
             loaded = FlowValidator.from_pretrained(sub, **hub_kwargs) if sub.is_dir() else None
             return loaded, config
@@ -121,7 +127,6 @@ class FlowCheckedModelForCausalLM(nn.Module):
             )
         self.tokenizer = tokenizer
         self.extractor = FlowExtractor(model, flow_config, tokenizer=tokenizer)
-        # Capture hooks sit on the shared model: one flow-checked generate at a time per wrapper.
         # The extractor owns the flow config; `flow_config` reads it.
         self._model_lock = model_lock(model)
         if validator is not None:

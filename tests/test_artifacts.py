@@ -99,3 +99,16 @@ def test_failed_write_changes_nothing(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         atomic_save_dir(folder, boom)
     assert json.loads((folder / "config.json").read_text()) == {"hf_flowcheck_version": "x"}
+
+
+@pytest.mark.parametrize("content", ["{not json", "[1]", '{"window_length": "eight"}', "\xff"])
+def test_a_damaged_flow_config_json_is_named(validator, tmp_path, content):
+    from hf_flowcheck.errors import CheckpointError
+
+    fc = FlowCheckedModelForCausalLM(make_tiny_model("llama"), validator)
+    fc.save_pretrained(tmp_path / "w")
+    (tmp_path / "w" / "flow_config.json").write_bytes(content.encode("latin-1"))
+    from hf_flowcheck.modeling import _load_validator
+
+    with pytest.raises(CheckpointError, match="flow_config.json is not a valid flow config"):
+        _load_validator(str(tmp_path / "w"))
