@@ -110,5 +110,5 @@ def test_a_damaged_flow_config_json_is_named(validator, tmp_path, content):
     (tmp_path / "w" / "flow_config.json").write_bytes(content.encode("latin-1"))
     from hf_flowcheck.modeling import _load_validator
 
-    with pytest.raises(CheckpointError, match="flow_config.json is not a valid flow config"):
+    with pytest.raises(CheckpointError, match=r"flow_config\.json is not a valid flow config"):
         _load_validator(str(tmp_path / "w"))
