@@ -8,6 +8,7 @@ from hf_flowcheck.architectures import (
     supported_architectures,
 )
 from hf_flowcheck.capture import FlowRecorder, NonFiniteStateError
+from hf_flowcheck.check_config import FlowCheckConfig
 from hf_flowcheck.clamp import BlockClamp
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.detectors.flow_validator import FlowValidator, FlowValidatorOutput, ValidatorConfig
@@ -21,6 +22,7 @@ from hf_flowcheck.version import __version__
 __all__ = [
     "ArchitectureSpec",
     "BlockClamp",
+    "FlowCheckConfig",
     "FlowCheckedModelForCausalLM",
     "FlowConfig",
     "FlowExtractor",

@@ -17,31 +17,18 @@ import torch
 from torch import nn
 
 from hf_flowcheck.architectures import model_lock, unwrap_model
+from hf_flowcheck.check_config import FlowCheckConfig
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import CheckpointError, NoValidatorError
-from hf_flowcheck.extraction import STREAM_REFITS, FlowExtractor, FlowFeatures
-from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
+from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
 from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
-from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, check_rollback_decoding, refine
+from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, generate_with_rollback, refine
 from hf_flowcheck.streamer import FlowTextStreamer
 
-__all__ = [
-    "FLOW_GENERATE_KWARGS",
-    "FlowCheckedModelForCausalLM",
-]
+__all__ = ["FlowCheckedModelForCausalLM"]
 
 
-#: generate() keyword arguments that belong to hf_flowcheck (never passed to transformers).
-FLOW_GENERATE_KWARGS = (
-    "return_flow_scores",
-    "return_flow_features",
-    "flow_check_every",
-    "flow_check_refit",
-    "flow_abstain_threshold",
-    "flow_abstain_message",
-    "flow_rollback_threshold",
-    "flow_max_rollbacks",
-)
 FLOW_CONFIG_NAME = "flow_config.json"
 #: ``validator="bundled:<name>"`` loads a validator shipped in ``hf_flowcheck/bundled/validators``.
 BUNDLED_PREFIX = "bundled:"
@@ -219,21 +206,6 @@ class FlowCheckedModelForCausalLM(nn.Module):
         return self.base_model(*args, **kwargs)
 
     # --------------------------------------------------------------------------- generate
-    def _pop_flow_kwargs(self, kwargs: dict[str, Any]) -> dict[str, Any]:
-        gen_cfg = kwargs.get("generation_config")
-        flags = {}
-        for name in FLOW_GENERATE_KWARGS:
-            value = kwargs.pop(name, None)
-            if value is None and gen_cfg is not None:
-                value = getattr(gen_cfg, name, None)
-            flags[name] = value
-        if gen_cfg is not None and any(hasattr(gen_cfg, n) for n in FLOW_GENERATE_KWARGS):
-            gen_cfg = gen_cfg.__class__.from_dict(
-                {k: v for k, v in gen_cfg.to_dict().items() if k not in FLOW_GENERATE_KWARGS}
-            )
-            kwargs["generation_config"] = gen_cfg
-        return flags
-
     def generate(self, input_ids: torch.Tensor | None = None, **kwargs: Any) -> Any:
         """``generate()`` of the base model, plus flow scores when asked.
 
@@ -265,61 +237,32 @@ class FlowCheckedModelForCausalLM(nn.Module):
         Returns:
             The base ``generate()`` result when no flow flag is set; else a :class:`FlowGenerateOutput`.
         """
-        flags = self._pop_flow_kwargs(kwargs)
-        want_scores = bool(flags["return_flow_scores"])
-        want_feats = bool(flags["return_flow_features"])
-        check_every = flags["flow_check_every"]
-        if check_every is not None and (
-            isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1
-        ):
+        check = FlowCheckConfig.from_generate_kwargs(kwargs)
+        flow_streamer = isinstance(kwargs.get("streamer"), FlowTextStreamer)
+        if check.check_refit is not None and not check.check_every and not flow_streamer:
             raise ValueError(
-                f"flow_check_every={check_every!r} must be a positive integer (check the running score every this many "
-                "tokens; 1 = every token), or None for no streaming check."
+                "flow_check_refit needs flow_check_every (it says how streaming checks refit); pass "
+                "flow_check_every=1 or a larger integer, or drop flow_check_refit."
             )
-        for name in ("flow_abstain_threshold", "flow_rollback_threshold"):
-            if flags[name] is not None and not check_every:
-                raise ValueError(
-                    f"{name} needs flow_check_every (how often the running score is checked); pass "
-                    f"flow_check_every=1 (every token) or a larger integer, or drop {name}."
-                )
-        if flags["flow_check_refit"] is not None:
-            if not check_every and not isinstance(kwargs.get("streamer"), FlowTextStreamer):
-                raise ValueError(
-                    "flow_check_refit needs flow_check_every (it says how streaming checks refit); pass "
-                    "flow_check_every=1 or a larger integer, or drop flow_check_refit."
-                )
-            if flags["flow_check_refit"] not in STREAM_REFITS:
-                raise ValueError(
-                    f"flow_check_refit={flags['flow_check_refit']!r} is not supported; use one of "
-                    f"{', '.join(map(repr, STREAM_REFITS))}."
-                )
-        if flags["flow_max_rollbacks"] is not None and flags["flow_rollback_threshold"] is None:
-            raise ValueError("flow_max_rollbacks needs flow_rollback_threshold (when to roll back); pass both.")
-        if isinstance(kwargs.get("streamer"), FlowTextStreamer) and not check_every:
-            check_every = 1  # a flow streamer needs running scores: check every token
+        if flow_streamer:
+            check = check.with_stream()  # a flow streamer needs running scores: check every token
         # One call at a time per base model, plain ones included: another thread's forward passes would
         # otherwise run through this call's capture hooks (architectures.model_lock).
         with self._model_lock:
-            if not (want_scores or want_feats or check_every):
+            if not check.wants_flow:
                 if input_ids is not None:
                     kwargs["input_ids"] = input_ids
                 return self.base_model.generate(**kwargs)
-            return self._flow_generate(input_ids, kwargs, flags, want_scores, want_feats, check_every)
+            return self._flow_generate(input_ids, kwargs, check)
 
     def _flow_generate(
-        self,
-        input_ids: torch.Tensor | None,
-        kwargs: dict[str, Any],
-        flags: dict[str, Any],
-        want_scores: bool,
-        want_feats: bool,
-        check_every: int | None,
+        self, input_ids: torch.Tensor | None, kwargs: dict[str, Any], check: FlowCheckConfig
     ) -> FlowGenerateOutput:
         if input_ids is None:
             input_ids = kwargs.pop("inputs", None)
         if input_ids is None:
             raise ValueError("Flow-checked generate() needs input_ids (inputs_embeds are not supported).")
-        if (want_scores or check_every) and self.validator is None:
+        if (check.return_flow_scores or check.check_every) and self.validator is None:
             raise NoValidatorError(
                 "return_flow_scores=True (or a streaming check) needs a validator: pass validator='org/name' "
                 "or a folder to FlowCheckedModelForCausalLM.from_pretrained, train one with `flowcheck train`, "
@@ -352,114 +295,40 @@ class FlowCheckedModelForCausalLM(nn.Module):
             input_ids = input_ids.repeat_interleave(n_return, dim=0)
             attention_mask = attention_mask.repeat_interleave(n_return, dim=0)
         self._check_context(input_ids, kwargs)
-        if flags["flow_rollback_threshold"] is not None:
-            return self._generate_with_rollback(input_ids, attention_mask, kwargs, flags, want_feats, check_every)
-        threshold, abstain_ids, eos = self._abstention(flags) if check_every else (None, None, None)
+        _, _, eos = self._abstention(check, with_threshold=False)
+        if check.rollback_threshold is not None:
+            if isinstance(kwargs.get("streamer"), FlowTextStreamer):
+                raise ValueError(
+                    "flow_rollback_threshold cannot be combined with a FlowTextStreamer: text already streamed "
+                    "cannot be taken back. Stream with flow_abstain_threshold, or roll back without a streamer."
+                )
+            if eos is None:
+                raise ValueError("Rollback needs an end-of-sequence token id (set generation_config.eos_token_id).")
+            threshold = self._threshold("flow_rollback_threshold", check.rollback_threshold)
+            return generate_with_rollback(
+                self.base_model, self.extractor, self.validator, input_ids, attention_mask, check, threshold, eos,
+                tokenizer=self.tokenizer, **kwargs,
+            )  # fmt: skip
+        threshold, abstain_ids, eos = self._abstention(check) if check.check_every else (None, None, None)
         return flow_generate(
             self.extractor,
             self.validator,
             input_ids,
             attention_mask,
-            scores=want_scores,
-            features=want_feats,
-            check_every=check_every,
+            scores=check.return_flow_scores,
+            features=check.return_flow_features,
+            check_every=check.check_every,
             abstain_threshold=threshold,
             abstain_ids=abstain_ids,
             abstain_eos_id=eos,
-            check_refit=flags["flow_check_refit"] or "always",
+            check_refit=check.check_refit or "always",
             **kwargs,
         )
 
-    def _generate_with_rollback(
-        self,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        kwargs: dict[str, Any],
-        flags: dict[str, Any],
-        want_feats: bool,
-        check_every: int,
-    ) -> FlowGenerateOutput:
-        """Generate; rows crossing the rollback threshold stop there and are refined (spec §7) in this call."""
-        if flags["flow_abstain_threshold"] is not None:
-            raise ValueError(
-                "flow_abstain_threshold and flow_rollback_threshold both ask what to do when the running score is "
-                "too high; pass one of them."
-            )
-        if isinstance(kwargs.get("streamer"), FlowTextStreamer):
-            raise ValueError(
-                "flow_rollback_threshold cannot be combined with a FlowTextStreamer: text already streamed cannot "
-                "be taken back. Stream with flow_abstain_threshold, or roll back without a streamer."
-            )
-        max_rollbacks = 1 if flags["flow_max_rollbacks"] is None else flags["flow_max_rollbacks"]
-        if isinstance(max_rollbacks, bool) or not isinstance(max_rollbacks, int) or max_rollbacks < 1:
-            raise ValueError(f"flow_max_rollbacks={max_rollbacks!r} must be a positive integer (rollbacks per row).")
-        threshold = self._threshold("flow_rollback_threshold", flags["flow_rollback_threshold"])
-        check_rollback_decoding(kwargs)
-        _, _, eos = self._abstention({**flags, "flow_abstain_threshold": None})
-        if eos is None:
-            raise ValueError("Rollback needs an end-of-sequence token id (set generation_config.eos_token_id).")
-        result = flow_generate(
-            self.extractor,
-            self.validator,
-            input_ids,
-            attention_mask,
-            scores=True,
-            features=want_feats,
-            check_every=check_every,
-            abstain_threshold=threshold,
-            abstain_ids=[],  # a crossing row ends at once; refine() then rolls it back
-            abstain_eos_id=eos,
-            check_refit=flags["flow_check_refit"] or "always",
-            **dict(kwargs),
-        )
-        crossed = result.flow_abstained.nonzero().squeeze(-1).tolist()
-        result.flow_rolled_back = torch.zeros_like(result.flow_abstained)
-        if not crossed:
-            return result
-        refine_kw = {k: v for k, v in kwargs.items() if k not in ("streamer", "max_length")}
-        refine_kw.setdefault("max_new_tokens", int(result.sequences.shape[1] - result.prompt_length))
-        fixed = refine(
-            self.base_model,
-            self.extractor,
-            self.validator,
-            result,
-            RefineConfig(num_culprits=max_rollbacks, rescore=max_rollbacks > 1),
-            rows=crossed,
-            tokenizer=self.tokenizer,
-            **refine_kw,
-        )
-        # Every flow field is recomputed for the returned sequences (teacher-forced equals capture).
-        seqs = fixed.sequences
-        prompt_len = int(result.prompt_length)
-        full_att = torch.cat([attention_mask, torch.ones_like(seqs[:, prompt_len:])], dim=1).to(seqs.device)
-        resp = torch.zeros_like(seqs)
-        resp[:, prompt_len:] = 1
-        feats = self.extractor.extract(seqs, full_att, resp)
-        result.sequences = seqs
-        # What generate() returned per step belongs to the sequences before the rollback.
-        result.past_key_values = None
-        for name in ("scores", "logits", "attentions", "hidden_states"):
-            if getattr(result, name, None) is not None:
-                setattr(result, name, None)
-        if result.flow_running_scores is not None:
-            # [checks, N]: the refined rows' running scores were of the answer that was replaced
-            result.flow_running_scores[:, fixed.refined.to(result.flow_running_scores.device)] = float("nan")
-        attach_scores(result, self.validator, feats)
-        if want_feats:
-            result.flow_features = feats
-        result.flow_rolled_back = fixed.refined.clone()
-        result.flow_abstained = result.flow_abstained & ~fixed.refined
-        result.flow_refinement = fixed
-        return result
-
     def _threshold(self, name: str, value: Any) -> float:
-        """A score threshold from a generate flag: a number in ``[0, 1]`` or ``"recommended"``."""
-        if isinstance(value, str):
-            if value != "recommended":
-                raise ValueError(f"{name}={value!r} is not supported; pass a number in [0, 1] or 'recommended'.")
+        """A threshold from the checked config: a number in ``[0, 1]``, or ``"recommended"`` resolved here."""
+        if value == "recommended":
             return self.validator.recommended_threshold()
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
-            raise ValueError(f"{name}={value!r} must be a number in [0, 1] (flow scores are probabilities).")
         return float(value)
 
     def _infer_attention_mask(self, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> torch.Tensor:
@@ -499,14 +368,14 @@ class FlowCheckedModelForCausalLM(nn.Module):
             self.base_model, self.extractor, self.validator, output, config, tokenizer=self.tokenizer, **kwargs
         )
 
-    def _abstention(self, flags: dict[str, Any]) -> tuple[float | None, list[int], int | None]:
-        """``(threshold, message ids, eos id)`` of a streaming check from the generate flags."""
-        threshold = flags["flow_abstain_threshold"]
+    def _abstention(
+        self, check: FlowCheckConfig, *, with_threshold: bool = True
+    ) -> tuple[float | None, list[int], int | None]:
+        """``(threshold, message ids, eos id)`` of a streaming check (``with_threshold=False``: no threshold)."""
+        threshold = check.abstain_threshold if with_threshold else None
         if threshold is not None:
             threshold = self._threshold("flow_abstain_threshold", threshold)
-        message = flags["flow_abstain_message"]
-        if message is None:
-            message = "I am not sure."
+        message = check.abstain_message if check.abstain_message is not None else "I am not sure."
         ids: list[int] = []
         if threshold is not None:
             if self.tokenizer is None:

@@ -154,3 +154,23 @@ def test_refining_another_models_output_is_refused():
     with pytest.raises(FingerprintMismatchError, match="This output came from another model"):
         fb.refine(out, threshold=0.0)
     _no_hooks(b)
+
+
+def test_flow_check_config_is_the_loose_flags_in_one_object(pair):
+    from hf_flowcheck import FlowCheckConfig
+
+    fc = pair[0]
+    cfg = FlowCheckConfig(return_flow_scores=True, check_every=2, check_refit="doubling")
+    a = fc.generate(input_ids=PROMPTS[0], flow_check_config=cfg, **KW)
+    b = fc.generate(
+        input_ids=PROMPTS[0], return_flow_scores=True, flow_check_every=2, flow_check_refit="doubling", **KW
+    )
+    assert torch.equal(a.sequences, b.sequences)
+    torch.testing.assert_close(a.flow_running_scores, b.flow_running_scores, equal_nan=True)
+    with pytest.raises(ValueError, match="were both given"):
+        fc.generate(input_ids=PROMPTS[0], flow_check_config=cfg, flow_check_every=1, **KW)
+    with pytest.raises(TypeError, match="FlowCheckConfig"):
+        fc.generate(input_ids=PROMPTS[0], flow_check_config={"check_every": 1}, **KW)
+    with pytest.raises(ValueError, match="flow_check_every=0"):
+        FlowCheckConfig(check_every=0)
+    assert not FlowCheckConfig().wants_flow and FlowCheckConfig(return_flow_features=True).wants_flow
