@@ -8,17 +8,20 @@ Two steps, both resumable:
             also records each answer's token confidence (-mean / -min log p, mean entropy) from the
             same model, and the three answer ends of each answer for the terminator check.
 ``matrix``  leave-one-out: for each prompt style (and each task) held out, train the bundled design
-            on the other cells (a grouped 85/15 train/validation split for early stopping), test on
-            the held-out cell; report AUROC with 95% bootstrap intervals beside -mean log p, -min
-            log p, mean entropy, answer length and the shipped validator; the share of scores >= 0.99
-            and <= 0.01; and a grouped in-distribution split for reference (not used to choose).
+            on the other cells (a grouped 85/15 train/validation split for early stopping) and keep
+            its scores; plus a grouped in-distribution split for reference (not used to choose).
+``report``  every held-out cell: AUROC with 95% bootstrap intervals beside -mean log p, -min log p,
+            mean entropy, answer length, the shipped validator and lm-polygraph's estimators
+            (``benchmarks/polygraph_baselines.py``); the share of scores >= 0.99 and <= 0.01.
 
 Commands (see docs/results.md, "Transfer across prompt styles and tasks"):
 
     python benchmarks/corpus_transfer.py replay --model SmolLM2-135M-Instruct \
         --corpus answers/SmolLM2-135M-Instruct/corpus --features runs/corpus-feats/smol
     python benchmarks/corpus_transfer.py matrix --model SmolLM2-135M-Instruct \
-        --features runs/corpus-feats/smol --out benchmarks/results/corpus_transfer_smol.json
+        --features runs/corpus-feats/smol --scores runs/corpus-feats/smol-matrix.json
+    python benchmarks/corpus_transfer.py report --features runs/corpus-feats/smol \
+        --scores runs/corpus-feats/smol-matrix.json --out benchmarks/results/corpus_transfer_smol.json
 """
 
 from __future__ import annotations
@@ -83,11 +86,14 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
-def load_cells(root: Path) -> tuple:
+def load_cells(root: Path, *, features: bool = True) -> tuple:
     feats, labels, meta = [], [], []
     for cell in sorted(p for p in root.glob("*/*") if (p / "manifest.json").is_file()):
         store = FeatureStore.open(cell, allow_incomplete=True)
-        f, y, uids = store.load()
+        if features:
+            f, y, uids = store.load()
+        else:
+            f, y, uids = None, None, store.uids()
         conf = json.loads((cell / "confidence.json").read_text())
         poly_path = cell / "polygraph.json"
         poly = json.loads(poly_path.read_text()) if poly_path.is_file() else {}
@@ -95,6 +101,8 @@ def load_cells(root: Path) -> tuple:
         labels.append(y)
         for u in uids:
             meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {})))
+    if not features:
+        return None, None, meta
     return pad_features(feats), torch.cat(labels).numpy().astype(int), meta
 
 
@@ -107,15 +115,20 @@ def ci_row(y, s) -> dict:
     return {"auroc": round(auroc(y, s), 3), "ci": [round(lo, 3), round(hi, 3)], "n": len(y), "pos": int(y.sum())}
 
 
-def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int) -> FlowValidator:
+def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped") -> FlowValidator:
+    """The bundled design (``shipped``: flow + frozen-probe state branch) or its flow part alone."""
     rng = np.random.default_rng(seed)
     idx = rng.permutation(idx)
     n_val = max(20, len(idx) * 15 // 100)
     va, tr = idx[:n_val], idx[n_val:]
     cfg = ValidatorConfig.from_dict(ref.config.to_dict())
+    state_init = "frozen-probe"
+    if design == "flow-only":
+        cfg = dataclasses.replace(cfg, state_dim=0, state_blocks=())
+        state_init = "random"
     v, _ = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
-        epochs=epochs, patience=5, state_init="frozen-probe", seed=seed, progress=False,
+        epochs=epochs, patience=5, state_init=state_init, seed=seed, progress=False,
         flow_config=dataclasses.replace(ref.flow_config, score_terminators=False),
     )  # fmt: skip
     return v.eval()
@@ -139,47 +152,69 @@ def cell_report(y, scores: dict[str, np.ndarray], idx) -> dict:
 
 
 def matrix(args: argparse.Namespace) -> int:
+    """Train one validator per held-out style/task (and one in-distribution); keep their scores per answer."""
     feats, y, meta = load_cells(Path(args.features))
     task = np.array([m[0] for m in meta])
     style = np.array([m[1] for m in meta])
-    conf = np.array([m[3:7] for m in meta], dtype=float)
     ref = shipped(args.model)
+    trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
+    out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(), "runs": {}}
+    groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
+    for kind, name, held in groups:
+        if held.sum() < 20 or len(set(y[held].tolist())) < 2:
+            continue
+        t0 = time.perf_counter()
+        v = train_on(feats, y, np.flatnonzero(trainable & ~held), ref, args.seed, args.epochs, args.design)
+        out["runs"][f"{kind}={name}"] = {"test": np.flatnonzero(held).tolist(), "scores": score(v, feats).tolist()}
+        s = np.asarray(out["runs"][f"{kind}={name}"]["scores"])[held]
+        print(f"{kind}={name}: n={int(held.sum())} auroc={auroc(y[held], s):.3f} ({time.perf_counter() - t0:.0f} s)",
+              flush=True)  # fmt: skip
+        Path(args.scores).write_text(json.dumps(out))
+    # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
+    perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable))
+    cut = len(perm) * 7 // 10
+    v = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design)
+    out["runs"]["in-distribution"] = {"test": perm[cut:].tolist(), "scores": score(v, feats).tolist()}
+    Path(args.scores).write_text(json.dumps(out))
+    return 0
+
+
+def report(args: argparse.Namespace) -> int:
+    """The tables: every held-out cell against every baseline (polygraph columns where they were run)."""
+    feats_root = Path(args.features)
+    data = json.loads(Path(args.scores).read_text())
+    y = np.asarray(data["labels"])
+    _, _, meta = load_cells(feats_root, features=False)
+    assert [m[2] for m in meta] == data["uids"], "the stores changed since the matrix run; rerun matrix"
+    conf = np.array([m[3:7] for m in meta], dtype=float)
     base = {
         "-mean log p": conf[:, 0],
         "-min log p": conf[:, 1],
         "mean entropy": conf[:, 2],
         "length": conf[:, 3],
-        "shipped": score(ref, feats),
+        "shipped": np.asarray(data["shipped"], dtype=float),
     }
-    poly_names = sorted({k for m in meta for k in m[7]})
-    for name in poly_names:  # lm-polygraph's estimators (benchmarks/polygraph_baselines.py), nan where not run
+    for name in sorted({k for m in meta for k in m[7]}):
         base[f"polygraph {name}"] = np.array([m[7].get(name, np.nan) for m in meta], dtype=float)
-    trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
-    results: dict = {"n": len(y), "hallucinated": int(y.sum()), "held_out": {}}
-    groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
-    for kind, name, held in groups:
-        if held.sum() < 20 or len(set(y[held].tolist())) < 2:
-            continue
-        tr = np.flatnonzero(trainable & ~held)
-        t0 = time.perf_counter()
-        v = train_on(feats, y, tr, ref, args.seed, args.epochs)
-        scores = {"validator": score(v, feats), **base}
-        results["held_out"][f"{kind}={name}"] = cell_report(y, scores, np.flatnonzero(held))
-        print(f"{kind}={name}: {json.dumps(results['held_out'][f'{kind}={name}'])} ({time.perf_counter() - t0:.0f} s)",
-              flush=True)  # fmt: skip
-    # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
-    rng = np.random.default_rng(args.seed + 1)
-    perm = rng.permutation(np.flatnonzero(trainable))
-    cut = len(perm) * 7 // 10
-    v = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs)
-    results["in_distribution"] = cell_report(y, {"validator": score(v, feats), **base}, perm[cut:])
-    styles = [k for k in results["held_out"] if k.startswith("style=")]
+    results: dict = {"n": len(y), "hallucinated": int(y.sum()), "cells": {}}
+    for key, run in data["runs"].items():
+        idx = np.asarray(run["test"])
+        results["cells"][key] = cell_report(y, {"validator": np.asarray(run["scores"], dtype=float), **base}, idx)
+    styles = [k for k in results["cells"] if k.startswith("style=")]
     results["mean_held_out_style_auroc"] = {
-        name: round(float(np.mean([results["held_out"][k][name]["auroc"] for k in styles])), 3)
+        name: round(float(np.nanmean([results["cells"][k][name]["auroc"] or np.nan for k in styles])), 3)
         for name in ("validator", *base)
     }
     Path(args.out).write_text(json.dumps(results, indent=1))
-    print(json.dumps(results["mean_held_out_style_auroc"]))
+    cols = ["validator", "shipped", "-mean log p", "-min log p", "length"] + [k for k in base if k.startswith("poly")]
+    print("| held out | n (halluc.) | " + " | ".join(cols) + " | validator >= 0.99 | shipped >= 0.99 |")
+    print("|---|---|" + "---|" * (len(cols) + 2))
+    for key, cell in results["cells"].items():
+        v = cell["validator"]
+        row = [f"{cell[c]['auroc']:.3f}" if cell[c].get("auroc") is not None else "n/a" for c in cols]
+        print(f"| {key} | {v['n']} ({v.get('pos', '?')}) | " + " | ".join(row)
+              + f" | {v['share_ge_0.99']:.2f} | {cell['shipped']['share_ge_0.99']:.2f} |")  # fmt: skip
+    print("mean over held-out styles:", json.dumps(results["mean_held_out_style_auroc"]))
     return 0
 
 
@@ -194,10 +229,16 @@ def main(argv: list[str] | None = None) -> int:
     m = sub.add_parser("matrix")
     m.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
     m.add_argument("--features", required=True)
-    m.add_argument("--out", required=True)
+    m.add_argument("--scores", required=True, help="JSON of every run's scores per answer (resumable input of report).")
     m.add_argument("--epochs", type=int, default=20)
+    m.add_argument("--design", choices=("shipped", "flow-only"), default="shipped")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=matrix)
+    rp = sub.add_parser("report")
+    rp.add_argument("--features", required=True)
+    rp.add_argument("--scores", required=True)
+    rp.add_argument("--out", required=True)
+    rp.set_defaults(func=report)
     args = p.parse_args(argv)
     return args.func(args)
 

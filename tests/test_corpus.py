@@ -7,6 +7,7 @@ import json
 
 import pytest
 from conftest import make_tiny_model
+from test_terminators import VocabCharTokenizer
 from test_workflows_extract import CharTokenizer
 
 from hf_flowcheck.data import Example
@@ -137,15 +138,8 @@ def test_generate_corpus_resumes_in_rounds(tmp_path, monkeypatch):
         read_corpus(tmp_path, tasks=["nq-open"])
 
 
-class VocabChatTokenizer(ChatCharTokenizer):
-    def __len__(self):
-        return 99
-
-    def get_vocab(self):
-        return {self.decode([i], skip_special_tokens=False): i for i in range(99)}
-
-    def batch_decode(self, seqs, skip_special_tokens=True):
-        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in seqs]
+class VocabChatTokenizer(VocabCharTokenizer, ChatCharTokenizer):
+    """A chat template and the vocabulary methods the token table reads."""
 
 
 def test_answer_views_are_prefixes_of_the_one_generation():
