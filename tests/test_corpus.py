@@ -67,6 +67,10 @@ def test_reserved_sets_are_kept_out():
     assert not any("squad" in t.file.lower() or "natural" in t.file.lower() for t in CORPUS_TASKS.values())
     recs = load_task_records("selfaware")
     assert recs and not any("squad" in r.meta["source"] for r in recs)
+    from hf_flowcheck.workflows.answers import load_answer_records
+
+    old_style, _ = load_answer_records("selfaware", None, seed=0, limit=None)  # `flowcheck answers` too
+    assert old_style and not any("squad" in r.meta.get("source", "") for r in old_style)
     assert {r.meta["unanswerable"] for r in recs} == {True, False}
 
 

@@ -443,7 +443,12 @@ def load_answer_records(name: str, data_dir: str | None, *, seed: int, limit: in
     if name not in ANSWER_DATASETS:
         raise ValueError(f"--dataset {name!r} is not supported; use one of {', '.join(ANSWER_DATASETS)}.")
     if name == "selfaware":
-        recs, judge = list(data.load_selfaware(data_dir)), "record-label"
+        from hf_flowcheck.data.corpus import EXCLUDED_SOURCES
+
+        # SQuAD-sourced questions are reserved for evaluation outside the project.
+        recs = [r for r in data.load_selfaware(data_dir) if not any(x in str(r.meta.get("source", "")).lower()
+                                                                     for x in EXCLUDED_SOURCES)]  # fmt: skip
+        judge = "record-label"
     else:
         recs, judge = list(data.load_halueval("qa", data_dir)), data.ReferenceF1Judge()
         if name.endswith("closed-book"):
