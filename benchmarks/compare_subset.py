@@ -24,7 +24,7 @@ import torch
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
 from hf_flowcheck.detectors.baselines import HiddenStateProbe
-from hf_flowcheck.metrics import auroc, evaluate_scores
+from hf_flowcheck.metrics import evaluate_scores, paired_auroc_difference
 from hf_flowcheck.workflows.replay import load_parts
 
 
@@ -41,15 +41,8 @@ def _row(y: np.ndarray, s: np.ndarray) -> dict:
 
 
 def paired_difference(y: np.ndarray, a: np.ndarray, b: np.ndarray, n: int = 1000, seed: int = 0) -> list[float]:
-    """95% percentile bootstrap interval of ``AUROC(a) - AUROC(b)`` over the same resampled answers."""
-    rng = np.random.default_rng(seed)
-    diffs = []
-    for _ in range(n):
-        i = rng.integers(0, len(y), len(y))
-        if y[i].min() == y[i].max():
-            continue
-        diffs.append(auroc(y[i], a[i]) - auroc(y[i], b[i]))
-    return [float(np.percentile(diffs, 2.5)), float(np.percentile(diffs, 97.5))]
+    """95% interval of ``AUROC(a) - AUROC(b)`` over the same resampled answers (the library's one owner)."""
+    return list(paired_auroc_difference(y, a, b, n=n, seed=seed))
 
 
 def store_arguments(p: argparse.ArgumentParser) -> None:

@@ -41,7 +41,7 @@ from hf_flowcheck.data.corpus import CORPUS_TASKS, PROMPT_STYLES
 from hf_flowcheck.detectors.base import ScoredExample, encode_text
 from hf_flowcheck.detectors.baselines import token_confidence_features
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
-from hf_flowcheck.metrics import auroc, bootstrap_ci
+from hf_flowcheck.metrics import auroc, bootstrap_ci, paired_auroc_difference
 from hf_flowcheck.offline_models import load_model
 from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.corpus import answer_view, read_corpus
@@ -143,6 +143,11 @@ def cell_report(y, scores: dict[str, np.ndarray], idx) -> dict:
     out = {name: ci_row(y[idx], s[idx]) for name, s in scores.items()}
     v = scores["validator"][idx]
     v = v[~np.isnan(v)]
+    for name in ("-mean log p", "-min log p", "length", "shipped", "polygraph RAUQ"):
+        if name in scores:
+            ok = ~np.isnan(scores[name][idx]) & ~np.isnan(scores["validator"][idx])
+            lo, hi = paired_auroc_difference(y[idx][ok], scores["validator"][idx][ok], scores[name][idx][ok], n=500)
+            out["validator"][f"minus {name}"] = [round(lo, 3), round(hi, 3)]
     out["validator"]["share_ge_0.99"] = round(float((v >= 0.99).mean()), 3) if v.size else None
     out["validator"]["share_le_0.01"] = round(float((v <= 0.01).mean()), 3) if v.size else None
     s = scores["shipped"][idx]

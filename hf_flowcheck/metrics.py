@@ -38,6 +38,7 @@ __all__ = [
     "length_matched_indices",
     "length_matched_subset",
     "length_scores",
+    "paired_auroc_difference",
     "precision_at_recall",
     "precision_recall_curve",
     "rankdata_average",
@@ -257,6 +258,37 @@ def _bootstrap_values(
         idx = rng.integers(0, m, size=m)
         out[i] = metric_fn(y[idx], s[idx])
     return out
+
+
+def paired_auroc_difference(
+    labels: ArrayLike, scores_a: ArrayLike, scores_b: ArrayLike, n: int = 1000, seed: int = 0, alpha: float = 0.05
+) -> tuple[float, float]:
+    """Percentile bootstrap interval of ``AUROC(a) - AUROC(b)`` over the same resampled answers.
+
+    Args:
+        labels: ``[N]`` 0/1 labels.
+        scores_a: ``[N]`` scores of detector a.
+        scores_b: ``[N]`` scores of detector b on the same answers.
+        n: Resamples (those with one class only are skipped).
+        seed: Seed.
+        alpha: ``1 - confidence``.
+
+    Returns:
+        ``(low, high)``; an interval that excludes 0 says a and b differ on these answers.
+    """
+    y, a = _check(labels, scores_a)
+    _, b = _check(labels, scores_b)
+    rng = np.random.default_rng(seed)
+    diffs = []
+    for _ in range(n):
+        i = rng.integers(0, len(y), len(y))
+        if y[i].min() == y[i].max():
+            continue
+        diffs.append(auroc(y[i], a[i]) - auroc(y[i], b[i]))
+    if not diffs:
+        return float("nan"), float("nan")
+    lo, hi = np.quantile(diffs, [alpha / 2.0, 1.0 - alpha / 2.0])
+    return float(lo), float(hi)
 
 
 def bootstrap_ci(

@@ -188,3 +188,17 @@ def test_length_baseline_on_real_pairs_is_leaky():
     assert res["name"] == "length-only" and res["metrics"]["auroc"]["value"] > 0.9  # docs: ~0.97
     matched = length_matched_subset(pairs)
     assert 0 < len(matched) < len(pairs) and len(matched) % 2 == 0
+
+
+def test_paired_auroc_difference():
+    import numpy as np
+
+    from hf_flowcheck.metrics import paired_auroc_difference
+
+    rng = np.random.default_rng(0)
+    y = np.array([0, 1] * 40)
+    perfect = y + rng.normal(0, 0.1, y.size)
+    noise = rng.normal(0, 1, y.size)
+    lo, hi = paired_auroc_difference(y, perfect, noise, n=200)
+    assert 0 < lo <= hi
+    assert paired_auroc_difference(y, noise, noise, n=50) == (0.0, 0.0)
