@@ -201,8 +201,9 @@ def check_fingerprint(
         # The hash is of the weights as loaded: a half-precision copy of the right model hashes differently,
         # and which model it was rounded from cannot be told apart from another model. Refuse, and say why.
         raise FingerprintMismatchError(
-            f"This {what}'s readout fingerprint was taken in float32, and the model given holds its readout in "
-            f"{str(dtype).removeprefix('torch.')}, so its readout_sha256 differs and the two cannot be matched. "
+            f"This {what}'s readout fingerprint does not match the model given, which holds its readout in "
+            f"{str(dtype).removeprefix('torch.')}: fingerprints hash the weights as loaded, so a half-precision copy "
+            "of the right model cannot be told apart from another model. "
             "Load the base model with dtype=torch.float32 (from_pretrained(..., dtype=torch.float32)) to check and run "
             f"the {what}, or pass check_compatibility=False if you know it is the same model in lower precision "
             "(scores then come from rounded states)."

@@ -258,3 +258,18 @@ def test_flow_config_must_match_the_validator_but_for_the_basis_solver():
     ids, att = _batch()
     kw = dict(input_ids=ids, attention_mask=att, max_new_tokens=6, do_sample=False, return_flow_scores=True)
     torch.testing.assert_close(fast.generate(**kw).flow_scores, exact.generate(**kw).flow_scores, atol=1e-3, rtol=0)
+
+
+def test_bundled_validator_under_half_precision_says_why_it_is_not_loaded():
+    import warnings
+
+    from hf_flowcheck.bundled import _fingerprint, bundled_validators, default_validator_for
+
+    folder = next(iter(bundled_validators().values()))
+    want = _fingerprint(folder)
+    model = make_tiny_model("llama", num_hidden_layers=want["num_blocks"], hidden_size=want["hidden_size"],
+                            num_attention_heads=1, num_key_value_heads=1).to(torch.bfloat16)  # fmt: skip
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert default_validator_for(model) is None
+    assert any("dtype=torch.float32" in str(w.message) for w in caught)

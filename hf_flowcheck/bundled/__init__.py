@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 __all__ = ["VALIDATORS_DIR", "bundled_validators", "default_validator_for"]
@@ -50,4 +52,12 @@ def default_validator_for(model: nn.Module, name: str | None = None) -> Any:
             from hf_flowcheck.detectors.flow_validator import FlowValidator
 
             return FlowValidator.from_pretrained(str(folder))
+        dtype = getattr(getattr(model, "get_output_embeddings", lambda: None)(), "weight", None)
+        if dtype is not None and dtype.dtype in (torch.bfloat16, torch.float16):
+            warnings.warn(
+                f"The bundled validator {folder.name!r} has this model's shape but was fingerprinted on float32 "
+                f"weights, and this model is loaded in {str(dtype.dtype).removeprefix('torch.')}, so it is not "
+                "loaded. Load the model with dtype=torch.float32 (flowcheck: --dtype float32) to use it.",
+                stacklevel=2,
+            )
     return None
