@@ -364,3 +364,17 @@ def test_extract_sample_is_a_seeded_subset_in_file_order():
     assert len(load(limit=10, sample=50)) == 10
     with pytest.raises(ValueError, match="--sample 0"):
         load(sample=0)
+
+
+def test_a_second_store_writer_is_refused_with_the_holders_pid(tmp_path):
+    import os
+
+    from hf_flowcheck.errors import WriterBusyError
+    from hf_flowcheck.filelocks import exclusive_writer
+
+    model = make_tiny_model("llama")
+    out = tmp_path / "store"
+    with exclusive_writer(out, "feature store"), pytest.raises(WriterBusyError, match=f"PID {os.getpid()}"):
+        run(model, out)
+    assert not out.exists()
+    assert len(run(model, out)) > 0  # free again

@@ -21,6 +21,7 @@ Example:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -37,6 +38,7 @@ from hf_flowcheck.data import generation_prompt as _default_generation_prompt
 from hf_flowcheck.detectors.base import encode_text, tokenize_prompt_answer
 from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
+from hf_flowcheck.filelocks import exclusive_writer
 from hf_flowcheck.generation import capture_generate
 from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
@@ -573,7 +575,54 @@ def extract_dataset(
             dataset; the message lists what differs.
         CorruptShardError: An existing shard's hash differs from the manifest.
         ValueError: Bad arguments (unknown protocol, non-positive sizes, unlabelled paired items).
+        WriterBusyError: Another process (not one of this run's ``accelerate`` processes) is writing
+            ``out_dir``; its PID is named.
     """
+    # One writer per store: a second run's temp cleanup would delete this one's manifest. The processes
+    # of one `accelerate launch` write together by design, so only a single-process run takes the lock.
+    single = int(_resolve_state(accelerator).num_processes) == 1
+    with exclusive_writer(out_dir, "feature store") if single else contextlib.nullcontext():
+        return _extract_dataset_unlocked(
+            model,
+            tokenizer,
+            examples,
+            out_dir,
+            config=config,
+            protocol=protocol,
+            batch_size=batch_size,
+            shard_size=shard_size,
+            max_new_tokens=max_new_tokens,
+            judge=judge,
+            resume=resume,
+            progress=progress,
+            accelerator=accelerator,
+            prompt_fn=prompt_fn,
+            postprocess=postprocess,
+            dataset=dataset,
+            generate_kwargs=generate_kwargs,
+        )
+
+
+def _extract_dataset_unlocked(
+    model: Any,
+    tokenizer: Any,
+    examples: Sequence[LabeledExample] | Sequence[Example],
+    out_dir: str | os.PathLike[str],
+    *,
+    config: FlowConfig,
+    protocol: str,
+    batch_size: int = 8,
+    shard_size: int = 256,
+    max_new_tokens: int = 32,
+    judge: Any = None,
+    resume: bool = True,
+    progress: bool = True,
+    accelerator: Any = None,
+    prompt_fn: Callable[[Example], str] | None = None,
+    postprocess: Callable[[str], str] | None = clean_generation,
+    dataset: str | dict[str, Any] | None = None,
+    generate_kwargs: dict[str, Any] | None = None,
+) -> FeatureStore:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not supported; use one of {', '.join(map(repr, PROTOCOLS))}.")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("max_new_tokens", max_new_tokens)):
