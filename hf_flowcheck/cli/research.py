@@ -23,6 +23,7 @@ from hf_flowcheck.detectors.baselines import (
     SamplingAgreementDetector,
     TokenConfidenceDetector,
 )
+from hf_flowcheck.detectors.flow_validator import HEADS, ValidatorConfig
 from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 from hf_flowcheck.metrics import format_table
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
@@ -293,12 +294,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
         "--selection", choices=["val_loss", "val_auroc"], default="val_loss", help="What picks the kept epoch."
     )
     p.add_argument("--seed", type=int, default=0)
+    head_field = next(f for f in dataclasses.fields(ValidatorConfig) if f.name == "head")
     p.add_argument(
         "--head",
-        choices=["attention", "gru", "depth"],
-        default="gru",
-        help="attention: events scored independently, attention-weighted mean (recommended); gru: spec B.9; "
-        "depth: per-block mean/max over tokens, a 1-D convolution over depth, the mean block logit.",
+        choices=HEADS,
+        default=head_field.default,  # one owner: ValidatorConfig (the spec's GRU)
+        help=f"{head_field.metadata['help']} The bundled validators use 'attention'. (default: {head_field.default!r})",
     )
     p.add_argument(
         "--members",
