@@ -55,7 +55,40 @@ def shipped(model_name: str) -> FlowValidator:
     return FlowValidator.from_pretrained(bundled_validators()[BUNDLED[model_name]])
 
 
+def _parts(cell: Path) -> list[tuple[int, int, Path]]:
+    """The fixed-range stores of one cell, ``items-SSSSS-EEEEE`` (answers ``[S, E)`` of the cell's views)."""
+    out = []
+    for p in cell.glob("items-*-*"):
+        start, end = (int(x) for x in p.name.split("-")[1:3])
+        out.append((start, end, p))
+    return sorted(out)
+
+
+def _complete(part: Path) -> bool:
+    try:
+        return json.loads((part / "manifest.json").read_text()).get("status") == "complete"
+    except (OSError, ValueError):
+        return False
+
+
+def _migrate(cell: Path) -> None:
+    """A cell written as one store (before parts) becomes its first part."""
+    if not (cell / "manifest.json").is_file():
+        return
+    n = json.loads((cell / "manifest.json").read_text())["plan"]["num_items"]
+    part = cell / f"items-00000-{n:05d}"
+    part.mkdir()
+    for entry in cell.iterdir():
+        if (
+            entry != part
+            and entry.name not in ("confidence.json", "polygraph.json")
+            and not entry.name.startswith("items-")
+        ):
+            entry.rename(part / entry.name)
+
+
 def replay(args: argparse.Namespace) -> int:
+    """Teacher-force every labelled answer not replayed yet; a cell grows by fixed-range parts."""
     model, tok = load_model(args.model)
     model.eval()
     ref = shipped(args.model)
@@ -67,11 +100,20 @@ def replay(args: argparse.Namespace) -> int:
         if not views:
             continue
         cell = root / task / style
+        if cell.is_dir():
+            _migrate(cell)
         t0 = time.perf_counter()
-        extract_dataset(
-            model, tok, views, cell, config=cfg, protocol="replayed", batch_size=8, shard_size=32, progress=False,
-            dataset={"corpus": str(f.path), "view": "primary"},
-        )  # fmt: skip
+        parts = _parts(cell) if cell.is_dir() else []
+        covered = max((e for _, e, _ in parts), default=0)
+        ranges = [(s, e) for s, e, p in parts if not _complete(p)]
+        if len(views) > covered:
+            ranges.append((covered, len(views)))
+        for start, end in ranges:
+            extract_dataset(
+                model, tok, views[start:end], cell / f"items-{start:05d}-{end:05d}", config=cfg,
+                protocol="replayed", batch_size=8, shard_size=32, progress=False,
+                dataset={"corpus": str(f.path), "view": "primary", "items": [start, end]},
+            )  # fmt: skip
         conf_path = cell / "confidence.json"
         conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
         todo = [v for v in views if v.uid not in conf]
@@ -87,20 +129,25 @@ def replay(args: argparse.Namespace) -> int:
 
 
 def load_cells(root: Path, *, features: bool = True) -> tuple:
+    """Every complete part of every cell, in cell then range order: ``(features, labels, meta)``."""
     feats, labels, meta = [], [], []
-    for cell in sorted(p for p in root.glob("*/*") if (p / "manifest.json").is_file()):
-        store = FeatureStore.open(cell, allow_incomplete=True)
-        if features:
-            f, y, uids = store.load()
-        else:
-            f, y, uids = None, None, store.uids()
+    for cell in sorted(p for p in root.glob("*/*") if p.is_dir() and (p / "confidence.json").is_file()):
+        _migrate(cell)
         conf = json.loads((cell / "confidence.json").read_text())
         poly_path = cell / "polygraph.json"
         poly = json.loads(poly_path.read_text()) if poly_path.is_file() else {}
-        feats.append(f)
-        labels.append(y)
-        for u in uids:
-            meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {})))
+        for _, _, part in _parts(cell):
+            if not _complete(part):
+                continue
+            store = FeatureStore.open(part)
+            if features:
+                f, y, uids = store.load()
+                feats.append(f)
+                labels.append(y)
+            else:
+                uids = store.uids()
+            for u in uids:
+                meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {})))
     if not features:
         return None, None, meta
     return pad_features(feats), torch.cat(labels).numpy().astype(int), meta
