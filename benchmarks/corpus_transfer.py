@@ -137,8 +137,8 @@ def load_cells(root: Path, *, features: bool = True) -> tuple:
         poly_path = cell / "polygraph.json"
         poly = json.loads(poly_path.read_text()) if poly_path.is_file() else {}
         for _, _, part in _parts(cell):
-            if not _complete(part):
-                continue
+            if not _complete(part) or not set(FeatureStore.open(part).uids()) <= conf.keys():
+                continue  # still being replayed (its confidence comes after its features)
             store = FeatureStore.open(part)
             if features:
                 f, y, uids = store.load()
@@ -237,7 +237,8 @@ def report(args: argparse.Namespace) -> int:
     data = json.loads(Path(args.scores).read_text())
     y = np.asarray(data["labels"])
     _, _, meta = load_cells(feats_root, features=False)
-    assert [m[2] for m in meta] == data["uids"], "the stores changed since the matrix run; rerun matrix"
+    by_uid = {m[2]: m for m in meta}  # the stores may have grown since the matrix ran: its answers, its order
+    meta = [by_uid[u] for u in data["uids"]]
     conf = np.array([m[3:7] for m in meta], dtype=float)
     base = {
         "-mean log p": conf[:, 0],
@@ -258,6 +259,8 @@ def report(args: argparse.Namespace) -> int:
         for name in ("validator", *base)
     }
     Path(args.out).write_text(json.dumps(results, indent=1))
+    if args.plot:
+        reliability_png(y, data["runs"], base["shipped"], args.plot)
     cols = ["validator", "shipped", "-mean log p", "-min log p", "length"] + [k for k in base if k.startswith("poly")]
     print("| held out | n (halluc.) | " + " | ".join(cols) + " | validator >= 0.99 | shipped >= 0.99 |")
     print("|---|---|" + "---|" * (len(cols) + 2))
@@ -268,6 +271,37 @@ def report(args: argparse.Namespace) -> int:
               + f" | {v['share_ge_0.99']:.2f} | {cell['shipped']['share_ge_0.99']:.2f} |")  # fmt: skip
     print("mean over held-out styles:", json.dumps(results["mean_held_out_style_auroc"]))
     return 0
+
+
+def reliability_png(y: np.ndarray, runs: dict, shipped_scores: np.ndarray, path: str, bins: int = 10) -> None:
+    """Reliability diagram per held-out prompt style: observed hallucination rate against the mean score."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    styles = [k for k in runs if k.startswith("style=")]
+    fig, axes = plt.subplots(1, len(styles), figsize=(3.2 * len(styles), 3.4), sharey=True)
+    edges = np.linspace(0, 1, bins + 1)
+    for ax, key in zip(np.atleast_1d(axes), styles, strict=True):
+        idx = np.asarray(runs[key]["test"])
+        for name, scores, style in (("corpus-trained", np.asarray(runs[key]["scores"]), "o-"),
+                                    ("shipped v0.5", shipped_scores, "s--")):  # fmt: skip
+            sc, yy = scores[idx], y[idx]
+            ok = ~np.isnan(sc)
+            sc, yy = sc[ok], yy[ok]
+            which = np.clip(np.digitize(sc, edges) - 1, 0, bins - 1)
+            xs = [sc[which == b].mean() for b in range(bins) if (which == b).sum() >= 5]
+            ys = [yy[which == b].mean() for b in range(bins) if (which == b).sum() >= 5]
+            ax.plot(xs, ys, style, label=name, markersize=4)
+        ax.plot([0, 1], [0, 1], ":", color="gray")
+        ax.set_title(key.removeprefix("style=") + " held out", fontsize=9)
+        ax.set_xlabel("mean score in bin")
+    np.atleast_1d(axes)[0].set_ylabel("hallucinated share")
+    np.atleast_1d(axes)[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,6 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--features", required=True)
     rp.add_argument("--scores", required=True)
     rp.add_argument("--out", required=True)
+    rp.add_argument("--plot", default=None, help="Also write a reliability diagram (PNG) of the held-out styles.")
     rp.set_defaults(func=report)
     args = p.parse_args(argv)
     return args.func(args)
