@@ -43,6 +43,7 @@ from .prompts import QA_SHOTS
 __all__ = [
     "ANSWER_ENDS",
     "CORPUS_TASKS",
+    "EXCLUDED_SOURCES",
     "PROMPT_STYLES",
     "AnswerEnd",
     "CorpusTask",

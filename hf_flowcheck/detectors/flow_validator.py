@@ -773,7 +773,8 @@ class FlowValidator(
         """Refuse features of another model or flow recipe than this validator's (``None``: unknown, allowed)."""
         if source is None:
             return
-        if self.flow_config is not None and not self.flow_config.same_features(source.flow_config):
+        same = self.flow_config is None or source.flow_config == self.flow_config  # the usual case, every check
+        if not same and not self.flow_config.same_features(source.flow_config):
             mine, theirs = self.flow_config.to_dict(), source.flow_config.to_dict()
             diff = sorted(
                 k for k in mine if k not in ("hf_flowcheck_version", "basis_solver") and mine[k] != theirs.get(k)

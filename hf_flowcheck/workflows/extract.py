@@ -22,6 +22,7 @@ Example:
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import json
 import os
@@ -511,6 +512,25 @@ def _shard_is_done(
 
 
 # -------------------------------------------------------------------------------- public
+def _one_writer(fn: Callable[..., FeatureStore]) -> Callable[..., FeatureStore]:
+    """One writer per store: a second run's temp cleanup would delete the first one's manifest.
+
+    The processes of one ``accelerate launch`` write a store together by design, so only a
+    single-process run takes the lock.
+    """
+
+    @functools.wraps(fn)
+    def locked(
+        model: Any, tokenizer: Any, examples: Any, out_dir: str | os.PathLike[str], **kwargs: Any
+    ) -> FeatureStore:
+        single = int(_resolve_state(kwargs.get("accelerator")).num_processes) == 1
+        with exclusive_writer(out_dir, "feature store") if single else contextlib.nullcontext():
+            return fn(model, tokenizer, examples, out_dir, **kwargs)
+
+    return locked
+
+
+@_one_writer
 def extract_dataset(
     model: Any,
     tokenizer: Any,
@@ -578,51 +598,6 @@ def extract_dataset(
         WriterBusyError: Another process (not one of this run's ``accelerate`` processes) is writing
             ``out_dir``; its PID is named.
     """
-    # One writer per store: a second run's temp cleanup would delete this one's manifest. The processes
-    # of one `accelerate launch` write together by design, so only a single-process run takes the lock.
-    single = int(_resolve_state(accelerator).num_processes) == 1
-    with exclusive_writer(out_dir, "feature store") if single else contextlib.nullcontext():
-        return _extract_dataset_unlocked(
-            model,
-            tokenizer,
-            examples,
-            out_dir,
-            config=config,
-            protocol=protocol,
-            batch_size=batch_size,
-            shard_size=shard_size,
-            max_new_tokens=max_new_tokens,
-            judge=judge,
-            resume=resume,
-            progress=progress,
-            accelerator=accelerator,
-            prompt_fn=prompt_fn,
-            postprocess=postprocess,
-            dataset=dataset,
-            generate_kwargs=generate_kwargs,
-        )
-
-
-def _extract_dataset_unlocked(
-    model: Any,
-    tokenizer: Any,
-    examples: Sequence[LabeledExample] | Sequence[Example],
-    out_dir: str | os.PathLike[str],
-    *,
-    config: FlowConfig,
-    protocol: str,
-    batch_size: int = 8,
-    shard_size: int = 256,
-    max_new_tokens: int = 32,
-    judge: Any = None,
-    resume: bool = True,
-    progress: bool = True,
-    accelerator: Any = None,
-    prompt_fn: Callable[[Example], str] | None = None,
-    postprocess: Callable[[str], str] | None = clean_generation,
-    dataset: str | dict[str, Any] | None = None,
-    generate_kwargs: dict[str, Any] | None = None,
-) -> FeatureStore:
     if protocol not in PROTOCOLS:
         raise ValueError(f"protocol={protocol!r} is not supported; use one of {', '.join(map(repr, PROTOCOLS))}.")
     for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("max_new_tokens", max_new_tokens)):
