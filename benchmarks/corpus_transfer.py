@@ -39,16 +39,27 @@ import torch
 from hf_flowcheck.bundled import bundled_validators
 from hf_flowcheck.data.corpus import CORPUS_TASKS, PROMPT_STYLES
 from hf_flowcheck.detectors.base import ScoredExample, encode_text
-from hf_flowcheck.detectors.baselines import token_confidence_features
+from hf_flowcheck.detectors.baselines import HiddenStateProbe, token_confidence_features
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
-from hf_flowcheck.metrics import auroc, bootstrap_ci, paired_auroc_difference
+from hf_flowcheck.metrics import (
+    auroc,
+    bootstrap_ci,
+    expected_calibration_error,
+    paired_auroc_difference,
+    rankdata_average,
+)
 from hf_flowcheck.offline_models import load_model
 from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.corpus import answer_view, read_corpus
+from hf_flowcheck.workflows.experiments import calibrate_validator, operating_points
 from hf_flowcheck.workflows.extract import extract_dataset
 from hf_flowcheck.workflows.training import train_validator
 
-BUNDLED = {"SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa"}
+BUNDLED = {
+    "SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa",
+    "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
+}
+DESIGNS = ("shipped", "flow-only", "probe")
 
 
 def shipped(model_name: str) -> FlowValidator:
@@ -162,12 +173,26 @@ def ci_row(y, s) -> dict:
     return {"auroc": round(auroc(y, s), 3), "ci": [round(lo, 3), round(hi, 3)], "n": len(y), "pos": int(y.sum())}
 
 
-def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped") -> FlowValidator:
-    """The bundled design (``shipped``: flow + frozen-probe state branch) or its flow part alone."""
+def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped") -> tuple:
+    """Fit one design on ``idx`` (85/15 grouped train/validation); return its scores of every answer.
+
+    ``shipped``: the bundled design (flow + frozen-probe state branch); ``flow-only``: its flow part;
+    ``probe``: the hidden-state probe (logistic, layer chosen on validation) on the same answers'
+    residual states. The validators are calibrated on the validation part (Platt) and carry its
+    ``precision_0.8`` threshold; the probe's threshold is chosen on its validation scores the same way.
+
+    Returns:
+        ``(scores [N], threshold or None, calibration record)``.
+    """
     rng = np.random.default_rng(seed)
     idx = rng.permutation(idx)
     n_val = max(20, len(idx) * 15 // 100)
     va, tr = idx[:n_val], idx[n_val:]
+    if design == "probe":
+        probe = HiddenStateProbe(layers="all").fit(feats.states[tr], y[tr], feats.states[va], y[va])
+        scores = probe.score(feats.states)
+        point = operating_points(y[va], scores[va])["precision_0.8"]
+        return scores, point and point["threshold"], {"layer": probe.layer}
     cfg = ValidatorConfig.from_dict(ref.config.to_dict())
     state_init = "frozen-probe"
     if design == "flow-only":
@@ -178,7 +203,10 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
         epochs=epochs, patience=5, state_init=state_init, seed=seed, progress=False,
         flow_config=dataclasses.replace(ref.flow_config, score_terminators=False),
     )  # fmt: skip
-    return v.eval()
+    v.eval()
+    cal = calibrate_validator(v, feats.take(va), y[va])
+    point = v.training_metadata["operating_points"]["precision_0.8"]
+    return score(v, feats), point and point["threshold"], cal
 
 
 def score(v: FlowValidator, feats) -> np.ndarray:
@@ -186,17 +214,37 @@ def score(v: FlowValidator, feats) -> np.ndarray:
         return v.score_features(feats).scores.float().cpu().numpy()
 
 
-def cell_report(y, scores: dict[str, np.ndarray], idx) -> dict:
+def cell_report(y, scores: dict[str, np.ndarray], idx, threshold: float | None = None) -> dict:
     out = {name: ci_row(y[idx], s[idx]) for name, s in scores.items()}
     v = scores["validator"][idx]
-    v = v[~np.isnan(v)]
-    for name in ("-mean log p", "-min log p", "length", "shipped", "polygraph RAUQ"):
+    ok_v = ~np.isnan(v)
+    for name in ("-mean log p", "-min log p", "length", "shipped", "polygraph RAUQ", "validator + -min log p"):
         if name in scores:
-            ok = ~np.isnan(scores[name][idx]) & ~np.isnan(scores["validator"][idx])
-            lo, hi = paired_auroc_difference(y[idx][ok], scores["validator"][idx][ok], scores[name][idx][ok], n=500)
+            ok = ~np.isnan(scores[name][idx]) & ok_v
+            lo, hi = paired_auroc_difference(y[idx][ok], v[ok], scores[name][idx][ok], n=500)
             out["validator"][f"minus {name}"] = [round(lo, 3), round(hi, 3)]
-    out["validator"]["share_ge_0.99"] = round(float((v >= 0.99).mean()), 3) if v.size else None
-    out["validator"]["share_le_0.01"] = round(float((v <= 0.01).mean()), 3) if v.size else None
+    if "validator + -min log p" in scores:
+        ok = ok_v & ~np.isnan(scores["-min log p"][idx])
+        lo, hi = paired_auroc_difference(
+            y[idx][ok], scores["validator + -min log p"][idx][ok], scores["-min log p"][idx][ok], n=500
+        )
+        out["validator + -min log p"]["minus -min log p"] = [round(lo, 3), round(hi, 3)]
+    yv, sv = y[idx][ok_v], v[ok_v]
+    out["validator"]["share_ge_0.99"] = round(float((sv >= 0.99).mean()), 3) if sv.size else None
+    out["validator"]["share_le_0.01"] = round(float((sv <= 0.01).mean()), 3) if sv.size else None
+    if sv.size:
+        out["validator"]["ece"] = round(expected_calibration_error(yv, sv), 3)
+        out["validator"]["mean_score"] = round(float(sv.mean()), 3)
+        out["validator"]["hallucinated_share"] = round(float(yv.mean()), 3)
+    if threshold is not None and sv.size:
+        flagged = sv >= threshold
+        out["validator"]["recommended"] = {
+            "threshold": round(float(threshold), 4),
+            "promised_precision": 0.8,
+            "flagged_share": round(float(flagged.mean()), 3),
+            "precision": round(float(yv[flagged].mean()), 3) if flagged.any() else None,
+            "recall": round(float(flagged[yv == 1].mean()), 3) if (yv == 1).any() else None,
+        }
     s = scores["shipped"][idx]
     s = s[~np.isnan(s)]
     out["shipped"]["share_ge_0.99"] = round(float((s >= 0.99).mean()), 3) if s.size else None
@@ -210,14 +258,17 @@ def matrix(args: argparse.Namespace) -> int:
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
-    out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(), "runs": {}}
+    out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
+                 "design": args.design, "runs": {}}  # fmt: skip
     groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
     for kind, name, held in groups:
         if held.sum() < 20 or len(set(y[held].tolist())) < 2:
             continue
         t0 = time.perf_counter()
-        v = train_on(feats, y, np.flatnonzero(trainable & ~held), ref, args.seed, args.epochs, args.design)
-        out["runs"][f"{kind}={name}"] = {"test": np.flatnonzero(held).tolist(), "scores": score(v, feats).tolist()}
+        sc, thr, cal = train_on(feats, y, np.flatnonzero(trainable & ~held), ref, args.seed, args.epochs, args.design)
+        out["runs"][f"{kind}={name}"] = {
+            "test": np.flatnonzero(held).tolist(), "scores": sc.tolist(), "threshold": thr, "calibration": cal,
+        }  # fmt: skip
         s = np.asarray(out["runs"][f"{kind}={name}"]["scores"])[held]
         print(f"{kind}={name}: n={int(held.sum())} auroc={auroc(y[held], s):.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
@@ -225,8 +276,9 @@ def matrix(args: argparse.Namespace) -> int:
     # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
     perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable))
     cut = len(perm) * 7 // 10
-    v = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design)
-    out["runs"]["in-distribution"] = {"test": perm[cut:].tolist(), "scores": score(v, feats).tolist()}
+    sc, thr, cal = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design)
+    out["runs"]["in-distribution"] = {"test": perm[cut:].tolist(), "scores": sc.tolist(), "threshold": thr,
+                                      "calibration": cal}  # fmt: skip
     Path(args.scores).write_text(json.dumps(out))
     return 0
 
@@ -252,11 +304,16 @@ def report(args: argparse.Namespace) -> int:
     results: dict = {"n": len(y), "hallucinated": int(y.sum()), "cells": {}}
     for key, run in data["runs"].items():
         idx = np.asarray(run["test"])
-        results["cells"][key] = cell_report(y, {"validator": np.asarray(run["scores"], dtype=float), **base}, idx)
+        v = np.asarray(run["scores"], dtype=float)
+        combo = np.full(len(y), np.nan)  # rank mean over the held-out cell: nothing fitted, no leakage
+        ok = idx[~np.isnan(v[idx]) & ~np.isnan(base["-min log p"][idx])]
+        combo[ok] = rankdata_average(v[ok]) + rankdata_average(base["-min log p"][ok])
+        scores = {"validator": v, **base, "validator + -min log p": combo}
+        results["cells"][key] = cell_report(y, scores, idx, run.get("threshold"))
     styles = [k for k in results["cells"] if k.startswith("style=")]
     results["mean_held_out_style_auroc"] = {
         name: round(float(np.nanmean([results["cells"][k][name]["auroc"] or np.nan for k in styles])), 3)
-        for name in ("validator", *base)
+        for name in ("validator", *base, "validator + -min log p")
     }
     Path(args.out).write_text(json.dumps(results, indent=1))
     if args.plot:
@@ -317,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--features", required=True)
     m.add_argument("--scores", required=True, help="JSON of every run's scores per answer (resumable input of report).")
     m.add_argument("--epochs", type=int, default=20)
-    m.add_argument("--design", choices=("shipped", "flow-only"), default="shipped")
+    m.add_argument("--design", choices=DESIGNS, default="shipped")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=matrix)
     rp = sub.add_parser("report")

@@ -33,6 +33,8 @@ __all__ = [
     "bootstrap_ci",
     "class_accuracy",
     "evaluate_scores",
+    "expected_calibration_error",
+    "fit_platt",
     "format_table",
     "length_baseline",
     "length_matched_indices",
@@ -241,6 +243,73 @@ def aurc(labels: ArrayLike, scores: ArrayLike) -> float:
     """Area under the risk-coverage curve (lower = better abstention). See :func:`risk_coverage_curve`."""
     y, s = _check(labels, scores)
     return float(_risk(y, s).mean())
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration
+# ---------------------------------------------------------------------------------------------
+
+
+def fit_platt(logits: ArrayLike, labels: ArrayLike, *, l2: float = 1e-4, max_iter: int = 50) -> tuple[float, float]:
+    """Platt scaling: ``(a, b)`` such that ``sigmoid(a * logit + b)`` is calibrated on ``labels``.
+
+    Newton's method on the mean log-loss of the two parameters (a tiny ``l2`` on ``a - 1`` and ``b``
+    keeps it defined when the classes separate perfectly).
+
+    Args:
+        logits: ``[N]`` finite detector logits (higher = more likely hallucinated).
+        labels: ``[N]`` 0/1, both classes present.
+        l2: Ridge penalty towards the identity map ``(1, 0)``.
+        max_iter: Newton steps (it converges in a handful).
+
+    Returns:
+        ``(a, b)``; ``a <= 0`` means the logits rank these labels the wrong way round (or not at all).
+
+    Example:
+        >>> a, b = fit_platt([-2.0, -1.0, 1.0, 2.0, 0.5, -0.5], [0, 0, 1, 1, 0, 1])
+        >>> a > 0
+        True
+    """
+    y, x = _check(labels, logits)
+    if y.min() == y.max():
+        raise ValueError("fit_platt() needs both labels (correct and hallucinated answers) among the calibration rows.")
+    if not np.isfinite(x).all():
+        raise ValueError("fit_platt() needs finite logits; drop the nan rows (answers without events) first.")
+    prior = np.array([1.0, 0.0])
+    design = np.stack([x, np.ones_like(x)], axis=1)  # [N, 2]
+
+    def loss(t: np.ndarray) -> float:
+        z = design @ t  # mean log-loss, computed stably: log(1 + e^z) - y z
+        return float(np.mean(np.logaddexp(0.0, z) - y * z) + 0.5 * l2 * ((t - prior) ** 2).sum())
+
+    theta = prior.copy()
+    current = loss(theta)
+    for _ in range(max_iter):
+        p = 0.5 * (1.0 + np.tanh(0.5 * (design @ theta)))  # sigmoid without overflow
+        grad = design.T @ (p - y) / y.size + l2 * (theta - prior)
+        hess = (design * (p * (1 - p))[:, None]).T @ design / y.size + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        scale = 1.0
+        while scale > 1e-6 and loss(theta - scale * step) > current:  # damped: never a worse fit
+            scale *= 0.5
+        theta = theta - scale * step
+        new = loss(theta)
+        if current - new < 1e-12:
+            break
+        current = new
+    return float(theta[0]), float(theta[1])
+
+
+def expected_calibration_error(labels: ArrayLike, scores: ArrayLike, *, bins: int = 10) -> float:
+    """Expected calibration error of probabilities ``scores`` in ``[0, 1]``: equal-width bins, weighted by count."""
+    y, s = _check(labels, scores)
+    idx = np.minimum((s * bins).astype(int), bins - 1)
+    err = 0.0
+    for b in range(bins):
+        m = idx == b
+        if m.any():
+            err += m.sum() / y.size * abs(float(y[m].mean()) - float(s[m].mean()))
+    return float(err)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -202,3 +202,19 @@ def test_paired_auroc_difference():
     lo, hi = paired_auroc_difference(y, perfect, noise, n=200)
     assert 0 < lo <= hi
     assert paired_auroc_difference(y, noise, noise, n=50) == (0.0, 0.0)
+
+
+def test_fit_platt_recovers_a_logistic_map_and_refuses_bad_input():
+    from hf_flowcheck.metrics import expected_calibration_error, fit_platt
+
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=20000)
+    y = (rng.random(20000) < 1 / (1 + np.exp(-(0.5 * x - 1.0)))).astype(int)
+    a, b = fit_platt(x, y)
+    assert abs(a - 0.5) < 0.05 and abs(b + 1.0) < 0.05
+    assert expected_calibration_error(y, 1 / (1 + np.exp(-(a * x + b)))) < 0.02
+    assert expected_calibration_error(y, 1 / (1 + np.exp(-x))) > 0.1
+    with pytest.raises(ValueError, match="both labels"):
+        fit_platt([0.1, 0.2], [1, 1])
+    with pytest.raises(ValueError, match="finite logits"):
+        fit_platt([0.1, float("inf")], [0, 1])

@@ -160,3 +160,74 @@ def test_input_errors(data):
         train_validator(tr, ytr, other, yva, **FAST)
     with pytest.raises(ValueError, match="must be FlowFeatures"):
         train_validator(tr.values, ytr, va, yva, **FAST)
+
+
+# ---------------------------------------------------------------------------------------------
+# Calibration (Platt scaling of the logit on validation answers)
+# ---------------------------------------------------------------------------------------------
+
+
+def test_calibration_keeps_ranking_and_culprit_and_fixes_the_rate(data, tmp_path):
+    from hf_flowcheck.metrics import expected_calibration_error
+    from hf_flowcheck.workflows.experiments import calibrate_validator
+
+    (tr, ytr), _, _ = data
+    va, yva = planted(200, 5, pos_rate=0.85)  # another base rate than training's balanced one
+    te, yte = planted(200, 6, pos_rate=0.85)
+    model, _ = train_validator(tr, ytr, va, yva, epochs=6, patience=3, **FAST)
+    model.eval()
+    before = model.score_features(te)
+    info = calibrate_validator(model, va, yva)
+    after = model.score_features(te)
+    assert info["method"] == "platt" and info["scale"] > 0 and model.calibration == (info["scale"], info["bias"])
+    assert info["ece_after"] <= info["ece_before"]
+    # a positive affine map of the logits: same order, same culprit, same token order
+    assert torch.equal(before.logits.argsort(), after.logits.argsort())
+    assert torch.equal(before.culprit_block, after.culprit_block)
+    assert torch.equal(before.culprit_column, after.culprit_column)
+    torch.testing.assert_close(after.logits, before.logits * info["scale"] + info["bias"])
+    assert expected_calibration_error(yte.numpy(), after.scores.numpy()) < expected_calibration_error(
+        yte.numpy(), before.scores.numpy()
+    )
+    points = model.training_metadata["operating_points"]
+    assert points["chosen_on"] == "validation" and points["precision_0.8"]["precision"] >= 0.8
+    # saved and loaded with its map; the model card says how it was fitted
+    model.save_pretrained(tmp_path / "v")
+    again = FlowValidator.from_pretrained(tmp_path / "v")
+    assert again.calibration == model.calibration
+    torch.testing.assert_close(again.eval().score_features(te).scores, after.scores)
+    assert "## Calibration" in (tmp_path / "v" / "README.md").read_text()
+
+
+def test_a_file_without_a_logit_map_loads_as_the_identity(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = FlowValidator(SMALL)
+    model.save_pretrained(tmp_path / "v")
+    path = tmp_path / "v" / "model.safetensors"
+    state = {k: v for k, v in load_file(str(path)).items() if k != "logit_calibration"}
+    save_file(state, str(path))
+    cfg = json.loads((tmp_path / "v" / "config.json").read_text())
+    cfg.pop("weights_sha256", None)  # an older artifact had no weights or config hash either
+    cfg.pop("config_sha256", None)
+    (tmp_path / "v" / "config.json").write_text(json.dumps(cfg))
+    assert FlowValidator.from_pretrained(tmp_path / "v").calibration == (1.0, 0.0)
+
+
+def test_calibration_refuses_what_it_cannot_fit(data):
+    from hf_flowcheck.workflows.experiments import calibrate_validator
+
+    (tr, ytr), (va, yva), _ = data
+    model = FlowValidator(SMALL).eval()
+    with pytest.raises(ValueError, match="positive finite"):
+        model.set_calibration(-1.0, 0.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        model.set_calibration(1.0, float("nan"))
+    one_class = torch.ones_like(yva)
+    model.set_calibration(2.0, 1.0)
+    info = calibrate_validator(model, va, one_class)
+    assert "one class" in info["skipped"] and model.calibration == (1.0, 0.0)
+    flipped = 1 - yva  # a validator trained on yva ranks the flipped labels the wrong way round
+    trained, _ = train_validator(tr, ytr, va, yva, epochs=6, patience=3, **FAST)
+    info = calibrate_validator(trained.eval(), va, flipped)
+    assert "wrong way round" in info["skipped"] and trained.calibration == (1.0, 0.0)

@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -427,6 +428,10 @@ class FlowValidator(
         self.base_fingerprint: dict[str, Any] | None = dict(base_fingerprint) if base_fingerprint else None
         self.training_metadata: dict[str, Any] = dict(training_metadata or {})
         self.members: nn.ModuleList | None = None
+        # (a, b): the answer, event and token logits leave as a * logit + b (a > 0, so no ranking and
+        # no culprit changes). Identity until calibrate_validator fits it on validation answers:
+        # class-weighted training centres scores on the balanced point, not on the observed rate.
+        self.register_buffer("logit_calibration", torch.tensor([1.0, 0.0]))
         if cfg.members > 1:
             # Composition: each member is a one-member validator of the same shape (its own input
             # scaling, encoder, head and state branch), initialised from the RNG in turn.
@@ -585,8 +590,46 @@ class FlowValidator(
         Returns:
             :class:`FlowValidatorOutput` (``culprit_position`` is ``None``; see :meth:`score_features`).
         """
-        if self.members is not None:
-            return self._ensemble_forward(values, valid, states)
+        out = self._ensemble_forward(values, valid, states) if self.members is not None else self._forward(
+            values, valid, states
+        )
+        return self._calibrated(out)
+
+    @property
+    def calibration(self) -> tuple[float, float]:
+        """``(a, b)`` of the logit map ``a * logit + b`` applied to every output logit (``(1, 0)``: none)."""
+        a, b = self.logit_calibration.tolist()
+        return float(a), float(b)
+
+    def set_calibration(self, scale: float, bias: float) -> None:
+        """Set the logit map ``scale * logit + bias`` (fitted by Platt scaling on validation answers).
+
+        Raises:
+            ValueError: ``scale`` is not a positive finite number or ``bias`` not finite (a non-positive
+                scale would reverse the ranking and the culprit).
+        """
+        if not (math.isfinite(scale) and scale > 0 and math.isfinite(bias)):
+            raise ValueError(
+                f"calibration scale={scale!r}, bias={bias!r}: the scale must be a positive finite number and the "
+                "bias finite. A fit with scale <= 0 means the validator ranks those answers the wrong way round; "
+                "do not calibrate it on them."
+            )
+        self.logit_calibration.copy_(torch.tensor([float(scale), float(bias)]))
+
+    def _calibrated(self, out: FlowValidatorOutput) -> FlowValidatorOutput:
+        a, b = self.calibration
+        if (a, b) == (1.0, 0.0):
+            return out
+        logits = out.logits * a + b
+        return dataclasses.replace(
+            out,
+            logits=logits,
+            scores=torch.sigmoid(logits),
+            event_logits=out.event_logits * a + b,  # -inf (no event) stays -inf
+            token_logits=out.token_logits * a + b,
+        )
+
+    def _forward(self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None) -> FlowValidatorOutput:
         valid = self._check_inputs(values, valid)
         n, b, t, f = values.shape
         states = self._check_states(states, n)
@@ -992,6 +1035,19 @@ class FlowValidator(
             if later.get("note"):
                 lines += [later["note"], ""]
             lines += ["```text", format_table(later["evaluation"]), "```", "", "```bash", later["command"], "```"]
+        cal = meta.get("calibration") or {}
+        if cal:
+            lines += ["", "## Calibration", ""]
+            if "skipped" in cal:
+                lines.append(f"None: {cal['skipped']}.")
+            else:
+                lines.append(
+                    f"Platt scaling on the {cal['chosen_on']} split ({cal['n']} answers, "
+                    f"{cal['hallucinated_share']:.0%} hallucinated): `score = sigmoid({cal['scale']:.3f} * logit "
+                    f"{cal['bias']:+.3f})`; expected calibration error {cal['ece_before']:.3f} before, "
+                    f"{cal['ece_after']:.3f} after. A score is the hallucination rate of answers like these; "
+                    "another mix of prompts or another base rate moves it (the ranking does not change)."
+                )
         points = meta.get("operating_points") or {}
         rows = [(k, v) for k, v in points.items() if isinstance(v, dict)]
         if rows:
@@ -1116,10 +1172,10 @@ class FlowValidator(
                 shape mismatches, or non-finite weights.
         """
         own = self.state_dict()
-        # Format-1 files predate the (then unused) input-scaling buffers.
-        defaults = (
-            {k: own[k] for k in ("feature_shift", "feature_scale")} if self.config.input_transform == "none" else None
-        )
+        # Format-1 files predate the (then unused) input-scaling buffers; files saved before the
+        # calibration have no logit map (the identity).
+        names = ("feature_shift", "feature_scale") if self.config.input_transform == "none" else ()
+        defaults = {k: own[k] for k in own if k in names or k.endswith("logit_calibration")}
         load_safetensors_strict(
             self,
             path,

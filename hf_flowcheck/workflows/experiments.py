@@ -17,11 +17,18 @@ import numpy as np
 import torch
 
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
-from hf_flowcheck.metrics import evaluate_scores, length_baseline, length_matched_indices
+from hf_flowcheck.metrics import (
+    evaluate_scores,
+    expected_calibration_error,
+    fit_platt,
+    length_baseline,
+    length_matched_indices,
+)
 from hf_flowcheck.store import FeatureStore
 
 __all__ = [
     "MIN_PER_CLASS",
+    "calibrate_validator",
     "evaluate_validator_on_store",
     "operating_points",
     "train_from_store",
@@ -142,6 +149,63 @@ def _probe_layer(train_f: Any, train_y: torch.Tensor, val_f: Any, val_y: torch.T
         )
     probe = HiddenStateProbe(kind="logistic").fit(train_f.states, train_y.numpy(), val_f.states, val_y.numpy())
     return int(probe.layer)
+
+
+def calibrate_validator(validator: Any, features: Any, labels: Any, *, split: str = "validation") -> dict:
+    """Fit the validator's logit map on held-out answers (Platt scaling), then its operating points.
+
+    Training weights the classes equally, so raw scores centre on the balanced point, not on how
+    often the answers of the training mix were wrong. Calibration makes ``score`` the observed
+    hallucination rate *of answers like the calibration split's* (a different mix of prompts or a
+    different base rate moves it); the ranking and the culprit do not change. The
+    ``"recommended"`` thresholds (:func:`operating_points`) are then chosen on the calibrated scores.
+
+    Args:
+        validator: A :class:`~hf_flowcheck.detectors.FlowValidator` (its map is reset first).
+        features: The calibration answers' :class:`~hf_flowcheck.FlowFeatures` (the validation split).
+        labels: ``[N]`` 0/1 labels.
+        split: Name of the split, recorded in ``training_metadata``.
+
+    Returns:
+        ``training_metadata["calibration"]``: ``{"method", "chosen_on", "n", "scale", "bias", "ece_before",
+        "ece_after"}``, or ``{"skipped": reason}`` when the fit is not possible (one class, or a
+        validator that ranks the split the wrong way round: the map stays the identity).
+    """
+    validator.set_calibration(1.0, 0.0)
+    all_y = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
+    logits = validator.score_features(features).logits.double().cpu().numpy()
+    ok = np.isfinite(logits)
+    y, logits = all_y[ok], logits[ok]
+    info: dict[str, Any]
+    if y.size < 2 or y.min() == y.max():
+        info = {"skipped": f"the {split} split has {y.size} scored answers of one class; no calibration fitted"}
+    else:
+        scale, bias = fit_platt(logits, y)
+        if scale <= 0:
+            why = f"on the {split} split the validator ranks the wrong way round (Platt scale {scale:.3f})"
+            info = {"skipped": why}
+        else:
+            validator.set_calibration(scale, bias)
+            scale, bias = validator.calibration  # as stored (float32), so the record is what scores use
+            after = 1.0 / (1.0 + np.exp(-(scale * logits + bias)))
+            info = {
+                "method": "platt",
+                "chosen_on": split,
+                "n": int(y.size),
+                "hallucinated_share": round(float(y.mean()), 4),
+                "scale": scale,
+                "bias": bias,
+                "ece_before": round(expected_calibration_error(y, 1.0 / (1.0 + np.exp(-logits))), 4),
+                "ece_after": round(expected_calibration_error(y, after), 4),
+            }
+    validator.training_metadata["calibration"] = info
+    scores = validator.score_features(features).scores.double().cpu().numpy()
+    keep = ~np.isnan(scores)
+    validator.training_metadata["operating_points"] = {
+        "chosen_on": split,
+        **operating_points(all_y[keep], scores[keep]),
+    }
+    return info
 
 
 def operating_points(labels: np.ndarray, scores: np.ndarray, *, precision: float = 0.8, risk: float = 0.1) -> dict:
@@ -353,12 +417,7 @@ def train_from_store(
 
         fingerprint["base_id"] = _upstream_id(fingerprint.get("base_id"))
     validator.base_fingerprint = fingerprint
-    val_scores = validator.score_features(val_f).scores.double().numpy()
-    ok = ~np.isnan(val_scores)
-    validator.training_metadata["operating_points"] = {
-        "chosen_on": "validation",
-        **operating_points(val_y.numpy()[ok], val_scores[ok]),
-    }
+    calibrate_validator(validator, val_f, val_y)
     report = evaluate_validator_on_store(validator, store, split.test, n_bootstrap=n_bootstrap, channels=channels)
     report["split"] = {
         "seed": split_seed,
