@@ -105,7 +105,7 @@ def replay(args: argparse.Namespace) -> int:
     ref = shipped(args.model)
     cfg = dataclasses.replace(ref.flow_config, score_terminators=False)
     root = Path(args.features)
-    for f in read_corpus(args.corpus):
+    for f in read_corpus(args.corpus, tasks=args.tasks):
         task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
         views = [v for r in f.labelled if (v := answer_view(r, "primary", tok)) is not None]
         if not views:
@@ -368,6 +368,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
     r.add_argument("--corpus", required=True)
     r.add_argument("--features", required=True)
+    r.add_argument("--tasks", nargs="+", default=None,
+                   help="Only these tasks, in this order (e.g. to share the cells between two processes).")  # fmt: skip
     r.set_defaults(func=replay)
     m = sub.add_parser("matrix")
     m.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")

@@ -231,3 +231,25 @@ def test_calibration_refuses_what_it_cannot_fit(data):
     trained, _ = train_validator(tr, ytr, va, yva, epochs=6, patience=3, **FAST)
     info = calibrate_validator(trained.eval(), va, flipped)
     assert "wrong way round" in info["skipped"] and trained.calibration == (1.0, 0.0)
+
+
+def test_operating_points_per_prompt_style(data, tmp_path):
+    from hf_flowcheck.workflows.experiments import calibrate_validator
+
+    (tr, ytr), _, _ = data
+    va, yva = planted(240, 7, pos_rate=0.6)
+    model, _ = train_validator(tr, ytr, va, yva, epochs=6, patience=3, **FAST)
+    styles = ["chat"] * 120 + ["plain"] * 110 + ["rare"] * 10  # a style with < 20 answers gets no points
+    calibrate_validator(model.eval(), va, yva, groups=styles)
+    groups = model.training_metadata["operating_points_by_group"]
+    assert sorted(groups) == ["chat", "plain"] and groups["chat"]["n"] == 120
+    scores = model.score_features(va).scores.numpy()
+    for style, rows in (("chat", slice(0, 120)), ("plain", slice(120, 230))):
+        t = model.recommended_threshold("precision_0.8", prompt_style=style)
+        flagged = scores[rows] >= t
+        assert flagged.any() and yva.numpy()[rows][flagged].mean() >= 0.8  # the promise holds where it was chosen
+    assert model.recommended_threshold("precision_0.9") >= 0.0
+    with pytest.raises(ValueError, match="prompt_style='rare'.*'chat', 'plain'"):
+        model.recommended_threshold(prompt_style="rare")
+    model.save_pretrained(tmp_path / "v")
+    assert "| chat | 120 |" in (tmp_path / "v" / "README.md").read_text()

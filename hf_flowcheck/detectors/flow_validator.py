@@ -590,8 +590,10 @@ class FlowValidator(
         Returns:
             :class:`FlowValidatorOutput` (``culprit_position`` is ``None``; see :meth:`score_features`).
         """
-        out = self._ensemble_forward(values, valid, states) if self.members is not None else self._forward(
-            values, valid, states
+        out = (
+            self._ensemble_forward(values, valid, states)
+            if self.members is not None
+            else self._forward(values, valid, states)
         )
         return self._calibrated(out)
 
@@ -910,21 +912,39 @@ class FlowValidator(
             )
         check_fingerprint(self.base_fingerprint, model, fields=fields, what="validator")
 
-    def recommended_threshold(self, operating_point: str = "precision_0.8") -> float:
+    def recommended_threshold(
+        self, operating_point: str = "precision_0.8", *, prompt_style: str | None = None
+    ) -> float:
         """The score threshold chosen on the validation split for ``operating_point``.
 
-        ``"precision_0.8"`` flags answers with validation precision >= 0.8; ``"risk_0.1"`` keeps
-        answers below it at a validation risk <= 0.1 (``flowcheck train`` stores both).
+        ``"precision_0.8"`` / ``"precision_0.9"`` flag answers with validation precision >= 0.8 / 0.9;
+        ``"risk_0.1"`` / ``"risk_0.2"`` keep answers below it at a validation risk <= 0.1 / 0.2
+        (``flowcheck train`` stores them; older validators only the first and third).
+
+        Args:
+            operating_point: Which point.
+            prompt_style: The point chosen on validation answers of this prompt style only (validators
+                trained on the corpus carry one set per style, ``training_metadata["operating_points_by_group"]``).
 
         Raises:
-            ValueError: The validator carries no such operating point (older or hand-trained validators).
+            ValueError: The validator carries no such operating point (older or hand-trained validators),
+                or none for that prompt style.
         """
         points = self.training_metadata.get("operating_points") or {}
+        where = "on validation"
+        if prompt_style is not None:
+            groups = self.training_metadata.get("operating_points_by_group") or {}
+            if prompt_style not in groups:
+                raise ValueError(
+                    f"This validator has no operating points for prompt_style={prompt_style!r} (it has "
+                    f"{sorted(groups) or 'none'}); leave prompt_style out for the points of its whole validation split."
+                )
+            points, where = groups[prompt_style], f"on validation answers of style {prompt_style!r}"
         point = points.get(operating_point)
         if not point or point.get("threshold") is None:
             known = sorted(k for k, v in points.items() if isinstance(v, dict) and v.get("threshold") is not None)
             raise ValueError(
-                f"This validator has no {operating_point!r} threshold chosen on validation (it has {known or 'none'}); "
+                f"This validator has no {operating_point!r} threshold chosen {where} (it has {known or 'none'}); "
                 "pass a number, or retrain it with `flowcheck train`, which stores them."
             )
         return float(point["threshold"])
@@ -1062,6 +1082,16 @@ class FlowValidator(
             lines.append(
                 '\n`generate(..., flow_check_every=1, flow_abstain_threshold="recommended")` uses `precision_0.8`.'
             )
+        by_group = meta.get("operating_points_by_group") or {}
+        if by_group:
+            lines += ["", "Chosen on the validation answers of each prompt style "
+                      "(`validator.recommended_threshold(point, prompt_style=...)`):", ""]  # fmt: skip
+            names = sorted({k for g in by_group.values() for k, v in g.items() if k != "n"})
+            lines += ["| prompt style | answers | " + " | ".join(f"`{k}`" for k in names) + " |"]
+            lines += ["|---|---|" + "---|" * len(names)]
+            for g, pts in by_group.items():
+                cells = [f"{pts[k]['threshold']:.3f}" if pts.get(k) else "none" for k in names]
+                lines.append(f"| {g} | {pts['n']} | " + " | ".join(cells) + " |")
         lines += ["", "## Training", ""]
         hist = meta.get("history") or {}
         hyper = meta.get("hyperparameters") or {}

@@ -151,7 +151,9 @@ def _probe_layer(train_f: Any, train_y: torch.Tensor, val_f: Any, val_y: torch.T
     return int(probe.layer)
 
 
-def calibrate_validator(validator: Any, features: Any, labels: Any, *, split: str = "validation") -> dict:
+def calibrate_validator(
+    validator: Any, features: Any, labels: Any, *, split: str = "validation", groups: Any = None
+) -> dict:
     """Fit the validator's logit map on held-out answers (Platt scaling), then its operating points.
 
     Training weights the classes equally, so raw scores centre on the balanced point, not on how
@@ -165,6 +167,9 @@ def calibrate_validator(validator: Any, features: Any, labels: Any, *, split: st
         features: The calibration answers' :class:`~hf_flowcheck.FlowFeatures` (the validation split).
         labels: ``[N]`` 0/1 labels.
         split: Name of the split, recorded in ``training_metadata``.
+        groups: Optional ``[N]`` group name of each answer (its prompt style): the operating points
+            are also chosen within each group with at least 20 answers of both labels
+            (``training_metadata["operating_points_by_group"]``), for users whose prompts are all of one kind.
 
     Returns:
         ``training_metadata["calibration"]``: ``{"method", "chosen_on", "n", "scale", "bias", "ece_before",
@@ -201,11 +206,21 @@ def calibrate_validator(validator: Any, features: Any, labels: Any, *, split: st
     validator.training_metadata["calibration"] = info
     scores = validator.score_features(features).scores.double().cpu().numpy()
     keep = ~np.isnan(scores)
-    validator.training_metadata["operating_points"] = {
-        "chosen_on": split,
-        **operating_points(all_y[keep], scores[keep]),
-    }
+    validator.training_metadata["operating_points"] = {"chosen_on": split, **_points(all_y[keep], scores[keep])}
+    if groups is not None:
+        names = np.asarray(groups, dtype=object)
+        by_group = {}
+        for g in sorted(set(names[keep].tolist())):
+            m = keep & (names == g)
+            if m.sum() >= 20 and 0 < all_y[m].sum() < m.sum():
+                by_group[str(g)] = {"n": int(m.sum()), **_points(all_y[m], scores[m])}
+        validator.training_metadata["operating_points_by_group"] = by_group
     return info
+
+
+def _points(labels: np.ndarray, scores: np.ndarray) -> dict:
+    """The stored operating points: flag at precision 0.8 / 0.9; answer at risk 0.1 / 0.2."""
+    return {**operating_points(labels, scores), **operating_points(labels, scores, precision=0.9, risk=0.2)}
 
 
 def operating_points(labels: np.ndarray, scores: np.ndarray, *, precision: float = 0.8, risk: float = 0.1) -> dict:
