@@ -100,10 +100,37 @@ def test_demo_samples_are_the_dataset_records():
     from hf_flowcheck.cli.generation import DEMO_SAMPLES
 
     recs = {r.uid: r for r in data.load_halueval("qa", None)}
-    for uid, (question, knowledge, reference) in zip(("halueval_qa:4881", "halueval_qa:9022"), DEMO_SAMPLES):
+    assert DEMO_SAMPLES[0][1] is None and DEMO_SAMPLES[0][3] == "chat"  # first: closed-book, chat template
+    for uid, (question, knowledge, reference, _) in zip(("halueval_qa:4881", "halueval_qa:9022"), DEMO_SAMPLES[1:]):
         fields = recs[uid].prompt_fields
         assert (fields["question"], fields["knowledge"]) == (question, knowledge)
         assert reference in recs[uid].references
+
+
+def test_the_verdict_and_the_format_warning_follow_the_validators_prompt_styles(capsys):
+    from types import SimpleNamespace
+
+    from hf_flowcheck.cli.generation import VERDICT_POINT, _threshold, _warn_format
+    from hf_flowcheck.detectors import FlowValidator, ValidatorConfig
+
+    v = FlowValidator(ValidatorConfig(num_features=4, hidden=8, embed=4, gru_hidden=4))
+    v.training_metadata = {
+        "prompt_styles": ["chat", "plain"],
+        "operating_points": {VERDICT_POINT: {"threshold": 0.7}},
+        "operating_points_by_group": {"chat": {"n": 50, VERDICT_POINT: {"threshold": 0.85}}},
+    }
+    _warn_format(v, "chat", None, raw_prompt=False)
+    assert capsys.readouterr().err == ""
+    _warn_format(v, "chat-fewshot", None, raw_prompt=False)
+    assert "trained on the prompt styles chat, plain, not 'chat-fewshot'" in capsys.readouterr().err
+    assert _threshold(v, "chat", None)[0] == 0.85  # chosen on that style's validation answers
+    assert _threshold(v, "plain", None)[0] == 0.5  # no point for that style: the balanced point, said so
+    assert _threshold(v, "chat", 0.3) == (0.3, "--threshold")
+    old = SimpleNamespace(training_metadata={})  # a validator trained on HaluEval-QA only
+    _warn_format(old, "halueval", "a passage", raw_prompt=False)
+    assert capsys.readouterr().err == ""
+    _warn_format(old, "chat", None, raw_prompt=False)
+    assert "HaluEval-QA two-shot prompts" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

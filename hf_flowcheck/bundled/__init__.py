@@ -27,11 +27,18 @@ def _fingerprint(folder: Path) -> dict[str, Any]:
     return cfg.get("base_fingerprint") or {}
 
 
+def _preference(folder: Path) -> tuple[int, str]:
+    """Validators trained on more prompt styles first (they hold where people prompt), then by name."""
+    meta = json.loads((folder / "config.json").read_text()).get("training_metadata") or {}
+    return -len(meta.get("prompt_styles") or ()), folder.name
+
+
 def default_validator_for(model: nn.Module, name: str | None = None) -> Any:
     """The bundled validator trained on ``model``, or ``None`` when there is none.
 
     A validator matches when the model's architecture, sizes and readout-weight hash equal its
-    recorded base-model fingerprint, whatever name or path the model was loaded from.
+    recorded base-model fingerprint, whatever name or path the model was loaded from. When several
+    match, the one trained on the most prompt styles (``training_metadata["prompt_styles"]``) wins.
     """
     from hf_flowcheck.fingerprint import model_fingerprint
 
@@ -39,7 +46,7 @@ def default_validator_for(model: nn.Module, name: str | None = None) -> Any:
     if not candidates:
         return None
     fp = None
-    for folder in candidates.values():
+    for folder in sorted(candidates.values(), key=_preference):
         want = _fingerprint(folder)
         cfg = getattr(model, "config", None)
         if want.get("num_blocks") != getattr(cfg, "num_hidden_layers", None):
