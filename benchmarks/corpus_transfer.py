@@ -301,7 +301,8 @@ def report(args: argparse.Namespace) -> int:
     }
     for name in sorted({k for m in meta for k in m[7]}):
         base[f"polygraph {name}"] = np.array([m[7].get(name, np.nan) for m in meta], dtype=float)
-    results: dict = {"n": len(y), "hallucinated": int(y.sum()), "cells": {}}
+    results: dict = {"n": len(y), "hallucinated": int(y.sum()), "design": data.get("design"), "cells": {},
+                     "command": "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])}  # fmt: skip
     for key, run in data["runs"].items():
         idx = np.asarray(run["test"])
         v = np.asarray(run["scores"], dtype=float)
@@ -328,6 +329,103 @@ def report(args: argparse.Namespace) -> int:
               + f" | {v['share_ge_0.99']:.2f} | {cell['shipped']['share_ge_0.99']:.2f} |")  # fmt: skip
     print("mean over held-out styles:", json.dumps(results["mean_held_out_style_auroc"]))
     return 0
+
+
+def bundle(args: argparse.Namespace) -> int:
+    """Train the chosen design on every trainable cell and save it as a bundled validator with its card.
+
+    A seeded random 85/15 split of the answers (each record is answered once, so this is grouped by
+    record) gives the validation answers that stop training, fit the calibration and choose the
+    operating points, overall and per prompt style. The card carries the held-out transfer table of
+    ``--report`` (the same design, trained without the held-out cell).
+    """
+    feats, y, meta = load_cells(Path(args.features))
+    task = np.array([m[0] for m in meta])
+    style = np.array([m[1] for m in meta])
+    ref = shipped(args.model)
+    eval_only = [t for t, spec in CORPUS_TASKS.items() if spec.eval_only]
+    idx = np.random.default_rng(args.seed).permutation(np.flatnonzero(~np.isin(task, eval_only)))
+    n_val = len(idx) * 15 // 100
+    va, tr = idx[:n_val], idx[n_val:]
+    cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=0, state_blocks=())
+    flow_config = dataclasses.replace(ref.flow_config, score_terminators=False, state_summary="none")
+    command = "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])
+    v, history = train_validator(
+        feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
+        epochs=args.epochs, patience=5, seed=args.seed, progress=False, flow_config=flow_config, command=command,
+    )  # fmt: skip
+    v.eval()
+    v.base_fingerprint = dict(ref.base_fingerprint)
+    cal = calibrate_validator(v, feats.take(va), y[va], groups=style[va])
+    trained_tasks = sorted(set(task[tr].tolist()))
+    v.training_metadata.update(
+        prompt_styles=list(PROMPT_STYLES),
+        tasks=trained_tasks,
+        protocol="corpus (the model's own greedy answers; primary views; judged by the corpus rule)",
+        split={"seed": args.seed, "train": len(tr), "validation": len(va), "validation_hallucinated": int(y[va].sum())},
+        history=history.to_dict(),
+        card_sections=_card_sections(args, y, style, task, tr, cal),
+    )
+    v.save_pretrained(args.out, overwrite=args.overwrite)
+    print(f"saved {args.out}: trained on {len(tr)} answers, validated on {len(va)}; calibration {json.dumps(cal)}")
+    return 0
+
+
+def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
+    counts = "\n".join(
+        f"| {st} | {int((style[tr] == st).sum())} | {int(y[tr][style[tr] == st].sum())} |" for st in PROMPT_STYLES
+    )
+    sections = [
+        {
+            "title": "Intended use",
+            "text": (
+                f"Scoring {args.model}'s own short factual answers -- asked through its chat template (zero-shot, "
+                "with a system prompt or with example turns) or as plain `Question:/Answer:` prompts, with or without "
+                "a passage -- for how likely they are to be wrong. Trained on the robustness corpus "
+                "(`flowcheck corpus`, docs/guides/corpus.md): the model's greedy answers to "
+                f"{len(tr)} questions from {', '.join(sorted(set(task[tr].tolist())))}, judged against their "
+                "references. Scores are calibrated on validation answers of that mix (about "
+                f"{cal.get('hallucinated_share', float('nan')):.0%} wrong); thresholds per prompt style are in "
+                "*Operating points*.\n\n| prompt style | training answers | hallucinated |\n|---|---|---|\n" + counts
+            ),
+        },
+        {
+            "title": "Limits",
+            "text": (
+                "- On prompt styles and tasks it was not trained on it ranks answers about as well as token "
+                "confidence (-min / -mean log p) and lm-polygraph's best single-pass estimators, not better: see "
+                "the transfer table below. It is not a fact checker.\n"
+                "- Calibrated to the training mix: where your model is wrong less often, the same score means a "
+                "lower hallucination rate; choose a threshold on a few labelled answers of your own.\n"
+                "- Short answers (a phrase or a sentence, at most 64 tokens); long-form answers, dialogue and "
+                "summaries are untested. TruthfulQA was held out of training (its canary).\n"
+                "- The HaluEval-QA two-shot format with a passage is better served by "
+                "`smollm2-135m-instruct-halueval-qa`, trained on it."
+            ),
+        },
+    ]
+    if args.report:
+        rep = json.loads(Path(args.report).read_text())
+        rows = ["| held out | answers (halluc.) | this design | -mean log p | -min log p | best lm-polygraph |",
+                "|---|---|---|---|---|---|"]  # fmt: skip
+        for key, cell in rep["cells"].items():
+            poly = max(
+                ((k, c["auroc"]) for k, c in cell.items() if k.startswith("polygraph") and c.get("auroc") is not None),
+                key=lambda kv: kv[1], default=(None, None),
+            )  # fmt: skip
+            v = cell["validator"]
+            rows.append(
+                f"| {key} | {v['n']} ({v.get('pos')}) | {v['auroc']} {v.get('ci')} | {cell['-mean log p']['auroc']} "
+                f"| {cell['-min log p']['auroc']} | {poly[1]} ({poly[0]}) |"
+            )
+        sections.append(
+            {
+                "title": "Transfer (held-out prompt styles and tasks)",
+                "text": "AUROC with 95% bootstrap intervals; each row trained without the held-out cell.\n\n"
+                + "\n".join(rows) + f"\n\n```bash\n{rep.get('command', '')}\n```",
+            }
+        )
+    return sections
 
 
 def reliability_png(y: np.ndarray, runs: dict, shipped_scores: np.ndarray, path: str, bins: int = 10) -> None:
@@ -379,6 +477,15 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--design", choices=DESIGNS, default="shipped")
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=matrix)
+    b = sub.add_parser("bundle")
+    b.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
+    b.add_argument("--features", required=True)
+    b.add_argument("--out", required=True)
+    b.add_argument("--report", default=None, help="The transfer report (JSON of `report`) for the model card.")
+    b.add_argument("--epochs", type=int, default=20)
+    b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--overwrite", action="store_true")
+    b.set_defaults(func=bundle)
     rp = sub.add_parser("report")
     rp.add_argument("--features", required=True)
     rp.add_argument("--scores", required=True)

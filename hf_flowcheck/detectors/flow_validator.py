@@ -1014,9 +1014,18 @@ class FlowValidator(
             "own readout. `score` = `sigmoid(logit)` lies in [0, 1]; **higher = more likely hallucinated**. "
             "The culprit event (the arg-max per-event logit) names the token and block to refine.",
             "",
-            "## Base model",
-            "",
         ]
+        styles, tasks = meta.get("prompt_styles"), meta.get("tasks")
+        if styles or tasks:
+            lines += ["## Trained on", ""]
+            if styles:
+                lines.append("Prompt styles: " + ", ".join(f"`{x}`" for x in styles) + ".")
+            if tasks:
+                lines.append("Tasks: " + ", ".join(f"`{x}`" for x in tasks) + ".")
+            lines.append("")
+        for section in meta.get("card_sections") or []:  # written by the training script, already markdown
+            lines += [f"## {section['title']}", "", section["text"].rstrip(), ""]
+        lines += ["## Base model", ""]
         if fp:
             lines += ["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()]
         else:
