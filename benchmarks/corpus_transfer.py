@@ -59,7 +59,7 @@ BUNDLED = {
     "SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa",
     "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
 }
-DESIGNS = ("shipped", "flow-only", "probe")
+DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence")
 
 
 def shipped(model_name: str) -> FlowValidator:
@@ -198,6 +198,10 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
     if design == "flow-only":
         cfg = dataclasses.replace(cfg, state_dim=0, state_blocks=())
         state_init = "random"
+    elif design == "flow+confidence":
+        # feats.states holds the answer's token confidence (matrix() puts it there): the state branch's
+        # linear term is a logistic regression on it, frozen, with the flow part trained as a residual.
+        cfg = dataclasses.replace(cfg, state_dim=3, state_blocks=(0,))
     v, _ = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
         epochs=epochs, patience=5, state_init=state_init, seed=seed, progress=False,
@@ -207,6 +211,11 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
     cal = calibrate_validator(v, feats.take(va), y[va])
     point = v.training_metadata["operating_points"]["precision_0.8"]
     return score(v, feats), point and point["threshold"], cal
+
+
+def confidence_states(conf: np.ndarray) -> torch.Tensor:
+    """``[N, 3]`` (-mean log p, -min log p, mean entropy) -> ``[N, 1, 3]`` as the state branch reads them."""
+    return torch.as_tensor(np.asarray(conf, dtype=np.float32))[:, None, :]
 
 
 def score(v: FlowValidator, feats) -> np.ndarray:
@@ -257,6 +266,8 @@ def matrix(args: argparse.Namespace) -> int:
     task = np.array([m[0] for m in meta])
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
+    if args.design == "flow+confidence":
+        feats = dataclasses.replace(feats, states=confidence_states([m[3:6] for m in meta]))
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
