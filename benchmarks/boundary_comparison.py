@@ -42,7 +42,6 @@ def main() -> None:
     ap.add_argument("--suffix", default="", help="Appended to the validator folder names.")
     args = ap.parse_args()
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from pooled_flow_probe import probe_rows
 
     from hf_flowcheck import FlowConfig

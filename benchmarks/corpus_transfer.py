@@ -433,7 +433,8 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
             {
                 "title": "Transfer (held-out prompt styles and tasks)",
                 "text": "AUROC with 95% bootstrap intervals; each row trained without the held-out cell.\n\n"
-                + "\n".join(rows) + f"\n\n```bash\n{rep.get('command', '')}\n```",
+                + "\n".join(rows)
+                + f"\n\n```bash\n{rep.get('command', '')}\n```",
             }
         )
     return sections

@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 from compare_subset import _row, confidence_scores, paired_difference, probe_scores, store_arguments
-from validator_selection import FLOW, channels, final_readout_confidence, logistic, pooled
+from validator_selection import FLOW, channels, logistic
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
+from hf_flowcheck.detectors.baselines import final_readout_confidence, pooled_flow_features
 from hf_flowcheck.workflows.replay import PartedStore
 
 
@@ -115,7 +114,7 @@ def main() -> int:
         name = f"validator {folder.rstrip('/').split('/')[-1]}"
         scores[name] = v.score_features(feats.select(v.config.feature_names)).scores.double().numpy()
     scores.update(probe_scores(feats, y_all, tr, va))
-    flow = pooled(channels(feats, FLOW))  # the tables' "pooled flow + LR" (validator_selection.py)
+    flow = pooled_flow_features(channels(feats, FLOW))  # the tables' "pooled flow + LR" (validator_selection.py)
     scores["pooled flow features + logistic regression"] = logistic(flow[tr], y_all[tr], [flow])[0]
     scores["answer length (tokens)"] = (feats.positions >= 0).sum(1).double().numpy()
     conf = final_readout_confidence(feats)

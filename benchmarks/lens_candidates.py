@@ -25,9 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from validator_selection import VARIANTS, run_variant
 
 from hf_flowcheck.capture import FlowRecorder

@@ -21,9 +21,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from validator_selection import ATTN, FLOW, LENS, channels, rows
 
 from hf_flowcheck.data.splits import split_records

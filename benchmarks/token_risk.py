@@ -31,14 +31,10 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from transformers import AutoTokenizer
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from validator_selection import ATTN, FLOW, LENS, rows
 
 from hf_flowcheck.data.splits import split_records

@@ -16,11 +16,10 @@ import json
 import sys
 
 import numpy as np
-from validator_selection import final_readout_confidence
 
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import FlowValidator
-from hf_flowcheck.detectors.baselines import HiddenStateProbe
+from hf_flowcheck.detectors.baselines import HiddenStateProbe, final_readout_confidence
 from hf_flowcheck.metrics import evaluate_scores, format_table
 from hf_flowcheck.workflows.replay import load_parts
 

@@ -26,7 +26,12 @@ import torch
 from hf_flowcheck.configuration import FULL_FEATURES, LENS_FEATURES
 from hf_flowcheck.data.splits import split_records
 from hf_flowcheck.detectors import ValidatorConfig
-from hf_flowcheck.detectors.baselines import HiddenStateProbe, train_logistic_regression
+from hf_flowcheck.detectors.baselines import (
+    HiddenStateProbe,
+    final_readout_confidence,
+    pooled_flow_features,
+    train_logistic_regression,
+)
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.metrics import auroc, evaluate_scores
 from hf_flowcheck.workflows.replay import load_parts
@@ -42,29 +47,6 @@ def channels(feats: FlowFeatures, names: tuple[str, ...]) -> FlowFeatures:
 
 def rows(feats: FlowFeatures, idx: np.ndarray) -> FlowFeatures:
     return feats.take(idx)
-
-
-def pooled(feats: FlowFeatures) -> torch.Tensor:
-    """Per-feature mean and max over each sample's events, signed-log scaled: ``[N, 2F]``."""
-    x = torch.sign(feats.values) * torch.log1p(feats.values.abs())
-    m = feats.valid[..., None].float()
-    cnt = m.sum((1, 2)).clamp_min(1)
-    mean = (x * m).sum((1, 2)) / cnt
-    mx = x.masked_fill(m == 0, -1e9).amax((1, 2))
-    mx = torch.where(cnt > 0, mx, torch.zeros_like(mx))
-    return torch.cat([mean, mx], -1)
-
-
-def final_readout_confidence(feats: FlowFeatures) -> torch.Tensor | None:
-    """-mean log p of the final readout's top token per answer, ``[N]``; ``None`` without lens channels.
-
-    The lens channel at the last block is the readout one position later than exact token confidence.
-    """
-    if "lens_top1" not in feats.names:  # stores replayed with --no-lens-features have no final readout
-        return None
-    top1 = feats.values[..., feats.names.index("lens_top1")][:, -1]
-    n_tok = feats.valid[:, -1].sum(-1).clamp_min(1)
-    return -(torch.log(top1.clamp_min(1e-12)) * feats.valid[:, -1]).sum(-1) / n_tok
 
 
 def logistic(xtr, ytr, xs: list[torch.Tensor], l2: float = 1e-2) -> list[np.ndarray]:
@@ -216,9 +198,9 @@ def main() -> int:
         flat = feats.states[:, three].reshape(len(feats), -1)
         add("hidden-state probe (3 depths)", *logistic(flat[tr], y[tr], [flat[va], flat[te]]), layers=three)
         s = logistic(
-            pooled(channels(feats, FLOW))[tr],
+            pooled_flow_features(channels(feats, FLOW))[tr],
             y[tr],
-            [pooled(channels(feats, FLOW))[va], pooled(channels(feats, FLOW))[te]],
+            [pooled_flow_features(channels(feats, FLOW))[va], pooled_flow_features(channels(feats, FLOW))[te]],
         )
         add("pooled flow + LR", *s)
         conf = final_readout_confidence(feats)

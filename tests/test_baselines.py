@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -157,3 +159,27 @@ def test_probe_features_on_a_model() -> None:
     probe = HiddenStateProbe(layers=[-1])
     probe.fit_examples(model, ex, ex)
     assert probe.score_examples(model, ex).shape == (5,)
+
+
+def test_pooled_flow_features_and_final_readout_confidence_by_hand():
+    from hf_flowcheck.detectors.baselines import final_readout_confidence, pooled_flow_features
+    from hf_flowcheck.extraction import FlowFeatures
+
+    values = torch.zeros(2, 2, 3, 2)
+    valid = torch.zeros(2, 2, 3, dtype=torch.bool)
+    values[0, :, :2, 0] = torch.tensor([[1.0, 3.0], [math.e - 1, 0.5]])  # channel 0: the "lens_top1" probability
+    values[0, :, :2, 1] = -1.0
+    valid[0, :, :2] = True  # answer 0: two tokens; answer 1: no events
+    pos = torch.tensor([[4, 5, -1], [-1, -1, -1]])
+    feats = FlowFeatures(values, valid, pos, ("lens_top1", "f"))
+    pooled = pooled_flow_features(feats)
+    slog = lambda x: math.copysign(math.log1p(abs(x)), x)  # noqa: E731
+    assert pooled.shape == (2, 4)
+    assert pooled[0, 0].item() == pytest.approx((slog(1) + slog(3) + 1 + slog(0.5)) / 4)
+    assert pooled[0, 2].item() == pytest.approx(slog(3))  # max of channel 0
+    assert pooled[0, 1].item() == pytest.approx(slog(-1)) and pooled[0, 3].item() == pytest.approx(slog(-1))
+    assert torch.equal(pooled[1], torch.zeros(4))  # no events: zeros, not -1e9
+    conf = final_readout_confidence(feats)
+    assert conf[0].item() == pytest.approx(-(math.log(math.e - 1) + math.log(0.5)) / 2)  # the last block's row
+    assert math.isnan(conf[1].item())  # no events: nan, never a confident number
+    assert final_readout_confidence(FlowFeatures(values, valid, pos, ("a", "b"))) is None

@@ -294,6 +294,49 @@ class AnswerLengthDetector(Detector):
 
 
 # ---------------------------------------------------------------------------------------------
+# Baselines read from flow features (no extra forward pass)
+# ---------------------------------------------------------------------------------------------
+
+
+def pooled_flow_features(features: Any) -> torch.Tensor:
+    """Per-channel mean and max over each answer's events, signed-log scaled: the pooled-flow baseline's input.
+
+    A logistic regression on these (:func:`train_logistic_regression`) is the simplest detector the
+    flow features allow; the results pages report it as "pooled flow + LR".
+
+    Args:
+        features: :class:`~hf_flowcheck.FlowFeatures` with ``values [N, B, T, F]``, ``valid [N, B, T]``.
+
+    Returns:
+        ``[N, 2F]``: the ``F`` means, then the ``F`` maxima (zeros for an answer without events).
+    """
+    x = torch.sign(features.values) * torch.log1p(features.values.abs())
+    m = features.valid[..., None].float()
+    cnt = m.sum((1, 2))  # [N, 1]
+    mean = (x * m).sum((1, 2)) / cnt.clamp_min(1)
+    mx = x.masked_fill(m == 0, -1e9).amax((1, 2))
+    mx = torch.where(cnt > 0, mx, torch.zeros_like(mx))
+    return torch.cat([mean, mx], -1)
+
+
+def final_readout_confidence(features: Any) -> torch.Tensor | None:
+    """``[N]`` -mean log of the final readout's top-1 probability over each answer's tokens (higher = less sure).
+
+    Read from the lens channel ``lens_top1`` at the last block, so it is the readout one position
+    later than exact token confidence (:func:`token_confidence_features`): at each answer token, how
+    sure the model is of the *next* token. ``None`` for features without lens channels; ``nan`` for
+    an answer without events.
+    """
+    if "lens_top1" not in features.names:
+        return None
+    top1 = features.values[..., features.names.index("lens_top1")][:, -1]
+    valid = features.valid[:, -1]
+    n_tok = valid.sum(-1)
+    out = -(torch.log(top1.clamp_min(1e-12)) * valid).sum(-1) / n_tok.clamp_min(1)
+    return torch.where(n_tok > 0, out, torch.full_like(out, float("nan")))
+
+
+# ---------------------------------------------------------------------------------------------
 # Hidden-state probe (SAPLMA-style)
 # ---------------------------------------------------------------------------------------------
 
