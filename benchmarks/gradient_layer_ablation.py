@@ -36,14 +36,14 @@ def main() -> None:
     from hf_flowcheck.detectors.gradient import GradientConfig
     from hf_flowcheck.offline_models import load_model
     from hf_flowcheck.store import FeatureStore
-    from hf_flowcheck.workflows.compare import SPLITS, _split_parts, examples_from_store, gradient_layer_ablation
+    from hf_flowcheck.workflows.compare import SPLITS, examples_from_store, gradient_layer_ablation, split_parts
 
     store = FeatureStore.open(args.features)
     model, tok = load_model(args.model)
     model.eval()
     examples = examples_from_store(store, tok)
     split = split_records([e.uid for e in examples], seed=args.split_seed)
-    parts = _split_parts(examples, {n: list(split[n]) for n in SPLITS})
+    parts = split_parts(examples, {n: list(split[n]) for n in SPLITS})
     res = gradient_layer_ablation(
         model,
         parts["train"],

@@ -97,9 +97,11 @@ def _seed_of(uid: str) -> int:
 def run(args: argparse.Namespace) -> None:
     from hf_flowcheck import FlowCheckedModelForCausalLM
     from hf_flowcheck.data import clean_generation, split_records
+    from hf_flowcheck.data.judges import judge_record
     from hf_flowcheck.stopping import bind_prompt_width
-    from hf_flowcheck.workflows.answers import _answer_token_count, _judge, load_answer_records, read_answers
-    from hf_flowcheck.workflows.extract import _newline_stop
+    from hf_flowcheck.tokens import answer_token_count
+    from hf_flowcheck.workflows.answers import load_answer_records, read_answers
+    from hf_flowcheck.workflows.extract import newline_stop_kwargs
 
     answers = read_answers(args.answers)
     first = answers.records[: args.first]
@@ -121,7 +123,7 @@ def run(args: argparse.Namespace) -> None:
     tok = model.tokenizer
     threshold = model.validator.recommended_threshold() if args.threshold is None else args.threshold
     budget = int(answers.header["decoding"]["max_new_tokens"])
-    gen_kw = {"max_new_tokens": budget, "pad_token_id": tok.pad_token_id, **_newline_stop(tok)}
+    gen_kw = {"max_new_tokens": budget, "pad_token_id": tok.pad_token_id, **newline_stop_kwargs(tok)}
     # "config@decoding" runs that configuration under that decoding only; a bare one under every --decoding.
     jobs = []
     for spec in args.configs:
@@ -145,7 +147,7 @@ def run(args: argparse.Namespace) -> None:
 
     def judged(rec, gen: list[int]) -> tuple[int | None, str]:
         text = clean_generation(tok.decode(gen, skip_special_tokens=True))
-        return _judge(judge, rec, text).label, text
+        return judge_record(judge, rec, text).label, text
 
     t_start = time.perf_counter()
     for n, arec in enumerate(pool):
@@ -169,7 +171,7 @@ def run(args: argparse.Namespace) -> None:
         score = float(out.flow_scores[0])
         flagged = bool(out.flow_has_events[0]) and score > threshold
         if (arec.uid, None, None) not in done:
-            n_ans = _answer_token_count(tok, gen, text, clean_generation)
+            n_ans = answer_token_count(tok, gen, text, clean_generation)
             base = {
                 "uid": arec.uid,
                 "config": None,

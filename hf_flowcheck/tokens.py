@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import threading
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["TokenTable", "token_table"]
+__all__ = ["TokenTable", "answer_token_count", "token_table"]
 
 
 @dataclass(frozen=True)
@@ -67,3 +68,16 @@ def token_table(tokenizer: Any) -> TokenTable:
     with _LOCK, contextlib.suppress(TypeError):  # not weak-referenceable: rebuilt next time
         _TABLES[tokenizer] = table
     return table
+
+
+def answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess: Callable[[str], str] | None) -> int:
+    """Fewest leading generated tokens whose decoded, post-processed text is the judged ``answer``.
+
+    ``postprocess=None``: the whole generation is the answer.
+    """
+    if postprocess is None:
+        return len(gen)
+    for k in range(len(gen) + 1):
+        if postprocess(tokenizer.decode(gen[:k], skip_special_tokens=True)) == answer:
+            return k
+    return len(gen)

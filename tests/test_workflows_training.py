@@ -249,7 +249,7 @@ def test_operating_points_per_prompt_style(data, tmp_path):
         flagged = scores[rows] >= t
         assert flagged.any() and yva.numpy()[rows][flagged].mean() >= 0.8  # the promise holds where it was chosen
     assert model.recommended_threshold("precision_0.9") >= 0.0
-    with pytest.raises(ValueError, match="prompt_style='rare'.*'chat', 'plain'"):
+    with pytest.raises(ValueError, match=r"prompt_style='rare'.*'chat', 'plain'"):
         model.recommended_threshold(prompt_style="rare")
     model.save_pretrained(tmp_path / "v")
     assert "| chat | 120 |" in (tmp_path / "v" / "README.md").read_text()

@@ -31,18 +31,18 @@ from hf_flowcheck.workflows.answers import generate_answers, load_answer_records
 from hf_flowcheck.workflows.compare import (
     DETECTOR_CHOICES,
     FlowValidatorDetector,
-    _split_parts,
     compare_detectors,
     examples_from_store,
     gradient_layer_ablation,
+    split_parts,
 )
 from hf_flowcheck.workflows.experiments import evaluate_validator_on_store, train_from_store
 from hf_flowcheck.workflows.extract import (
     _CONFIG_CHOICES,
     PROTOCOLS,
     RECORD_LABEL,
-    _newline_stop,
     extract_dataset,
+    newline_stop_kwargs,
 )
 from hf_flowcheck.workflows.replay import PartedStore, replay_answers
 
@@ -271,7 +271,7 @@ def run_extract(args: argparse.Namespace) -> int:
             "sample_seed": args.sample_seed if args.sample is not None else None,
             "prompt_style": args.prompt_style,
         },
-        generate_kwargs=_newline_stop(tokenizer) if protocol == "generated" and args.stop_at_newline else None,
+        generate_kwargs=newline_stop_kwargs(tokenizer) if protocol == "generated" and args.stop_at_newline else None,
     )
     counts = store.counts
     print(
@@ -599,7 +599,7 @@ def run_compare(args: argparse.Namespace) -> int:
         progress=lambda m: print(f"[compare] {m}", file=sys.stderr),
     )
     if args.layer_ablation:
-        parts = _split_parts(examples, split_map)
+        parts = split_parts(examples, split_map)
         sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
         report["layer_ablation"] = gradient_layer_ablation(
             model,

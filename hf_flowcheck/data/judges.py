@@ -466,3 +466,35 @@ def as_judge(obj: Any) -> Judge:
     if not callable(obj):
         raise TypeError(f"judge must be callable, got {type(obj).__name__}.")
     return CallableJudge(obj, getattr(obj, "__name__", type(obj).__name__))
+
+
+#: ``judge=RECORD_LABEL``: label an answer with its record's own label (datasets that pair answers with labels).
+RECORD_LABEL = "record-label"
+
+
+def judge_record(judge: Any, record: Any, answer: str) -> JudgeResult:
+    """Judge ``answer`` to ``record`` with ``judge``: the one place every workflow calls a judge.
+
+    Args:
+        judge: :data:`RECORD_LABEL`; a judge that takes the whole record (``takes_example = True``,
+            e.g. the corpus judge); or a ``Judge`` called as ``judge(question, answer, reference, knowledge)``
+            (the reference is the record's one reference, or its list when it has several).
+        record: The :class:`~hf_flowcheck.data.Example` answered.
+        answer: The model's (post-processed) answer.
+
+    Raises:
+        TypeError: The judge returned something else than a :class:`JudgeResult`.
+    """
+    if judge == RECORD_LABEL:
+        if record.label is None:
+            return JudgeResult(None, "record has no label", "failed")
+        return JudgeResult(int(record.label), "record label")
+    if getattr(judge, "takes_example", False):
+        result = judge(record, answer)
+    else:
+        refs = record.references
+        ref: Any = (refs if len(refs) != 1 else refs[0]) if refs else None
+        result = judge(record.question, answer, ref, record.knowledge)
+    if not isinstance(result, JudgeResult):
+        raise TypeError(f"judge returned {type(result).__name__}; it must return a JudgeResult.")
+    return result

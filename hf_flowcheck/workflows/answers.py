@@ -25,9 +25,11 @@ from typing import Any
 
 import torch
 
-from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, clean_generation
+from hf_flowcheck.data import QA_SHOT_UIDS, Example, clean_generation
+from hf_flowcheck.data.judges import judge_record
 from hf_flowcheck.errors import AnswerFileError
 from hf_flowcheck.filelocks import exclusive_writer
+from hf_flowcheck.tokens import answer_token_count
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -215,28 +217,8 @@ def read_answers(path: str | os.PathLike[str]) -> AnswerFile:
     return _parse(p, allow_torn_tail=False)[0]
 
 
-def _answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess: Callable[[str], str]) -> int:
-    """Fewest leading generated tokens that decode (post-processed) to the judged answer."""
-    for k in range(len(gen) + 1):
-        if postprocess(tokenizer.decode(gen[:k], skip_special_tokens=True)) == answer:
-            return k
-    return len(gen)
-
-
 def _references(rec: Example) -> list[str]:
     return [str(r) for r in (rec.references or [])]
-
-
-def _judge(judge: Any, rec: Example, answer: str) -> JudgeResult:
-    if getattr(judge, "takes_example", False):
-        return judge(rec, answer)
-    if judge == "record-label":
-        if rec.label is None:
-            return JudgeResult(None, "record has no label", "failed")
-        return JudgeResult(int(rec.label), "record label")
-    refs = rec.references
-    ref: Any = (refs if len(refs) != 1 else refs[0]) if refs else None
-    return judge(rec.question, answer, ref, rec.knowledge)
 
 
 def generate_answers(
@@ -384,12 +366,12 @@ def _generate_locked(
                 stop = "max_new_tokens"
             raw = tokenizer.decode(gen, skip_special_tokens=True)
             answer = postprocess(raw)
-            result = _judge(judge, rec, answer)
+            result = judge_record(judge, rec, answer)
             out = AnswerRecord(
                 uid=rec.uid,
                 prompt=prompts[i],
                 gen_ids=gen,
-                answer_len=_answer_token_count(tokenizer, gen, answer, postprocess),
+                answer_len=answer_token_count(tokenizer, gen, answer, postprocess),
                 raw=raw,
                 answer=answer,
                 label=result.label,

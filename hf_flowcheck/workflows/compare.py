@@ -62,6 +62,7 @@ __all__ = [
     "examples_from_store",
     "gradient_layer_ablation",
     "measure_gradient_cost",
+    "split_parts",
 ]
 
 DETECTOR_CHOICES = ("flow", "gradient", "probe", "confidence", "sampling", "length")
@@ -392,7 +393,7 @@ def time_generation(
 # ---------------------------------------------------------------------------------------------
 
 
-def _split_parts(examples: Sequence[ScoredExample], split: Any) -> dict[str, list[ScoredExample]]:
+def split_parts(examples: Sequence[ScoredExample], split: Any) -> dict[str, list[ScoredExample]]:
     sets = {name: set(split[name]) for name in SPLIT_NAMES}
     parts = {name: [e for e in examples if e.uid in sets[name]] for name in SPLIT_NAMES}
     for name in SPLIT_NAMES:
@@ -464,7 +465,7 @@ def compare_detectors(
         (``{name: {"validation": [...], "test": [...]}}``) with ``labels`` per split.
     """
     say = progress or (lambda msg: None)
-    parts = _split_parts(examples, split)
+    parts = split_parts(examples, split)
     labels = {name: _labels(parts[name]) for name in SPLIT_NAMES}
     test_prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in parts["test"]))
     timed_prompts = set(test_prompts if timing_prompts is None else test_prompts[: max(1, int(timing_prompts))])

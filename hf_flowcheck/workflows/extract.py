@@ -34,8 +34,9 @@ from typing import Any
 import torch
 
 from hf_flowcheck.configuration import FlowConfig
-from hf_flowcheck.data import QA_SHOT_UIDS, Example, JudgeResult, LabeledExample, as_judge, clean_generation
+from hf_flowcheck.data import QA_SHOT_UIDS, Example, LabeledExample, as_judge, clean_generation
 from hf_flowcheck.data import generation_prompt as _default_generation_prompt
+from hf_flowcheck.data.judges import RECORD_LABEL, judge_record
 from hf_flowcheck.detectors.base import encode_text, tokenize_prompt_answer
 from hf_flowcheck.errors import ExtractionMismatchError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
@@ -59,21 +60,21 @@ from hf_flowcheck.store import (
     write_manifest,
     write_shard,
 )
+from hf_flowcheck.tokens import answer_token_count
 from hf_flowcheck.version import __version__
 
 __all__ = [
     "PROTOCOLS",
+    "RECORD_LABEL",
     "ExtractionMismatchError",
     "extract_dataset",
+    "newline_stop_kwargs",
 ]
 
 PROTOCOLS = ("paired", "generated", "natural", "replayed")
 """``paired``/``natural``: teacher-forced given answers; ``generated``: the model answers, a judge labels;
 ``replayed``: the model's answers from an answers file (``hf_flowcheck.workflows.answers``), teacher-forced
 token for token (capture during ``generate`` equals this replay)."""
-
-RECORD_LABEL = "record-label"
-"""``judge=RECORD_LABEL`` labels a generated answer with its record's own label (SelfAware abstention)."""
 
 #: Test hook: called as ``hook(shard_index)`` after each shard is written (simulates a crash).
 _after_shard_hook: Callable[[int], None] | None = None
@@ -195,16 +196,6 @@ def _shift_positions(feats: FlowFeatures, offsets: Sequence[int], limits: Sequen
     )
 
 
-def _answer_token_count(tokenizer: Any, gen: list[int], answer: str, postprocess: Callable[[str], str] | None) -> int:
-    """Fewest generated tokens whose decoded, post-processed text is the judged ``answer``."""
-    if postprocess is None:
-        return len(gen)
-    for k in range(len(gen) + 1):
-        if postprocess(tokenizer.decode(gen[:k], skip_special_tokens=True)) == answer:
-            return k
-    return len(gen)
-
-
 # ------------------------------------------------------------------------------ per batch
 def _run_replayed(
     ext: FlowExtractor, tokenizer: Any, batch: list[_Item], pad_id: int
@@ -264,24 +255,11 @@ def _run_generated(
             gen.append(tok)
         raw = tokenizer.decode(gen, skip_special_tokens=True)
         answer = postprocess(raw) if postprocess is not None else raw
-        k = _answer_token_count(tokenizer, gen, answer, postprocess)
+        k = answer_token_count(tokenizer, gen, answer, postprocess)
         raws.append(raw)
         answers.append(answer)
         limits.append(len(row) + k)
     return _shift_positions(feats.to("cpu"), offsets, limits), [len(r) for r in rows], raws, answers
-
-
-def _judge(judge: Any, rec: Example, answer: str) -> JudgeResult:
-    if judge == RECORD_LABEL:
-        if rec.label is None:
-            return JudgeResult(None, "record has no label", "failed")
-        return JudgeResult(int(rec.label), "record label")
-    refs = rec.references
-    ref: Any = (refs if len(refs) != 1 else refs[0]) if refs else None
-    result = judge(rec.question, answer, ref, rec.knowledge)
-    if not isinstance(result, JudgeResult):
-        raise TypeError(f"judge returned {type(result).__name__}; it must return a JudgeResult.")
-    return result
 
 
 def _empty_counts() -> dict[str, int]:
@@ -318,7 +296,7 @@ def _extract_shard(
             )
             for j, (pos, it) in enumerate(zip(idx, batch)):
                 counts["inputs"] += 1
-                res = _judge(judge, it.record, answers[j])
+                res = judge_record(judge, it.record, answers[j])
                 if res.label is None:
                     counts["failed" if res.status == "failed" else "dropped"] += 1
                     continue
@@ -759,7 +737,7 @@ _CONFIG_CHOICES = {
 }
 
 
-def _newline_stop(tokenizer: Any) -> dict[str, Any]:
+def newline_stop_kwargs(tokenizer: Any) -> dict[str, Any]:
     """``generate`` kwargs that end a row at the end of its first non-empty line.
 
     Built once (the vocabulary scan is slow); :func:`~hf_flowcheck.stopping.bind_prompt_width`
