@@ -287,10 +287,18 @@ def load_safetensors_strict(
         error: Exception class raised.
         defaults: Values for keys an older format did not write (used only when absent).
     """
-    from safetensors.torch import load_file
+    from safetensors import safe_open
 
     try:
-        state = load_file(str(path), device=str(map_location))
+        # Keys and shapes come from the header: a file of the wrong shape is refused before any
+        # tensor is read (a hostile or mismatched file cannot make us allocate its tensors).
+        with safe_open(str(path), framework="pt", device=str(map_location)) as fh:
+            shapes = {k: tuple(fh.get_slice(k).get_shape()) for k in fh.keys()}  # noqa: SIM118
+            own = module.state_dict()
+            _check_keys_and_shapes(own, shapes, defaults, path, what, strict, error)
+            state = {k: fh.get_tensor(k) for k in shapes if k in own}
+    except error:
+        raise
     except Exception as err:  # SafetensorError / OSError on bad files
         raise error(
             f"Could not read the {what} weights {str(path)!r}: {str(err).rstrip('.')}. The file is corrupted or "
@@ -299,24 +307,6 @@ def load_safetensors_strict(
         ) from err
     for key, value in (defaults or {}).items():
         state.setdefault(key, value)
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
-    if strict and (missing or unexpected):
-        raise error(
-            f"The weights in {str(path)!r} do not match this {what}: missing keys {missing}, unexpected keys "
-            f"{unexpected}. config.json and model.safetensors come from different checkpoints (or another "
-            "library); save them together with save_pretrained(). Pass strict=False only to load a partial state."
-        )
-    shapes = [
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
-        for k in sorted(set(own) & set(state))
-        if tuple(state[k].shape) != tuple(own[k].shape)
-    ]
-    if shapes:
-        raise error(
-            f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(shapes)}); "
-            "config.json and model.safetensors come from different checkpoints."
-        )
     bad = [
         k
         for k in sorted(set(own) & set(state))
@@ -325,6 +315,36 @@ def load_safetensors_strict(
     if bad:
         raise error(f"The weights in {str(path)!r} hold NaN/inf in {bad}; the checkpoint is broken.")
     module.load_state_dict(state, strict=strict)
+
+
+def _check_keys_and_shapes(
+    own: Mapping[str, torch.Tensor],
+    shapes: Mapping[str, tuple[int, ...]],
+    defaults: Mapping[str, torch.Tensor] | None,
+    path: str | Path,
+    what: str,
+    strict: bool,
+    error: type[Exception],
+) -> None:
+    """Refuse a file whose keys (less ``defaults``) or shapes differ from the module's."""
+    have = set(shapes) | set(defaults or {})
+    missing, unexpected = sorted(set(own) - have), sorted(set(shapes) - set(own))
+    if strict and (missing or unexpected):
+        raise error(
+            f"The weights in {str(path)!r} do not match this {what}: missing keys {missing}, unexpected keys "
+            f"{unexpected}. config.json and model.safetensors come from different checkpoints (or another "
+            "library); save them together with save_pretrained(). Pass strict=False only to load a partial state."
+        )
+    wrong = [
+        f"{k}: file {shapes[k]} vs model {tuple(own[k].shape)}"
+        for k in sorted(set(own) & set(shapes))
+        if shapes[k] != tuple(own[k].shape)
+    ]
+    if wrong:
+        raise error(
+            f"The weights in {str(path)!r} have other shapes than config.json describes ({'; '.join(wrong)}); "
+            "config.json and model.safetensors come from different checkpoints."
+        )
 
 
 def jsonable(obj: Any, where: str) -> Any:
