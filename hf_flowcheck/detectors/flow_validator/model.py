@@ -1,48 +1,10 @@
-"""The flow validator (spec ``flow-signatures.md`` §6, paper B.9): events in, one sample score out.
-
-Three heads share the event encoder. ``head="gru"`` is the spec's B.9, described below.
-``head="attention"`` scores each event on its own and takes the attention-weighted mean of the
-event logits as the sample logit (every event gets gradient; the culprit is the event with the
-largest logit). ``head="depth"`` is a depth-summary model: per block, the mean and maximum of the
-event embeddings over the answer's tokens and the largest event logit, a 1-D convolution over depth,
-one logit per block, their mean as the sample logit (the culprit is the block with the largest logit
-and, in it, the token with the largest event logit). Every head can read its inputs scaled per
-(block, feature), a block embedding, the readout-lens channels and, in a *flow + state* validator,
-the residual state at the last answer token (:class:`ValidatorConfig`).
-
-Events are the valid ``(b, t)`` cells of a :class:`~hf_flowcheck.extraction.FlowFeatures` tensor,
-read depth-major (every masked token of block 0, then block 1, ...). Each event's feature vector
-goes through ``LayerNorm(F) → MLP (F→256→128, GELU, dropout) → LayerNorm → GRU(128→256) →
-Linear(256→1)``; the per-event logits are pooled over the valid events (``max`` by default, or
-``logsumexp``) into the sample logit. ``sigmoid(logit)`` is the score: **in [0, 1], higher = more
-likely hallucinated**. The arg-max event is the *culprit* ``(t0, b0)`` that refinement patches.
-
-Padding never reaches the GRU: the valid events of each row are compacted to the front (a stable
-sort keeps their depth-major order) before the recurrence, and the per-event logits are scattered
-back to ``[N, B, T]`` afterwards. A row's score therefore does not depend on the other rows of the
-batch nor on how many padding columns ``T`` carries.
-
-Saved with :meth:`FlowValidator.save_pretrained` / :meth:`~FlowValidator.push_to_hub`
-(``huggingface_hub.PyTorchModelHubMixin``) as ``config.json`` (the :class:`ValidatorConfig`, the
-``FlowConfig`` the features were computed with, the base-model fingerprint, version stamps and
-training metadata), ``model.safetensors`` (loaded strictly) and a generated ``README.md``.
-
-Example:
-    >>> import torch
-    >>> v = FlowValidator(ValidatorConfig(num_features=10, hidden=16, embed=8, gru_hidden=8))
-    >>> values, valid = torch.randn(2, 4, 3, 10), torch.ones(2, 4, 3, dtype=torch.bool)
-    >>> out = v.eval()(values, valid)
-    >>> tuple(out.scores.shape), tuple(out.event_logits.shape)
-    ((2,), (2, 4, 3))
-"""
+"""The flow validator network (:class:`FlowValidator`): events in, one sample score, a culprit and token risks out."""
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import fields
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -50,320 +12,21 @@ import torch
 from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
-from hf_flowcheck.configuration import FlowConfig, check_positive_int, versioned_fields
-from hf_flowcheck.detectors.checkpoint import (
-    CheckpointError,
-    SavedDetectorMixin,
-    jsonable,
-    load_safetensors_strict,
+from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.detectors.checkpoint import CheckpointError, SavedDetectorMixin, jsonable, load_safetensors_strict
+from hf_flowcheck.detectors.flow_validator.card import model_card_text
+from hf_flowcheck.detectors.flow_validator.config import ValidatorConfig
+from hf_flowcheck.detectors.flow_validator.output import (
+    FlowValidatorOutput,
+    culprit_cells,
+    mean_present,
+    token_pool_attention,
+    token_pool_max,
 )
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
-from hf_flowcheck.version import __version__
 
-__all__ = ["CheckpointError", "FlowValidator", "FlowValidatorOutput", "ValidatorConfig"]
-
-CONFIG_NAME = "config.json"
-WEIGHTS_NAME = "model.safetensors"
-MODEL_CARD_NAME = "README.md"
-POOLINGS: tuple[str, ...] = ("max", "logsumexp")
-INPUT_TRANSFORMS: tuple[str, ...] = ("block_log_standardize", "log_standardize", "standardize", "none")
-HEADS: tuple[str, ...] = ("attention", "gru", "depth")
-
-
-# ---------------------------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------------------------
-
-
-#: Upper bounds of the size fields (checked before any allocation; far above any trained validator).
-SIZE_BOUNDS: dict[str, int] = {
-    "num_features": 256,
-    "hidden": 4096,
-    "embed": 4096,
-    "gru_hidden": 4096,
-    "members": 64,
-    "num_blocks": 1024,
-    "block_embedding": 1024,
-    "state_dim": 65536,
-}
-
-
-@dataclass
-class ValidatorConfig:
-    """Shape of the flow validator (paper B.9 defaults).
-
-    Example:
-        >>> ValidatorConfig(num_features=10).pooling
-        'max'
-    """
-
-    #: 2 added ``input_transform`` and ``event_layernorm``; format-1 files load as the spec's plain B.9.
-    #: 3 added ``head``, ``num_blocks``, ``block_embedding`` and the state branch; format-2 files load as GRUs.
-    #: 4 added ``members``; format-3 files load as one member.
-    FORMAT_VERSION: ClassVar[int] = 4
-
-    num_features: int = field(metadata={"help": "F, the number of feature channels per event (10 'full', 8 'paper')."})
-    hidden: int = field(default=256, metadata={"help": "Width of the MLP's hidden layer (F→hidden→embed)."})
-    embed: int = field(default=128, metadata={"help": "Event embedding size, the GRU's input size."})
-    gru_hidden: int = field(default=256, metadata={"help": "GRU hidden size (one layer)."})
-    dropout: float = field(default=0.1, metadata={"help": "Dropout probability inside the MLP, in [0, 1)."})
-    pooling: str = field(
-        default="max",
-        metadata={"help": "Pooling of event logits into the sample logit: 'max' (default) or 'logsumexp'."},
-    )
-    input_transform: str = field(
-        default="log_standardize",
-        metadata={
-            "help": "Per-feature input scaling before the spec's LayerNorm(F): 'log_standardize' (log1p, then "
-            "train-split mean/std; default), 'standardize' (mean/std only) or 'none' (the spec's B.9 exactly). "
-            "The features span three orders of magnitude (mlp_mag ~10-100, ratios ~0.1), and a LayerNorm across "
-            "one event's features lets the large ones drown the small ones."
-        },
-    )
-    event_layernorm: bool = field(
-        default=True,
-        metadata={
-            "help": "Apply the spec's LayerNorm across each event's F features (B.9). It also removes each "
-            "event's common magnitude (all features large or small together); with a per-feature "
-            "input_transform, False keeps that information."
-        },
-    )
-    feature_names: tuple[str, ...] = field(
-        default=(),
-        metadata={
-            "help": "Names of the F feature channels in order (FlowFeatures.names); checked when scoring "
-            "FlowFeatures. Empty = unchecked."
-        },
-    )
-    head: str = field(
-        default="gru",
-        metadata={
-            "help": "'gru' (the spec's B.9: a GRU over the depth-major events, then max/logsumexp pooling) or "
-            "'attention' (each event scored on its own, the sample logit an attention-weighted mean of the "
-            "event logits: every event gets gradient, and the culprit is the event with the largest logit) or "
-            "'depth' (a depth-summary model: per block, the mean and max over tokens of the event embeddings and "
-            "the largest event logit, a 1-D convolution over depth (kernel 3), one logit per block, their mean; "
-            "the culprit is the block with the largest logit and, in it, the token with the largest event logit)."
-        },
-    )
-    num_blocks: int = field(
-        default=0,
-        metadata={
-            "help": "B, the base model's blocks; needed by block_log_standardize and block_embedding (0 = unset)."
-        },
-    )
-    block_embedding: int = field(
-        default=0,
-        metadata={"help": "Size of a learned embedding of the event's block index added to its input (0 = off)."},
-    )
-    state_dim: int = field(
-        default=0,
-        metadata={
-            "help": "d of the residual-state summaries (FlowFeatures.states) a flow + state validator reads; "
-            "0 = flow only."
-        },
-    )
-    state_blocks: tuple[int, ...] = field(
-        default=(),
-        metadata={"help": "Which of the B+1 residual boundaries the state branch reads (indices into states)."},
-    )
-    members: int = field(
-        default=1,
-        metadata={
-            "help": "An ensemble of this many independently initialised validators of this shape, trained together; "
-            "the answer's logit, the event and token logits are their means, and the culprit is the event with the "
-            "largest mean logit. 1 = a single validator."
-        },
-    )
-
-    def __post_init__(self) -> None:
-        for name, bound in SIZE_BOUNDS.items():
-            if name in ("num_blocks", "block_embedding", "state_dim"):
-                value = getattr(self, name)
-                if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= bound:
-                    raise ValueError(f"ValidatorConfig.{name}={value!r} must be an integer in [0, {bound}].")
-            else:
-                check_positive_int(name, getattr(self, name), "ValidatorConfig", at_most=bound)
-        if self.head not in HEADS:
-            raise ValueError(
-                f"ValidatorConfig.head={self.head!r} is not supported; use one of {', '.join(map(repr, HEADS))}."
-            )
-        needs_blocks = self.input_transform == "block_log_standardize" or self.block_embedding > 0
-        if needs_blocks and self.num_blocks < 1:
-            raise ValueError(
-                "ValidatorConfig.num_blocks must be set (the base model's block count, FlowFeatures.num_blocks) "
-                "for input_transform='block_log_standardize' or block_embedding > 0."
-            )
-        self.state_blocks = tuple(int(b) for b in self.state_blocks)
-        if bool(self.state_dim) != bool(self.state_blocks):
-            raise ValueError(
-                f"ValidatorConfig.state_dim={self.state_dim} and state_blocks={self.state_blocks} must be set together "
-                "(both for a flow + state validator, neither for flow only)."
-            )
-        if isinstance(self.dropout, bool) or not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"ValidatorConfig.dropout={self.dropout!r} must be a number in [0, 1).")
-        self.dropout = float(self.dropout)
-        if self.pooling not in POOLINGS:
-            raise ValueError(
-                f"ValidatorConfig.pooling={self.pooling!r} is not supported; "
-                f"use one of {', '.join(map(repr, POOLINGS))}."
-            )
-        if self.input_transform not in INPUT_TRANSFORMS:
-            raise ValueError(
-                f"ValidatorConfig.input_transform={self.input_transform!r} is not supported; "
-                f"use one of {', '.join(map(repr, INPUT_TRANSFORMS))}."
-            )
-        if isinstance(self.feature_names, str) or not all(isinstance(n, str) for n in self.feature_names):
-            raise ValueError(
-                f"ValidatorConfig.feature_names={self.feature_names!r} must be a sequence of strings "
-                "(e.g. FlowFeatures.names)."
-            )
-        self.feature_names = tuple(self.feature_names)
-        if self.feature_names and len(self.feature_names) != self.num_features:
-            raise ValueError(
-                f"ValidatorConfig.feature_names has {len(self.feature_names)} names but num_features="
-                f"{self.num_features}; pass one name per feature channel, or no names."
-            )
-
-    @classmethod
-    def from_feature_names(cls, names: tuple[str, ...] | list[str], **kwargs: Any) -> ValidatorConfig:
-        """Config for features with these channel names (``num_features = len(names)``)."""
-        return cls(num_features=len(names), feature_names=tuple(names), **kwargs)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with version stamps, suitable for ``json.dumps``."""
-        out = dataclasses.asdict(self)
-        out["feature_names"] = list(self.feature_names)
-        out["state_blocks"] = list(self.state_blocks)
-        out["format_version"] = self.FORMAT_VERSION
-        out["hf_flowcheck_version"] = __version__
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ValidatorConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        if isinstance(data, cls):
-            return data
-        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 2:
-            data = {"input_transform": "none", "event_layernorm": True, **data}
-        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 3:
-            data = {"head": "gru", **data}
-        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
-
-
-# ---------------------------------------------------------------------------------------------
-# Output
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class FlowValidatorOutput:
-    """What the validator returns for ``N`` samples.
-
-    Attributes:
-        logits: ``[N]`` pooled sample logits; ``nan`` for rows without any valid event.
-        scores: ``[N]`` ``sigmoid(logits)`` in ``[0, 1]``, higher = more likely hallucinated;
-            ``nan`` for rows without events.
-        event_logits: ``[N, B, T]`` per-event logits, ``-inf`` where the cell is not a valid event.
-        culprit_block: ``[N]`` long, block ``b0`` of the arg-max event (-1 without events).
-        culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the arg-max event (-1 without events).
-        has_events: ``[N]`` bool, whether the row has at least one valid event.
-        token_logits: ``[N, T]`` each token's logit: the validator's pooling applied to that token's
-            events alone (plus the state term), i.e. the answer's logit if all of its flow evidence
-            were this token's; ``nan`` for a column without events. With the attention head the
-            answer's logit is their ``token_weights``-weighted mean; with the GRU head and max
-            (log-sum-exp) pooling it is their maximum (log-sum-exp, state term counted once).
-        token_weights: ``[N, T]`` each token's share of the pooling (attention mass of its events; for
-            max pooling 1 at the arg-max token), summing to 1 over a row with events.
-        culprit_position: ``[N]`` long, sequence position ``t0`` of the culprit (from
-            ``FlowFeatures.positions``; -1 without events). Set by :meth:`FlowValidator.score_features` only.
-    """
-
-    logits: torch.Tensor
-    scores: torch.Tensor
-    event_logits: torch.Tensor
-    culprit_block: torch.Tensor
-    culprit_column: torch.Tensor
-    has_events: torch.Tensor
-    token_logits: torch.Tensor
-    token_weights: torch.Tensor
-    culprit_position: torch.Tensor | None = None
-
-
-def _token_pool_attention(event_logits: torch.Tensor, attend: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Attention pooling restricted to each token's events.
-
-    Args:
-        event_logits: ``[N, B, T]`` (``-inf`` where no event).
-        attend: ``[N, B, T]`` attention logits (``-inf`` where no event).
-
-    Returns:
-        ``(token_logits, token_weights)``, each ``[N, T]``: the within-token attention average of the
-        event logits (``nan`` without events) and the token's share of the answer's attention.
-    """
-    has = torch.isfinite(event_logits)
-    tok_lse = torch.logsumexp(attend, dim=1)  # [N, T], -inf for a token without events
-    within = torch.exp(attend - tok_lse[:, None].masked_fill(~torch.isfinite(tok_lse[:, None]), 0.0))
-    within = within.masked_fill(~has, 0.0)
-    logits = (within * event_logits.masked_fill(~has, 0.0)).sum(1)
-    logits = torch.where(has.any(1), logits, torch.full_like(logits, float("nan")))
-    weights = torch.softmax(tok_lse, dim=1)  # a row without events gives nan
-    return logits, torch.nan_to_num(weights, nan=0.0)
-
-
-def _mean_present(x: torch.Tensor) -> torch.Tensor:
-    """Mean over the last dim of the non-``nan`` entries; ``nan`` where there are none.
-
-    ``torch.nanmean`` would also do in the forward pass, but its backward through an all-``nan`` row
-    divides by zero; here such rows get zero gradient.
-    """
-    present = ~torch.isnan(x)
-    count = present.sum(-1)
-    mean = x.nan_to_num(0.0).sum(-1) / count.clamp_min(1).to(x.dtype)
-    return torch.where(count > 0, mean, torch.full_like(mean, float("nan")))
-
-
-def _culprit_cells(flat: torch.Tensor, has: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(block, column)`` of each row's culprit from its flat ``b*T + t`` cell; ``-1`` for rows without events."""
-    minus = torch.full_like(flat, -1)
-    return torch.where(has, torch.div(flat, t, rounding_mode="floor"), minus), torch.where(has, flat % t, minus)
-
-
-def _token_pool_max(event_logits: torch.Tensor, pooling: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Max (or log-sum-exp) pooling restricted to each token's events; see :func:`_token_pool_attention`."""
-    has = event_logits.isfinite().any(1)  # [N, T]
-    if pooling == "max":
-        logits = event_logits.max(dim=1).values
-        weights = torch.zeros_like(logits)
-        if logits.shape[1] > 0:
-            weights.scatter_(1, logits.argmax(dim=1, keepdim=True), 1.0)
-    else:
-        logits = torch.logsumexp(event_logits, dim=1)
-        weights = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
-    weights = weights * has.any(1, keepdim=True)
-    return torch.where(has, logits, torch.full_like(logits, float("nan"))), weights
-
-
-# ---------------------------------------------------------------------------------------------
-# JSON helpers
-# ---------------------------------------------------------------------------------------------
-
-
-def _yaml_str(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid YAML scalar
-
-
-def _looks_like_hub_id(name: str | None) -> bool:
-    if not name or name.startswith((".", "/", "~")) or "\\" in name or os.path.isabs(name):
-        return False
-    parts = name.split("/")
-    return 1 <= len(parts) <= 2 and all(parts)
-
-
-# ---------------------------------------------------------------------------------------------
-# The model
-# ---------------------------------------------------------------------------------------------
+__all__ = ["FlowValidator"]
 
 
 class FlowValidator(
@@ -703,7 +366,7 @@ class FlowValidator(
         else:
             full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
             flat = order.gather(1, ev.argmax(dim=1)[:, None]).squeeze(1)  # the arg-max event's cell, [N]
-        culprit_block, culprit_column = _culprit_cells(flat, has, t)
+        culprit_block, culprit_column = culprit_cells(flat, has, t)
 
         if depth is not None:
             token_logits = depth["token_logits"]
@@ -711,9 +374,9 @@ class FlowValidator(
             token_weights = token_weights * has[:, None]
         elif attend is not None:
             att_full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, attend)
-            token_logits, token_weights = _token_pool_attention(full, att_full.reshape(n, b, t))
+            token_logits, token_weights = token_pool_attention(full, att_full.reshape(n, b, t))
         else:
-            token_logits, token_weights = _token_pool_max(full, cfg.pooling)
+            token_logits, token_weights = token_pool_max(full, cfg.pooling)
         return FlowValidatorOutput(
             logits=logits,
             scores=scores,
@@ -738,7 +401,7 @@ class FlowValidator(
         has = outs[0].has_events
         n, _, t = events.shape
         if events.numel():
-            culprit_block, culprit_column = _culprit_cells(events.reshape(n, -1).argmax(1), has, t)
+            culprit_block, culprit_column = culprit_cells(events.reshape(n, -1).argmax(1), has, t)
         else:  # no token columns: no culprit
             culprit_block = torch.full((n,), -1, dtype=torch.long, device=events.device)
             culprit_column = culprit_block.clone()
@@ -797,7 +460,7 @@ class FlowValidator(
         emb = emb.scatter(1, order[..., None].expand_as(h), h.masked_fill(~keep[..., None], 0.0)).reshape(n, b, t, -1)
         ev = self.head(emb).squeeze(-1).masked_fill(~valid, float("-inf"))  # [N, B, T]
         blocks = self._block_logits(emb, ev, valid)  # [N, B]
-        logits = _mean_present(blocks)
+        logits = mean_present(blocks)
         best_block = blocks.nan_to_num(float("-inf")).argmax(1)  # [N]
         column = ev.gather(1, best_block[:, None, None].expand(n, 1, t)).squeeze(1).argmax(1)
         # One token alone: its mean and max over tokens are its own embedding.
@@ -806,7 +469,7 @@ class FlowValidator(
             ev.transpose(1, 2).reshape(n * t, b, 1),
             valid.transpose(1, 2).reshape(n * t, b, 1),
         )
-        token_logits = _mean_present(per_token.reshape(n, t, b))
+        token_logits = mean_present(per_token.reshape(n, t, b))
         return {
             "logits": logits,
             "event_logits": ev,
@@ -995,194 +658,7 @@ class FlowValidator(
 
     def model_card_text(self, repo_id: str | None = None) -> str:
         """Markdown of the model card (works offline)."""
-        from hf_flowcheck.metrics import format_table
-
-        fp = self.base_fingerprint or {}
-        base_id = fp.get("base_id")
-        meta = self.training_metadata
-        tags = ["hf_flowcheck", "hallucination-detection", "flow-signatures", "pytorch_model_hub_mixin"]
-        lines = ["---", "library_name: hf_flowcheck", "tags:"] + [f"- {t}" for t in tags]
-        if _looks_like_hub_id(base_id):
-            lines.append(f"base_model: {_yaml_str(base_id)}")
-        lines += ["---", ""]
-        title = f"Flow validator for {base_id}" if base_id else "Flow validator"
-        lines += [
-            f"# {title}",
-            "",
-            "A hallucination detector built with hf_flowcheck (`pip install hf-flowcheck`) from "
-            "*flow signatures*: how the base model's residual stream moves between blocks, read through its "
-            "own readout. `score` = `sigmoid(logit)` lies in [0, 1]; **higher = more likely hallucinated**. "
-            "The culprit event (the arg-max per-event logit) names the token and block to refine.",
-            "",
-        ]
-        styles, tasks = meta.get("prompt_styles"), meta.get("tasks")
-        if styles or tasks:
-            lines += ["## Trained on", ""]
-            if styles:
-                lines.append("Prompt styles: " + ", ".join(f"`{x}`" for x in styles) + ".")
-            if tasks:
-                lines.append("Tasks: " + ", ".join(f"`{x}`" for x in tasks) + ".")
-            lines.append("")
-        for section in meta.get("card_sections") or []:  # written by the training script, already markdown
-            lines += [f"## {section['title']}", "", section["text"].rstrip(), ""]
-        lines += ["## Base model", ""]
-        if fp:
-            lines += ["| field | value |", "|---|---|"] + [f"| {k} | `{v}` |" for k, v in fp.items()]
-        else:
-            lines.append("Not recorded (the validator carries no base-model fingerprint).")
-        lines += ["", "## Features", ""]
-        if self.flow_config is not None:
-            fc = dataclasses.asdict(self.flow_config)
-            lines.append("`FlowConfig(" + ", ".join(f"{k}={v!r}" for k, v in fc.items()) + ")`")
-        else:
-            lines.append("FlowConfig not recorded.")
-        names = ", ".join(f"`{n}`" for n in self.config.feature_names) or "(unnamed)"
-        lines += [
-            "",
-            f"{self.config.num_features} channels: {names}.",
-            "",
-            "## Architecture",
-            "",
-            self._architecture_text(),
-            "",
-            "## Evaluation",
-            "",
-        ]
-        evaluation = meta.get("evaluation")
-        if evaluation:
-            lines += ["```text", format_table(evaluation), "```", ""]
-            lines.append(
-                "Each cell is `value [low, high]`, a 95% percentile bootstrap interval. Label 1 = hallucinated."
-            )
-        else:
-            lines.append("No evaluation recorded.")
-        for key in ("protocol", "dataset", "split"):
-            if key in meta:
-                lines.append(f"- {key}: `{meta[key]}`")
-        for later in meta.get("later_evaluations") or []:
-            lines += ["", f"### {later['title']}", ""]
-            if later.get("note"):
-                lines += [later["note"], ""]
-            lines += ["```text", format_table(later["evaluation"]), "```", "", "```bash", later["command"], "```"]
-        cal = meta.get("calibration") or {}
-        if cal:
-            lines += ["", "## Calibration", ""]
-            if "skipped" in cal:
-                lines.append(f"None: {cal['skipped']}.")
-            else:
-                lines.append(
-                    f"Platt scaling on the {cal['chosen_on']} split ({cal['n']} answers, "
-                    f"{cal['hallucinated_share']:.0%} hallucinated): `score = sigmoid({cal['scale']:.3f} * logit "
-                    f"{cal['bias']:+.3f})`; expected calibration error {cal['ece_before']:.3f} before, "
-                    f"{cal['ece_after']:.3f} after. A score is the hallucination rate of answers like these; "
-                    "another mix of prompts or another base rate moves it (the ranking does not change)."
-                )
-        points = meta.get("operating_points") or {}
-        rows = [(k, v) for k, v in points.items() if isinstance(v, dict)]
-        if rows:
-            lines += ["", "## Operating points (chosen on the validation split)", ""]
-            lines += ["| operating point | threshold | validation figures |", "|---|---|---|"]
-            for k, v in rows:
-                figures = ", ".join(f"{n} {x:.3f}" for n, x in v.items() if n != "threshold")
-                lines.append(f"| `{k}` | {v['threshold']:.4f} | {figures} |")
-            missing = [k for k, v in points.items() if v is None]
-            if missing:
-                lines.append(f"\nNo threshold reaches {', '.join(f'`{k}`' for k in missing)} on validation.")
-            lines.append(
-                '\n`generate(..., flow_check_every=1, flow_abstain_threshold="recommended")` uses `precision_0.8`.'
-            )
-        by_group = meta.get("operating_points_by_group") or {}
-        if by_group:
-            lines += ["", "Chosen on the validation answers of each prompt style "
-                      "(`validator.recommended_threshold(point, prompt_style=...)`):", ""]  # fmt: skip
-            names = sorted({k for g in by_group.values() for k, v in g.items() if k != "n"})
-            lines += ["| prompt style | answers | " + " | ".join(f"`{k}`" for k in names) + " |"]
-            lines += ["|---|---|" + "---|" * len(names)]
-            for g, pts in by_group.items():
-                cells = [f"{pts[k]['threshold']:.3f}" if pts.get(k) else "none" for k in names]
-                lines.append(f"| {g} | {pts['n']} | " + " | ".join(cells) + " |")
-        lines += ["", "## Training", ""]
-        hist = meta.get("history") or {}
-        hyper = meta.get("hyperparameters") or {}
-        if hyper:
-            lines.append("Hyperparameters: " + ", ".join(f"`{k}={v}`" for k, v in hyper.items()) + ".")
-        if hist:
-            lines.append(
-                f"Checkpoint chosen on the validation split ({hist.get('selection', 'val_auroc')}): epoch "
-                f"{hist.get('best_epoch')}, validation loss {hist.get('best_val_loss')}, validation AUROC "
-                f"{hist.get('best_val_auroc')}; {hist.get('epochs_run')} epochs run "
-                f"({'early-stopped' if hist.get('stopped_early') else 'no early stop'})."
-            )
-        if not hyper and not hist:
-            lines.append("Not recorded.")
-        lines += ["", "## Reproduce", ""]
-        cmd = meta.get("command")
-        lines += ["```bash", cmd, "```"] if cmd else ["The producing command was not recorded."]
-        lines += [
-            "",
-            "## Usage",
-            "",
-            "```python",
-            "from hf_flowcheck import FlowExtractor, FlowConfig",
-            "from hf_flowcheck.detectors import FlowValidator",
-            "",
-            f"validator = FlowValidator.from_pretrained({json.dumps(repo_id or '<this repo>')}, base_model=model)",
-            "extractor = FlowExtractor(model, validator.flow_config)",
-            "out = validator.score_features(extractor.extract(input_ids, attention_mask, response_mask))",
-            "out.scores  # [N], higher = more likely hallucinated",
-            "```",
-            "",
-            f"Written by hf_flowcheck {__version__} (format version {self.FORMAT_VERSION}).",
-            "",
-        ]
-        return "\n".join(lines)
-
-    def _architecture_text(self) -> str:
-        c = self.config
-        if self.members is not None:
-            return (
-                f"An ensemble of {c.members} validators of the same shape, initialised independently and trained "
-                "together on their mean logit; the answer's, events' and tokens' logits are the members' means, and "
-                "the culprit is the event with the largest mean logit. Each member: "
-                + self.members[0]._architecture_text()
-            )
-        scaling = {
-            "block_log_standardize": "signed log, then per-(block, feature) standardisation (train split)",
-            "log_standardize": "signed log, then per-feature standardisation (train split)",
-            "standardize": "per-feature standardisation (train split)",
-            "none": "raw features",
-        }[c.input_transform]
-        parts = [scaling]
-        if c.event_layernorm:
-            parts.append(f"LayerNorm({c.num_features})")
-        depth = f" + block embedding ({c.block_embedding})" if c.block_embedding else ""
-        parts.append(f"MLP ({c.num_features}{depth}→{c.hidden}→{c.embed}, GELU, dropout {c.dropout}) → LayerNorm")
-        if c.head == "gru":
-            parts.append(
-                f"GRU ({c.embed}→{c.gru_hidden}) over the events in depth-major order → Linear({c.gru_hidden}→1) per "
-                f"event → `{c.pooling}` pooling"
-            )
-        elif c.head == "depth":
-            parts.append(
-                f"per event a logit Linear({c.embed}→1); per block the mean and max over tokens of the event "
-                f"embeddings and the largest event logit → Conv1d over depth ({2 * c.embed + 1}→{c.embed}, kernel 3, "
-                f"GELU) → Linear({c.embed}→1) per block; the sample logit is the mean block logit"
-            )
-        else:
-            parts.append(
-                f"per event: a logit Linear({c.embed}→1) and an attention score Linear({c.embed}→1); the sample "
-                "logit is the attention-weighted mean of the event logits"
-            )
-        text = " → ".join(parts) + "."
-        if c.state_dim:
-            text += (
-                f" Plus a state branch: the residual at the last answer token entering block(s) {list(c.state_blocks)} "
-                f"(d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit. Trained on "
-                "complete answers, whose last token is the answer's end: it scores finished answers. Running scores "
-                "of a streaming check (where the last token so far is mid-answer) are outside what it was trained "
-                "on; stream with a flow-only validator trained on answer prefixes."
-            )
-        return text
+        return model_card_text(self, repo_id)
 
     def config_dict(self) -> dict[str, Any]:
         """The validator's own ``config.json`` entries (``SavedDetectorMixin`` adds the stamps)."""
