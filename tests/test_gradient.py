@@ -16,7 +16,6 @@ from hf_flowcheck.detectors.gradient import (
     GradientConfig,
     GradientDetector,
     GradientSignatureError,
-    _plans,
     abstention_labels,
     gradient_signature,
     gradient_signatures,
@@ -25,6 +24,7 @@ from hf_flowcheck.detectors.gradient import (
     sketch_matrix,
     sketch_weight_gradient,
 )
+from hf_flowcheck.detectors.gradient.signature import _plans
 from hf_flowcheck.fingerprint import FingerprintMismatchError
 from hf_flowcheck.metrics import auroc
 
