@@ -4,6 +4,8 @@ trip for every detector that saves."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -15,25 +17,52 @@ from hf_flowcheck.detectors.base import NotFittedError, ScoredExample
 from hf_flowcheck.detectors.baselines import (
     AnswerLengthDetector,
     HiddenStateProbe,
-    SamplingAgreementDetector,
     TokenConfidenceDetector,
 )
-from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
+from hf_flowcheck.detectors.flow_detector import FlowValidatorDetector
+from hf_flowcheck.detectors.registry import (
+    DetectorOptions,
+    build_detectors,
+    register_detector,
+    registered_detectors,
+    unregister_detector,
+)
 from hf_flowcheck.metrics import auroc
-from hf_flowcheck.workflows.compare import FlowValidatorDetector
+
+#: Small settings per registered name, so that every detector of the table is built through it.
+TINY = DetectorOptions(samples=2, max_new_tokens=2, gradient_layers=2, gradient_sketch=8, gradient_reader="logistic",
+                       gradient_epochs=3, protocol="paired")  # fmt: skip
 
 
 def _detectors(model: torch.nn.Module) -> list:
-    return [
-        TokenConfidenceDetector("mean_logprob"),
-        TokenConfidenceDetector("mean_entropy"),
-        SamplingAgreementDetector(2, max_new_tokens=2, seed=0),
-        AnswerLengthDetector(),
-        HiddenStateProbe(kind="logistic"),
-        HiddenStateProbe(layers=[1, 2], kind="mlp", epochs=5, hidden=4),
-        GradientDetector(GradientConfig(layers=2, sketch=8, reader="logistic", epochs=3)),
-        FlowValidatorDetector(tiny_validator(model)),
-    ]
+    """Every registered detector (built by the registry), plus variants the table does not build."""
+    options = dataclasses.replace(TINY, validator=tiny_validator(model))
+    built = build_detectors(list(registered_detectors()), options)
+    return [*built, HiddenStateProbe(layers=[1, 2], kind="mlp", epochs=5, hidden=4)]
+
+
+def test_every_registered_name_builds_a_detector(model):
+    options = dataclasses.replace(TINY, validator=tiny_validator(model))
+    for name in registered_detectors():
+        assert build_detectors([name], options), f"registered detector {name!r} built nothing with the test options"
+    with pytest.raises(ValueError, match=r"unknown detector.*choose from flow"):
+        build_detectors(["nope"], options)
+    with pytest.raises(ValueError, match="already registered"):
+        register_detector("flow", lambda o: [])
+
+
+def test_a_registered_detector_is_offered_and_built(model):
+    register_detector("length-again", lambda o: [AnswerLengthDetector()], help="test entry")
+    try:
+        assert "length-again" in registered_detectors()
+        assert isinstance(build_detectors(["length-again"], TINY)[0], AnswerLengthDetector)
+        with pytest.raises(TypeError, match="list of Detector"):
+            register_detector("bad", lambda o: "x")
+            build_detectors(["bad"], TINY)
+    finally:
+        unregister_detector("length-again")
+        if "bad" in registered_detectors():
+            unregister_detector("bad")
 
 
 @pytest.fixture(scope="module")
@@ -41,9 +70,14 @@ def model() -> torch.nn.Module:
     return make_tiny_model("llama")
 
 
-@pytest.mark.parametrize("index", range(8))
+N_DETECTORS = 10  # 1 flow + 1 gradient + 1 probe + 4 confidence + 1 sampling + 1 length, + the MLP probe
+
+
+@pytest.mark.parametrize("index", range(N_DETECTORS))
 def test_score_shape_dtype_fitting_and_round_trip(model, index, tmp_path) -> None:
-    det = _detectors(model)[index]
+    detectors = _detectors(model)
+    assert len(detectors) == N_DETECTORS, "a detector was registered: raise N_DETECTORS so the contract covers it"
+    det = detectors[index]
     ex = baseline_examples(12)
     feats = det.featurize(model, ex, tokenizer=CharTokenizer())
     if det.trainable:

@@ -17,20 +17,13 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.data import DATASET_NAMES, Example
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
 from hf_flowcheck.detectors.base import Detector, ScoredExample
-from hf_flowcheck.detectors.baselines import (
-    AnswerLengthDetector,
-    HiddenStateProbe,
-    SamplingAgreementDetector,
-    TokenConfidenceDetector,
-)
 from hf_flowcheck.detectors.flow_validator import HEADS, ValidatorConfig
-from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
+from hf_flowcheck.detectors.gradient import GradientConfig
+from hf_flowcheck.detectors.registry import registered_detectors
 from hf_flowcheck.metrics import format_table
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
 from hf_flowcheck.workflows.answers import generate_answers, load_answer_records, read_answers
 from hf_flowcheck.workflows.compare import (
-    DETECTOR_CHOICES,
-    FlowValidatorDetector,
     compare_detectors,
     examples_from_store,
     gradient_layer_ablation,
@@ -472,8 +465,9 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     parser.add_argument("--data-dir", default=None, help="Data directory to reload the records (prompts).")
     parser.add_argument(
         "--detectors",
-        default=",".join(DETECTOR_CHOICES),
-        help=f"Comma-separated subset of {', '.join(DETECTOR_CHOICES)} (length: paired stores only).",
+        default=",".join(registered_detectors()),
+        help="Comma-separated subset of the registered detectors (hf_flowcheck.detectors.registry): "
+        + "; ".join(f"{k}: {v}" for k, v in registered_detectors().items()),
     )
     parser.add_argument("--split-seed", type=int, default=0)
     parser.add_argument("--seed", type=int, default=0, help="Seed of sketches, readers and sampling.")
@@ -522,37 +516,22 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 
 
 def _build_detectors(args: argparse.Namespace, tokenizer: Any, protocol: str) -> list[Detector]:
-    wanted = [d.strip() for d in args.detectors.split(",") if d.strip()]
-    bad = sorted(set(wanted) - set(DETECTOR_CHOICES))
-    if bad:
-        raise ValueError(f"--detectors: unknown {bad}; choose from {', '.join(DETECTOR_CHOICES)}.")
-    out: list[Detector] = []
-    for w in wanted:
-        if w == "flow":
-            if not args.validator:
-                print("flowcheck compare: skipping the flow validator (no --validator given)", file=sys.stderr)
-                continue
-            from hf_flowcheck.detectors.flow_validator import FlowValidator
+    from hf_flowcheck.detectors.registry import DetectorOptions, build_detectors
 
-            out.append(FlowValidatorDetector(FlowValidator.from_pretrained(args.validator), tokenizer=tokenizer))
-        elif w == "gradient":
-            layers: Any = args.gradient_layers
-            layers = "all" if layers == "all" else int(layers)
-            sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
-            out.append(
-                GradientDetector(
-                    GradientConfig(layers=layers, sketch=sketch, reader=args.gradient_reader, seed=args.seed)
-                )
-            )
-        elif w == "probe":
-            out.append(HiddenStateProbe(seed=args.seed))
-        elif w == "confidence":
-            out += [TokenConfidenceDetector(s) for s in ("mean_logprob", "min_logprob", "mean_entropy", "perplexity")]
-        elif w == "sampling":
-            out.append(SamplingAgreementDetector(args.samples, max_new_tokens=args.max_new_tokens, seed=args.seed))
-        elif w == "length" and protocol == "paired":
-            out.append(AnswerLengthDetector())
-    return out
+    wanted = [d.strip() for d in args.detectors.split(",") if d.strip()]
+    if "flow" in wanted and not args.validator:
+        print("flowcheck compare: skipping the flow validator (no --validator given)", file=sys.stderr)
+    layers: Any = args.gradient_layers
+    options = DetectorOptions(
+        validator=args.validator, tokenizer=tokenizer, protocol=protocol, seed=args.seed, samples=args.samples,
+        max_new_tokens=args.max_new_tokens, gradient_layers="all" if layers == "all" else int(layers),
+        gradient_sketch=None if args.gradient_sketch <= 0 else args.gradient_sketch,
+        gradient_reader=args.gradient_reader,
+    )  # fmt: skip
+    try:
+        return build_detectors(wanted, options)
+    except ValueError as err:
+        raise ValueError(f"--detectors: {err}") from None
 
 
 def run_compare(args: argparse.Namespace) -> int:
