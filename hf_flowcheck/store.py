@@ -26,6 +26,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -250,14 +251,66 @@ def read_manifest(directory: str | os.PathLike[str]) -> dict[str, Any] | None:
         raise FeatureStoreError(
             f"{path} is not valid JSON ({err}); delete the directory and rerun the extraction."
         ) from None
-    if manifest.get("format") != STORE_FORMAT:
+    if not isinstance(manifest, dict) or manifest.get("format") != STORE_FORMAT:
         raise FeatureStoreError(f"{path} is not an hf_flowcheck feature-store manifest.")
-    if int(manifest.get("format_version", 0)) > STORE_FORMAT_VERSION:
+    version = manifest.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise FeatureStoreError(f"{path}: format_version {version!r} is not an integer; {_EDITED}")
+    if version > STORE_FORMAT_VERSION:
         raise FeatureStoreError(
             f"{path} has format_version {manifest['format_version']}, newer than this hf_flowcheck "
             f"({__version__}) reads ({STORE_FORMAT_VERSION}); upgrade hf_flowcheck."
         )
+    _check_fields(path, manifest)
     return manifest
+
+
+_EDITED = "the manifest was edited or damaged; rerun the extraction into a new directory."
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+
+
+def _check_fields(path: Path, manifest: dict[str, Any]) -> None:
+    """Every field the store reads has its type, so a damaged manifest is named here, not met later as a
+    ``TypeError`` in the middle of a load."""
+
+    def bad(field: str, value: Any, want: str) -> FeatureStoreError:
+        return FeatureStoreError(f"{path}: {field} is {value!r}, not {want}; {_EDITED}")
+
+    def is_int(x: Any, low: int = 0) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool) and x >= low
+
+    shards = manifest.get("shards", [])
+    if not isinstance(shards, list):
+        raise bad("shards", shards, "a list of shard entries")
+    for i, entry in enumerate(shards):
+        if not isinstance(entry, dict):
+            raise bad(f"shards[{i}]", entry, "a shard entry (a JSON object)")
+        if not is_int(entry.get("num_samples")):
+            raise bad(f"shards[{i}].num_samples", entry.get("num_samples"), "a non-negative integer")
+        if not isinstance(entry.get("sha256"), str) or not _SHA256.fullmatch(entry["sha256"]):
+            raise bad(f"shards[{i}].sha256", entry.get("sha256"), "a sha256 hex digest")
+    names = manifest.get("feature_names")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        raise bad("feature_names", names, "a list of channel names")
+    for field, want in (("protocol", str), ("status", str)):
+        if not isinstance(manifest.get(field), want):
+            raise bad(field, manifest.get(field), "a string")
+    for field in ("counts", "model_fingerprint", "dataset"):
+        if manifest.get(field) is not None and not isinstance(manifest[field], dict):
+            raise bad(field, manifest[field], "a JSON object")
+    if "num_blocks" in manifest and not is_int(manifest["num_blocks"]):
+        raise bad("num_blocks", manifest["num_blocks"], "a non-negative integer")
+    try:
+        cfg = FlowConfig.from_dict(manifest.get("flow_config"))
+    except (TypeError, ValueError) as err:
+        raise FeatureStoreError(f"{path}: flow_config is not a valid FlowConfig ({err}); {_EDITED}") from None
+    if tuple(names) != cfg.feature_names:
+        raise FeatureStoreError(
+            f"{path}: feature_names {names} are not the channels of its flow_config "
+            f"{list(cfg.feature_names)}; {_EDITED}"
+        )
+    if manifest.get("status") == "complete" and not shards and any(path.parent.glob("shard-*.safetensors")):
+        raise FeatureStoreError(f"{path} lists no shards but the folder holds shard files; {_EDITED}")
 
 
 def _corrupt_message(path: Path, why: str) -> str:

@@ -114,3 +114,41 @@ def test_generate_options_work_or_are_named_and_change_nothing(fc, options):
         assert not m._forward_hooks and not m._forward_pre_hooks
     after = fc.generate(input_ids=PROMPT, return_flow_scores=True, **base).flow_scores
     torch.testing.assert_close(after, before)
+
+
+@pytest.fixture(scope="module")
+def store_dir(tmp_path_factory):
+    from test_store import _make_store, _shard
+
+    root = tmp_path_factory.mktemp("store")
+    _make_store(root, [_shard(4, 2, 0, seed=1), _shard(2, 3, 4, seed=2)])
+    return root
+
+
+@FUZZ
+@given(st.data())
+def test_an_edited_store_manifest_loads_the_same_or_is_named(store_dir, tmp_path_factory, data):
+    """An edited manifest (any field, any JSON value, at the top or in a shard entry) is refused with a
+    FeatureStoreError/ValueError naming the problem, or loads exactly what the intact store loads."""
+    import shutil
+
+    from hf_flowcheck.errors import FeatureStoreError
+    from hf_flowcheck.store import MANIFEST_NAME, FeatureStore
+
+    work = tmp_path_factory.mktemp("edit")
+    shutil.rmtree(work)
+    shutil.copytree(store_dir, work)
+    manifest = json.loads((work / MANIFEST_NAME).read_text())
+    intact, labels, uids = FeatureStore.open(store_dir).load()
+    if data.draw(st.booleans()):
+        manifest = data.draw(_edits(manifest))
+    else:
+        i = data.draw(st.integers(0, len(manifest["shards"]) - 1))
+        manifest["shards"][i] = data.draw(_edits(manifest["shards"][i]))
+    (work / MANIFEST_NAME).write_text(json.dumps(manifest))
+    try:
+        feats, labels2, uids2 = FeatureStore.open(work).load()
+    except (FeatureStoreError, ValueError, FileNotFoundError) as err:
+        assert str(err)
+        return
+    assert uids2 == uids and torch.equal(labels2, labels) and torch.equal(feats.values, intact.values)
