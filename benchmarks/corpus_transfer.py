@@ -271,7 +271,9 @@ def matrix(args: argparse.Namespace) -> int:
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
-    groups = [("style", s, style == s) for s in PROMPT_STYLES] + [("task", t, task == t) for t in CORPUS_TASKS]
+    groups = [("style", s, style == s) for s in PROMPT_STYLES]
+    if args.held_out == "styles-and-tasks":
+        groups += [("task", t, task == t) for t in CORPUS_TASKS]
     for kind, name, held in groups:
         if held.sum() < 20 or len(set(y[held].tolist())) < 2:
             continue
@@ -487,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--scores", required=True, help="JSON of every run's scores per answer (resumable input of report).")
     m.add_argument("--epochs", type=int, default=20)
     m.add_argument("--design", choices=DESIGNS, default="shipped")
+    m.add_argument("--held-out", choices=("styles-and-tasks", "styles"), default="styles-and-tasks",
+                   help="Which cells are held out in turn (plus one in-distribution split).")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=matrix)
     b = sub.add_parser("bundle")
