@@ -442,6 +442,50 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
     return sections
 
 
+def old_protocol(args: argparse.Namespace) -> int:
+    """A validator on the bundled validators' own protocol: HaluEval-QA, plain two-shot with a passage.
+
+    The test split is the one ``flowcheck train`` used for the shipped validator (seed 0, grouped by
+    record, over the answers file's labelled records); the first ``--limit`` of its answers (answers
+    file order) are replayed with the validator's own flow recipe and scored, next to token confidence
+    on the same answers.
+    """
+    from hf_flowcheck.data.splits import split_records
+    from hf_flowcheck.workflows.answers import read_answers
+
+    v = FlowValidator.from_pretrained(args.validator).eval()
+    recs = read_answers(args.answers).labelled
+    test = set(split_records([r.uid for r in recs], seed=0).test)
+    rows = [r for r in recs if r.uid in test][: args.limit]
+    model, tok = load_model(args.model)
+    model.eval()
+    out = Path(args.features)
+    extract_dataset(
+        model, tok, rows, out, config=v.flow_config, protocol="replayed", batch_size=8, shard_size=32,
+        progress=False, dataset={"answers": args.answers, "split": "test", "limit": args.limit},
+    )  # fmt: skip
+    feats, y, uids = FeatureStore.open(out).load()
+    y = y.numpy().astype(int)
+    by_uid = {r.uid: r for r in rows}
+    ex = [
+        ScoredExample(encode_text(tok, by_uid[u].prompt), list(by_uid[u].gen_ids), int(by_uid[u].label), u)
+        for u in uids
+    ]
+    with torch.inference_mode():
+        conf = token_confidence_features(model, ex, batch_size=8)
+    scores = {"validator": score(v, feats), "-mean log p": conf[:, 0], "-min log p": conf[:, 1]}
+    result = {"validator": args.validator, "answers": len(y), "hallucinated": int(y.sum()),
+              "command": "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    for name, sc in scores.items():
+        result[name] = ci_row(y, np.asarray(sc, dtype=float))
+    ok = ~np.isnan(scores["validator"])
+    lo, hi = paired_auroc_difference(y[ok], scores["validator"][ok], np.asarray(scores["-min log p"])[ok], n=500)
+    result["validator minus -min log p"] = [round(lo, 3), round(hi, 3)]
+    Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
 def reliability_png(y: np.ndarray, runs: dict, shipped_scores: np.ndarray, path: str, bins: int = 10) -> None:
     """Reliability diagram per held-out prompt style: observed hallucination rate against the mean score."""
     import matplotlib
@@ -502,6 +546,14 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
+    o = sub.add_parser("old-protocol")
+    o.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
+    o.add_argument("--validator", required=True)
+    o.add_argument("--answers", required=True, help="The answers file the shipped validator was trained on.")
+    o.add_argument("--features", required=True, help="Where the replayed test answers are stored (resumable).")
+    o.add_argument("--limit", type=int, default=300)
+    o.add_argument("--out", required=True)
+    o.set_defaults(func=old_protocol)
     rp = sub.add_parser("report")
     rp.add_argument("--features", required=True)
     rp.add_argument("--scores", required=True)
