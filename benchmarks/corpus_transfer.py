@@ -266,11 +266,11 @@ def matrix(args: argparse.Namespace) -> int:
     task = np.array([m[0] for m in meta])
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
-    if args.design == "flow+confidence":
-        feats = dataclasses.replace(feats, states=confidence_states([m[3:6] for m in meta]))
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
+    if args.design == "flow+confidence":  # after the shipped validator has read the residual states
+        feats = dataclasses.replace(feats, states=confidence_states([m[3:6] for m in meta]))
     groups = [("style", s, style == s) for s in PROMPT_STYLES]
     if args.held_out == "styles-and-tasks":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]

@@ -1,9 +1,10 @@
 """Flow-checked generation on the bundled offline model (SmolLM2-135M-Instruct).
 
-    python examples/quickstart.py [--validator FOLDER_OR_HUB_ID] [--max-new-tokens 24]
+    python examples/quickstart.py [--validator FOLDER_OR_HUB_ID] [--max-new-tokens 64]
 
-Prints the answer, its flow score (higher = more likely hallucinated), the culprit token and block,
-and the shape of the flow signatures. Uses the validator bundled for the model when there is one;
+Asks a question the way people ask an Instruct model -- through its chat template -- and prints the
+answer, its flow score (higher = more likely hallucinated), the culprit token and block, and the
+shape of the flow signatures. Uses the validator bundled for the model when there is one;
 without one (and without --validator) it falls back to a RANDOMLY INITIALISED validator and says
 so: the numbers then only show the API, not a detection.
 """
@@ -17,7 +18,6 @@ import torch
 from hf_flowcheck import FlowCheckedModelForCausalLM, FlowValidator, ValidatorConfig
 
 QUESTION = "Which engineer is the Eiffel Tower named after?"
-KNOWLEDGE = "The Eiffel Tower in Paris is named after the engineer Gustave Eiffel, whose company built it."
 
 
 def load(base: str, validator: str | None) -> FlowCheckedModelForCausalLM:
@@ -39,14 +39,15 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
     p.add_argument("--validator", default=None)
-    p.add_argument("--max-new-tokens", type=int, default=24)
+    p.add_argument("--max-new-tokens", type=int, default=64)
     args = p.parse_args()
     torch.set_num_threads(2)
 
     model = load(args.model, args.validator)
     tok = model.tokenizer
-    enc = tok(f"Knowledge: {KNOWLEDGE}\nQuestion: {QUESTION}\nAnswer:", return_tensors="pt")
-    out = model.generate(
+    messages = [{"role": "user", "content": QUESTION}]
+    enc = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    out = model.generate(  # the reply ends at the model's own end of turn
         **enc,
         max_new_tokens=args.max_new_tokens,
         do_sample=False,
