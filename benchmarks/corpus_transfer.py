@@ -210,7 +210,11 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
     v.eval()
     cal = calibrate_validator(v, feats.take(va), y[va])
     point = v.training_metadata["operating_points"]["precision_0.8"]
-    return score(v, feats), point and point["threshold"], cal
+    return (
+        score(v, feats),
+        point and point["threshold"],
+        {**cal, "operating_points": v.training_metadata["operating_points"]},
+    )
 
 
 def confidence_states(conf: np.ndarray) -> torch.Tensor:
@@ -223,7 +227,21 @@ def score(v: FlowValidator, feats) -> np.ndarray:
         return v.score_features(feats).scores.float().cpu().numpy()
 
 
-def cell_report(y, scores: dict[str, np.ndarray], idx, threshold: float | None = None) -> dict:
+def reached(y: np.ndarray, s: np.ndarray, threshold: float, promised: float) -> dict:
+    """What a validation-chosen flagging threshold does on held-out answers ``y``/``s`` (no nan)."""
+    flagged = s >= threshold
+    return {
+        "threshold": round(float(threshold), 4),
+        "promised_precision": promised,
+        "flagged_share": round(float(flagged.mean()), 3),
+        "precision": round(float(y[flagged].mean()), 3) if flagged.any() else None,
+        "recall": round(float(flagged[y == 1].mean()), 3) if (y == 1).any() else None,
+    }
+
+
+def cell_report(
+    y, scores: dict[str, np.ndarray], idx, threshold: float | None = None, points: dict | None = None
+) -> dict:
     out = {name: ci_row(y[idx], s[idx]) for name, s in scores.items()}
     v = scores["validator"][idx]
     ok_v = ~np.isnan(v)
@@ -246,14 +264,10 @@ def cell_report(y, scores: dict[str, np.ndarray], idx, threshold: float | None =
         out["validator"]["mean_score"] = round(float(sv.mean()), 3)
         out["validator"]["hallucinated_share"] = round(float(yv.mean()), 3)
     if threshold is not None and sv.size:
-        flagged = sv >= threshold
-        out["validator"]["recommended"] = {
-            "threshold": round(float(threshold), 4),
-            "promised_precision": 0.8,
-            "flagged_share": round(float(flagged.mean()), 3),
-            "precision": round(float(yv[flagged].mean()), 3) if flagged.any() else None,
-            "recall": round(float(flagged[yv == 1].mean()), 3) if (yv == 1).any() else None,
-        }
+        out["validator"]["recommended"] = reached(yv, sv, threshold, 0.8)
+    high = (points or {}).get("precision_0.9")
+    if high and sv.size:
+        out["validator"]["precision_0.9_point"] = reached(yv, sv, high["threshold"], 0.9)
     s = scores["shipped"][idx]
     s = s[~np.isnan(s)]
     out["shipped"]["share_ge_0.99"] = round(float((s >= 0.99).mean()), 3) if s.size else None
@@ -323,7 +337,8 @@ def report(args: argparse.Namespace) -> int:
         ok = idx[~np.isnan(v[idx]) & ~np.isnan(base["-min log p"][idx])]
         combo[ok] = rankdata_average(v[ok]) + rankdata_average(base["-min log p"][ok])
         scores = {"validator": v, **base, "validator + -min log p": combo}
-        results["cells"][key] = cell_report(y, scores, idx, run.get("threshold"))
+        points = (run.get("calibration") or {}).get("operating_points")
+        results["cells"][key] = cell_report(y, scores, idx, run.get("threshold"), points)
     styles = [k for k in results["cells"] if k.startswith("style=")]
     results["mean_held_out_style_auroc"] = {
         name: round(float(np.nanmean([results["cells"][k][name]["auroc"] or np.nan for k in styles])), 3)
