@@ -39,7 +39,7 @@ import torch
 from hf_flowcheck.bundled import bundled_validators
 from hf_flowcheck.data.corpus import CORPUS_TASKS, PROMPT_STYLES
 from hf_flowcheck.detectors.base import ScoredExample, encode_text
-from hf_flowcheck.detectors.baselines import HiddenStateProbe, token_confidence_features
+from hf_flowcheck.detectors.baselines import HiddenStateProbe, token_confidence_features, train_logistic_regression
 from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
 from hf_flowcheck.metrics import (
     auroc,
@@ -59,7 +59,7 @@ BUNDLED = {
     "SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa",
     "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
 }
-DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence")
+DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence", "confidence")
 
 
 def shipped(model_name: str) -> FlowValidator:
@@ -188,6 +188,13 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
     idx = rng.permutation(idx)
     n_val = max(20, len(idx) * 15 // 100)
     va, tr = idx[:n_val], idx[n_val:]
+    if design == "confidence":  # the flow+confidence design's frozen term alone: the ablation of its flow part
+        x = feats.states[:, 0].double()
+        mu, sd = x[tr].mean(0), x[tr].std(0).clamp_min(1e-6)
+        w, b = train_logistic_regression((x[tr] - mu) / sd, torch.as_tensor(y[tr]), l2=1e-2)
+        scores = torch.sigmoid((x - mu) / sd @ w + b).numpy()
+        point = operating_points(y[va], scores[va])["precision_0.8"]
+        return scores, point and point["threshold"], {}
     if design == "probe":
         probe = HiddenStateProbe(layers="all").fit(feats.states[tr], y[tr], feats.states[va], y[va])
         scores = probe.score(feats.states)
@@ -283,7 +290,7 @@ def matrix(args: argparse.Namespace) -> int:
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
-    if args.design == "flow+confidence":  # after the shipped validator has read the residual states
+    if args.design in ("flow+confidence", "confidence"):  # after the shipped validator read the residual states
         feats = dataclasses.replace(feats, states=confidence_states([m[3:6] for m in meta]))
     groups = [("style", s, style == s) for s in PROMPT_STYLES]
     if args.held_out == "styles-and-tasks":
@@ -501,6 +508,25 @@ def old_protocol(args: argparse.Namespace) -> int:
     return 0
 
 
+def card(args: argparse.Namespace) -> int:
+    """Add the old-protocol figure (``old-protocol``'s JSON) to a bundled validator's card; weights untouched."""
+    v = FlowValidator.from_pretrained(args.validator)
+    res = json.loads(Path(args.old_protocol).read_text())
+    val, mn, mx = res["validator"], res["-min log p"], res["-mean log p"]
+    text = (
+        f"On its bundled siblings' own protocol (HaluEval-QA, the plain two-shot prompt with a passage, the first "
+        f"{res['answers']} answers of their seed-0 test split, {val['n']} scored): AUROC {val['auroc']} "
+        f"{val['ci']}, against -min log p {mn['auroc']} and -mean log p {mx['auroc']} on the same answers (paired "
+        f"difference to -min log p {res['validator minus -min log p']}). `smollm2-135m-instruct-halueval-qa`, "
+        "trained on that format, reaches 0.866 on the whole test split.\n\n```bash\n" + res["command"] + "\n```"
+    )
+    sections = [x for x in v.training_metadata.get("card_sections", []) if x["title"] != "HaluEval-QA two-shot format"]
+    v.training_metadata["card_sections"] = [*sections, {"title": "HaluEval-QA two-shot format", "text": text}]
+    v.save_pretrained(args.validator, overwrite=True)
+    print(f"added the old-protocol figure to {args.validator}/README.md")
+    return 0
+
+
 def reliability_png(y: np.ndarray, runs: dict, shipped_scores: np.ndarray, path: str, bins: int = 10) -> None:
     """Reliability diagram per held-out prompt style: observed hallucination rate against the mean score."""
     import matplotlib
@@ -561,6 +587,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
+    c = sub.add_parser("card")
+    c.add_argument("--validator", required=True)
+    c.add_argument("--old-protocol", required=True, help="The JSON written by `old-protocol`.")
+    c.set_defaults(func=card)
     o = sub.add_parser("old-protocol")
     o.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
     o.add_argument("--validator", required=True)

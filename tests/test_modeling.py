@@ -273,3 +273,23 @@ def test_bundled_validator_under_half_precision_says_why_it_is_not_loaded():
         warnings.simplefilter("always")
         assert default_validator_for(model) is None
     assert any("dtype=torch.float32" in str(w.message) for w in caught)
+
+
+def test_the_default_bundled_validator_is_the_one_trained_on_most_prompt_styles():
+    from hf_flowcheck.bundled import _preference, bundled_validators
+    from hf_flowcheck.data.corpus import PROMPT_STYLES
+    from hf_flowcheck.detectors import FlowValidator
+
+    smol = [f for name, f in bundled_validators().items() if name.startswith("smollm2")]
+    chosen = min(smol, key=_preference)
+    assert chosen.name == "smollm2-135m-instruct-corpus"
+    v = FlowValidator.from_pretrained(chosen)
+    meta = v.training_metadata
+    assert meta["prompt_styles"] == list(PROMPT_STYLES) and "truthfulqa" not in meta["tasks"]
+    assert v.calibration != (1.0, 0.0) and meta["calibration"]["ece_after"] < meta["calibration"]["ece_before"]
+    for style in PROMPT_STYLES:  # a verdict threshold chosen on that style's validation answers
+        assert 0.0 < v.recommended_threshold("precision_0.9", prompt_style=style) < 1.0
+    assert not v.flow_config.score_terminators and v.flow_config.state_summary == "none"
+    card = (chosen / "README.md").read_text()
+    for section in ("## Trained on", "## Intended use", "## Limits", "## Transfer (held-out prompt styles and tasks)"):
+        assert section in card
