@@ -40,7 +40,7 @@ from torch import nn
 
 from hf_flowcheck.data import clean_generation, token_f1
 from hf_flowcheck.detectors.base import Detector, ScoredExample, batch_examples
-from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, fingerprint_table, jsonable
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, card_front_matter, fingerprint_table, jsonable
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.model_io import forward_kwargs, input_device, pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
@@ -680,9 +680,8 @@ class HiddenStateProbe(
     def model_card_text(self) -> str:
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")
-        lines = ["---", "library_name: hf_flowcheck", "tags:"]
-        lines += [f"- {t}" for t in ("hf_flowcheck", "hallucination-detection", "hidden-state-probe")]
-        lines += ["---", "", f"# Hidden-state probe{' for ' + base_id if base_id else ''}", ""]
+        lines = card_front_matter(("hf_flowcheck", "hallucination-detection", "hidden-state-probe"))
+        lines += [f"# Hidden-state probe{' for ' + base_id if base_id else ''}", ""]
         lines += [
             f"A {self.kind} probe on hidden state {self.layer} (of the B + 1 residual states) at the last answer "
             "token, standardised with training statistics; the layer was chosen on validation AUROC. "

@@ -10,9 +10,10 @@ pieces below (Hub-fetch errors that say what to do offline, the ``config.json`` 
 
 from __future__ import annotations
 
+import json
 import math
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -408,6 +409,22 @@ def file_sha256(path: str | os.PathLike[str]) -> str:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def card_front_matter(tags: Sequence[str], *, base_model: str | None = None) -> list[str]:
+    """The YAML block every hf_flowcheck model card opens with (``library_name``, ``tags``, ``base_model``).
+
+    Args:
+        tags: The card's tags, in order.
+        base_model: A Hub id to record as ``base_model`` (written as a JSON string, a valid YAML scalar).
+
+    Returns:
+        The lines, ending with the closing ``---`` and a blank line.
+    """
+    lines = ["---", "library_name: hf_flowcheck", "tags:", *(f"- {t}" for t in tags)]
+    if base_model:
+        lines.append(f"base_model: {json.dumps(base_model)}")
+    return [*lines, "---", ""]
 
 
 def fingerprint_table(fp: Mapping[str, Any] | None) -> list[str]:

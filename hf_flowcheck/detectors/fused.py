@@ -10,7 +10,7 @@ import torch
 from huggingface_hub import ModelHubMixin
 
 from hf_flowcheck.detectors.baselines import train_logistic_regression
-from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, card_front_matter
 from hf_flowcheck.version import __version__
 
 __all__ = ["FusedDetector"]
@@ -115,7 +115,7 @@ class FusedDetector(
         self._w, self._b = state["weight"].double(), state["bias"].double()[0]
 
     def model_card_text(self) -> str:
-        lines = ["---", "library_name: hf_flowcheck", "tags:", "- hf_flowcheck", "- fused-detector", "---", ""]
+        lines = card_front_matter(("hf_flowcheck", "fused-detector"))
         lines += [
             "# Fused detector",
             "",

@@ -7,13 +7,10 @@ import json
 import os
 from typing import Any
 
+from hf_flowcheck.detectors.checkpoint import card_front_matter
 from hf_flowcheck.version import __version__
 
 __all__ = ["architecture_text", "model_card_text"]
-
-
-def _yaml_str(text: str) -> str:
-    return json.dumps(text)  # a JSON string is a valid YAML scalar
 
 
 def _looks_like_hub_id(name: str | None) -> bool:
@@ -31,10 +28,7 @@ def model_card_text(validator: Any, repo_id: str | None = None) -> str:
     base_id = fp.get("base_id")
     meta = validator.training_metadata
     tags = ["hf_flowcheck", "hallucination-detection", "flow-signatures", "pytorch_model_hub_mixin"]
-    lines = ["---", "library_name: hf_flowcheck", "tags:"] + [f"- {t}" for t in tags]
-    if _looks_like_hub_id(base_id):
-        lines.append(f"base_model: {_yaml_str(base_id)}")
-    lines += ["---", ""]
+    lines = card_front_matter(tags, base_model=base_id if _looks_like_hub_id(base_id) else None)
     title = f"Flow validator for {base_id}" if base_id else "Flow validator"
     lines += [
         f"# {title}",

@@ -13,7 +13,7 @@ from huggingface_hub import PyTorchModelHubMixin
 from torch import nn
 
 from hf_flowcheck.detectors.base import Detector, NotFittedError, ScoredExample
-from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, fingerprint_table, jsonable
+from hf_flowcheck.detectors.checkpoint import SavedDetectorMixin, card_front_matter, fingerprint_table, jsonable
 from hf_flowcheck.detectors.gradient.config import (
     CLASS_NAMES,
     GradientConfig,
@@ -353,9 +353,8 @@ class GradientDetector(
 
         fp = self.base_fingerprint or {}
         base_id = fp.get("base_id")
-        lines = ["---", "library_name: hf_flowcheck", "tags:"]
-        lines += [f"- {t}" for t in ("hf_flowcheck", "hallucination-detection", "gradient-signatures")]
-        lines += ["---", "", f"# Gradient-signature detector{' for ' + base_id if base_id else ''}", ""]
+        lines = card_front_matter(("hf_flowcheck", "hallucination-detection", "gradient-signatures"))
+        lines += [f"# Gradient-signature detector{' for ' + base_id if base_id else ''}", ""]
         lines += [
             "One forward-backward pass over the prompt and the model's answer (loss: mean NLL of the answer tokens), "
             f"restricted to blocks {self.block_indices if self.block_indices is not None else self.config.layers}; "
