@@ -178,9 +178,9 @@ def calibrate_validator(
     """
     validator.set_calibration(1.0, 0.0)
     all_y = np.asarray(labels.numpy() if isinstance(labels, torch.Tensor) else labels, dtype=np.int64)
-    logits = validator.score_features(features).logits.double().cpu().numpy()
-    ok = np.isfinite(logits)
-    y, logits = all_y[ok], logits[ok]
+    raw = validator.score_features(features).logits.double().cpu().numpy()  # nan: no events
+    ok = np.isfinite(raw)
+    y, logits = all_y[ok], raw[ok]
     info: dict[str, Any]
     if y.size < 2 or y.min() == y.max():
         info = {"skipped": f"the {split} split has {y.size} scored answers of one class; no calibration fitted"}
@@ -204,7 +204,8 @@ def calibrate_validator(
                 "ece_after": round(expected_calibration_error(y, after), 4),
             }
     validator.training_metadata["calibration"] = info
-    scores = validator.score_features(features).scores.double().cpu().numpy()
+    a, b = validator.calibration  # the map now in force (the identity when skipped): no second pass
+    scores = 1.0 / (1.0 + np.exp(-(a * raw + b)))
     keep = ~np.isnan(scores)
     validator.training_metadata["operating_points"] = {"chosen_on": split, **_points(all_y[keep], scores[keep])}
     if groups is not None:
