@@ -7,6 +7,10 @@ Two steps, both resumable:
             with the bundled validator's flow recipe and the new default ``score_terminators=False``;
             also records each answer's token confidence (-mean / -min log p, mean entropy) from the
             same model, and the three answer ends of each answer for the terminator check.
+``confidence`` the token-confidence channel of every labelled answer as the runtime computes it
+            (``FlowConfig(state_summary='token_confidence')``: the content tokens only, read from the
+            final residual at each token's predicting position), one forward per batch, into
+            ``token_confidence.json`` per cell: what the ``flow+token-confidence`` design reads.
 ``matrix``  leave-one-out: for each prompt style (and each task) held out, train the bundled design
             on the other cells (a grouped 85/15 train/validation split for early stopping) and keep
             its scores; plus a grouped in-distribution split for reference (not used to choose).
@@ -59,7 +63,9 @@ BUNDLED = {
     "SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa",
     "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
 }
-DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence", "confidence")
+DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence", "flow+token-confidence", "confidence")
+#: Designs whose state input is a token-confidence triple, and where ``load_cells``' meta holds it.
+CONFIDENCE_DESIGNS = {"flow+confidence": slice(3, 6), "confidence": slice(3, 6), "flow+token-confidence": 8}
 
 
 def shipped(model_name: str) -> FlowValidator:
@@ -139,6 +145,47 @@ def replay(args: argparse.Namespace) -> int:
     return 0
 
 
+def confidence(args: argparse.Namespace) -> int:
+    """``token_confidence.json`` per cell: the runtime's token-confidence channel of each labelled answer."""
+    from hf_flowcheck.detectors.base import batch_examples
+    from hf_flowcheck.extraction import FlowExtractor
+    from hf_flowcheck.model_io import pad_token_id
+
+    model, tok = load_model(args.model)
+    model.eval()
+    cfg = dataclasses.replace(
+        shipped(args.model).flow_config, score_terminators=False, state_summary="token_confidence"
+    )
+    ext = FlowExtractor(model, cfg, tokenizer=tok)
+    pad = pad_token_id(model, eos_fallback=True, default=0)
+    for f in read_corpus(args.corpus, tasks=args.tasks):
+        task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
+        views = [v for r in f.labelled if (v := answer_view(r, "primary", tok)) is not None]
+        cell = Path(args.features) / task / style
+        path = cell / "token_confidence.json"
+        done = json.loads(path.read_text()) if path.is_file() else {}
+        todo = [v for v in views if v.uid not in done]
+        if not args.all_answers:  # only what has flow features to train with
+            replayed = {u for _, _, part in _parts(cell) if _complete(part) for u in FeatureStore.open(part).uids()}
+            todo = [v for v in todo if v.uid in replayed]
+        t0 = time.perf_counter()
+        for i in range(0, len(todo), 8):
+            batch = [
+                ScoredExample(encode_text(tok, v.prompt), list(v.gen_ids), v.label, v.uid) for v in todo[i : i + 8]
+            ]
+            ids, att, resp = batch_examples(batch, pad)
+            states = ext.token_confidence(ids, att, resp)
+            for v, row in zip(todo[i : i + 8], states[:, 0].tolist(), strict=True):
+                done[v.uid] = [float(x) for x in row]
+        if todo:
+            cell.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(done))
+            tmp.replace(path)
+        print(f"{task}/{style}: {len(todo)} new of {len(views)} ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return 0
+
+
 def load_cells(root: Path, *, features: bool = True) -> tuple:
     """Every complete part of every cell, in cell then range order: ``(features, labels, meta)``."""
     feats, labels, meta = [], [], []
@@ -147,6 +194,8 @@ def load_cells(root: Path, *, features: bool = True) -> tuple:
         conf = json.loads((cell / "confidence.json").read_text())
         poly_path = cell / "polygraph.json"
         poly = json.loads(poly_path.read_text()) if poly_path.is_file() else {}
+        tc_path = cell / "token_confidence.json"
+        tconf = json.loads(tc_path.read_text()) if tc_path.is_file() else {}
         for _, _, part in _parts(cell):
             if not _complete(part) or not set(FeatureStore.open(part).uids()) <= conf.keys():
                 continue  # still being replayed (its confidence comes after its features)
@@ -158,7 +207,7 @@ def load_cells(root: Path, *, features: bool = True) -> tuple:
             else:
                 uids = store.uids()
             for u in uids:
-                meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {})))
+                meta.append((cell.parent.name, cell.name, u, *conf[u], poly.get(u, {}), tconf.get(u)))
     if not features:
         return None, None, meta
     return pad_features(feats), torch.cat(labels).numpy().astype(int), meta
@@ -205,7 +254,7 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
     if design == "flow-only":
         cfg = dataclasses.replace(cfg, state_dim=0, state_blocks=())
         state_init = "random"
-    elif design == "flow+confidence":
+    elif design in ("flow+confidence", "flow+token-confidence"):
         # feats.states holds the answer's token confidence (matrix() puts it there): the state branch's
         # linear term is a logistic regression on it, frozen, with the flow part trained as a residual.
         cfg = dataclasses.replace(cfg, state_dim=3, state_blocks=(0,))
@@ -222,6 +271,15 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
         point and point["threshold"],
         {**cal, "operating_points": v.training_metadata["operating_points"]},
     )
+
+
+def with_confidence(feats, meta: list, design: str):
+    """``feats`` with the design's token-confidence triple as its ``[N, 1, 3]`` states."""
+    where = CONFIDENCE_DESIGNS[design]
+    rows = [m[where] for m in meta]
+    if any(r is None for r in rows):
+        raise SystemExit("some answers have no token_confidence.json entry: run `corpus_transfer.py confidence` first.")
+    return dataclasses.replace(feats, states=confidence_states(rows))
 
 
 def confidence_states(conf: np.ndarray) -> torch.Tensor:
@@ -290,8 +348,8 @@ def matrix(args: argparse.Namespace) -> int:
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
     out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
-    if args.design in ("flow+confidence", "confidence"):  # after the shipped validator read the residual states
-        feats = dataclasses.replace(feats, states=confidence_states([m[3:6] for m in meta]))
+    if args.design in CONFIDENCE_DESIGNS:  # after the shipped validator read the residual states
+        feats = with_confidence(feats, meta, args.design)
     groups = [("style", s, style == s) for s in PROMPT_STYLES]
     if args.held_out == "styles-and-tasks":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]
@@ -382,12 +440,19 @@ def bundle(args: argparse.Namespace) -> int:
     idx = np.random.default_rng(args.seed).permutation(np.flatnonzero(~np.isin(task, eval_only)))
     n_val = len(idx) * 15 // 100
     va, tr = idx[:n_val], idx[n_val:]
-    cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=0, state_blocks=())
-    flow_config = dataclasses.replace(ref.flow_config, score_terminators=False, state_summary="none")
+    if args.design == "flow+token-confidence":
+        feats = with_confidence(feats, meta, args.design)
+        cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=3, state_blocks=(0,))
+        summary, state_init = "token_confidence", "frozen-probe"
+    else:
+        cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=0, state_blocks=())
+        summary, state_init = "none", "random"
+    flow_config = dataclasses.replace(ref.flow_config, score_terminators=False, state_summary=summary)
     command = "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])
     v, history = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
         epochs=args.epochs, patience=5, seed=args.seed, progress=False, flow_config=flow_config, command=command,
+        state_init=state_init,
     )  # fmt: skip
     v.eval()
     v.base_fingerprint = dict(ref.base_fingerprint)
@@ -568,6 +633,13 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--tasks", nargs="+", default=None,
                    help="Only these tasks, in this order (e.g. to share the cells between two processes).")  # fmt: skip
     r.set_defaults(func=replay)
+    cf = sub.add_parser("confidence")
+    cf.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
+    cf.add_argument("--corpus", required=True)
+    cf.add_argument("--features", required=True)
+    cf.add_argument("--tasks", nargs="+", default=None)
+    cf.add_argument("--all-answers", action="store_true", help="Also answers not replayed into a feature store yet.")
+    cf.set_defaults(func=confidence)
     m = sub.add_parser("matrix")
     m.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
     m.add_argument("--features", required=True)
@@ -585,6 +657,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--report", default=None, help="The transfer report (JSON of `report`) for the model card.")
     b.add_argument("--epochs", type=int, default=20)
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--design", choices=("flow-only", "flow+token-confidence"), default="flow-only")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
     c = sub.add_parser("card")

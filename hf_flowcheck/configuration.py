@@ -45,7 +45,7 @@ FULL_FEATURES: tuple[str, ...] = (
 PAPER_FEATURES: tuple[str, ...] = FULL_FEATURES[:8]
 #: Readout-lens features of each (token, block) event, appended when ``FlowConfig.lens_features`` is on.
 LENS_FEATURES: tuple[str, ...] = ("lens_top1", "lens_margin", "lens_entropy", "lens_rank")
-STATE_SUMMARIES: tuple[str, ...] = ("none", "last", "mean")
+STATE_SUMMARIES: tuple[str, ...] = ("none", "last", "mean", "token_confidence")
 BASIS_SOLVERS: tuple[str, ...] = ("eigh", "subspace")
 
 
@@ -184,7 +184,9 @@ class FlowConfig:
         metadata={
             "help": "Also keep the residual state entering every block (and after the last) of the answer: "
             "'last' (at the last answer token, the hidden-state probe's input), 'mean' (averaged over the "
-            "answer tokens) or 'none'. Read by flow + state validators."
+            "answer tokens), 'token_confidence' (not a residual state: the answer's -mean log p, -min log p "
+            "and mean entropy over the scored tokens, [N, 1, 3], read from the final residual at each "
+            "token's predicting position) or 'none'. Read by flow + state validators."
         },
     )
 

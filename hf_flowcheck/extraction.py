@@ -28,6 +28,8 @@ from hf_flowcheck.signatures import (
     fit_sample_bases,
     lens_features,
     sample_flow_features,
+    token_confidence_rows,
+    token_confidence_summary,
     token_key,
     window_layout,
 )
@@ -85,7 +87,9 @@ class FlowFeatures:
         sample_keys: The per-sample keys used by the direction-cap sampler.
         geometry: Per-sample window bases and transports (only kept when asked for).
         states: ``[N, B+1, d]`` float32 residual-state summary of each sample's masked tokens
-            (``FlowConfig.state_summary``), zeros for samples without tokens; ``None`` when off.
+            (``FlowConfig.state_summary``), or ``[N, 1, 3]`` with ``state_summary='token_confidence'``
+            (:data:`~hf_flowcheck.signatures.TOKEN_CONFIDENCE_NAMES`); zeros for samples without
+            tokens; ``None`` when off.
         source: The model and flow config that computed them (set by :class:`FlowExtractor`;
             ``None`` for features read from a store, which checks its own manifest). A validator
             refuses features whose source is not the model and recipe it was trained on.
@@ -202,6 +206,7 @@ class StreamCache:
         refit: One of :data:`STREAM_REFITS`.
         lens: ``{(row, position): [B, 4]}``.
         updates: ``{(row, position): [B, 3, d]}``.
+        confidence: ``{(row, position): [2]}`` log p and entropy of the token at ``position``.
         bases: ``{row: (tokens fitted on, [J] bases [d, k])}``.
         checked: Captured positions already checked for non-finite values.
     """
@@ -209,6 +214,7 @@ class StreamCache:
     refit: str = "always"
     lens: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     updates: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    confidence: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     bases: dict[int, tuple[int, list[torch.Tensor]]] = field(default_factory=dict)
     checked: int = 0
 
@@ -427,6 +433,19 @@ class FlowExtractor:
             return (valid & ~resp) | kept_resp
         return kept_resp
 
+    @property
+    def reads_predicting_positions(self) -> bool:
+        """Whether the features also need each scored token's predicting position (``p - 1``) captured."""
+        return self.config.state_summary == "token_confidence"
+
+    def capture_mask(self, mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Positions whose states the features need: ``mask`` and, for the token confidence, ``p - 1``."""
+        if not self.reads_predicting_positions:
+            return mask
+        before = torch.zeros_like(mask)
+        before[:, :-1] = mask[:, 1:]
+        return mask | (before & attention_mask.bool())
+
     # ------------------------------------------------------------------------------ extract
     @torch.no_grad()
     def extract(
@@ -454,8 +473,8 @@ class FlowExtractor:
         last = self._last_needed(mask)
         if last < 0:
             return self._assemble(input_ids, attention_mask, mask, None, sample_keys)
-        ids, att, msk = input_ids[:, : last + 1], attention_mask[:, : last + 1], mask[:, : last + 1]
-        rows, cols = msk.nonzero(as_tuple=True)
+        ids, att = input_ids[:, : last + 1], attention_mask[:, : last + 1]
+        rows, cols = self.capture_mask(mask, attention_mask)[:, : last + 1].nonzero(as_tuple=True)
 
         def selector(call: int, batch: int, seq: int, device: torch.device):
             return (rows, cols, cols) if call == 0 else None
@@ -465,6 +484,89 @@ class FlowExtractor:
             states = rec.result()
         self.last_capture_bytes = rec.nbytes
         return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
+
+    def _token_confidence(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        states: CapturedStates,
+        table: torch.Tensor,
+        row: int,
+        want: torch.Tensor,
+        cache: StreamCache | None,
+    ) -> torch.Tensor:
+        """``[3]`` token confidence of row ``row``'s tokens at ``want`` (each read at ``p - 1``)."""
+        prev = want - 1
+        # A token with nothing before it (position 0, or a pad) was never predicted: it has no probability.
+        keep = (prev >= 0) & attention_mask[row].to(prev.device).bool()[prev.clamp_min(0)]
+        want, prev = want[keep], prev[keep]
+        idx = table[row, prev]
+        if bool((idx < 0).any()):
+            missing = prev[idx < 0].tolist()
+            raise RuntimeError(f"No captured states for row {row} at predicting positions {missing}; capture bug.")
+        tokens = input_ids[row, want].to(idx.device)
+
+        def compute(sel: Any) -> torch.Tensor:
+            softcap = getattr(getattr(self.base, "config", None), "final_logit_softcapping", None)
+            return token_confidence_rows(states.r[idx[sel], -1], self._norms[-1], self._readout, tokens[sel], softcap)
+
+        if cache is None:
+            rows = compute(slice(None))
+        else:
+            rows = _cached_rows(cache.confidence, [(row, p) for p in want.tolist()], compute, dim=0)
+        return token_confidence_summary(rows)
+
+    @torch.no_grad()
+    def token_confidence(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        response_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The token confidence of the masked tokens alone, without the flow signatures.
+
+        What ``FlowConfig(state_summary='token_confidence')`` puts in :attr:`FlowFeatures.states`
+        (the same code), at the cost of one forward: for adding the channel to features already
+        extracted without it.
+
+        Args:
+            input_ids: ``[N, S]`` prompt followed by the answer.
+            attention_mask: ``[N, S]``; defaults to all ones.
+            response_mask: ``[N, S]``, 1 on the answer tokens (needed for ``token_mask='response'``).
+
+        Returns:
+            ``[N, 1, 3]`` float32 (:data:`~hf_flowcheck.signatures.TOKEN_CONFIDENCE_NAMES`), zeros for
+            samples without tokens.
+        """
+        input_ids = self._check_ids(input_ids)
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        mask = self.token_mask(input_ids, attention_mask, response_mask)
+        out = torch.zeros(input_ids.shape[0], 1, 3)
+        last = self._last_needed(mask)
+        if last < 0:
+            return out
+        before = torch.zeros_like(mask)
+        before[:, :-1] = mask[:, 1:]
+        rows, cols = (before & attention_mask.bool())[:, : last + 1].nonzero(as_tuple=True)
+        if rows.numel() == 0:
+            return out
+
+        def selector(call: int, batch: int, seq: int, device: torch.device):
+            return (rows, cols, cols) if call == 0 else None
+
+        ids, att = input_ids[:, : last + 1], attention_mask[:, : last + 1]
+        with FlowRecorder(self.arch, selector, capacity=rows.numel()) as rec:
+            self.forward(ids.to(self._device()), att.to(self._device()))
+            states = rec.result()
+        self._prepare_math(states.r.device)
+        table = torch.full(mask.shape, -1, dtype=torch.long, device=states.r.device)
+        table[states.rows, states.positions] = torch.arange(states.rows.numel(), device=states.r.device)
+        for i in range(input_ids.shape[0]):
+            want = mask[i].nonzero().squeeze(-1).to(states.r.device)
+            if want.numel():
+                out[i, 0] = self._token_confidence(input_ids, attention_mask, states, table, i, want, None).cpu()
+        return out
 
     def _lens(self, r_after: torch.Tensor, row: int, want: torch.Tensor, cache: StreamCache | None) -> torch.Tensor:
         """``[R, B, d]`` states after each block of row ``row``'s tokens at ``want`` -> ``[B, R, 4]``."""
@@ -557,7 +659,9 @@ class FlowExtractor:
         positions = torch.full((n, t_max), -1, dtype=torch.long, device=device)
         summary = self.config.state_summary
         states_out = None
-        if summary != "none":
+        if summary == "token_confidence":
+            states_out = torch.zeros(n, 1, 3, device=device)
+        elif summary != "none":
             dim = self.arch.readout.shape[1]
             states_out = torch.zeros(n, n_blocks + 1, dim, device=device)
         keys: list[int] = []
@@ -596,7 +700,9 @@ class FlowExtractor:
                 feats, geo = self._streamed_features(states, idx, i, want, key, cache)
             if self.config.lens_features:
                 feats = torch.cat([feats, self._lens(states.r[idx][:, 1:], i, want, cache)], dim=-1)
-            if states_out is not None:
+            if summary == "token_confidence":
+                states_out[i, 0] = self._token_confidence(input_ids, attention_mask, states, table, i, want, cache)
+            elif states_out is not None:
                 r_sel = states.r[idx]  # [R, B+1, d], positions ascending
                 states_out[i] = r_sel[-1] if summary == "last" else r_sel.mean(0)
             r_i = want.numel()

@@ -291,6 +291,9 @@ class GenerationCapture:
             if extractor.config.token_mask == "all"
             else torch.zeros_like(input_ids, dtype=torch.bool)
         )
+        if extractor.reads_predicting_positions:
+            prompt_mask = extractor.capture_mask(prompt_mask, attention_mask)
+            prompt_mask[:, -1] |= attention_mask[:, -1].bool()  # it predicts the first new token
         p_rows, p_cols = prompt_mask.nonzero(as_tuple=True)
         prompt_len = self.prompt_length
 

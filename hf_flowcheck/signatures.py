@@ -18,6 +18,7 @@ from torch import nn
 from hf_flowcheck.configuration import EPS, FlowConfig
 
 __all__ = [
+    "TOKEN_CONFIDENCE_NAMES",
     "SampleGeometry",
     "WindowLayout",
     "block_updates",
@@ -34,6 +35,8 @@ __all__ = [
     "robust_center",
     "sample_flow_features",
     "select_readout_pairs",
+    "token_confidence_rows",
+    "token_confidence_summary",
     "token_key",
     "transport",
     "window_layout",
@@ -729,3 +732,55 @@ def _lens_channels(logits: torch.Tensor, chosen_index: torch.Tensor, top_k: int)
     rank = (logits > chosen).sum(-1).float()
     ent = -(q * q.clamp_min(1e-30).log()).sum(-1)
     return torch.stack([p_top[:, 0], p_top[:, 0] - p_top[:, 1], ent, torch.log1p(rank)], dim=-1)
+
+
+# ------------------------------------------------------------------------------ token confidence
+#: Columns of :func:`token_confidence_summary`, in order (higher = less confident).
+TOKEN_CONFIDENCE_NAMES: tuple[str, ...] = ("-mean log p", "-min log p", "mean entropy")
+
+
+def token_confidence_rows(
+    r_before: torch.Tensor,
+    final_norm: NormFn,
+    readout: torch.Tensor,
+    tokens: torch.Tensor,
+    softcap: float | None = None,
+) -> torch.Tensor:
+    """Log-probability and entropy of each token under the model's own output distribution.
+
+    The distribution of token ``p`` is read from the final residual at ``p - 1`` (what the model
+    output when it chose ``p``), so the rows depend on one position's states each: a streaming
+    caller may cache them.
+
+    Args:
+        r_before: ``[R, d]`` the residual after the last block at each token's predicting position.
+        final_norm: ``N_B``, the norm before the readout.
+        readout: ``W``, ``[V, d]``.
+        tokens: ``[R]`` the tokens that were chosen.
+        softcap: The model's ``final_logit_softcapping`` (Gemma 2), applied as its forward does.
+
+    Returns:
+        ``[R, 2]``: ``log p(token)`` and the entropy (nats) of the whole-vocabulary distribution.
+    """
+    out = r_before.new_zeros(tokens.shape[0], 2, dtype=torch.float32)
+    for i in range(0, tokens.shape[0], 256):  # bounds memory at 256 x V
+        logits = torch.nn.functional.linear(final_norm(r_before[i : i + 256]), readout).float()
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        logp = torch.log_softmax(logits, -1)
+        out[i : i + 256, 0] = logp.gather(-1, tokens[i : i + 256, None].to(logp.device)).squeeze(-1)
+        out[i : i + 256, 1] = -(logp.exp() * logp).sum(-1)
+    return out
+
+
+def token_confidence_summary(rows: torch.Tensor) -> torch.Tensor:
+    """``[R, 2]`` rows of :func:`token_confidence_rows` -> ``[3]`` :data:`TOKEN_CONFIDENCE_NAMES`.
+
+    The answer's token confidence as single-pass baselines read it (lm-polygraph's perplexity,
+    maximum token probability and mean token entropy): ``-mean log p``, ``-min log p`` and the
+    mean entropy. No rows (an answer with no content tokens) gives zeros; callers flag those answers.
+    """
+    if rows.shape[0] == 0:
+        return rows.new_zeros(3)
+    logp, ent = rows[:, 0], rows[:, 1]
+    return torch.stack([-logp.mean(), -logp.min(), ent.mean()])

@@ -328,3 +328,44 @@ def test_absurd_sizes_are_refused_before_allocation(tmp_path, validator, field, 
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(CheckpointError, match=f"{field}="):
         FlowValidator.from_pretrained(tmp_path)
+
+
+def test_a_file_of_the_wrong_shape_is_refused_before_any_tensor_is_read(tmp_path, monkeypatch):
+    import safetensors
+
+    from hf_flowcheck.detectors.checkpoint import load_safetensors_strict
+
+    module = torch.nn.Linear(3, 2)
+    path = tmp_path / "model.safetensors"
+    save_file({"weight": torch.zeros(64, 64), "bias": torch.zeros(2)}, str(path))
+    reads = []
+    real_open = safetensors.safe_open
+
+    class Recording:
+        def __init__(self, *a, **k):
+            self.inner = real_open(*a, **k)
+
+        def __enter__(self):
+            self.fh = self.inner.__enter__()
+            return self
+
+        def __exit__(self, *exc):
+            return self.inner.__exit__(*exc)
+
+        def keys(self):
+            return self.fh.keys()
+
+        def get_slice(self, k):
+            return self.fh.get_slice(k)
+
+        def get_tensor(self, k):
+            reads.append(k)
+            return self.fh.get_tensor(k)
+
+    monkeypatch.setattr(safetensors, "safe_open", Recording)
+    with pytest.raises(CheckpointError, match=r"weight: file \(64, 64\) vs model \(2, 3\)"):
+        load_safetensors_strict(module, path)
+    assert reads == []
+    save_file({"weight": torch.ones(2, 3), "bias": torch.ones(2)}, str(path))
+    load_safetensors_strict(module, path)  # the same path reads a right file, through the same wrapper
+    assert sorted(reads) == ["bias", "weight"] and bool((module.weight == 1).all())

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from hf_flowcheck.cli.options import add_model_options, load_model_from_args, positive_int
-from hf_flowcheck.configuration import FlowConfig
+from hf_flowcheck.configuration import STATE_SUMMARIES, FlowConfig
 from hf_flowcheck.data import DATASET_NAMES, Example
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
 from hf_flowcheck.detectors.base import Detector, ScoredExample
@@ -693,7 +693,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         "of the answer tokens' top C of the last block's readout (FlowConfig.competitor_candidates: other "
         "features than the spec's; a validator must be trained on them).",
     )
-    rp.add_argument("--state-summary", choices=["last", "mean", "none"], default="last")
+    rp.add_argument(
+        "--state-summary",
+        choices=STATE_SUMMARIES,
+        default="last",
+        help="What the store keeps beside the signatures for flow + state validators (FlowConfig.state_summary).",
+    )
     rp.add_argument(
         "--start-part", type=int, default=0, help="First part to extract (another process may take the earlier ones)."
     )

@@ -145,7 +145,8 @@ def _probe_layer(train_f: Any, train_y: torch.Tensor, val_f: Any, val_y: torch.T
 
     if train_f.states is None:
         raise ValueError(
-            "--state needs residual-state summaries in the store; extract with FlowConfig(state_summary='last')."
+            "--state needs state summaries in the store; extract with FlowConfig(state_summary='last') (or "
+            "'token_confidence' for the flow + confidence design)."
         )
     probe = HiddenStateProbe(kind="logistic").fit(train_f.states, train_y.numpy(), val_f.states, val_y.numpy())
     return int(probe.layer)

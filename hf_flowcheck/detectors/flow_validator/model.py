@@ -79,6 +79,17 @@ class FlowValidator(
             flow_config = FlowConfig.from_dict(flow_config)
         if flow_config is not None and not isinstance(flow_config, FlowConfig):
             raise ValueError(f"flow_config must be a FlowConfig or its dict, got {type(flow_config).__name__}.")
+        if (
+            flow_config is not None
+            and flow_config.state_summary == "token_confidence"
+            and cfg.state_dim
+            and (cfg.state_dim, tuple(cfg.state_blocks)) != (3, (0,))
+        ):
+            raise ValueError(
+                "flow_config.state_summary='token_confidence' gives [N, 1, 3] states, but this validator reads "
+                f"state_dim={cfg.state_dim}, state_blocks={tuple(cfg.state_blocks)}; "
+                "use state_dim=3, state_blocks=(0,)."
+            )
         if base_fingerprint is not None and not isinstance(base_fingerprint, dict):
             raise ValueError(
                 f"base_fingerprint must be a dict from hf_flowcheck.fingerprint.model_fingerprint(), "
