@@ -547,9 +547,12 @@ def old_protocol(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     model.eval()
     out = Path(args.features)
+    # The signatures go to the store; a token-confidence channel is attached after (the same code as
+    # at run time, tests/test_token_confidence.py), so one store serves both validator designs.
     extract_dataset(
-        model, tok, rows, out, config=v.flow_config, protocol="replayed", batch_size=8, shard_size=32,
-        progress=False, dataset={"answers": args.answers, "split": "test", "limit": args.limit},
+        model, tok, rows, out, config=dataclasses.replace(v.flow_config, state_summary="none"), protocol="replayed",
+        batch_size=8, shard_size=32, progress=False,
+        dataset={"answers": args.answers, "split": "test", "limit": args.limit},
     )  # fmt: skip
     feats, y, uids = FeatureStore.open(out).load()
     y = y.numpy().astype(int)
@@ -558,6 +561,16 @@ def old_protocol(args: argparse.Namespace) -> int:
         ScoredExample(encode_text(tok, by_uid[u].prompt), list(by_uid[u].gen_ids), int(by_uid[u].label), u)
         for u in uids
     ]
+    if v.flow_config.state_summary == "token_confidence":
+        from hf_flowcheck.detectors.base import batch_examples
+        from hf_flowcheck.extraction import FlowExtractor
+
+        ext = FlowExtractor(model, v.flow_config, tokenizer=tok)
+        with torch.inference_mode():
+            states = torch.cat([ext.token_confidence(*batch_examples(ex[i : i + 8], 0)) for i in range(0, len(ex), 8)])
+        feats = dataclasses.replace(feats, states=states)
+    elif v.flow_config.state_summary != "none":
+        raise SystemExit(f"old-protocol attaches only token-confidence states, not {v.flow_config.state_summary!r}.")
     with torch.inference_mode():
         conf = token_confidence_features(model, ex, batch_size=8)
     scores = {"validator": score(v, feats), "-mean log p": conf[:, 0], "-min log p": conf[:, 1]}

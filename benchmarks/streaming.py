@@ -23,6 +23,10 @@ the validator's own scores), alternating within each repetition.
 once in a fresh process (model loading and a warm-up excluded), next to the capture bound
 ``R·(B+1)·3·d·4`` bytes (``R`` = batch × new tokens, ``B`` blocks, ``d`` hidden size).
 
+``--device cuda --dtype bfloat16`` runs the same table on an accelerator (timings synchronised with
+the device before each clock read); ``--model Qwen2.5-Coder-0.5B-Instruct`` on the second bundled
+model. The device, dtype and model are printed in each table's header.
+
 Run: ``python benchmarks/streaming.py --batches 1 8 --every 1 2 4 --rollback 0.5 --refit always doubling``
 """
 
@@ -55,6 +59,8 @@ def main() -> None:
     ap.add_argument("--basis-solver", nargs="+", default=["eigh"], choices=["eigh", "subspace"])
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (the model and the flow math).")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--memory", action="store_true", help="Also measure each row's peak RSS in a fresh process.")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=1, help=argparse.SUPPRESS)
@@ -64,7 +70,10 @@ def main() -> None:
     from hf_flowcheck import FlowCheckedModelForCausalLM, FlowConfig, FlowValidator, ValidatorConfig
 
     kwargs = {} if args.validator is None else {"validator": args.validator}
-    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, **kwargs)
+    if args.memory and args.device != "cpu":
+        raise SystemExit("--memory measures host RSS; run it with --device cpu.")
+    model = FlowCheckedModelForCausalLM.from_pretrained(args.model, dtype=getattr(torch, args.dtype), **kwargs)
+    model.to(args.device)
     which = args.validator or "bundled"
     if model.validator is None:
         cfg = FlowConfig()
@@ -110,7 +119,7 @@ def _encode(tok, batch: int, args: argparse.Namespace):
     from hf_flowcheck.data import generation_prompt, load_halueval_qa
 
     records = load_halueval_qa(limit=batch + 10)[10 : 10 + batch]
-    enc = tok([generation_prompt(r) for r in records], return_tensors="pt", padding=True)
+    enc = tok([generation_prompt(r) for r in records], return_tensors="pt", padding=True).to(args.device)
     kw = dict(
         max_new_tokens=args.new_tokens, min_new_tokens=args.new_tokens, do_sample=False, pad_token_id=tok.pad_token_id
     )
@@ -121,8 +130,13 @@ def _runner(models: dict, tok, enc, kw: dict, args: argparse.Namespace):
     """``run(mode, solver)``: one generation in the given mode, returning its seconds."""
     from hf_flowcheck import FlowTextStreamer
 
+    def sync():
+        if enc["input_ids"].device.type == "cuda":
+            torch.cuda.synchronize()
+
     def run(mode, solver):
         model = models[solver]
+        sync()
         t0 = time.perf_counter()
         if mode == "plain":
             model.generate(**enc, **kw)
@@ -136,6 +150,7 @@ def _runner(models: dict, tok, enc, kw: dict, args: argparse.Namespace):
             )
         else:
             model.generate(**enc, **kw, return_flow_scores=True, flow_check_every=mode[1], flow_check_refit=mode[2])
+        sync()
         return time.perf_counter() - t0
 
     return run
@@ -166,6 +181,7 @@ def child(models: dict, tok, args: argparse.Namespace) -> None:
 def _child_growth(mode, solver: str, batch: int, args: argparse.Namespace) -> int:
     cmd = [sys.executable, __file__, "--child", _mode_key(mode), "--child-batch", str(batch)]
     cmd += ["--model", args.model, "--new-tokens", str(args.new_tokens), "--threads", str(args.threads)]
+    cmd += ["--dtype", args.dtype]
     cmd += ["--basis-solver", solver, "--lens-candidates", str(args.lens_candidates)]
     cmd += ["--competitor-candidates", str(args.competitor_candidates)]
     if args.validator:
@@ -178,7 +194,10 @@ def _child_growth(mode, solver: str, batch: int, args: argparse.Namespace) -> in
 
 def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -> None:
     enc, kw = _encode(tok, batch, args)
-    print(f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads}")
+    print(
+        f"\nmodel={args.model} validator={which} batch={batch} new_tokens={args.new_tokens} threads={args.threads} "
+        f"device={args.device} dtype={args.dtype}"
+    )
     run = _runner(models, tok, enc, kw, args)
 
     flow = ["final", *[("check", k, r) for k in args.every for r in args.refit]]

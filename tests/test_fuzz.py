@@ -7,6 +7,7 @@ by a failed save, and a failed call does not change the next call's score.
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
@@ -152,3 +153,52 @@ def test_an_edited_store_manifest_loads_the_same_or_is_named(store_dir, tmp_path
         assert str(err)
         return
     assert uids2 == uids and torch.equal(labels2, labels) and torch.equal(feats.values, intact.values)
+
+
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(kills=st.lists(st.integers(0, 2), min_size=1, max_size=3), litter=st.booleans())
+def test_an_extraction_killed_any_number_of_times_resumes_to_the_same_store(tmp_path_factory, kills, litter):
+    """Kills after any shards, any number of times, with a killed write's temp file left behind: the
+    resumed store equals one uninterrupted run, shard for shard."""
+    import test_workflows_extract as twe
+
+    import hf_flowcheck.workflows.extract as pl
+    from hf_flowcheck.store import FeatureStore
+
+    model = _extract_model()
+    reference = _extract_reference(tmp_path_factory)
+    out = tmp_path_factory.mktemp("resume") / "store"
+    for k in sorted(kills):
+
+        def crash(index, k=k):
+            if index == k:
+                raise KeyboardInterrupt(f"simulated kill after shard {k}")
+
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(pl, "_after_shard_hook", crash)
+            with contextlib.suppress(KeyboardInterrupt):
+                twe.run(model, out)
+        if litter:
+            (out / f".tmp-shard-{k + 1:05d}.safetensors.x").write_bytes(b"partial")
+    store = twe.run(model, out)
+    twe.assert_same_features(store, reference)
+    assert [e["sha256"] for e in store.shards] == [e["sha256"] for e in reference.shards]
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".tmp")]
+    assert FeatureStore.open(out).manifest["status"] == "complete"
+
+
+_EXTRACT: dict = {}
+
+
+def _extract_model():
+    if "model" not in _EXTRACT:
+        _EXTRACT["model"] = make_tiny_model("llama")
+    return _EXTRACT["model"]
+
+
+def _extract_reference(tmp_path_factory):
+    import test_workflows_extract as twe
+
+    if "ref" not in _EXTRACT:
+        _EXTRACT["ref"] = twe.run(_extract_model(), tmp_path_factory.mktemp("ref") / "store")
+    return _EXTRACT["ref"]
