@@ -350,8 +350,8 @@ def matrix(args: argparse.Namespace) -> int:
                  "design": args.design, "runs": {}}  # fmt: skip
     if args.design in CONFIDENCE_DESIGNS:  # after the shipped validator read the residual states
         feats = with_confidence(feats, meta, args.design)
-    groups = [("style", s, style == s) for s in PROMPT_STYLES]
-    if args.held_out == "styles-and-tasks":
+    groups = [("style", s, style == s) for s in PROMPT_STYLES] if args.held_out != "tasks" else []
+    if args.held_out != "styles":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]
     for kind, name, held in groups:
         if held.sum() < 20 or len(set(y[held].tolist())) < 2:
@@ -365,6 +365,8 @@ def matrix(args: argparse.Namespace) -> int:
         print(f"{kind}={name}: n={int(held.sum())} auroc={auroc(y[held], s):.3f} ({time.perf_counter() - t0:.0f} s)",
               flush=True)  # fmt: skip
         Path(args.scores).write_text(json.dumps(out))
+    if args.skip_in_distribution:
+        return 0
     # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
     perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable))
     cut = len(perm) * 7 // 10
@@ -378,7 +380,12 @@ def matrix(args: argparse.Namespace) -> int:
 def report(args: argparse.Namespace) -> int:
     """The tables: every held-out cell against every baseline (polygraph columns where they were run)."""
     feats_root = Path(args.features)
-    data = json.loads(Path(args.scores).read_text())
+    data = json.loads(Path(args.scores[0]).read_text())
+    for more in args.scores[1:]:  # matrices of the same answers split over processes (--held-out styles / tasks)
+        other = json.loads(Path(more).read_text())
+        if other["uids"] != data["uids"] or other["design"] != data["design"]:
+            raise SystemExit(f"{more} holds other answers or another design than {args.scores[0]}.")
+        data["runs"].update(other["runs"])
     y = np.asarray(data["labels"])
     _, _, meta = load_cells(feats_root, features=False)
     by_uid = {m[2]: m for m in meta}  # the stores may have grown since the matrix ran: its answers, its order
@@ -659,8 +666,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--scores", required=True, help="JSON of every run's scores per answer (resumable input of report).")
     m.add_argument("--epochs", type=int, default=20)
     m.add_argument("--design", choices=DESIGNS, default="shipped")
-    m.add_argument("--held-out", choices=("styles-and-tasks", "styles"), default="styles-and-tasks",
+    m.add_argument("--held-out", choices=("styles-and-tasks", "styles", "tasks"), default="styles-and-tasks",
                    help="Which cells are held out in turn (plus one in-distribution split).")  # fmt: skip
+    m.add_argument("--skip-in-distribution", action="store_true",
+                   help="No in-distribution reference run (another process of the same matrix makes it).")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
     m.set_defaults(func=matrix)
     b = sub.add_parser("bundle")
@@ -687,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     o.set_defaults(func=old_protocol)
     rp = sub.add_parser("report")
     rp.add_argument("--features", required=True)
-    rp.add_argument("--scores", required=True)
+    rp.add_argument("--scores", required=True, nargs="+", help="One matrix, or its parts from several processes.")
     rp.add_argument("--out", required=True)
     rp.add_argument("--plot", default=None, help="Also write a reliability diagram (PNG) of the held-out styles.")
     rp.set_defaults(func=report)

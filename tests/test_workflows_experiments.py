@@ -11,6 +11,7 @@ from hf_flowcheck.data import LabeledExample
 from hf_flowcheck.detectors.flow_validator import FlowValidator
 from hf_flowcheck.workflows import extract as pl
 from hf_flowcheck.workflows.experiments import train_from_store
+from hf_flowcheck.workflows.train_config import TrainConfig
 
 
 def _pairs(n):
@@ -51,6 +52,8 @@ def test_train_then_evaluate_cli(store_dir, tmp_path, capsys):
     assert report["length_matched_pairs"] == 0  # the answers differ in length by construction
     v = FlowValidator.from_pretrained(str(out))
     assert v.flow_config == tiny_flow_config()
+    recorded = TrainConfig.from_dict(v.training_metadata["train_config"])  # the run can be repeated from it
+    assert recorded == TrainConfig(epochs=4, batch_size=8, n_bootstrap=50)
     rc = main(
         [
             "evaluate",

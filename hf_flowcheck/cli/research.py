@@ -17,7 +17,6 @@ from hf_flowcheck.configuration import STATE_SUMMARIES, FlowConfig
 from hf_flowcheck.data import DATASET_NAMES, Example
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
 from hf_flowcheck.detectors.base import Detector, ScoredExample
-from hf_flowcheck.detectors.flow_validator import HEADS, ValidatorConfig
 from hf_flowcheck.detectors.gradient import GradientConfig
 from hf_flowcheck.detectors.registry import registered_detectors
 from hf_flowcheck.metrics import format_table
@@ -38,6 +37,7 @@ from hf_flowcheck.workflows.extract import (
     newline_stop_kwargs,
 )
 from hf_flowcheck.workflows.replay import PartedStore, replay_answers
+from hf_flowcheck.workflows.train_config import TrainConfig
 
 __all__ = [
     "register",
@@ -275,87 +275,30 @@ def run_extract(args: argparse.Namespace) -> int:
     return 0
 
 
+#: ``flowcheck train`` flags whose name is not the TrainConfig field's.
+_TRAIN_FLAG_NAMES = {"n_bootstrap": "--bootstrap"}
+
+
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract`.")
+    """``flowcheck train``'s flags: where the data and output live, then one flag per :class:`TrainConfig` field
+    (its default, choices and help; one owner)."""
+    p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract` or `replay`.")
     p.add_argument("--out", required=True, help="Folder for the trained validator.")
-    p.add_argument("--split-seed", type=int, default=0)
-    p.add_argument("--epochs", type=int, default=30)
-    p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--patience", type=int, default=10, help="Epochs without improvement of --selection.")
-    p.add_argument(
-        "--selection", choices=["val_loss", "val_auroc"], default="val_loss", help="What picks the kept epoch."
-    )
-    p.add_argument("--seed", type=int, default=0)
-    head_field = next(f for f in dataclasses.fields(ValidatorConfig) if f.name == "head")
-    p.add_argument(
-        "--head",
-        choices=HEADS,
-        default=head_field.default,  # one owner: ValidatorConfig (the spec's GRU)
-        help=f"{head_field.metadata['help']} The bundled validators use 'attention'. (default: {head_field.default!r})",
-    )
-    p.add_argument(
-        "--members",
-        type=int,
-        default=1,
-        help="Train an ensemble of this many independently initialised validators (their mean logit); 1 = one.",
-    )
-    p.add_argument("--pooling", choices=["max", "logsumexp"], default="max", help="GRU head's pooling.")
-    p.add_argument(
-        "--input-transform",
-        choices=["block_log_standardize", "log_standardize", "standardize", "none"],
-        default="log_standardize",
-        help="Input scaling: per (block, feature) after a signed log (recommended), per feature, or 'none' "
-        "(the spec's B.9 exactly).",
-    )
-    p.add_argument("--block-embedding", type=int, default=0, help="Size of the block-index embedding (0 = off).")
-    p.add_argument(
-        "--state",
-        action="store_true",
-        help="Flow + state: also read the residual at the boundary a hidden-state probe picks on validation.",
-    )
-    p.add_argument(
-        "--state-spread",
-        type=int,
-        default=0,
-        help="With --state: also read the boundaries this many blocks below and above the probe's (0 = only it).",
-    )
-    p.add_argument(
-        "--state-init",
-        choices=["random", "probe", "frozen-probe"],
-        default="random",
-        help="With --state: start the state branch at the hidden-state probe (its logistic regression) and the "
-        "event head at zero; the probe is then the first checkpoint candidate. frozen-probe: keep the state branch "
-        "at the probe and train the flow part as a residual on top of it.",
-    )
-    p.add_argument(
-        "--prefix-augment",
-        type=float,
-        default=0.0,
-        help="Probability of cutting a training answer to a random prefix (0-1): a validator for streaming checks, "
-        "whose running scores mean something before the answer ends. Not with --state.",
-    )
-    p.add_argument(
-        "--token-loss-weight",
-        type=float,
-        default=0.0,
-        help="Add this weight times a token-level loss on weak labels from the reference answers (a replayed store; "
-        "needs --model): per-token risks that point at the unsupported words. 0 (default): off.",
-    )
+    for f in dataclasses.fields(TrainConfig):
+        flag = _TRAIN_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
+        helptext = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
+        if f.name == "state":
+            p.add_argument(flag, action="store_true", help=f.metadata["help"])
+        elif isinstance(f.default, bool):
+            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
+        elif f.name == "channels":
+            p.add_argument(flag, nargs="+", default=None, help=f.metadata["help"])
+        else:
+            p.add_argument(
+                flag, dest=f.name, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
+                help=helptext,
+            )  # fmt: skip
     p.add_argument("--model", default=None, help="With --token-loss-weight: the store's model (for its tokenizer).")
-    p.add_argument("--channels", nargs="+", default=None, help="Keep only these feature channels.")
-    p.add_argument("--hidden", type=int, default=256, help="Event MLP width.")
-    p.add_argument("--embed", type=int, default=128, help="Event embedding size.")
-    p.add_argument("--gru-hidden", type=int, default=256, help="GRU hidden size (gru head).")
-    p.add_argument("--dropout", type=float, default=0.1)
-    p.add_argument("--weight-decay", type=float, default=1e-2)
-    p.add_argument(
-        "--event-layernorm",
-        action=argparse.BooleanOptionalAction,
-        default=True,
-        help="LayerNorm across one event's features (spec B.9; on). Off keeps the event's common magnitude.",
-    )
-    p.add_argument("--bootstrap", type=int, default=1000, help="Bootstrap resamples for the 95%% intervals.")
     p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--command-text", default=None, help=argparse.SUPPRESS)
@@ -377,35 +320,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.command_text is None
         else (args.command_text)
     )
+    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
     _, report = train_from_store(
         args.features,
         args.out,
-        split_seed=args.split_seed,
-        epochs=args.epochs,
-        lr=args.lr,
-        batch_size=args.batch_size,
-        patience=args.patience,
-        seed=args.seed,
-        pooling=args.pooling,
-        input_transform=args.input_transform,
-        event_layernorm=args.event_layernorm,
-        head=args.head,
-        members=args.members,
-        block_embedding=args.block_embedding,
-        state=args.state,
-        state_spread=args.state_spread,
-        state_init=args.state_init,
-        prefix_augment=args.prefix_augment,
-        token_loss_weight=args.token_loss_weight,
-        tokenizer=_tokenizer_for(args.model) if args.token_loss_weight else None,
-        channels=tuple(args.channels) if args.channels else None,
-        hidden=args.hidden,
-        embed=args.embed,
-        gru_hidden=args.gru_hidden,
-        dropout=args.dropout,
-        weight_decay=args.weight_decay,
-        selection=args.selection,
-        n_bootstrap=args.bootstrap,
+        config,
+        tokenizer=_tokenizer_for(args.model) if config.token_loss_weight else None,
         command=command,
         progress=not args.no_progress,
         device=args.device,

@@ -25,6 +25,7 @@ from hf_flowcheck.metrics import (
     length_matched_indices,
 )
 from hf_flowcheck.store import FeatureStore
+from hf_flowcheck.workflows.train_config import TrainConfig
 
 __all__ = [
     "MIN_PER_CLASS",
@@ -299,49 +300,31 @@ def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, to
 def train_from_store(
     features_dir: str | Path,
     out_dir: str | Path,
+    config: TrainConfig | None = None,
     *,
-    split_seed: int = 0,
-    epochs: int = 30,
-    lr: float = 1e-3,
-    batch_size: int = 32,
-    patience: int = 10,
-    seed: int = 0,
-    pooling: str = "max",
-    input_transform: str = "log_standardize",
-    event_layernorm: bool = True,
-    head: str = "gru",
-    members: int = 1,
-    block_embedding: int = 0,
-    state: bool = False,
-    state_spread: int = 0,
-    state_init: str = "random",
-    prefix_augment: float = 0.0,
-    token_loss_weight: float = 0.0,
     tokenizer: Any = None,
-    channels: tuple[str, ...] | None = None,
-    hidden: int = 256,
-    embed: int = 128,
-    gru_hidden: int = 256,
-    dropout: float = 0.1,
-    weight_decay: float = 1e-2,
-    selection: str = "val_loss",
-    n_bootstrap: int = 1000,
     command: str | None = None,
     progress: bool = True,
     device: str | None = None,
     drop_uids: Iterable[str] | None = None,
+    **options: Any,
 ) -> tuple[Any, dict[str, Any]]:
     """Train a validator on a store's train split, select on validation, report on test, save.
 
-    ``features_dir`` is a feature store or a root of replayed part stores. ``state=True`` adds the
-    state branch, reading the residual boundary where a hidden-state probe is best on validation;
-    ``state_init="probe"`` starts it at that probe and ``prefix_augment`` trains on random answer
-    prefixes too, for streaming (see :func:`train_validator`). ``token_loss_weight > 0`` (a replayed
-    store; needs the model's ``tokenizer``) adds the token loss on the weak labels of
+    ``features_dir`` is a feature store or a root of replayed part stores. ``config`` is the recipe
+    (:class:`~hf_flowcheck.workflows.train_config.TrainConfig`, its defaults when omitted); keyword
+    ``options`` override its fields (``train_from_store(d, out, head="attention")``), and an unknown
+    one is a ``ValueError`` naming the known ones. ``state=True`` adds the state branch, reading the
+    residual boundary where a hidden-state probe is best on validation (or a token-confidence
+    store's ``[N, 1, 3]`` states); ``state_init="probe"`` starts it at that probe and
+    ``prefix_augment`` trains on random answer prefixes too, for streaming (see
+    :func:`train_validator`). ``token_loss_weight > 0`` (a replayed store; needs the model's
+    ``tokenizer``) adds the token loss on the weak labels of
     :func:`~hf_flowcheck.workflows.token_labels.reference_token_labels`, read from the store's
-    committed answers file.
-    ``channels`` keeps only those feature channels (e.g. the flow-only variant of a lens store).
-    The folder also gets ``learning_curve.json``/``.png`` and validation-chosen operating points.
+    committed answers file. ``channels`` keeps only those feature channels (e.g. the flow-only
+    variant of a lens store). The folder also gets ``learning_curve.json``/``.png`` and
+    validation-chosen operating points; the validator records the config
+    (``training_metadata["train_config"]``).
 
     ``drop_uids`` leaves those records out of every split *after* splitting all of the store's
     uids, so the remaining records keep the split they have without the drop (for comparing two
@@ -353,6 +336,17 @@ def train_from_store(
         ``(validator, report)``; the validator folder (``config.json``, ``model.safetensors``,
         ``README.md`` with the test table and ``command``) is written to ``out_dir``.
     """
+    cfg = (config if config is not None else TrainConfig()).replace(**options)
+    split_seed, epochs, lr, batch_size, patience, seed = (
+        cfg.split_seed, cfg.epochs, cfg.lr, cfg.batch_size, cfg.patience, cfg.seed,
+    )  # fmt: skip
+    pooling, input_transform, event_layernorm, head, members = (
+        cfg.pooling, cfg.input_transform, cfg.event_layernorm, cfg.head, cfg.members,
+    )  # fmt: skip
+    block_embedding, state, state_spread, state_init = cfg.block_embedding, cfg.state, cfg.state_spread, cfg.state_init
+    prefix_augment, token_loss_weight, channels = cfg.prefix_augment, cfg.token_loss_weight, cfg.channels
+    hidden, embed, gru_hidden, dropout = cfg.hidden, cfg.embed, cfg.gru_hidden, cfg.dropout
+    weight_decay, selection, n_bootstrap = cfg.weight_decay, cfg.selection, cfg.n_bootstrap
     from hf_flowcheck.detectors.flow_validator import ValidatorConfig
     from hf_flowcheck.workflows.replay import open_features
     from hf_flowcheck.workflows.training import train_validator
@@ -444,6 +438,7 @@ def train_from_store(
     report["history"] = history.to_dict()
     report["features"] = str(features_dir)
     validator.training_metadata["split"] = report["split"]
+    validator.training_metadata["train_config"] = cfg.to_dict()
     validator.training_metadata["features_manifest"] = {
         "protocol": store.protocol,
         "dataset": store.manifest.get("dataset") if hasattr(store, "manifest") else None,

@@ -51,13 +51,17 @@ from hf_flowcheck.fingerprint import model_fingerprint
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.version import __version__
 
-__all__ = ["STATE_JSON", "STATE_NAME", "TrainingHistory", "train_validator"]
+__all__ = ["SELECTIONS", "STATE_INITS", "STATE_JSON", "STATE_NAME", "TrainingHistory", "train_validator"]
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 STATE_FORMAT_VERSION = 1
+#: What picks the kept epoch.
+SELECTIONS: tuple[str, ...] = ("val_loss", "val_auroc")
+#: How a flow + state validator's state branch starts.
+STATE_INITS: tuple[str, ...] = ("random", "probe", "frozen-probe")
 _SEED_MULT = 1_000_003
 
 
@@ -401,10 +405,10 @@ def train_validator(
     for name, value in (("lr", lr), ("batch_size", batch_size), ("epochs", epochs), ("patience", patience)):
         _positive(name, value, integer=name in ("batch_size", "epochs", "patience"))
     _positive("weight_decay", weight_decay, allow_zero=True)
-    if selection not in ("val_loss", "val_auroc"):
-        raise ValueError(f"selection={selection!r} is not supported; use 'val_loss' or 'val_auroc'.")
-    if state_init not in ("random", "probe", "frozen-probe"):
-        raise ValueError(f"state_init={state_init!r} is not supported; use 'random', 'probe' or 'frozen-probe'.")
+    if selection not in SELECTIONS:
+        raise ValueError(f"selection={selection!r} is not supported; use one of {', '.join(map(repr, SELECTIONS))}.")
+    if state_init not in STATE_INITS:
+        raise ValueError(f"state_init={state_init!r} is not supported; use one of {', '.join(map(repr, STATE_INITS))}.")
     _positive("state_l2", state_l2, allow_zero=True)
     if (
         isinstance(prefix_augment, bool)

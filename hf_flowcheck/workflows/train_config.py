@@ -1,0 +1,161 @@
+"""`TrainConfig`: the recipe of ``flowcheck train`` / :func:`~hf_flowcheck.workflows.experiments.train_from_store`.
+
+One owner for every training option's default, bound and help text: the CLI builds its flags from
+these fields, and the trained validator records the config it was trained with
+(``training_metadata["train_config"]``), so a run can be repeated from its folder.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from hf_flowcheck.configuration import check_positive_int, versioned_fields
+from hf_flowcheck.detectors.flow_validator.config import HEADS, INPUT_TRANSFORMS, POOLINGS, ValidatorConfig
+from hf_flowcheck.version import __version__
+from hf_flowcheck.workflows.training import SELECTIONS, STATE_INITS
+
+__all__ = ["TrainConfig"]
+
+
+def _validator_default(name: str) -> Any:
+    """The default of a :class:`ValidatorConfig` field (the validator's shape has one owner)."""
+    return next(f for f in dataclasses.fields(ValidatorConfig) if f.name == name).default
+
+
+def _help(name: str, extra: str = "") -> dict[str, str]:
+    base = next(f for f in dataclasses.fields(ValidatorConfig) if f.name == name).metadata["help"]
+    return {"help": base + extra}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How a validator is trained on a feature store (everything but where the data and output live).
+
+    Example:
+        >>> TrainConfig(head="attention", epochs=20).to_dict()["epochs"]
+        20
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    split_seed: int = field(default=0, metadata={"help": "Seed of the grouped 70/10/20 train/validation/test split."})
+    epochs: int = field(default=30, metadata={"help": "Most epochs to train."})
+    lr: float = field(default=1e-3, metadata={"help": "AdamW learning rate."})
+    batch_size: int = field(default=32, metadata={"help": "Answers per optimisation step."})
+    patience: int = field(default=10, metadata={"help": "Epochs without improvement of --selection before stopping."})
+    selection: str = field(
+        default="val_loss", metadata={"help": "What picks the kept epoch (validation only).", "choices": SELECTIONS}
+    )
+    seed: int = field(default=0, metadata={"help": "Seed of the initialisation and the batch order."})
+    head: str = field(
+        default=_validator_default("head"),
+        metadata={**_help("head", " The bundled validators use 'attention'."), "choices": HEADS},
+    )
+    members: int = field(
+        default=1, metadata={"help": "An ensemble of this many independently initialised validators (mean logit)."}
+    )
+    pooling: str = field(default=_validator_default("pooling"), metadata={**_help("pooling"), "choices": POOLINGS})
+    input_transform: str = field(
+        default=_validator_default("input_transform"),
+        metadata={**_help("input_transform"), "choices": INPUT_TRANSFORMS},
+    )
+    event_layernorm: bool = field(default=_validator_default("event_layernorm"), metadata=_help("event_layernorm"))
+    block_embedding: int = field(default=0, metadata={"help": "Size of the block-index embedding (0 = off)."})
+    state: bool = field(
+        default=False,
+        metadata={
+            "help": "Flow + state: also read the store's state summaries (the residual at the boundary a "
+            "hidden-state probe picks on validation, or the token confidence)."
+        },
+    )
+    state_spread: int = field(
+        default=0,
+        metadata={"help": "With state: also read the boundaries this many blocks below and above the probe's."},
+    )
+    state_init: str = field(
+        default="random",
+        metadata={
+            "help": "With state: start the state branch at the hidden-state probe ('probe'), or keep it there and "
+            "train the flow part as a residual on top ('frozen-probe').",
+            "choices": STATE_INITS,
+        },
+    )
+    prefix_augment: float = field(
+        default=0.0,
+        metadata={
+            "help": "Probability of cutting a training answer to a random prefix (0-1): running scores that mean "
+            "something before the answer ends. Not with state."
+        },
+    )
+    token_loss_weight: float = field(
+        default=0.0,
+        metadata={
+            "help": "Weight of a token-level loss on weak labels from the reference answers (a replayed store; "
+            "needs the model's tokenizer). 0: off."
+        },
+    )
+    channels: tuple[str, ...] | None = field(default=None, metadata={"help": "Keep only these feature channels."})
+    hidden: int = field(default=_validator_default("hidden"), metadata=_help("hidden"))
+    embed: int = field(default=_validator_default("embed"), metadata=_help("embed"))
+    gru_hidden: int = field(default=_validator_default("gru_hidden"), metadata=_help("gru_hidden"))
+    dropout: float = field(default=_validator_default("dropout"), metadata=_help("dropout"))
+    weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the test intervals."})
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "patience", "members", "n_bootstrap", "hidden", "embed", "gru_hidden"):
+            check_positive_int(name, getattr(self, name), "TrainConfig", at_most=1 << 20)
+        for name in ("split_seed", "seed", "block_embedding", "state_spread"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"TrainConfig.{name}={value!r} must be a non-negative integer.")
+        for f in dataclasses.fields(self):
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(
+                    f"TrainConfig.{f.name}={getattr(self, f.name)!r} is not supported; "
+                    f"use one of {', '.join(map(repr, allowed))}."
+                )
+        for name in ("event_layernorm", "state"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be True or False.")
+        checks = (
+            ("lr", lambda v: v > 0, "a positive number"),
+            ("weight_decay", lambda v: v >= 0, "0 or more"),
+            ("token_loss_weight", lambda v: v >= 0, "0 or more"),
+            ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
+            ("prefix_augment", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
+        )
+        for name, ok, what in checks:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+                raise ValueError(f"TrainConfig.{name}={value!r} must be {what}.")
+        if self.channels is not None:
+            if isinstance(self.channels, str) or not all(isinstance(c, str) for c in self.channels):
+                raise ValueError(f"TrainConfig.channels={self.channels!r} must be a list of channel names.")
+            object.__setattr__(self, "channels", tuple(self.channels))
+        if self.state and self.prefix_augment:
+            raise ValueError("TrainConfig: prefix_augment trains a streaming validator; it does not go with state.")
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with ``changes``; an unknown option is a ``ValueError`` naming the known ones."""
+        known = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"Unknown training option(s) {unknown}; TrainConfig has {sorted(known)}.")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with version stamps, suitable for ``json.dumps``."""
+        out = dataclasses.asdict(self)
+        out["channels"] = list(self.channels) if self.channels is not None else None
+        out["format_version"] = self.FORMAT_VERSION
+        out["hf_flowcheck_version"] = __version__
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
+        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
+        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
