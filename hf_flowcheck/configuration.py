@@ -22,6 +22,7 @@ __all__ = [
     "PAPER_FEATURES",
     "STATE_SUMMARIES",
     "FlowConfig",
+    "VersionedConfig",
     "check_positive_int",
     "versioned_fields",
 ]
@@ -70,6 +71,38 @@ def versioned_fields(cls: type, data: dict[str, Any], format_version: int) -> di
     return data
 
 
+class VersionedConfig:
+    """What every config dataclass of the package shares: ``to_dict`` with version stamps and a
+    ``from_dict`` that refuses unknown fields and newer formats.
+
+    A subclass sets ``FORMAT_VERSION`` (bumped when a field's meaning or default changes) and, where
+    older files need other defaults than today's, overrides :meth:`_upgrade`.
+    """
+
+    FORMAT_VERSION: ClassVar[int] = 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict with version stamps, suitable for ``json.dumps`` (tuples become lists)."""
+        out = {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+        out["format_version"] = self.FORMAT_VERSION
+        out["hf_flowcheck_version"] = __version__
+        return out
+
+    @classmethod
+    def _upgrade(cls, kwargs: dict[str, Any], format_version: int) -> dict[str, Any]:
+        """Constructor arguments of a dict written in ``format_version`` (older formats' defaults)."""
+        return kwargs
+
+    @classmethod
+    def from_dict(cls, data: Any) -> Any:
+        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
+        if isinstance(data, cls):
+            return data
+        fmt = data.get("format_version", cls.FORMAT_VERSION) if isinstance(data, dict) else cls.FORMAT_VERSION
+        kwargs = versioned_fields(cls, data, cls.FORMAT_VERSION)
+        return cls(**cls._upgrade(kwargs, fmt if isinstance(fmt, int) else cls.FORMAT_VERSION))
+
+
 def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
@@ -91,7 +124,7 @@ def check_positive_int(name: str, value: Any, owner: str = "", *, at_most: int |
 
 
 @dataclass
-class FlowConfig:
+class FlowConfig(VersionedConfig):
     """How flow signatures are computed (spec ``flow-signatures.md``; defaults from paper B.6).
 
     Example:
@@ -255,25 +288,13 @@ class FlowConfig:
     def num_features(self) -> int:
         return len(self.feature_names)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with version stamps, suitable for ``json.dumps``."""
-        out = dataclasses.asdict(self)
-        out["format_version"] = self.FORMAT_VERSION
-        out["hf_flowcheck_version"] = __version__
-        return out
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> FlowConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused.
-
-        A format-1 dict (written before ``score_terminators`` existed) loads with
-        ``score_terminators=True``: the terminator tokens its validator was trained on stay scored.
-        """
-        fmt = data.get("format_version", cls.FORMAT_VERSION) if isinstance(data, dict) else cls.FORMAT_VERSION
-        kwargs = versioned_fields(cls, data, cls.FORMAT_VERSION)
-        if isinstance(fmt, int) and fmt < 2:
+    def _upgrade(cls, kwargs: dict[str, Any], format_version: int) -> dict[str, Any]:
+        # A format-1 dict (written before score_terminators existed) keeps scoring the terminator
+        # tokens its validator was trained on.
+        if format_version < 2:
             kwargs.setdefault("score_terminators", True)
-        return cls(**kwargs)
+        return kwargs
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), sort_keys=True)

@@ -42,14 +42,14 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
 from hf_flowcheck.clamp import BasisFn, BlockClamp, ClampStats, hidden_from_args
-from hf_flowcheck.configuration import check_positive_int, versioned_fields
+from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 from hf_flowcheck.errors import NoValidatorError, RefinementError
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
@@ -57,12 +57,10 @@ from hf_flowcheck.model_io import cache_keyword, pad_token_id
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
 STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
-#: 2 added ``band``, ``clamp_positions``, ``num_culprits``, ``rescore`` and the ``"resample"`` strategy.
-REFINE_CONFIG_FORMAT = 2
 
 
 @dataclass(frozen=True)
-class RefineConfig:
+class RefineConfig(VersionedConfig):
     """How :func:`refine` rolls back and clamps (spec §7), validated where it is built.
 
     Attributes:
@@ -93,6 +91,9 @@ class RefineConfig:
         >>> RefineConfig(alpha=0.5).strategy
         'flow'
     """
+
+    #: 2 added ``band``, ``clamp_positions``, ``num_culprits``, ``rescore`` and the ``"resample"`` strategy.
+    FORMAT_VERSION: ClassVar[int] = 2
 
     strategy: str = "flow"
     alpha: float = 0.5
@@ -138,15 +139,6 @@ class RefineConfig:
             )
         if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
             raise ValueError(f"seed={self.seed!r} must be an integer or None.")
-
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready dict with a format stamp."""
-        return {**dataclasses.asdict(self), "format_version": REFINE_CONFIG_FORMAT}
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> RefineConfig:
-        """Inverse of :meth:`to_dict` (unknown fields and newer formats are refused)."""
-        return cls(**versioned_fields(cls, data, REFINE_CONFIG_FORMAT))
 
 
 # --------------------------------------------------------------------------------- the results

@@ -11,9 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from hf_flowcheck.configuration import check_positive_int, versioned_fields
+from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 from hf_flowcheck.detectors.flow_validator.config import HEADS, INPUT_TRANSFORMS, POOLINGS, ValidatorConfig
-from hf_flowcheck.version import __version__
 from hf_flowcheck.workflows.training import SELECTIONS, STATE_INITS
 
 __all__ = ["TrainConfig"]
@@ -30,7 +29,7 @@ def _help(name: str, extra: str = "") -> dict[str, str]:
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(VersionedConfig):
     """How a validator is trained on a feature store (everything but where the data and output live).
 
     Example:
@@ -146,16 +145,3 @@ class TrainConfig:
         if unknown:
             raise ValueError(f"Unknown training option(s) {unknown}; TrainConfig has {sorted(known)}.")
         return dataclasses.replace(self, **changes)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with version stamps, suitable for ``json.dumps``."""
-        out = dataclasses.asdict(self)
-        out["channels"] = list(self.channels) if self.channels is not None else None
-        out["format_version"] = self.FORMAT_VERSION
-        out["hf_flowcheck_version"] = __version__
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-from hf_flowcheck.configuration import check_positive_int, versioned_fields
-from hf_flowcheck.version import __version__
+from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 
 __all__ = ["HEADS", "INPUT_TRANSFORMS", "POOLINGS", "SIZE_BOUNDS", "ValidatorConfig"]
 
@@ -38,7 +36,7 @@ SIZE_BOUNDS: dict[str, int] = {
 
 
 @dataclass
-class ValidatorConfig:
+class ValidatorConfig(VersionedConfig):
     """Shape of the flow validator (paper B.9 defaults).
 
     Example:
@@ -179,22 +177,10 @@ class ValidatorConfig:
         """Config for features with these channel names (``num_features = len(names)``)."""
         return cls(num_features=len(names), feature_names=tuple(names), **kwargs)
 
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with version stamps, suitable for ``json.dumps``."""
-        out = dataclasses.asdict(self)
-        out["feature_names"] = list(self.feature_names)
-        out["state_blocks"] = list(self.state_blocks)
-        out["format_version"] = self.FORMAT_VERSION
-        out["hf_flowcheck_version"] = __version__
-        return out
-
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ValidatorConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        if isinstance(data, cls):
-            return data
-        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 2:
-            data = {"input_transform": "none", "event_layernorm": True, **data}
-        if isinstance(data, dict) and data.get("format_version", cls.FORMAT_VERSION) < 3:
-            data = {"head": "gru", **data}
-        return cls(**versioned_fields(cls, data, cls.FORMAT_VERSION))
+    def _upgrade(cls, kwargs: dict[str, Any], format_version: int) -> dict[str, Any]:
+        if format_version < 2:  # format 1 was the spec's plain B.9
+            kwargs = {"input_transform": "none", "event_layernorm": True, **kwargs}
+        if format_version < 3:  # before the other heads
+            kwargs = {"head": "gru", **kwargs}
+        return kwargs

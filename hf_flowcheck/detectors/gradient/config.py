@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import dataclasses
 import re
-from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
-from hf_flowcheck.configuration import check_positive_int
-from hf_flowcheck.version import __version__
+from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 
 __all__ = ["ABSTENTION_PATTERNS", "CLASS_NAMES", "READERS", "GradientConfig"]
 
@@ -34,7 +32,7 @@ ABSTENTION_PATTERNS: tuple[str, ...] = (
 
 
 @dataclass
-class GradientConfig:
+class GradientConfig(VersionedConfig):
     """How gradient signatures are computed and read (defaults of ``gradient-signatures.md``).
 
     Example:
@@ -163,32 +161,3 @@ class GradientConfig:
                 )
             out.add(j)
         return sorted(out)
-
-    def to_dict(self) -> dict[str, Any]:
-        """Plain dict with version stamps."""
-        out = dataclasses.asdict(self)
-        out["abstention_patterns"] = list(self.abstention_patterns)
-        out["format_version"] = self.FORMAT_VERSION
-        out["hf_flowcheck_version"] = __version__
-        return out
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any] | GradientConfig) -> GradientConfig:
-        """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
-        if isinstance(data, cls):
-            return data
-        if not isinstance(data, dict):
-            raise ValueError(f"GradientConfig.from_dict() needs a dict, got {type(data).__name__}.")
-        data = dict(data)
-        fmt = data.pop("format_version", cls.FORMAT_VERSION)
-        data.pop("hf_flowcheck_version", None)
-        if fmt > cls.FORMAT_VERSION:
-            raise ValueError(
-                f"GradientConfig format_version {fmt} is newer than this hf_flowcheck understands "
-                f"({cls.FORMAT_VERSION}); upgrade hf_flowcheck."
-            )
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"Unknown GradientConfig field(s) {unknown}; known fields: {sorted(known)}.")
-        return cls(**data)
