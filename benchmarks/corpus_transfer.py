@@ -64,6 +64,16 @@ BUNDLED = {
     "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
 }
 DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence", "flow+token-confidence", "confidence")
+#: What the bundled validator of each design reads (its model card says it).
+DESIGN_TEXT = {
+    "flow-only": "It reads the flow signatures of the answer's tokens (the paper's ten features per token and block).",
+    "flow+token-confidence": (
+        "It reads the flow signatures of the answer's tokens (the paper's ten features per token and block) and "
+        "the answer's token confidence (-mean log p, -min log p and mean entropy of the model's own next-token "
+        "distributions over the answer's content tokens): a logistic regression on the confidence, kept frozen, "
+        "plus what the flow part learns on top of it."
+    ),
+}
 #: Designs whose state input is a token-confidence triple, and where ``load_cells``' meta holds it.
 CONFIDENCE_DESIGNS = {"flow+confidence": slice(3, 6), "confidence": slice(3, 6), "flow+token-confidence": 8}
 
@@ -488,7 +498,9 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
             "text": (
                 f"Scoring {args.model}'s own short factual answers -- asked through its chat template (zero-shot, "
                 "with a system prompt or with example turns) or as plain `Question:/Answer:` prompts, with or without "
-                "a passage -- for how likely they are to be wrong. Trained on the robustness corpus "
+                "a passage -- for how likely they are to be wrong. "
+                + DESIGN_TEXT[args.design]
+                + " Trained on the robustness corpus "
                 "(`flowcheck corpus`, docs/guides/corpus.md): the model's greedy answers to "
                 f"{len(tr)} questions from {', '.join(sorted(set(task[tr].tolist())))}, judged against their "
                 "references. Scores are calibrated on validation answers of that mix (about "
@@ -499,9 +511,9 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
         {
             "title": "Limits",
             "text": (
-                "- On prompt styles and tasks it was not trained on it ranks answers about as well as token "
-                "confidence (-min / -mean log p) and lm-polygraph's best single-pass estimators, not better: see "
-                "the transfer table below. It is not a fact checker.\n"
+                "- On prompt styles and tasks it was not trained on, the transfer table below compares it with "
+                "token confidence (-min / -mean log p) and lm-polygraph's best single-pass estimators cell by cell; "
+                "on several cells it is only level with them. It is not a fact checker.\n"
                 "- Calibrated to the training mix: where your model is wrong less often, the same score means a "
                 "lower hallucination rate; choose a threshold on a few labelled answers of your own.\n"
                 "- Short answers (a phrase or a sentence, at most 64 tokens); long-form answers, dialogue and "
@@ -511,29 +523,32 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
             ),
         },
     ]
-    if args.report:
-        rep = json.loads(Path(args.report).read_text())
-        rows = ["| held out | answers (halluc.) | this design | -mean log p | -min log p | best lm-polygraph |",
-                "|---|---|---|---|---|---|"]  # fmt: skip
-        for key, cell in rep["cells"].items():
-            poly = max(
-                ((k, c["auroc"]) for k, c in cell.items() if k.startswith("polygraph") and c.get("auroc") is not None),
-                key=lambda kv: kv[1], default=(None, None),
-            )  # fmt: skip
-            v = cell["validator"]
-            rows.append(
-                f"| {key} | {v['n']} ({v.get('pos')}) | {v['auroc']} {v.get('ci')} | {cell['-mean log p']['auroc']} "
-                f"| {cell['-min log p']['auroc']} | {poly[1]} ({poly[0]}) |"
-            )
-        sections.append(
-            {
-                "title": "Transfer (held-out prompt styles and tasks)",
-                "text": "AUROC with 95% bootstrap intervals; each row trained without the held-out cell.\n\n"
-                + "\n".join(rows)
-                + f"\n\n```bash\n{rep.get('command', '')}\n```",
-            }
-        )
+    if getattr(args, "report", None):
+        sections.append(_transfer_section(args.report))
     return sections
+
+
+def _transfer_section(report_path: str) -> dict:
+    """The card's transfer table from a ``report`` JSON."""
+    rep = json.loads(Path(report_path).read_text())
+    rows = ["| held out | answers (halluc.) | this design | -mean log p | -min log p | best lm-polygraph |",
+            "|---|---|---|---|---|---|"]  # fmt: skip
+    for key, cell in rep["cells"].items():
+        poly = max(
+            ((k, c["auroc"]) for k, c in cell.items() if k.startswith("polygraph") and c.get("auroc") is not None),
+            key=lambda kv: kv[1], default=(None, None),
+        )  # fmt: skip
+        v = cell["validator"]
+        rows.append(
+            f"| {key} | {v['n']} ({v.get('pos')}) | {v['auroc']} {v.get('ci')} | {cell['-mean log p']['auroc']} "
+            f"| {cell['-min log p']['auroc']} | {poly[1]} ({poly[0]}) |"
+        )
+    return {
+        "title": "Transfer (held-out prompt styles and tasks)",
+        "text": "AUROC with 95% bootstrap intervals; each row trained without the held-out cell.\n\n"
+        + "\n".join(rows)
+        + f"\n\n```bash\n{rep.get('command', '')}\n```",
+    }
 
 
 def old_protocol(args: argparse.Namespace) -> int:
@@ -596,6 +611,10 @@ def old_protocol(args: argparse.Namespace) -> int:
 def card(args: argparse.Namespace) -> int:
     """Add the old-protocol figure (``old-protocol``'s JSON) to a bundled validator's card; weights untouched."""
     v = FlowValidator.from_pretrained(args.validator)
+    if args.report:  # replace the transfer table (a matrix finished after the bundle)
+        table = _transfer_section(args.report)
+        kept = [x for x in v.training_metadata.get("card_sections", []) if x["title"] != table["title"]]
+        v.training_metadata["card_sections"] = [*kept, table]
     res = json.loads(Path(args.old_protocol).read_text())
     val, mn, mx = res["validator"], res["-min log p"], res["-mean log p"]
     text = (
@@ -685,6 +704,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("card")
     c.add_argument("--validator", required=True)
     c.add_argument("--old-protocol", required=True, help="The JSON written by `old-protocol`.")
+    c.add_argument("--report", default=None, help="Also (re)write the transfer table from this `report` JSON.")
     c.set_defaults(func=card)
     o = sub.add_parser("old-protocol")
     o.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")

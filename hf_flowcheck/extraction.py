@@ -438,13 +438,18 @@ class FlowExtractor:
         """Whether the features also need each scored token's predicting position (``p - 1``) captured."""
         return self.config.state_summary == "token_confidence"
 
+    @staticmethod
+    def predicting_positions(mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """``[N, S]`` bool: the real positions ``p - 1`` whose output chose a masked token ``p``."""
+        before = torch.zeros_like(mask)
+        before[:, :-1] = mask[:, 1:]
+        return before & attention_mask.bool()
+
     def capture_mask(self, mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """Positions whose states the features need: ``mask`` and, for the token confidence, ``p - 1``."""
         if not self.reads_predicting_positions:
             return mask
-        before = torch.zeros_like(mask)
-        before[:, :-1] = mask[:, 1:]
-        return mask | (before & attention_mask.bool())
+        return mask | self.predicting_positions(mask, attention_mask)
 
     # ------------------------------------------------------------------------------ extract
     @torch.no_grad()
@@ -546,9 +551,7 @@ class FlowExtractor:
         last = self._last_needed(mask)
         if last < 0:
             return out
-        before = torch.zeros_like(mask)
-        before[:, :-1] = mask[:, 1:]
-        rows, cols = (before & attention_mask.bool())[:, : last + 1].nonzero(as_tuple=True)
+        rows, cols = self.predicting_positions(mask, attention_mask)[:, : last + 1].nonzero(as_tuple=True)
         if rows.numel() == 0:
             return out
 
