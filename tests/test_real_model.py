@@ -81,16 +81,22 @@ def test_bundled_validator_scores_a_batch(checked):
     assert checked.validator is not None, "the bundled default validator for SmolLM2 was not found"
     tok = checked.tokenizer
     enc = tok(PROMPTS, return_tensors="pt", padding=True)
-    out = checked.generate(**enc, max_new_tokens=10, do_sample=False, return_flow_scores=True)
+    out = checked.generate(
+        **enc, max_new_tokens=10, do_sample=False, return_flow_scores=True, return_flow_features=True
+    )
     assert out.flow_scores.shape == (2,) and ((out.flow_scores >= 0) & (out.flow_scores <= 1)).all()
     p = enc.input_ids.shape[1]
     assert (out.flow_culprits[:, 0] >= p).all() and (out.flow_culprits[:, 1] < 30).all()
     full_att = torch.cat([enc.attention_mask, torch.ones_like(out.sequences[:, p:])], dim=1)
     resp = torch.zeros_like(out.sequences)
     resp[:, p:] = 1
-    ref = checked.validator.score_features(checked.extractor.extract(out.sequences, full_att, resp))
+    replay = checked.extractor.extract(out.sequences, full_att, resp)
+    ref = checked.validator.score_features(replay)
     # Cached decoding vs one full forward: float rounding only.
     torch.testing.assert_close(out.flow_scores, ref.scores, atol=1e-3, rtol=0)
+    if checked.validator.flow_config.state_summary == "token_confidence":  # the default's confidence channel
+        torch.testing.assert_close(out.flow_features.states, replay.states, atol=1e-3, rtol=0)
+        assert bool((out.flow_features.states[:, 0, 1] >= out.flow_features.states[:, 0, 0]).all())  # min <= mean
     plain = checked.generate(**enc, max_new_tokens=10, do_sample=False)
     assert torch.equal(plain, out.sequences)
 
