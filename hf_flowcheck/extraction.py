@@ -478,8 +478,12 @@ class FlowExtractor:
         last = self._last_needed(mask)
         if last < 0:
             return self._assemble(input_ids, attention_mask, mask, None, sample_keys)
-        ids, att = input_ids[:, : last + 1], attention_mask[:, : last + 1]
         rows, cols = self.capture_mask(mask, attention_mask)[:, : last + 1].nonzero(as_tuple=True)
+        states = self._capture(input_ids[:, : last + 1], attention_mask[:, : last + 1], rows, cols)
+        return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
+
+    def _capture(self, ids: torch.Tensor, att: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> CapturedStates:
+        """States at ``(rows, cols)`` from one teacher-forced forward of ``ids`` ``[N, S]``."""
 
         def selector(call: int, batch: int, seq: int, device: torch.device):
             return (rows, cols, cols) if call == 0 else None
@@ -488,7 +492,7 @@ class FlowExtractor:
             self.forward(ids.to(self._device()), att.to(self._device()))
             states = rec.result()
         self.last_capture_bytes = rec.nbytes
-        return self._assemble(input_ids, attention_mask, mask, states, sample_keys)
+        return states
 
     def _token_confidence(
         self,
@@ -554,14 +558,7 @@ class FlowExtractor:
         rows, cols = self.predicting_positions(mask, attention_mask)[:, : last + 1].nonzero(as_tuple=True)
         if rows.numel() == 0:
             return out
-
-        def selector(call: int, batch: int, seq: int, device: torch.device):
-            return (rows, cols, cols) if call == 0 else None
-
-        ids, att = input_ids[:, : last + 1], attention_mask[:, : last + 1]
-        with FlowRecorder(self.arch, selector, capacity=rows.numel()) as rec:
-            self.forward(ids.to(self._device()), att.to(self._device()))
-            states = rec.result()
+        states = self._capture(input_ids[:, : last + 1], attention_mask[:, : last + 1], rows, cols)
         self._prepare_math(states.r.device)
         table = torch.full(mask.shape, -1, dtype=torch.long, device=states.r.device)
         table[states.rows, states.positions] = torch.arange(states.rows.numel(), device=states.r.device)
