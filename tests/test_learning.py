@@ -449,3 +449,18 @@ def test_reference_token_labels_mark_unsupported_words_of_wrong_answers():
     assert out[1, [0, 1, 3]].tolist() == [0.0, 0.0, 0.0]  # a right answer's tokens are all supported
     with pytest.raises(ValueError, match="no answer record"):
         reference_token_labels(feats, ["u0", "missing"], {"u0": rec}, tok, [1, 0])
+
+
+def test_the_question_rule_leaves_the_restated_question_and_function_words_out():
+    from hf_flowcheck.workflows.token_labels import question_of, word_labels, words
+
+    prompt = "<|im_start|>user\nAnswer briefly.\n\nQuestion: In what city was Bert Myers born?<|im_end|>\n"
+    q = question_of(prompt)
+    assert "Bert Myers" in q and "Answer briefly" not in q
+    ws = words("Bert Myers was born in Manchester, United Kingdom.")
+    refs = ["Frederick, Maryland"]
+    assert word_labels(ws, refs) == [1] * 8  # every word is missing from the references
+    assert word_labels(ws, refs, q, "references+question") == [0, 0, None, 0, None, 1, 1, 1]
+    assert word_labels(words("Frederick"), refs, q, "references+question") == [0]
+    with pytest.raises(ValueError, match="rule="):
+        word_labels(ws, refs, q, "question")

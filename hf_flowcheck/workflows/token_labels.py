@@ -8,7 +8,13 @@ reference word counts as supported), is *unsupported* (1), and one whose text do
 (punctuation, the newline) and columns that are not answer tokens are ``nan`` (no label).
 
 These labels are noisy: a wrong answer can repeat a reference word in a wrong place, and a right
-answer can add words the reference lacks. ``benchmarks/token_risk.py`` uses them as a localization
+answer can add words the reference lacks.
+
+``rule="references+question"`` is for the longer answers of the corpus (a chat answer restates the
+question before it answers: "Bert Myers was born in Manchester"): a word of the question also counts
+as supported, and function words (:data:`FUNCTION_WORDS`) get no label, so what is left marked
+unsupported is the answer's own claim. ``benchmarks/token_label_check.py`` measures both rules
+against word labels made by hand. ``benchmarks/token_risk.py`` uses them as a localization
 proxy; ``flowcheck train --token-labels`` as an auxiliary target of the token logits.
 """
 
@@ -22,12 +28,93 @@ import torch
 
 from hf_flowcheck.extraction import FlowFeatures
 
-__all__ = ["reference_token_labels", "words"]
+__all__ = ["FUNCTION_WORDS", "TOKEN_LABEL_RULES", "question_of", "reference_token_labels", "word_labels", "words"]
+
+TOKEN_LABEL_RULES: tuple[str, ...] = ("references", "references+question")
+#: Words that carry no claim of their own (left unlabelled by ``rule="references+question"``).
+FUNCTION_WORDS = frozenset(
+    {
+        "a",
+        "an",
+        "the",
+        "of",
+        "in",
+        "on",
+        "at",
+        "to",
+        "for",
+        "from",
+        "by",
+        "with",
+        "and",
+        "or",
+        "but",
+        "is",
+        "was",
+        "are",
+        "were",
+        "be",
+        "been",
+        "being",
+        "has",
+        "have",
+        "had",
+        "it",
+        "its",
+        "he",
+        "she",
+        "his",
+        "her",
+        "they",
+        "their",
+        "this",
+        "that",
+        "these",
+        "those",
+        "who",
+        "which",
+        "what",
+        "as",
+        "also",
+        "not",
+        "no",
+    }
+)
 
 
 def words(text: str) -> str:
     """Lower-cased word characters of ``text``, space-separated."""
     return " ".join(re.findall(r"\w+", text.lower()))
+
+
+def question_of(prompt: str) -> str:
+    """The question a corpus or HaluEval prompt asks: the text after its last ``Question:`` up to the line end."""
+    if "Question:" not in prompt:
+        return ""
+    return prompt.rsplit("Question:", 1)[1].split("\n", 1)[0]
+
+
+def word_labels(answer_words: str, references: Sequence[str], question: str = "", rule: str = "references") -> list:
+    """Label the words of one hallucinated answer: 1 unsupported, 0 supported, ``None`` unlabelled.
+
+    Args:
+        answer_words: Space-separated lower-cased words (:func:`words`) of one token or answer.
+        references: The reference answers.
+        question: The question (``rule="references+question"``).
+        rule: One of :data:`TOKEN_LABEL_RULES`.
+    """
+    if rule not in TOKEN_LABEL_RULES:
+        raise ValueError(f"rule={rule!r} is not supported; use one of {', '.join(map(repr, TOKEN_LABEL_RULES))}.")
+    support = " ".join(words(r) for r in references)
+    if rule == "references+question":
+        support += " " + words(question)
+    out: list = []
+    for part in answer_words.split():
+        if rule == "references+question" and part in FUNCTION_WORDS:
+            out.append(None)
+        else:
+            out.append(0 if part in support else 1)
+    return out
 
 
 def reference_token_labels(
@@ -36,6 +123,7 @@ def reference_token_labels(
     records: Mapping[str, Any],
     tokenizer: Any,
     labels: Sequence[int] | torch.Tensor,
+    rule: str = "references",
 ) -> torch.Tensor:
     """Label each feature column of each answer: 1 unsupported, 0 supported, ``nan`` unlabelled.
 
@@ -46,6 +134,7 @@ def reference_token_labels(
             :func:`~hf_flowcheck.workflows.answers.read_answers`.
         tokenizer: The model's tokenizer (finds where each prompt ends, decodes the tokens).
         labels: ``[N]`` answer labels (1 hallucinated).
+        rule: One of :data:`TOKEN_LABEL_RULES` (see the module docstring).
 
     Returns:
         ``[N, T]`` float32.
@@ -68,12 +157,18 @@ def reference_token_labels(
         if not rec.references:
             raise ValueError(f"the record of {uid!r} has no reference answers, so its tokens cannot be labelled.")
         start = len(encode_text(tokenizer, rec.prompt))
-        refs = " ".join(words(r) for r in rec.references)
+        question = question_of(rec.prompt)
         for col, pos in enumerate(features.positions[row].tolist()):
             j = pos - start
             if pos < 0 or not 0 <= j < len(rec.gen_ids):
                 continue
             w = words(tokenizer.decode([rec.gen_ids[j]]))
-            if w:
-                out[row, col] = float(bool(y[row]) and any(part not in refs for part in w.split()))
+            if not w:
+                continue
+            if not y[row]:
+                out[row, col] = 0.0
+                continue
+            marks = [m for m in word_labels(w, rec.references, question, rule) if m is not None]
+            if marks:
+                out[row, col] = float(any(marks))
     return out
