@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field, fields
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 from hf_flowcheck.version import __version__
 
@@ -71,6 +71,9 @@ def versioned_fields(cls: type, data: dict[str, Any], format_version: int) -> di
     return data
 
 
+_Config = TypeVar("_Config", bound="VersionedConfig")
+
+
 class VersionedConfig:
     """What every config dataclass of the package shares: ``to_dict`` with version stamps and a
     ``from_dict`` that refuses unknown fields and newer formats.
@@ -94,7 +97,7 @@ class VersionedConfig:
         return kwargs
 
     @classmethod
-    def from_dict(cls, data: Any) -> Any:
+    def from_dict(cls: type[_Config], data: Any) -> _Config:
         """Inverse of :meth:`to_dict`; unknown keys and newer format versions are refused."""
         if isinstance(data, cls):
             return data
