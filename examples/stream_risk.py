@@ -119,7 +119,9 @@ def main() -> None:
     gen = dict(
         max_new_tokens=args.max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id, flow_check_refit=args.refit
     )
-    for question, knowledge, reference in DEMO_SAMPLES:
+    for question, knowledge, reference, style in DEMO_SAMPLES:
+        if style != "plain-fewshot":  # the streaming validator was trained on the HaluEval-QA two-shot format
+            continue
         q = qa_prompt(question, knowledge)
         print(f"Q: {question.strip()}  (reference: {reference})")
         # The answer ends with its line, newline included, as in the validator's training answers.

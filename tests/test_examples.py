@@ -68,3 +68,9 @@ def test_streaming_abstention():
     out = _run("streaming_abstention.py", "--threshold", "0.0", "--max-new-tokens", "12")
     assert out.count("abstained: True") == 2
     assert "I am not sure" in out
+
+
+@needs_model
+def test_stream_risk_example_streams_the_demo_questions():
+    out = _run("stream_risk.py", "--max-new-tokens", "4", "--serve")
+    assert out.count("Q: ") == 2 and "data: " in out
