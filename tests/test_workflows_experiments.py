@@ -132,3 +132,17 @@ def test_train_refuses_too_few_of_a_class(tmp_path, capsys):
     assert main(["train", "--features", str(few), "--out", str(tmp_path / "v"), "--no-progress"]) == 2
     err = capsys.readouterr().err
     assert "needs at least 20 of each" in err and "correct and" in err
+
+
+def test_flowcheck_train_builds_the_flow_plus_token_confidence_design(tmp_path):
+    """The shipped corpus design from the command line's path: a token-confidence store, --state, frozen probe."""
+    store = tmp_path / "store"
+    pl.extract_dataset(make_tiny_model("llama"), CharTokenizer(), _pairs(40), store,
+                       config=tiny_flow_config(state_summary="token_confidence"), protocol="paired", batch_size=8,
+                       shard_size=32, progress=False)  # fmt: skip
+    v, _ = train_from_store(store, tmp_path / "v", epochs=2, batch_size=8, n_bootstrap=20, progress=False,
+                            head="attention", state=True, state_init="frozen-probe")  # fmt: skip
+    assert v.flow_config.state_summary == "token_confidence"
+    assert (v.config.state_dim, v.config.state_blocks) == (3, (0,))
+    loaded = FlowValidator.from_pretrained(str(tmp_path / "v"))  # and it loads back as the same design
+    assert loaded.flow_config == v.flow_config and loaded.config == v.config
