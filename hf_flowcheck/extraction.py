@@ -296,6 +296,8 @@ class FlowExtractor:
         self._norms: list[nn.Module] | None = None
         self._betas: torch.Tensor | None = None
         self._readout: torch.Tensor | None = None
+        # Gemma 2 caps its output logits; the token confidence reads them as the model's forward does.
+        self._softcap: float | None = getattr(getattr(self.base, "config", None), "final_logit_softcapping", None)
         self._math_device: torch.device | None = None
         #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
         self.last_capture_bytes = 0
@@ -516,8 +518,9 @@ class FlowExtractor:
         tokens = input_ids[row, want].to(idx.device)
 
         def compute(sel: Any) -> torch.Tensor:
-            softcap = getattr(getattr(self.base, "config", None), "final_logit_softcapping", None)
-            return token_confidence_rows(states.r[idx[sel], -1], self._norms[-1], self._readout, tokens[sel], softcap)
+            return token_confidence_rows(
+                states.r[idx[sel], -1], self._norms[-1], self._readout, tokens[sel], self._softcap
+            )
 
         if cache is None:
             rows = compute(slice(None))
