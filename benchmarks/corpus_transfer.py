@@ -468,10 +468,11 @@ def bundle(args: argparse.Namespace) -> int:
     command = "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])
     v, history = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
-        epochs=args.epochs, patience=5, seed=args.seed, progress=False, flow_config=flow_config, command=command,
+        epochs=args.epochs, patience=5, seed=args.seed, progress=False, flow_config=flow_config,
         state_init=state_init,
     )  # fmt: skip
     v.eval()
+    v.training_metadata["command"] = command
     v.base_fingerprint = dict(ref.base_fingerprint)
     cal = calibrate_validator(v, feats.take(va), y[va], groups=style[va])
     trained_tasks = sorted(set(task[tr].tolist()))

@@ -105,10 +105,35 @@ class VersionedConfig:
         kwargs = versioned_fields(cls, data, cls.FORMAT_VERSION)
         return cls(**cls._upgrade(kwargs, fmt if isinstance(fmt, int) else cls.FORMAT_VERSION))
 
+    def replace(self: _Config, **changes: Any) -> _Config:
+        """A copy with ``changes`` (validated again); an unknown option is a ``ValueError`` naming the known ones."""
+        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
+        unknown = sorted(set(changes) - known)
+        if unknown:
+            raise ValueError(f"Unknown {type(self).__name__} option(s) {unknown}; known: {sorted(known)}.")
+        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
 
-def _choice(name: str, value: Any, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise ValueError(f"{name}={value!r} is not supported; use one of {', '.join(map(repr, allowed))}.")
+    @classmethod
+    def with_options(cls: type[_Config], base: _Config | None, options: dict[str, Any]) -> _Config:
+        """``base`` (or the defaults) with ``options`` applied: how a function takes a config object and
+        loose keyword options of the same fields. Unknown names are a ``ValueError`` naming the known ones."""
+        if base is not None and not isinstance(base, cls):
+            raise TypeError(f"Expected a config of type {cls.__name__}, got {type(base).__name__}.")
+        known = {f.name for f in fields(cls)}  # type: ignore[arg-type]
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise ValueError(f"Unknown {cls.__name__} option(s) {unknown}; known: {sorted(known)}.")
+        return cls(**options) if base is None else dataclasses.replace(base, **options)  # type: ignore[type-var]
+
+    def _check_choices(self, owner: str = "") -> None:
+        """Refuse a value outside a field's ``metadata["choices"]`` (one owner for what is allowed)."""
+        for f in fields(self):  # type: ignore[arg-type]
+            allowed = f.metadata.get("choices")
+            if allowed and getattr(self, f.name) not in allowed:
+                raise ValueError(
+                    f"{owner + '.' if owner else ''}{f.name}={getattr(self, f.name)!r} is not supported; use one of "
+                    f"{', '.join(map(repr, allowed))}."
+                )
 
 
 def check_positive_int(name: str, value: Any, owner: str = "", *, at_most: int | None = None) -> None:
@@ -142,12 +167,16 @@ class FlowConfig(VersionedConfig):
         default="normalized",
         metadata={
             "help": "Monitored state: 'normalized' = N_b(r_b) (paper §3.1) or 'residual' = raw r_b "
-            "(the authors' released code)."
+            "(the authors' released code).",
+            "choices": ("normalized", "residual"),
         },
     )
     token_mask: str = field(
         default="response",
-        metadata={"help": "'response': generated/answer tokens only; 'all': every non-pad, non-special token."},
+        metadata={
+            "help": "'response': generated/answer tokens only; 'all': every non-pad, non-special token.",
+            "choices": ("response", "all"),
+        },
     )
     window_length: int = field(default=8, metadata={"help": "Window length L in blocks (A.3)."})
     window_stride: int = field(default=4, metadata={"help": "Window stride s in blocks (A.3)."})
@@ -165,13 +194,21 @@ class FlowConfig(VersionedConfig):
     )
     center: str = field(
         default="geometric_median",
-        metadata={"help": "Center of the increments per depth: 'geometric_median', 'coordinate_median' or 'mean'."},
+        metadata={
+            "help": "Center of the increments per depth: 'geometric_median', 'coordinate_median' or 'mean'.",
+            "choices": ("geometric_median", "coordinate_median", "mean"),
+        },
     )
     drift_anchor: str = field(
-        default="end", metadata={"help": "Drift anchor block: window 'end' (§3.3.3) or 'start' (A.8)."}
+        default="end",
+        metadata={"help": "Drift anchor block: window 'end' (§3.3.3) or 'start' (A.8).", "choices": ("end", "start")},
     )
     features: str = field(
-        default="full", metadata={"help": "'full' (10 features, the authors' validator) or 'paper' (the 8 of §3.4)."}
+        default="full",
+        metadata={
+            "help": "'full' (10 features, the authors' validator) or 'paper' (the 8 of §3.4).",
+            "choices": ("full", "paper"),
+        },
     )
     seed: int = field(default=0, metadata={"help": "seed0 of the direction-cap sampler."})
     lens_features: bool = field(
@@ -212,7 +249,8 @@ class FlowConfig(VersionedConfig):
             "(default, the full d x d eigensolve) or 'subspace' (block subspace iteration on the same matrix, "
             "kept only when its Davis-Kahan bound on the angle to the exact subspace is below 2e-3, else the "
             "eigensolve). Both give the same subspace to float32 precision; a window's fit is about 1.75x "
-            "faster with 'subspace' at d=576, k=16."
+            "faster with 'subspace' at d=576, k=16.",
+            "choices": BASIS_SOLVERS,
         },
     )
     state_summary: str = field(
@@ -222,7 +260,8 @@ class FlowConfig(VersionedConfig):
             "'last' (at the last answer token, the hidden-state probe's input), 'mean' (averaged over the "
             "answer tokens), 'token_confidence' (not a residual state: the answer's -mean log p, -min log p "
             "and mean entropy over the scored tokens, [N, 1, 3], read from the final residual at each "
-            "token's predicting position) or 'none'. Read by flow + state validators."
+            "token's predicting position) or 'none'. Read by flow + state validators.",
+            "choices": STATE_SUMMARIES,
         },
     )
 
@@ -237,13 +276,7 @@ class FlowConfig(VersionedConfig):
     )
 
     def __post_init__(self) -> None:
-        _choice("boundary", self.boundary, ("normalized", "residual"))
-        _choice("token_mask", self.token_mask, ("response", "all"))
-        _choice("center", self.center, ("geometric_median", "coordinate_median", "mean"))
-        _choice("drift_anchor", self.drift_anchor, ("end", "start"))
-        _choice("features", self.features, ("full", "paper"))
-        _choice("state_summary", self.state_summary, STATE_SUMMARIES)
-        _choice("basis_solver", self.basis_solver, BASIS_SOLVERS)
+        self._check_choices()
         for flag in ("lens_features", "score_terminators"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{flag}={getattr(self, flag)!r} must be True or False.")

@@ -7,6 +7,7 @@ import dataclasses
 
 import pytest
 
+from hf_flowcheck.cli.options import config_from_flags
 from hf_flowcheck.cli.research import add_train_arguments
 from hf_flowcheck.detectors.flow_validator import ValidatorConfig
 from hf_flowcheck.workflows.experiments import train_from_store
@@ -17,7 +18,7 @@ def _cli(*argv: str) -> TrainConfig:
     p = argparse.ArgumentParser()
     add_train_arguments(p)
     args = p.parse_args(["--features", "f", "--out", "o", *argv])
-    return TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    return config_from_flags(args, TrainConfig)
 
 
 def test_cli_defaults_are_the_configs_and_the_validators():
@@ -66,6 +67,43 @@ def test_bad_values_are_named(bad, match):
 
 
 def test_unknown_option_of_train_from_store_is_named_before_any_work(tmp_path):
-    with pytest.raises(ValueError, match=r"Unknown training option\(s\) \['heads'\]"):
+    with pytest.raises(ValueError, match=r"Unknown TrainConfig option\(s\) \[.heads.\]"):
         train_from_store(tmp_path / "no-store", tmp_path / "out", heads="attention")
     assert not (tmp_path / "out").exists()
+
+
+def test_extract_flags_are_the_extract_and_flow_configs():
+    from hf_flowcheck.cli.research import add_extract_arguments
+    from hf_flowcheck.configuration import FlowConfig
+    from hf_flowcheck.workflows.extract_config import ExtractConfig
+
+    p = add_extract_arguments(argparse.ArgumentParser())
+    base = ["--dataset", "halueval-qa", "--out", "o"]
+    args = p.parse_args(base)
+    assert config_from_flags(args, ExtractConfig, dest_prefix="run_", protocol="paired") == ExtractConfig("paired")
+    assert config_from_flags(args, FlowConfig, dest_prefix="flow_") == FlowConfig()
+    args = p.parse_args([*base, "--protocol", "natural", "--batch-size", "3", "--no-resume", "--no-lens-features",
+                         "--center", "mean", "--basis-solver", "subspace"])  # fmt: skip
+    run = config_from_flags(args, ExtractConfig, dest_prefix="run_")
+    assert run == ExtractConfig("natural", batch_size=3, resume=False)
+    assert config_from_flags(args, FlowConfig, dest_prefix="flow_") == FlowConfig(
+        center="mean", basis_solver="subspace"
+    )
+    for bad in (["--protocol", "sampled"], ["--center", "median"], ["--state-summary", "first"]):
+        with pytest.raises(SystemExit):  # argparse names the choices from the config's own field metadata
+            p.parse_args([*base, *bad])
+
+
+def test_extract_config_options_and_errors():
+    from hf_flowcheck.workflows.extract_config import ExtractConfig
+
+    base = ExtractConfig("paired", batch_size=4)
+    assert ExtractConfig.with_options(base, {"shard_size": 9}) == ExtractConfig("paired", batch_size=4, shard_size=9)
+    assert ExtractConfig.with_options(None, {"protocol": "generated"}).max_new_tokens == 32
+    with pytest.raises(ValueError, match=r"Unknown ExtractConfig option\(s\) \['batchsize'\]"):
+        ExtractConfig.with_options(base, {"batchsize": 2})
+    with pytest.raises(TypeError, match="Expected a config of type ExtractConfig, got TrainConfig"):
+        ExtractConfig.with_options(TrainConfig(), {})
+    with pytest.raises(ValueError, match="ExtractConfig.resume='no' must be True or False"):
+        ExtractConfig("paired", resume="no")
+    assert ExtractConfig.from_dict(base.to_dict()) == base

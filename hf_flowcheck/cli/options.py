@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from typing import Any
 
 from hf_flowcheck.errors import FeatureStoreError, GradientSignatureError
@@ -11,7 +12,9 @@ __all__ = [
     "DTYPES",
     "THRESHOLD_HELP",
     "USER_ERRORS",
+    "add_config_flags",
     "add_model_options",
+    "config_from_flags",
     "load_model_from_args",
     "model_load_kwargs",
     "positive_int",
@@ -90,3 +93,40 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     from hf_flowcheck.offline_models import load_model
 
     return load_model(args.model, **model_load_kwargs(args))
+
+
+def add_config_flags(
+    group: Any, cls: type, *, dest_prefix: str = "", flag_names: dict[str, str] | None = None, skip: tuple = ()
+) -> None:
+    """One flag per field of the config dataclass ``cls``, from its field metadata (one owner for each
+    option's default, choices and help).
+
+    Every flag defaults to ``None`` (not given), so :func:`config_from_flags` passes only what the user
+    set and the dataclass keeps its own defaults. Booleans get a ``--flag`` / ``--no-flag`` pair
+    (``type=bool`` would read ``False`` as true); a field with ``metadata["nargs"]`` takes a list.
+    """
+    for f in dataclasses.fields(cls):
+        if f.name in skip:
+            continue
+        flag = (flag_names or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        has_default = f.default is not dataclasses.MISSING
+        text = f.metadata.get("help", "").replace("%", "%%") + (f" (default: {f.default!r})" if has_default else "")
+        dest = dest_prefix + f.name
+        if isinstance(f.default, bool):
+            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif "nargs" in f.metadata:
+            group.add_argument(flag, dest=dest, nargs=f.metadata["nargs"], default=None, help=text)
+        else:
+            kind = type(f.default) if has_default and f.default is not None else str
+            choices = f.metadata.get("choices")
+            group.add_argument(flag, dest=dest, type=kind, default=None, choices=choices, help=text)
+
+
+def config_from_flags(args: argparse.Namespace, cls: type, *, dest_prefix: str = "", **fixed: Any) -> Any:
+    """The ``cls`` config of the flags :func:`add_config_flags` added: the given ones, then ``fixed``."""
+    given = {}
+    for f in dataclasses.fields(cls):
+        value = getattr(args, dest_prefix + f.name, None)
+        if value is not None:
+            given[f.name] = value
+    return cls(**{**given, **fixed})

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shlex
 import sys
@@ -12,7 +11,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hf_flowcheck.cli.options import add_model_options, load_model_from_args, positive_int
+from hf_flowcheck.cli.options import (
+    add_config_flags,
+    add_model_options,
+    config_from_flags,
+    load_model_from_args,
+    positive_int,
+)
 from hf_flowcheck.configuration import STATE_SUMMARIES, FlowConfig
 from hf_flowcheck.data import DATASET_NAMES, Example
 from hf_flowcheck.data.splits import SPLIT_NAMES, split_records
@@ -29,13 +34,8 @@ from hf_flowcheck.workflows.compare import (
     split_parts,
 )
 from hf_flowcheck.workflows.experiments import evaluate_validator_on_store, train_from_store
-from hf_flowcheck.workflows.extract import (
-    _CONFIG_CHOICES,
-    PROTOCOLS,
-    RECORD_LABEL,
-    extract_dataset,
-    newline_stop_kwargs,
-)
+from hf_flowcheck.workflows.extract import RECORD_LABEL, extract_dataset, newline_stop_kwargs
+from hf_flowcheck.workflows.extract_config import ExtractConfig
 from hf_flowcheck.workflows.replay import PartedStore, replay_answers
 from hf_flowcheck.workflows.train_config import TrainConfig
 
@@ -127,14 +127,6 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--task", default="qa", help="Task of a JSON Lines --dataset (selects fields and prompt).")
     parser.add_argument("--data-dir", default=None, help="Data directory (default: $HF_FLOWCHECK_DATA or bundled).")
-    parser.add_argument(
-        "--protocol",
-        choices=PROTOCOLS,
-        default=None,
-        help="generated (the model answers; judge labels; default), paired (teacher-forced right/hallucinated "
-        "answers; leaky, report with a length baseline) or natural (given responses with their labels; default "
-        "for halueval-general).",
-    )
     parser.add_argument("--limit", type=int, default=None, help="Use only the first LIMIT source records.")
     parser.add_argument(
         "--sample",
@@ -145,9 +137,6 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--sample-seed", type=int, default=0, help="Seed of --sample.")
     parser.add_argument("--out", required=True, help="Output directory of the feature store.")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--shard-size", type=int, default=256, help="Input examples per shard.")
-    parser.add_argument("--max-new-tokens", type=int, default=32, help="Generated protocol: answer length cap.")
     parser.add_argument(
         "--judge",
         choices=("reference-f1", RECORD_LABEL),
@@ -165,36 +154,15 @@ def add_extract_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
         help="Generated protocol: stop a row at the end of its first non-empty line (the judged answer); "
         "leading newlines do not stop it.",
     )
-    parser.add_argument("--no-resume", action="store_true", help="Refuse an existing out_dir instead of resuming.")
-    parser.add_argument("--no-progress", action="store_true", help="Hide the progress bar.")
-    group = parser.add_argument_group("flow configuration (FlowConfig fields)")
-    for f in dataclasses.fields(FlowConfig):
-        flag = "--" + f.name.replace("_", "-")
-        kind = type(f.default)
-        help_text = f"{f.metadata.get('help', '')} (default: {f.default!r})"
-        if kind is bool:  # type=bool would read "False" as True: a real --flag / --no-flag pair
-            group.add_argument(
-                flag, dest=f"flow_{f.name}", action=argparse.BooleanOptionalAction, default=None, help=help_text
-            )
-            continue
-        group.add_argument(
-            flag,
-            dest=f"flow_{f.name}",
-            type=kind,
-            default=None,
-            choices=_CONFIG_CHOICES.get(f.name),
-            help=help_text,
-        )
+    run_group = parser.add_argument_group(
+        "how the dataset is run (ExtractConfig fields; --protocol defaults to natural for halueval-general, "
+        "else generated)"
+    )
+    add_config_flags(run_group, ExtractConfig, dest_prefix="run_")
+    add_config_flags(
+        parser.add_argument_group("flow configuration (FlowConfig fields)"), FlowConfig, dest_prefix="flow_"
+    )
     return parser
-
-
-def _flow_config_from_args(args: argparse.Namespace) -> FlowConfig:
-    kwargs = {}
-    for f in dataclasses.fields(FlowConfig):
-        value = getattr(args, f"flow_{f.name}", None)
-        if value is not None:
-            kwargs[f.name] = value
-    return FlowConfig(**kwargs)
 
 
 def _load_records(args: argparse.Namespace) -> list[Example]:
@@ -222,9 +190,11 @@ def run_extract(args: argparse.Namespace) -> int:
     """Run ``flowcheck extract`` from parsed arguments; returns the exit status (0 ok, 2 user error)."""
     from hf_flowcheck import data
 
-    config = _flow_config_from_args(args)
+    config = config_from_flags(args, FlowConfig, dest_prefix="flow_")
     records = _load_records(args)
-    protocol = args.protocol or ("natural" if args.dataset == "halueval-general" else "generated")
+    default_protocol = "natural" if args.dataset == "halueval-general" else "generated"
+    run = config_from_flags(args, ExtractConfig, dest_prefix="run_", protocol=args.run_protocol or default_protocol)
+    protocol = run.protocol
     t0 = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
     print(f"Loaded {args.model} in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
@@ -249,13 +219,8 @@ def run_extract(args: argparse.Namespace) -> int:
         examples,
         args.out,
         config=config,
-        protocol=protocol,
-        batch_size=args.batch_size,
-        shard_size=args.shard_size,
-        max_new_tokens=args.max_new_tokens,
+        extract_config=run,
         judge=judge,
-        resume=not args.no_resume,
-        progress=not args.no_progress,
         prompt_fn=prompt_fn,
         dataset={
             "name": args.dataset,
@@ -284,20 +249,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     (its default, choices and help; one owner)."""
     p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract` or `replay`.")
     p.add_argument("--out", required=True, help="Folder for the trained validator.")
-    for f in dataclasses.fields(TrainConfig):
-        flag = _TRAIN_FLAG_NAMES.get(f.name, "--" + f.name.replace("_", "-"))
-        helptext = f.metadata["help"].replace("%", "%%") + " (default: %(default)s)"
-        if f.name == "state":
-            p.add_argument(flag, action="store_true", help=f.metadata["help"])
-        elif isinstance(f.default, bool):
-            p.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default, help=helptext)
-        elif f.name == "channels":
-            p.add_argument(flag, nargs="+", default=None, help=f.metadata["help"])
-        else:
-            p.add_argument(
-                flag, dest=f.name, type=type(f.default), default=f.default, choices=f.metadata.get("choices"),
-                help=helptext,
-            )  # fmt: skip
+    add_config_flags(p.add_argument_group("training (TrainConfig fields)"), TrainConfig, flag_names=_TRAIN_FLAG_NAMES)
     p.add_argument("--model", default=None, help="With --token-loss-weight: the store's model (for its tokenizer).")
     p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
     p.add_argument("--no-progress", action="store_true")
@@ -320,7 +272,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.command_text is None
         else (args.command_text)
     )
-    config = TrainConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)})
+    config = config_from_flags(args, TrainConfig)
     _, report = train_from_store(
         args.features,
         args.out,

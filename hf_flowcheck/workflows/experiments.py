@@ -297,6 +297,13 @@ def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, to
     return reference_token_labels(feats, uids, records, tokenizer, labels)
 
 
+#: The :class:`TrainConfig` fields that shape the network (passed on to ``ValidatorConfig``).
+_VALIDATOR_FIELDS = (
+    "pooling", "input_transform", "event_layernorm", "head", "members", "block_embedding", "hidden", "embed",
+    "gru_hidden", "dropout",
+)  # fmt: skip
+
+
 def train_from_store(
     features_dir: str | Path,
     out_dir: str | Path,
@@ -336,31 +343,21 @@ def train_from_store(
         ``(validator, report)``; the validator folder (``config.json``, ``model.safetensors``,
         ``README.md`` with the test table and ``command``) is written to ``out_dir``.
     """
-    cfg = (config if config is not None else TrainConfig()).replace(**options)
-    split_seed, epochs, lr, batch_size, patience, seed = (
-        cfg.split_seed, cfg.epochs, cfg.lr, cfg.batch_size, cfg.patience, cfg.seed,
-    )  # fmt: skip
-    pooling, input_transform, event_layernorm, head, members = (
-        cfg.pooling, cfg.input_transform, cfg.event_layernorm, cfg.head, cfg.members,
-    )  # fmt: skip
-    block_embedding, state, state_spread, state_init = cfg.block_embedding, cfg.state, cfg.state_spread, cfg.state_init
-    prefix_augment, token_loss_weight, channels = cfg.prefix_augment, cfg.token_loss_weight, cfg.channels
-    hidden, embed, gru_hidden, dropout = cfg.hidden, cfg.embed, cfg.gru_hidden, cfg.dropout
-    weight_decay, selection, n_bootstrap = cfg.weight_decay, cfg.selection, cfg.n_bootstrap
+    cfg = TrainConfig.with_options(config, options)
     from hf_flowcheck.detectors.flow_validator import ValidatorConfig
     from hf_flowcheck.workflows.replay import open_features
     from hf_flowcheck.workflows.training import train_validator
 
     store = open_features(features_dir)
     all_uids = store.uids()
-    split = split_records(all_uids, seed=split_seed)
+    split = split_records(all_uids, seed=cfg.split_seed)
     if drop_uids is not None:
         split = split.without(drop_uids)
     parts = {name: store.load(getattr(split, name)) for name in SPLIT_NAMES}
     train_f, train_y, train_uids = parts["train"]
     val_f, val_y, _ = parts["validation"]
     token_labels = None
-    if token_loss_weight:
+    if cfg.token_loss_weight:
         token_labels = _store_token_labels(store, train_f, train_uids, train_y, tokenizer)
     n_pos, n_neg = int(train_y.sum()), int((train_y == 0).sum())
     if min(n_pos, n_neg) < MIN_PER_CLASS:
@@ -369,34 +366,27 @@ def train_from_store(
             f"needs at least {MIN_PER_CLASS} of each. Extract more answers (or a dataset where the model is wrong "
             "and right more evenly)."
         )
-    train_f, val_f = _select_channels(train_f, channels), _select_channels(val_f, channels)
+    train_f, val_f = _select_channels(train_f, cfg.channels), _select_channels(val_f, cfg.channels)
     extra: dict[str, Any] = {}
-    if input_transform == "block_log_standardize" or block_embedding:
+    if cfg.input_transform == "block_log_standardize" or cfg.block_embedding:
         extra["num_blocks"] = train_f.num_blocks
-    if state:
+    if cfg.state:
         extra.update(state_dim=int(train_f.states.shape[-1]) if train_f.states is not None else 0)
         layer = _probe_layer(train_f, train_y, val_f, val_y)
         n_bound = int(train_f.states.shape[1])
-        around = {layer} if not state_spread else {layer - state_spread, layer, layer + state_spread}
+        spread = cfg.state_spread
+        around = {layer} if not spread else {layer - spread, layer, layer + spread}
         extra["state_blocks"] = tuple(sorted(min(max(b, 0), n_bound - 1) for b in around))
     vcfg = ValidatorConfig.from_feature_names(
         train_f.names,
-        pooling=pooling,
-        input_transform=input_transform,
-        event_layernorm=event_layernorm,
-        head=head,
-        members=members,
-        block_embedding=block_embedding,
-        hidden=hidden,
-        embed=embed,
-        gru_hidden=gru_hidden,
-        dropout=dropout,
+        **{name: getattr(cfg, name) for name in _VALIDATOR_FIELDS},
         **extra,
     )
     flow_config = store.config
-    if channels:
-        flow_config = dataclasses.replace(flow_config, lens_features=any(c.startswith("lens_") for c in channels))
-    if not state and flow_config.state_summary != "none":
+    if cfg.channels:
+        lens = any(c.startswith("lens_") for c in cfg.channels)
+        flow_config = dataclasses.replace(flow_config, lens_features=lens)
+    if not cfg.state and flow_config.state_summary != "none":
         flow_config = dataclasses.replace(flow_config, state_summary="none")  # the validator does not read them
     validator, history = train_validator(
         train_f,
@@ -404,21 +394,11 @@ def train_from_store(
         val_f,
         val_y,
         config=vcfg,
-        lr=lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        patience=patience,
-        weight_decay=weight_decay,
-        selection=selection,
-        state_init=state_init,
-        prefix_augment=prefix_augment,
+        train_config=cfg,
         token_labels=token_labels,
-        token_loss_weight=token_loss_weight,
-        seed=seed,
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,
         flow_config=flow_config,
-        command=command,
         device=device,
     )
     validator = validator.to("cpu")
@@ -429,9 +409,11 @@ def train_from_store(
         fingerprint["base_id"] = _upstream_id(fingerprint.get("base_id"))
     validator.base_fingerprint = fingerprint
     calibrate_validator(validator, val_f, val_y)
-    report = evaluate_validator_on_store(validator, store, split.test, n_bootstrap=n_bootstrap, channels=channels)
+    report = evaluate_validator_on_store(
+        validator, store, split.test, n_bootstrap=cfg.n_bootstrap, channels=cfg.channels
+    )
     report["split"] = {
-        "seed": split_seed,
+        "seed": cfg.split_seed,
         **{name: len(parts[name][1]) for name in SPLIT_NAMES},
         "test_label_1": int(parts["test"][1].sum()),
     }

@@ -62,19 +62,16 @@ from hf_flowcheck.store import (
 )
 from hf_flowcheck.tokens import answer_token_count
 from hf_flowcheck.version import __version__
+from hf_flowcheck.workflows.extract_config import PROTOCOLS, ExtractConfig
 
 __all__ = [
     "PROTOCOLS",
     "RECORD_LABEL",
+    "ExtractConfig",
     "ExtractionMismatchError",
     "extract_dataset",
     "newline_stop_kwargs",
 ]
-
-PROTOCOLS = ("paired", "generated", "natural", "replayed")
-"""``paired``/``natural``: teacher-forced given answers; ``generated``: the model answers, a judge labels;
-``replayed``: the model's answers from an answers file (``hf_flowcheck.workflows.answers``), teacher-forced
-token for token (capture during ``generate`` equals this replay)."""
 
 #: Test hook: called as ``hook(shard_index)`` after each shard is written (simulates a crash).
 _after_shard_hook: Callable[[int], None] | None = None
@@ -273,9 +270,7 @@ def _extract_shard(
     shard_index: int,
     plan_key: str,
     *,
-    protocol: str,
-    batch_size: int,
-    max_new_tokens: int,
+    run: ExtractConfig,
     judge: Any,
     postprocess: Callable[[str], str] | None,
     generate_kwargs: dict[str, Any],
@@ -287,12 +282,13 @@ def _extract_shard(
     order = sorted(range(len(items)), key=lambda i: -len(items[i].prompt) - len(items[i].completion))
     kept: list[tuple[int, FlowFeatures, int, int, dict[str, str]]] = []  # (pos, feats[1], label, prompt_len, meta)
     counts = _empty_counts()
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+    protocol = run.protocol
+    for start in range(0, len(order), run.batch_size):
+        idx = order[start : start + run.batch_size]
         batch = [items[i] for i in idx]
         if protocol == "generated":
             feats, p_lens, raws, answers = _run_generated(
-                ext, tokenizer, batch, pad_id, max_new_tokens, postprocess, generate_kwargs
+                ext, tokenizer, batch, pad_id, run.max_new_tokens, postprocess, generate_kwargs
             )
             for j, (pos, it) in enumerate(zip(idx, batch)):
                 counts["inputs"] += 1
@@ -303,8 +299,8 @@ def _extract_shard(
                 meta = {"source": it.source, "answer": answers[j], "raw_answer": raws[j], "reason": res.reason}
                 kept.append((pos, feats[j], int(res.label), p_lens[j], meta))
         else:
-            run = _run_replayed if protocol == "replayed" else _run_paired
-            feats, p_lens = run(ext, tokenizer, batch, pad_id)
+            teacher_force = _run_replayed if protocol == "replayed" else _run_paired
+            feats, p_lens = teacher_force(ext, tokenizer, batch, pad_id)
             for j, (pos, it) in enumerate(zip(idx, batch)):
                 counts["inputs"] += 1
                 meta = {"source": it.source, "answer": it.completion.strip()}
@@ -516,18 +512,14 @@ def extract_dataset(
     out_dir: str | os.PathLike[str],
     *,
     config: FlowConfig,
-    protocol: str,
-    batch_size: int = 8,
-    shard_size: int = 256,
-    max_new_tokens: int = 32,
+    extract_config: ExtractConfig | None = None,
     judge: Any = None,
-    resume: bool = True,
-    progress: bool = True,
     accelerator: Any = None,
     prompt_fn: Callable[[Example], str] | None = None,
     postprocess: Callable[[str], str] | None = clean_generation,
     dataset: str | dict[str, Any] | None = None,
     generate_kwargs: dict[str, Any] | None = None,
+    **options: Any,
 ) -> FeatureStore:
     """Extract flow signatures of a dataset into safetensors shards (resumable, data-parallel).
 
@@ -544,17 +536,17 @@ def extract_dataset(
             ``prompt_fn(record)`` greedily and ``judge`` labels the answer.
         out_dir: Output directory (created; see :mod:`hf_flowcheck.store` for the layout).
         config: Flow configuration.
-        protocol: ``"paired"``, ``"natural"`` or ``"generated"`` (recorded; never mix them).
-        batch_size: Sequences per forward/generate call.
-        shard_size: Input examples per shard.
-        max_new_tokens: Generated protocol: most new tokens per answer.
+        extract_config: How to run (:class:`~hf_flowcheck.workflows.extract_config.ExtractConfig`:
+            ``protocol`` -- ``"paired"``, ``"natural"``, ``"generated"`` or ``"replayed"``, recorded,
+            never mixed -- ``batch_size``, ``shard_size`` (input examples per shard),
+            ``max_new_tokens`` (generated protocol), ``resume`` (reuse complete shards of an earlier
+            run with the same setup; ``False`` refuses a non-empty ``out_dir``) and ``progress`` (a
+            tqdm bar on the main process)). ``**options`` set or override its fields:
+            ``extract_dataset(..., protocol="paired", batch_size=4)``.
         judge: Generated protocol: a :class:`~hf_flowcheck.data.Judge` or callable, or
             ``"record-label"`` to keep each record's own label; default
             :class:`~hf_flowcheck.data.ReferenceF1Judge`. Answers it leaves unlabelled (dropped/
             failed) are counted in the manifest and not stored.
-        resume: Reuse complete shards of an earlier run with the same setup (default). ``False``
-            refuses a non-empty ``out_dir``.
-        progress: Show a tqdm bar (samples, rate, ETA) on the main process.
         accelerator: ``accelerate.Accelerator``/``PartialState``; with ``num_processes > 1`` each
             process extracts shards ``i`` with ``i % num_processes == process_index``. Defaults to a
             ``PartialState`` when ``WORLD_SIZE > 1`` (an ``accelerate launch``), else one process.
@@ -564,6 +556,7 @@ def extract_dataset(
             Stored features cover the fewest generated tokens that decode to the judged answer.
         dataset: Name or dict describing the data, recorded in the manifest.
         generate_kwargs: Extra ``generate`` arguments (greedy decoding is the protocol).
+        **options: :class:`ExtractConfig` fields.
 
     Returns:
         The opened :class:`~hf_flowcheck.store.FeatureStore` (on every process).
@@ -576,11 +569,8 @@ def extract_dataset(
         WriterBusyError: Another process (not one of this run's ``accelerate`` processes) is writing
             ``out_dir``; its PID is named.
     """
-    if protocol not in PROTOCOLS:
-        raise ValueError(f"protocol={protocol!r} is not supported; use one of {', '.join(map(repr, PROTOCOLS))}.")
-    for name, value in (("batch_size", batch_size), ("shard_size", shard_size), ("max_new_tokens", max_new_tokens)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}={value!r} must be a positive integer.")
+    run = ExtractConfig.with_options(extract_config, options)
+    protocol, shard_size, max_new_tokens = run.protocol, run.shard_size, run.max_new_tokens
     if not isinstance(config, FlowConfig):
         raise TypeError(f"config must be a FlowConfig, got {type(config).__name__}.")
     generate_kwargs = dict(generate_kwargs or {})
@@ -642,7 +632,7 @@ def extract_dataset(
     old = read_manifest(out) if out.exists() else None
     recorded: dict[int, str] = {}
     if old is not None:
-        if not resume:
+        if not run.resume:
             raise FileExistsError(
                 f"{out} already holds a feature store and resume=False; choose a new out_dir or delete it."
             )
@@ -677,7 +667,7 @@ def extract_dataset(
     total = sum(len(shards[i]) for i in mine)
     done = total - sum(len(shards[i]) for i in todo)
     bar = None
-    if progress and is_main:
+    if run.progress and is_main:
         from tqdm.auto import tqdm
 
         desc = f"extract {protocol}" + (f" (process 0 of {n_proc})" if n_proc > 1 else "")
@@ -691,9 +681,7 @@ def extract_dataset(
                 shards[i],
                 i,
                 shard_keys[i],
-                protocol=protocol,
-                batch_size=batch_size,
-                max_new_tokens=max_new_tokens,
+                run=run,
                 judge=judge_fn,
                 postprocess=postprocess,
                 generate_kwargs=generate_kwargs,
@@ -728,15 +716,6 @@ def extract_dataset(
 
 
 # ------------------------------------------------------------------------------------ CLI
-_CONFIG_CHOICES = {
-    "boundary": ("normalized", "residual"),
-    "token_mask": ("response", "all"),
-    "center": ("geometric_median", "coordinate_median", "mean"),
-    "drift_anchor": ("end", "start"),
-    "features": ("full", "paper"),
-}
-
-
 def newline_stop_kwargs(tokenizer: Any) -> dict[str, Any]:
     """``generate`` kwargs that end a row at the end of its first non-empty line.
 

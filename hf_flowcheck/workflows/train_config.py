@@ -8,14 +8,19 @@ these fields, and the trained validator records the config it was trained with
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 from hf_flowcheck.detectors.flow_validator.config import HEADS, INPUT_TRANSFORMS, POOLINGS, ValidatorConfig
-from hf_flowcheck.workflows.training import SELECTIONS, STATE_INITS
 
-__all__ = ["TrainConfig"]
+__all__ = ["SELECTIONS", "STATE_INITS", "TrainConfig"]
+
+#: What picks the kept epoch.
+SELECTIONS: tuple[str, ...] = ("val_loss", "val_auroc")
+#: How a flow + state validator's state branch starts.
+STATE_INITS: tuple[str, ...] = ("random", "probe", "frozen-probe")
 
 
 def _validator_default(name: str) -> Any:
@@ -95,12 +100,20 @@ class TrainConfig(VersionedConfig):
             "needs the model's tokenizer). 0: off."
         },
     )
-    channels: tuple[str, ...] | None = field(default=None, metadata={"help": "Keep only these feature channels."})
+    channels: tuple[str, ...] | None = field(
+        default=None, metadata={"help": "Keep only these feature channels.", "nargs": "+"}
+    )
     hidden: int = field(default=_validator_default("hidden"), metadata=_help("hidden"))
     embed: int = field(default=_validator_default("embed"), metadata=_help("embed"))
     gru_hidden: int = field(default=_validator_default("gru_hidden"), metadata=_help("gru_hidden"))
     dropout: float = field(default=_validator_default("dropout"), metadata=_help("dropout"))
     weight_decay: float = field(default=1e-2, metadata={"help": "AdamW weight decay."})
+    grad_clip: float | None = field(
+        default=1.0, metadata={"help": "Largest gradient norm (clipped above it); None: no clipping."}
+    )
+    state_l2: float = field(
+        default=1e-2, metadata={"help": "With state_init 'probe'/'frozen-probe': the L2 penalty of the starting probe."}
+    )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the test intervals."})
 
     def __post_init__(self) -> None:
@@ -110,38 +123,29 @@ class TrainConfig(VersionedConfig):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r} must be a non-negative integer.")
-        for f in dataclasses.fields(self):
-            allowed = f.metadata.get("choices")
-            if allowed and getattr(self, f.name) not in allowed:
-                raise ValueError(
-                    f"TrainConfig.{f.name}={getattr(self, f.name)!r} is not supported; "
-                    f"use one of {', '.join(map(repr, allowed))}."
-                )
+        self._check_choices("TrainConfig")
         for name in ("event_layernorm", "state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be True or False.")
         checks = (
             ("lr", lambda v: v > 0, "a positive number"),
             ("weight_decay", lambda v: v >= 0, "0 or more"),
+            ("state_l2", lambda v: v >= 0, "0 or more"),
             ("token_loss_weight", lambda v: v >= 0, "0 or more"),
             ("dropout", lambda v: 0 <= v < 1, "in [0, 1)"),
             ("prefix_augment", lambda v: 0 <= v <= 1, "a probability in [0, 1]"),
         )
         for name, ok, what in checks:
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not ok(float(value)):
+            number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            if not number or not ok(value):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be {what}.")
+        clip = self.grad_clip
+        if clip is not None and (isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0):
+            raise ValueError(f"TrainConfig.grad_clip={clip!r} must be a positive number or None (no clipping).")
         if self.channels is not None:
             if isinstance(self.channels, str) or not all(isinstance(c, str) for c in self.channels):
                 raise ValueError(f"TrainConfig.channels={self.channels!r} must be a list of channel names.")
             object.__setattr__(self, "channels", tuple(self.channels))
         if self.state and self.prefix_augment:
             raise ValueError("TrainConfig: prefix_augment trains a streaming validator; it does not go with state.")
-
-    def replace(self, **changes: Any) -> TrainConfig:
-        """A copy with ``changes``; an unknown option is a ``ValueError`` naming the known ones."""
-        known = {f.name for f in dataclasses.fields(self)}
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"Unknown training option(s) {unknown}; TrainConfig has {sorted(known)}.")
-        return dataclasses.replace(self, **changes)

@@ -50,18 +50,15 @@ from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.fingerprint import model_fingerprint
 from hf_flowcheck.metrics import auroc
 from hf_flowcheck.version import __version__
+from hf_flowcheck.workflows.train_config import TrainConfig
 
-__all__ = ["SELECTIONS", "STATE_INITS", "STATE_JSON", "STATE_NAME", "TrainingHistory", "train_validator"]
+__all__ = ["STATE_JSON", "STATE_NAME", "TrainingHistory", "train_validator"]
 
 logger = logging.getLogger(__name__)
 
 STATE_NAME = "train_state.safetensors"
 STATE_JSON = "train_state.json"
 STATE_FORMAT_VERSION = 1
-#: What picks the kept epoch.
-SELECTIONS: tuple[str, ...] = ("val_loss", "val_auroc")
-#: How a flow + state validator's state branch starts.
-STATE_INITS: tuple[str, ...] = ("random", "probe", "frozen-probe")
 _SEED_MULT = 1_000_003
 
 
@@ -139,20 +136,6 @@ def _check_split(features: Any, labels: Any, name: str) -> tuple[torch.Tensor, t
     y = _labels(labels, n, f"{name}_labels")
     has = features.valid.reshape(n, -1).any(1).cpu()
     return y, has
-
-
-def _positive(name: str, value: Any, *, integer: bool = False, allow_zero: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if (
-        isinstance(value, bool)
-        or not ok_type
-        or not math.isfinite(value)
-        or value < 0
-        or (value == 0 and not allow_zero)
-    ):
-        kind = "integer" if integer else "number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ValueError(f"{name}={value!r} must be a finite {kind} {bound}.")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -321,25 +304,14 @@ def train_validator(
     val_labels: Any,
     *,
     config: ValidatorConfig | None = None,
-    lr: float = 1e-3,
-    epochs: int = 30,
-    batch_size: int = 32,
-    weight_decay: float = 1e-2,
-    grad_clip: float | None = 1.0,
-    patience: int = 10,
-    selection: str = "val_loss",
-    state_init: str = "random",
-    state_l2: float = 1e-2,
-    prefix_augment: float = 0.0,
+    train_config: TrainConfig | None = None,
     token_labels: torch.Tensor | None = None,
-    token_loss_weight: float = 0.0,
-    seed: int = 0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
     progress: bool = True,
     flow_config: FlowConfig | None = None,
     base_model: nn.Module | None = None,
     device: str | torch.device | None = None,
-    command: str | None = None,
+    **options: Any,
 ) -> tuple[FlowValidator, TrainingHistory]:
     """Train a :class:`~hf_flowcheck.detectors.FlowValidator` with validation-AUROC model selection.
 
@@ -349,34 +321,25 @@ def train_validator(
         val: Validation features (same ``F`` and names); picks the checkpoint, drives early stopping.
         val_labels: ``[N_val]`` 0/1 labels; both classes must be present.
         config: Network shape; default ``ValidatorConfig.from_feature_names(train.names)``.
-        lr: AdamW learning rate (the paper's preset is 3e-5 with 300 epochs).
-        epochs: Maximum epochs.
-        batch_size: Samples per step.
-        weight_decay: AdamW weight decay.
-        grad_clip: Max gradient norm (``None`` = no clipping).
-        patience: Epochs without an improvement of the selection metric before stopping.
-        selection: ``"val_loss"`` (default: the weighted validation BCE, smooth even on small
-            validation sets) or ``"val_auroc"`` picks the kept epoch and drives early stopping.
-        state_init: ``"random"``, ``"probe"`` or ``"frozen-probe"`` (flow + state validators only):
-            start the state branch at an L2 logistic regression on the training states -- the
-            hidden-state probe -- with the event head at zero, so training starts from the probe's
-            score; the initialisation is also a selection candidate (``best_epoch == 0``), so on
-            validation the result is never worse than the probe by the selection metric.
-            ``"frozen-probe"`` keeps the state branch at the probe: only the flow part trains, as a
-            residual on top of it (``best_epoch == 0`` then means the flow part added nothing).
-        state_l2: The probe's L2 penalty for ``state_init="probe"`` (as :class:`HiddenStateProbe`).
-        prefix_augment: Probability that a training answer is cut, in a batch, to a random prefix of
-            its tokens (uniform over ``1..T-1``; it keeps the answer's label), so that the running
-            score of a streaming check means something before the answer ends. Flow(-lens)-only
-            validators: the state branch reads the last token of the whole answer, which a prefix
-            does not have. Validation (selection) uses the whole answers.
+        train_config: The optimisation recipe (:class:`~hf_flowcheck.workflows.train_config.TrainConfig`;
+            its defaults when omitted). This function reads ``lr``, ``epochs``, ``batch_size``,
+            ``weight_decay``, ``grad_clip``, ``patience``, ``selection`` (``"val_loss"``: the weighted
+            validation BCE, smooth even on small validation sets; or ``"val_auroc"``; it picks the kept
+            epoch and drives early stopping), ``state_init``, ``state_l2``, ``prefix_augment``,
+            ``token_loss_weight`` and ``seed``; the network's shape is ``config``'s.
+            ``state_init="probe"`` starts the state branch (flow + state validators) at an L2 logistic
+            regression on the training states -- the hidden-state probe -- with the event head at zero,
+            and the initialisation is a selection candidate (``best_epoch == 0``), so on validation the
+            result is never worse than the probe; ``"frozen-probe"`` keeps the state branch there and
+            trains the flow part as a residual on top. ``prefix_augment`` is the probability that a
+            training answer is cut, in a batch, to a random prefix of its tokens (flow-only validators;
+            validation uses whole answers), so that a streaming check's running score means something
+            before the answer ends.
         token_labels: ``[N, T]`` weak token labels of the train rows (1 / 0, ``nan`` = no label; e.g.
             :func:`~hf_flowcheck.workflows.token_labels.reference_token_labels`). With
             ``token_loss_weight > 0`` the loss adds that weight times the mean BCE of the validator's
             token logits against them, so per-token risks learn a token-level target.
             Selection still uses the answer-level validation loss (or AUROC).
-        token_loss_weight: Weight of the token loss (0: off).
-        seed: Seed of initialisation, shuffling and dropout.
         checkpoint_dir: Folder for the resumable training state (and ``best/``, the kept
             validator via ``save_pretrained``). An existing state there is resumed; a finished
             (or early-stopped) run returns its best validator at once.
@@ -385,7 +348,7 @@ def train_validator(
         base_model: The model the features came from; its fingerprint is stored (see
             :meth:`FlowValidator.check_compatible`).
         device: Where to train (default: the device of ``train.values``).
-        command: The command line that launched training (stored for the model card).
+        **options: :class:`TrainConfig` fields that override ``train_config``'s (e.g. ``epochs=5``).
 
     Returns:
         ``(validator, history)``; the validator holds the weights of the best epoch by ``selection``, in
@@ -402,27 +365,17 @@ def train_validator(
             f"train and val features differ: {list(train.names)} vs {list(val.names)}; extract both splits with "
             "the same FlowConfig."
         )
-    for name, value in (("lr", lr), ("batch_size", batch_size), ("epochs", epochs), ("patience", patience)):
-        _positive(name, value, integer=name in ("batch_size", "epochs", "patience"))
-    _positive("weight_decay", weight_decay, allow_zero=True)
-    if selection not in SELECTIONS:
-        raise ValueError(f"selection={selection!r} is not supported; use one of {', '.join(map(repr, SELECTIONS))}.")
-    if state_init not in STATE_INITS:
-        raise ValueError(f"state_init={state_init!r} is not supported; use one of {', '.join(map(repr, STATE_INITS))}.")
-    _positive("state_l2", state_l2, allow_zero=True)
-    if (
-        isinstance(prefix_augment, bool)
-        or not isinstance(prefix_augment, (int, float))
-        or not (0.0 <= float(prefix_augment) <= 1.0)
-    ):
-        raise ValueError(f"prefix_augment={prefix_augment!r} must be a probability in [0, 1].")
+    recipe = TrainConfig.with_options(train_config, options)
+    lr, epochs, batch_size, patience = recipe.lr, recipe.epochs, recipe.batch_size, recipe.patience
+    weight_decay, grad_clip, selection, seed = recipe.weight_decay, recipe.grad_clip, recipe.selection, recipe.seed
+    state_init, state_l2, prefix_augment = recipe.state_init, recipe.state_l2, recipe.prefix_augment
+    token_loss_weight = recipe.token_loss_weight
     if prefix_augment and config is not None and getattr(config, "state_dim", 0):
         raise ValueError(
             "prefix_augment trains on answer prefixes, but this config has a state branch, which reads the residual at "
             "the last token of the whole answer (a prefix has no such state in the store). Train a flow-only (or "
             "flow + lens) validator for streaming: drop --state, or set prefix_augment=0."
         )
-    _positive("token_loss_weight", token_loss_weight, allow_zero=True)
     if token_loss_weight and token_labels is None:
         raise ValueError("token_loss_weight > 0 needs token_labels ([N, T] per train row); give both or neither.")
     if token_labels is not None:
@@ -447,10 +400,6 @@ def train_validator(
             "config has a state branch (state_dim > 0) but the features carry no state summaries; extract them "
             "with FlowConfig(state_summary='last') or train a flow-only validator (state_dim=0)."
         )
-    if grad_clip is not None:
-        _positive("grad_clip", grad_clip)
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"seed={seed!r} must be a non-negative integer.")
     if config is None:
         config = ValidatorConfig.from_feature_names(train.names)
     if not isinstance(config, ValidatorConfig):
@@ -654,8 +603,6 @@ def train_validator(
             "selection": f"{selection} on the validation split (early stopping on validation; test split unused)",
         }
     )
-    if command is not None:
-        model.training_metadata["command"] = str(command)
     if ckpt is not None:
         model.save_pretrained(ckpt / "best")
     return model, history
