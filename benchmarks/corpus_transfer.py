@@ -4,7 +4,8 @@ Two steps, both resumable:
 
 ``replay``  teacher-forces every labelled corpus answer (its primary view: chat answers whole,
             plain ones up to their answer line) into one feature store per (task, style) cell,
-            with the bundled validator's flow recipe and the new default ``score_terminators=False``;
+            with the bundled validator's flow recipe (its ten flow features, no lens channels) and the new
+            default ``score_terminators=False``;
             also records each answer's token confidence (-mean / -min log p, mean entropy) from the
             same model, and the three answer ends of each answer for the terminator check.
 ``confidence`` the token-confidence channel of every labelled answer as the runtime computes it
@@ -82,6 +83,13 @@ def shipped(model_name: str) -> FlowValidator:
     return FlowValidator.from_pretrained(bundled_validators()[BUNDLED[model_name]])
 
 
+def design_config(ref: FlowValidator, names: tuple[str, ...], **changes) -> ValidatorConfig:
+    """The bundled validator's network shape on this store's feature channels (Qwen's HaluEval validator
+    also reads lens channels, which the corpus stores leave out)."""
+    cfg = ValidatorConfig.from_dict(ref.config.to_dict())
+    return dataclasses.replace(cfg, feature_names=tuple(names), num_features=len(names), **changes)
+
+
 def _parts(cell: Path) -> list[tuple[int, int, Path]]:
     """The fixed-range stores of one cell, ``items-SSSSS-EEEEE`` (answers ``[S, E)`` of the cell's views)."""
     out = []
@@ -119,7 +127,9 @@ def replay(args: argparse.Namespace) -> int:
     model, tok = load_model(args.model)
     model.eval()
     ref = shipped(args.model)
-    cfg = dataclasses.replace(ref.flow_config, score_terminators=False)
+    # The corpus designs read the paper's ten flow features; Qwen's HaluEval validator also reads the lens
+    # channels, a full 152k-row readout per (token, block) that would make its replay about 20x slower.
+    cfg = dataclasses.replace(ref.flow_config, score_terminators=False, lens_features=False)
     root = Path(args.features)
     for f in read_corpus(args.corpus, tasks=args.tasks):
         task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
@@ -259,7 +269,7 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
         scores = probe.score(feats.states)
         point = operating_points(y[va], scores[va])["precision_0.8"]
         return scores, point and point["threshold"], {"layer": probe.layer}
-    cfg = ValidatorConfig.from_dict(ref.config.to_dict())
+    cfg = design_config(ref, feats.names)
     state_init = "frozen-probe"
     if design == "flow-only":
         cfg = dataclasses.replace(cfg, state_dim=0, state_blocks=())
@@ -459,10 +469,10 @@ def bundle(args: argparse.Namespace) -> int:
     va, tr = idx[:n_val], idx[n_val:]
     if args.design == "flow+token-confidence":
         feats = with_confidence(feats, meta, args.design)
-        cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=3, state_blocks=(0,))
+        cfg = design_config(ref, feats.names, state_dim=3, state_blocks=(0,))
         summary, state_init = "token_confidence", "frozen-probe"
     else:
-        cfg = dataclasses.replace(ValidatorConfig.from_dict(ref.config.to_dict()), state_dim=0, state_blocks=())
+        cfg = design_config(ref, feats.names, state_dim=0, state_blocks=())
         summary, state_init = "none", "random"
     flow_config = dataclasses.replace(ref.flow_config, score_terminators=False, state_summary=summary)
     command = "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])

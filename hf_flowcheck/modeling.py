@@ -22,8 +22,10 @@ from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import CheckpointError, NoValidatorError
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.generation import FlowGenerateOutput, flow_generate
-from hf_flowcheck.refinement import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
-from hf_flowcheck.refinement import FlowRefineOutput, RefineConfig, generate_with_rollback, refine
+from hf_flowcheck.refine_config import CONFIG_FIELDS as REFINE_CONFIG_FIELDS
+from hf_flowcheck.refine_config import RefineConfig
+from hf_flowcheck.refinement import FlowRefineOutput, refine
+from hf_flowcheck.rollback import generate_with_rollback
 from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = ["FlowCheckedModelForCausalLM"]

@@ -42,103 +42,19 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 import torch
 from torch import nn
 from transformers.utils import ModelOutput
 
 from hf_flowcheck.clamp import BasisFn, BlockClamp, ClampStats, hidden_from_args
-from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 from hf_flowcheck.errors import NoValidatorError, RefinementError
 from hf_flowcheck.extraction import FlowExtractor
-from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
+from hf_flowcheck.generation import FlowGenerateOutput
 from hf_flowcheck.model_io import cache_keyword, pad_token_id
+from hf_flowcheck.refine_config import STRATEGIES, RefineConfig, check_rollback_decoding
 from hf_flowcheck.signatures import competitor_directions, fit_basis
-
-STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
-
-
-@dataclass(frozen=True)
-class RefineConfig(VersionedConfig):
-    """How :func:`refine` rolls back and clamps (spec §7), validated where it is built.
-
-    Attributes:
-        strategy: ``"flow"`` (clamp at the culprit block), ``"random_depth"`` (the same clamp at a
-            uniformly random block drawn with ``seed``), ``"regenerate"`` (rollback, no clamp) or
-            ``"resample"`` (the whole answer again from the prompt, no clamp: the baseline a user
-            would otherwise pick).
-        alpha: Clamp ratio ``α`` (> 0). Smaller is a stronger clamp. The default 0.5 was chosen on the
-            validation split (``docs/results.md``); the paper's 1.05 changed no greedy answer's label there.
-        band: Also clamp the ``band`` blocks on each side of the clamped block (``0``: that block only).
-        clamp_positions: Clamp only this many positions from ``t0`` on (``None``: every position
-            until the answer ends).
-        num_culprits: ``m``: roll back to each of the ``m`` highest-scoring answer tokens in turn (each
-            at its own highest-scoring block) and keep the candidate the validator scores lowest.
-            With ``"resample"``, ``m`` whole answers are drawn and the lowest-scoring one is kept.
-        num_competitors: ``K`` competitors of the top token for the basis.
-        subspace_dim: ``k``, columns of ``U``.
-        n_cal: Prefix positions before ``t0`` that give ``s_ref``.
-        threshold: With ``rows=None``, refine rows whose flow score is above this (in ``[0, 1]``).
-        seed: Seeds the random-depth draw (default 0) and, when given, ``torch.manual_seed(seed)``
-            before each row's generation (for sampling).
-        use_cache_prefix: Reuse the output's KV cache (default); ``False`` replays the whole prefix.
-        rescore: Re-score each refined answer with the validator (default). ``False`` saves one
-            teacher-forced extraction per row (``score_after`` is then ``nan``); it cannot be
-            combined with ``num_culprits > 1``, which keeps the lowest-scoring candidate.
-
-    Example:
-        >>> RefineConfig(alpha=0.5).strategy
-        'flow'
-    """
-
-    #: 2 added ``band``, ``clamp_positions``, ``num_culprits``, ``rescore`` and the ``"resample"`` strategy.
-    FORMAT_VERSION: ClassVar[int] = 2
-
-    strategy: str = "flow"
-    alpha: float = 0.5
-    num_competitors: int = 32
-    subspace_dim: int = 16
-    n_cal: int = 64
-    threshold: float = 0.5
-    seed: int | None = None
-    use_cache_prefix: bool = True
-    band: int = 0
-    clamp_positions: int | None = None
-    num_culprits: int = 1
-    rescore: bool = True
-
-    def __post_init__(self) -> None:
-        if self.strategy not in STRATEGIES:
-            raise ValueError(
-                f"strategy={self.strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}."
-            )
-        for name in ("num_competitors", "subspace_dim", "n_cal", "num_culprits"):
-            check_positive_int(name, getattr(self, name))
-        if isinstance(self.band, bool) or not isinstance(self.band, int) or self.band < 0:
-            raise ValueError(
-                f"band={self.band!r} must be an integer >= 0 (blocks clamped on each side of the culprit block)."
-            )
-        if self.clamp_positions is not None:
-            check_positive_int("clamp_positions", self.clamp_positions)
-        if not isinstance(self.rescore, bool):
-            raise ValueError(f"rescore={self.rescore!r} must be True or False.")
-        if not self.rescore and self.num_culprits > 1:
-            raise ValueError(
-                f"rescore=False cannot be combined with num_culprits={self.num_culprits}: the candidates are "
-                "compared by their scores after refinement. Keep rescore=True or set num_culprits=1."
-            )
-        alpha = self.alpha
-        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not float(alpha) > 0:
-            raise ValueError(f"alpha={alpha!r} must be positive (the paper uses 1.05).")
-        t = self.threshold
-        if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= float(t) <= 1.0:
-            raise ValueError(
-                f"threshold={t!r} must be a number in [0, 1] (flow scores are probabilities); rows scoring above "
-                "it are refined."
-            )
-        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int)):
-            raise ValueError(f"seed={self.seed!r} must be an integer or None.")
 
 
 # --------------------------------------------------------------------------------- the results
@@ -429,10 +345,6 @@ def _select_rows(output: Any, rows: Sequence[int] | None, threshold: float) -> l
 
 
 # --------------------------------------------------------------------------------------- refine
-#: ``RefineConfig`` fields that :func:`refine` and ``model.refine`` also take as keyword arguments.
-CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(RefineConfig))
-
-
 @torch.no_grad()
 def refine(
     model: nn.Module,
@@ -522,18 +434,6 @@ def refine(
         )
     pad = pad_token_id(model, tokenizer, eos_fallback=True)
     return _batch_output(output, done, skipped, config.strategy, 0 if pad is None else pad)
-
-
-def check_rollback_decoding(generate_kwargs: dict[str, Any]) -> None:
-    """Refuse, by name, the decoding options the rollback cannot honour (it continues one cached row)."""
-    cfg = generate_kwargs.get("generation_config")
-    for name, ok in (("use_cache", lambda v: v is not False), ("num_beams", lambda v: v in (None, 1))):
-        value = generate_kwargs.get(name, getattr(cfg, name, None))
-        if not ok(value):
-            raise ValueError(
-                f"{name}={value!r} is not supported by refine(): the rollback continues each answer from its cached "
-                "prefix with greedy or sampled decoding. Drop it (refine uses the cache and one beam)."
-            )
 
 
 def _refine_rows(
@@ -790,104 +690,11 @@ def _merged_stats(stats: list[ClampStats], center: int) -> ClampStats:
     )
 
 
-def generate_with_rollback(
-    model: nn.Module,
-    extractor: FlowExtractor,
-    validator: Any,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    check: Any,
-    threshold: float,
-    eos_id: int,
-    *,
-    tokenizer: Any = None,
-    **generate_kwargs: Any,
-) -> FlowGenerateOutput:
-    """Generate with a running check; rows crossing ``threshold`` stop there and are refined in the call.
-
-    Each crossing row is rolled back to its culprit and regenerated under the block clamp
-    (:func:`refine`, ``check.max_rollbacks`` candidates, the lowest-scoring kept); every flow field
-    of the result is then recomputed for the returned sequences, and what belonged to the discarded
-    run (per-step ``scores``/``logits``, the cache, the refined rows' running scores) is dropped.
-
-    Args:
-        model: The base model.
-        extractor: Its extractor.
-        validator: The validator that scores the running check.
-        input_ids: ``[N, P]`` prompts (left padding for batches).
-        attention_mask: ``[N, P]``.
-        check: The call's :class:`~hf_flowcheck.check_config.FlowCheckConfig` (``check_every`` set).
-        threshold: The resolved rollback threshold in ``[0, 1]``.
-        eos_id: Ends a crossing row before its rollback.
-        tokenizer: For pad ids.
-        **generate_kwargs: For ``model.generate``.
-
-    Returns:
-        A :class:`~hf_flowcheck.FlowGenerateOutput` with ``flow_rolled_back`` and ``flow_refinement``.
-    """
-    check_rollback_decoding(generate_kwargs)
-    max_rollbacks = check.max_rollbacks or 1
-    result = flow_generate(
-        extractor,
-        validator,
-        input_ids,
-        attention_mask,
-        scores=True,
-        features=check.return_flow_features,
-        check_every=check.check_every,
-        abstain_threshold=threshold,
-        abstain_ids=[],  # a crossing row ends at once; refine() then rolls it back
-        abstain_eos_id=eos_id,
-        check_refit=check.check_refit or "always",
-        **dict(generate_kwargs),
-    )
-    crossed = result.flow_abstained.nonzero().squeeze(-1).tolist()
-    result.flow_rolled_back = torch.zeros_like(result.flow_abstained)
-    if not crossed:
-        return result
-    refine_kw = {k: v for k, v in generate_kwargs.items() if k not in ("streamer", "max_length")}
-    refine_kw.setdefault("max_new_tokens", int(result.sequences.shape[1] - result.prompt_length))
-    fixed = refine(
-        model,
-        extractor,
-        validator,
-        result,
-        RefineConfig(num_culprits=max_rollbacks, rescore=max_rollbacks > 1),
-        rows=crossed,
-        tokenizer=tokenizer,
-        **refine_kw,
-    )
-    # Every flow field is recomputed for the returned sequences (teacher-forced equals capture).
-    seqs = fixed.sequences
-    prompt_len = int(result.prompt_length)
-    full_att = torch.cat([attention_mask, torch.ones_like(seqs[:, prompt_len:])], dim=1).to(seqs.device)
-    resp = torch.zeros_like(seqs)
-    resp[:, prompt_len:] = 1
-    feats = extractor.extract(seqs, full_att, resp)
-    result.sequences = seqs
-    # What generate() returned per step belongs to the sequences before the rollback.
-    result.past_key_values = None
-    for name in ("scores", "logits", "attentions", "hidden_states"):
-        if getattr(result, name, None) is not None:
-            setattr(result, name, None)
-    if result.flow_running_scores is not None:
-        # [checks, N]: the refined rows' running scores were of the answer that was replaced
-        result.flow_running_scores[:, fixed.refined.to(result.flow_running_scores.device)] = float("nan")
-    attach_scores(result, validator, feats)
-    if check.return_flow_features:
-        result.flow_features = feats
-    result.flow_rolled_back = fixed.refined.clone()
-    result.flow_abstained = result.flow_abstained & ~fixed.refined
-    result.flow_refinement = fixed
-    return result
-
-
 __all__ = [
     "STRATEGIES",
     "FlowRefineOutput",
     "RefineConfig",
     "RefinedRow",
     "check_rollback_decoding",
-    "generate_with_rollback",
     "refine",
 ]
