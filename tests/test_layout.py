@@ -105,3 +105,35 @@ def test_public_modules_declare_all() -> None:
         if undefined:
             problems.append(f"{_module_name(p)}: __all__ names {undefined} it does not define")
     assert not problems, problems
+
+
+def _parameter_count(fn: ast.FunctionDef | ast.AsyncFunctionDef) -> int:
+    args = fn.args
+    names = [a.arg for a in (*args.posonlyargs, *args.args, *args.kwonlyargs)]
+    return len(names) - (1 if names and names[0] in ("self", "cls") else 0)
+
+
+def test_modules_and_signatures_stay_small() -> None:
+    """No module over 800 lines and no function with more than 12 parameters (options belong in a config
+    dataclass: ``TrainConfig``, ``ExtractConfig``, ``AnswerDecoding``, ``GenerationTiming`` ...)."""
+    long_modules, wide = [], []
+    for p in sorted(ROOT.rglob("*.py")):
+        text = p.read_text()
+        if text.count("\n") > 800:
+            long_modules.append(f"{_module_name(p)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and _parameter_count(node) > 12:
+                wide.append(f"{_module_name(p)}.{node.name}: {_parameter_count(node)} parameters")
+    assert not long_modules, long_modules
+    assert not wide, wide
+
+
+def test_benchmarks_and_examples_use_public_names_only() -> None:
+    """Benchmarks and examples are what users copy: they import no private ``hf_flowcheck`` name."""
+    private = []
+    for folder in ("benchmarks", "examples"):
+        for p in sorted((ROOT.parent / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(p.read_text())):
+                if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("hf_flowcheck"):
+                    private += [f"{p.name}: {node.module}.{a.name}" for a in node.names if a.name.startswith("_")]
+    assert not private, private

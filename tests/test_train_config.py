@@ -104,6 +104,6 @@ def test_extract_config_options_and_errors():
         ExtractConfig.with_options(base, {"batchsize": 2})
     with pytest.raises(TypeError, match="Expected a config of type ExtractConfig, got TrainConfig"):
         ExtractConfig.with_options(TrainConfig(), {})
-    with pytest.raises(ValueError, match="ExtractConfig.resume='no' must be True or False"):
+    with pytest.raises(ValueError, match=r"ExtractConfig\.resume='no' must be True or False"):
         ExtractConfig("paired", resume="no")
     assert ExtractConfig.from_dict(base.to_dict()) == base

@@ -14,7 +14,7 @@ from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.fingerprint import model_fingerprint
 from hf_flowcheck.generation import capture_generate
 from hf_flowcheck.workflows import extract as pl
-from hf_flowcheck.workflows.answers import AnswerFileError, generate_answers, read_answers
+from hf_flowcheck.workflows.answers import AnswerDecoding, AnswerFileError, generate_answers, read_answers
 from hf_flowcheck.workflows.replay import load_parts, replay_answers
 
 
@@ -37,13 +37,12 @@ def write(model, path, recs, **kw):
         judge=ReferenceF1Judge(),
         dataset={"name": "toy"},
         fingerprint=model_fingerprint(model),
-        batch_size=3,
-        max_new_tokens=6,
         postprocess=lambda s: s,
         log=None,
     )
+    decoding = {"batch_size": kw.pop("batch_size", 3), "max_new_tokens": kw.pop("max_new_tokens", 6)}
     args.update(kw)
-    return generate_answers(model, CharTokenizer(), recs, path, **args)
+    return generate_answers(model, CharTokenizer(), recs, path, decoding=AnswerDecoding(**decoding), **args)
 
 
 def test_generate_resume_and_strict_reading(model, tmp_path):

@@ -23,6 +23,7 @@ from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 from hf_flowcheck.workflows.compare import (
     FlowValidatorDetector,
     FusedDetector,
+    GenerationTiming,
     abstention_policy,
     apply_abstention,
     compare_detectors,
@@ -131,7 +132,7 @@ def test_compare_detectors_end_to_end() -> None:
         detectors,
         protocol="paired",
         n_bootstrap=20,
-        max_new_tokens=4,
+        timing=GenerationTiming(max_new_tokens=4),
         target_risk=0.3,
     )
     rows = report["rows"]
@@ -158,7 +159,7 @@ def test_compare_detectors_end_to_end() -> None:
         [AnswerLengthDetector(), TokenConfidenceDetector()],
         protocol="generated",
         n_bootstrap=5,
-        max_new_tokens=2,
+        timing=GenerationTiming(max_new_tokens=2),
     )
     assert "answer length (tokens)" in again["skipped"] and "fused" in again["skipped"]
 
@@ -267,12 +268,24 @@ def test_generated_completion_replays_the_models_own_text() -> None:
 def test_compare_times_only_timing_prompts_but_scales_to_the_test_split() -> None:
     model = make_tiny_model("llama")
     examples = _examples()
-    common = dict(protocol="paired", n_bootstrap=5, max_new_tokens=3, fuse=False)
+    common = dict(protocol="paired", n_bootstrap=5, fuse=False)
     some = compare_detectors(
-        model, CharTokenizer(), examples, _split(examples), [AnswerLengthDetector()], timing_prompts=2, **common
+        model,
+        CharTokenizer(),
+        examples,
+        _split(examples),
+        [AnswerLengthDetector()],
+        timing=GenerationTiming(max_new_tokens=3, prompts=2),
+        **common,
     )
     every = compare_detectors(
-        model, CharTokenizer(), examples, _split(examples), [AnswerLengthDetector()], timing_prompts=None, **common
+        model,
+        CharTokenizer(),
+        examples,
+        _split(examples),
+        [AnswerLengthDetector()],
+        timing=GenerationTiming(max_new_tokens=3, prompts=None),
+        **common,
     )
     assert some["generation"]["prompts"] == 2 and every["generation"]["prompts"] == 3  # 6 paired test rows = 3 prompts
     for rep in (some, every):  # per-sample denominator: seconds per prompt x 3 prompts / 6 rows

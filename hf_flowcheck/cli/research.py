@@ -26,8 +26,9 @@ from hf_flowcheck.detectors.gradient import GradientConfig
 from hf_flowcheck.detectors.registry import registered_detectors
 from hf_flowcheck.metrics import format_table
 from hf_flowcheck.stopping import AnswerLineStop, supports_answer_line_stop
-from hf_flowcheck.workflows.answers import generate_answers, load_answer_records, read_answers
+from hf_flowcheck.workflows.answers import AnswerDecoding, generate_answers, load_answer_records, read_answers
 from hf_flowcheck.workflows.compare import (
+    GenerationTiming,
     compare_detectors,
     examples_from_store,
     gradient_layer_ablation,
@@ -87,10 +88,12 @@ def run_answers(args: Any) -> int:
         judge=judge,
         dataset={"name": args.dataset, "order": "permutation", "seed": args.seed, "prompt_style": "plain"},
         fingerprint=model_fingerprint(model),
-        batch_size=args.batch_size,
-        max_new_tokens=args.max_new_tokens,
-        generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
-        decoding={"stop": "answer-line", "batch_size": args.batch_size, "padding": "left"},
+        decoding=AnswerDecoding(
+            max_new_tokens=args.max_new_tokens,
+            batch_size=args.batch_size,
+            generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
+            description={"stop": "answer-line", "batch_size": args.batch_size, "padding": "left"},
+        ),
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
     print(f"{args.out}: {read_answers(args.out).counts()}")
@@ -439,14 +442,16 @@ def run_compare(args: argparse.Namespace) -> int:
         n_bootstrap=args.bootstrap,
         seed=args.seed,
         target_risk=args.target_risk,
-        max_new_tokens=args.max_new_tokens,
-        generate_kwargs=(
-            {"stopping_criteria": [AnswerLineStop(tokenizer)]}
-            # replayed stores hold answers the model generated with this stop (their decoding header)
-            if store.protocol in ("generated", "replayed") and supports_answer_line_stop(tokenizer)
-            else None
+        timing=GenerationTiming(
+            max_new_tokens=args.max_new_tokens,
+            prompts=None if args.timing_prompts <= 0 else args.timing_prompts,
+            generate_kwargs=(
+                {"stopping_criteria": [AnswerLineStop(tokenizer)]}
+                # replayed stores hold answers the model generated with this stop (their decoding header)
+                if store.protocol in ("generated", "replayed") and supports_answer_line_stop(tokenizer)
+                else None
+            ),
         ),
-        timing_prompts=None if args.timing_prompts <= 0 else args.timing_prompts,
         progress=lambda m: print(f"[compare] {m}", file=sys.stderr),
     )
     if args.layer_ablation:

@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 
+from hf_flowcheck.configuration import check_positive_int
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, clean_generation
 from hf_flowcheck.data.judges import judge_record
 from hf_flowcheck.errors import AnswerFileError
@@ -35,6 +36,7 @@ from hf_flowcheck.version import __version__
 __all__ = [
     "ANSWERS_FORMAT",
     "ANSWERS_FORMAT_VERSION",
+    "AnswerDecoding",
     "AnswerFile",
     "AnswerFileError",
     "AnswerRecord",
@@ -221,6 +223,33 @@ def _references(rec: Example) -> list[str]:
     return [str(r) for r in (rec.references or [])]
 
 
+@dataclass(frozen=True)
+class AnswerDecoding:
+    """How :func:`generate_answers` decodes (greedy is the protocol; prompts left padded).
+
+    Attributes:
+        max_new_tokens: Answer length cap.
+        batch_size: Prompts per ``generate`` call (longest first within chunks of 8 batches).
+        generate_kwargs: Extra ``generate`` arguments (a stopping criterion, ``eos_token_id``); not
+            recorded, so ``description`` must say what they do.
+        description: What the header records beside ``do_sample`` and ``max_new_tokens`` (the stop rule,
+            padding); a file is resumed only with an equal header.
+    """
+
+    max_new_tokens: int = 32
+    batch_size: int = 16
+    generate_kwargs: dict[str, Any] = field(default_factory=dict)
+    description: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for name in ("max_new_tokens", "batch_size"):
+            check_positive_int(name, getattr(self, name), "AnswerDecoding")
+
+    def header(self) -> dict[str, Any]:
+        """The header's ``decoding`` entry."""
+        return {"do_sample": False, "max_new_tokens": self.max_new_tokens, **self.description}
+
+
 def generate_answers(
     model: Any,
     tokenizer: Any,
@@ -231,10 +260,7 @@ def generate_answers(
     judge: Any,
     dataset: dict[str, Any],
     fingerprint: dict[str, Any],
-    batch_size: int = 16,
-    max_new_tokens: int = 32,
-    generate_kwargs: dict[str, Any] | None = None,
-    decoding: dict[str, Any] | None = None,
+    decoding: AnswerDecoding | None = None,
     postprocess: Callable[[str], str] = clean_generation,
     log: Callable[[str], None] | None = print,
     record_fields: dict[str, str] | None = None,
@@ -251,10 +277,8 @@ def generate_answers(
             callable ``(record, answer)`` whose ``takes_example`` attribute is true (the corpus judge).
         dataset: What the records are (name, split, sample, prompt style), recorded in the header.
         fingerprint: The model's fingerprint (:func:`hf_flowcheck.fingerprint.model_fingerprint`).
-        batch_size: Prompts per ``generate`` call (left padded; longest first within chunks of 8 batches).
-        max_new_tokens: Answer length cap.
-        generate_kwargs: Extra ``generate`` arguments (a stopping criterion); greedy is forced.
-        decoding: JSON description of the decoding settings for the header (the stop rule).
+        decoding: How to decode (:class:`AnswerDecoding`: length cap, batch size, extra ``generate``
+            arguments, the description recorded in the header); its defaults when omitted.
         postprocess: Raw continuation -> judged answer.
         log: Progress sink (``None`` for silence).
         record_fields: ``task``/``style``/``end`` written on every answer line (the corpus).
@@ -266,8 +290,9 @@ def generate_answers(
         AnswerFileError: ``out_path`` was written for another model, dataset or decoding.
         WriterBusyError: Another process is writing ``out_path`` (its PID is named).
     """
-    if batch_size < 1 or max_new_tokens < 1:
-        raise ValueError(f"batch_size={batch_size} and max_new_tokens={max_new_tokens} must be positive integers.")
+    decoding = decoding if decoding is not None else AnswerDecoding()
+    if not isinstance(decoding, AnswerDecoding):
+        raise TypeError(f"decoding must be an AnswerDecoding, got {type(decoding).__name__}.")
     path = Path(out_path).expanduser()
     header = {
         "kind": "header",
@@ -276,13 +301,12 @@ def generate_answers(
         "hf_flowcheck_version": __version__,
         "model": fingerprint,
         "dataset": dataset,
-        "decoding": {"do_sample": False, "max_new_tokens": max_new_tokens, **(decoding or {})},
+        "decoding": decoding.header(),
     }
     with exclusive_writer(path, "answers file"):
         return _generate_locked(
-            model, tokenizer, records, path, header, prompt_fn, judge, batch_size, max_new_tokens,
-            generate_kwargs, postprocess, log, record_fields,
-        )  # fmt: skip
+            model, tokenizer, records, path, header, prompt_fn, judge, decoding, postprocess, log, record_fields
+        )
 
 
 def _generate_locked(
@@ -293,15 +317,14 @@ def _generate_locked(
     header: dict[str, Any],
     prompt_fn: Callable[[Example], str],
     judge: Any,
-    batch_size: int,
-    max_new_tokens: int,
-    generate_kwargs: dict[str, Any] | None,
+    decoding: AnswerDecoding,
     postprocess: Callable[[str], str],
     log: Callable[[str], None] | None,
     record_fields: dict[str, str] | None,
 ) -> AnswerFile:
     from hf_flowcheck.stopping import bind_prompt_width
 
+    batch_size, max_new_tokens, generate_kwargs = decoding.batch_size, decoding.max_new_tokens, decoding.generate_kwargs
     done: set[str] = set()
     if path.exists():
         existing, good_len = _parse(path, allow_torn_tail=True, keep_first=True)

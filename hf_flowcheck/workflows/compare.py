@@ -55,6 +55,7 @@ __all__ = [
     "DETECTOR_CHOICES",
     "FlowValidatorDetector",
     "FusedDetector",
+    "GenerationTiming",
     "abstention_policy",
     "apply_abstention",
     "compare_detectors",
@@ -164,6 +165,23 @@ def _timed(model: nn.Module, fn: Callable[[], Any]) -> tuple[Any, float]:
     return out, time.perf_counter() - t0
 
 
+@dataclasses.dataclass(frozen=True)
+class GenerationTiming:
+    """The plain greedy generation that :func:`compare_detectors` divides every detector's cost by.
+
+    Attributes:
+        max_new_tokens: Length cap of the timed generation.
+        prompts: Time the first this many distinct test prompts (``None``: all); the per-sample
+            denominator is scaled to the whole test split.
+        generate_kwargs: Extra ``generate`` arguments, e.g. the generated protocol's
+            :class:`~hf_flowcheck.stopping.AnswerLineStop` (bound to each prompt's width).
+    """
+
+    max_new_tokens: int = 32
+    prompts: int | None = 32
+    generate_kwargs: dict[str, Any] | None = None
+
+
 @torch.no_grad()
 def time_generation(
     model: nn.Module,
@@ -253,9 +271,7 @@ def compare_detectors(
     seed: int = 0,
     target_risk: float = 0.1,
     fuse: bool = True,
-    max_new_tokens: int = 32,
-    generate_kwargs: dict[str, Any] | None = None,
-    timing_prompts: int | None = 32,
+    timing: GenerationTiming | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run every detector on the same split and report metrics, costs and abstention.
@@ -276,11 +292,8 @@ def compare_detectors(
         seed: Bootstrap seed.
         target_risk: Selective-risk target of the validation-chosen abstention policy.
         fuse: Add the fused detector when at least two of flow validator / probe / confidence ran.
-        max_new_tokens: Length cap of the timed plain generation (the cost denominator).
-        generate_kwargs: Extra kwargs of the timed generation, e.g. the generated protocol's
-            :class:`~hf_flowcheck.stopping.AnswerLineStop` (bound to each prompt's width).
-        timing_prompts: Time plain generation on the first this many distinct test prompts
-            (``None``: all); the per-sample denominator is scaled to the whole test split.
+        timing: The timed plain generation that every cost is divided by
+            (:class:`GenerationTiming`; its defaults when omitted).
         progress: Optional ``callback(message)``.
 
     Returns:
@@ -294,14 +307,16 @@ def compare_detectors(
     parts = split_parts(examples, split)
     labels = {name: _labels(parts[name]) for name in SPLIT_NAMES}
     test_prompts = list(dict.fromkeys(tuple(e.prompt_ids) for e in parts["test"]))
-    timed_prompts = set(test_prompts if timing_prompts is None else test_prompts[: max(1, int(timing_prompts))])
+    timing = timing if timing is not None else GenerationTiming()
+    n_timed = timing.prompts
+    timed_prompts = set(test_prompts if n_timed is None else test_prompts[: max(1, int(n_timed))])
     say(f"timing plain greedy generation of {len(timed_prompts)} of the {len(test_prompts)} test prompts")
     gen = time_generation(
         model,
         [e for e in parts["test"] if tuple(e.prompt_ids) in timed_prompts],
-        max_new_tokens=max_new_tokens,
+        max_new_tokens=timing.max_new_tokens,
         tokenizer=tokenizer,
-        generate_kwargs=generate_kwargs,
+        generate_kwargs=timing.generate_kwargs,
     )
     gen_per_sample = gen["seconds_per_prompt"] * len(test_prompts) / len(parts["test"])
     cache: dict[tuple[str, str], tuple[Any, float]] = {}

@@ -31,7 +31,7 @@ from hf_flowcheck.data.corpus import (
 )
 from hf_flowcheck.model_io import eos_token_ids
 from hf_flowcheck.tokens import token_table
-from hf_flowcheck.workflows.answers import AnswerFile, AnswerRecord, generate_answers, read_answers
+from hf_flowcheck.workflows.answers import AnswerDecoding, AnswerFile, AnswerRecord, generate_answers, read_answers
 
 __all__ = ["answer_view", "cell_path", "generate_corpus", "read_corpus"]
 
@@ -99,10 +99,12 @@ def generate_corpus(
                     judge=judge_answer,
                     dataset={"name": task, "style": style, "order": "permutation", "seed": seed, "corpus": 1},
                     fingerprint=fingerprint,
-                    batch_size=batch_size,
-                    max_new_tokens=GENERATION_CAPS[family],
-                    generate_kwargs={"eos_token_id": eos},
-                    decoding={"stop": "none", "padding": "left"},
+                    decoding=AnswerDecoding(
+                        max_new_tokens=GENERATION_CAPS[family],
+                        batch_size=batch_size,
+                        generate_kwargs={"eos_token_id": eos},
+                        description={"stop": "none", "padding": "left"},
+                    ),
                     postprocess=postprocess_for(style),
                     log=None,
                     record_fields={"task": task, "style": style},
