@@ -123,17 +123,29 @@ def _migrate(cell: Path) -> None:
 
 
 def replay(args: argparse.Namespace) -> int:
-    """Teacher-force every labelled answer not replayed yet; a cell grows by fixed-range parts."""
+    """Teacher-force every labelled answer not replayed yet; a cell grows by fixed-range parts.
+
+    ``--max-per-cell N`` replays only each cell's first ``N`` labelled answers (the files are in a
+    seeded random order, so they are a sample); a later run with a larger ``N`` adds a part.
+    ``--one-pass`` keeps the token-confidence channel as the store's state summary
+    (``FlowConfig(state_summary='token_confidence')``, read from the same forward as the flow
+    features) and writes ``confidence.json`` and ``token_confidence.json`` from it: one forward per
+    answer instead of three, at the price of the hidden-state probe (no residual states) and of the
+    baselines' definition (over the scored content tokens, as the runtime reads them).
+    """
     model, tok = load_model(args.model)
     model.eval()
     ref = shipped(args.model)
     # The corpus designs read the paper's ten flow features; Qwen's HaluEval validator also reads the lens
     # channels, a full 152k-row readout per (token, block) that would make its replay about 20x slower.
     cfg = dataclasses.replace(ref.flow_config, score_terminators=False, lens_features=False)
+    if args.one_pass:
+        cfg = dataclasses.replace(cfg, state_summary="token_confidence")
     root = Path(args.features)
     for f in read_corpus(args.corpus, tasks=args.tasks):
         task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
         views = [v for r in f.labelled if (v := answer_view(r, "primary", tok)) is not None]
+        views = views[: args.max_per_cell] if args.max_per_cell else views
         if not views:
             continue
         cell = root / task / style
@@ -151,18 +163,42 @@ def replay(args: argparse.Namespace) -> int:
                 protocol="replayed", batch_size=8, shard_size=32, progress=False,
                 dataset={"corpus": str(f.path), "view": "primary", "items": [start, end]},
             )  # fmt: skip
-        conf_path = cell / "confidence.json"
-        conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
-        todo = [v for v in views if v.uid not in conf]
-        if todo:
-            ex = [ScoredExample(encode_text(tok, v.prompt), list(v.gen_ids), v.label, v.uid) for v in todo]
-            with torch.inference_mode():
-                stats = token_confidence_features(model, ex, batch_size=8)
-            for v, row in zip(todo, stats, strict=True):
-                conf[v.uid] = [float(x) for x in row[:3]] + [len(v.gen_ids)]
-            conf_path.write_text(json.dumps(conf))
+        if args.one_pass:
+            _confidence_from_states(cell, {v.uid: len(v.gen_ids) for v in views})
+        else:
+            _confidence_by_forward(model, tok, cell, views)
         print(f"{task}/{style}: {len(views)} answers, {time.perf_counter() - t0:.0f} s", flush=True)
     return 0
+
+
+def _confidence_by_forward(model, tok, cell: Path, views) -> None:
+    """``confidence.json``: each answer's token confidence from its own forward (every answer token)."""
+    conf_path = cell / "confidence.json"
+    conf = json.loads(conf_path.read_text()) if conf_path.is_file() else {}
+    todo = [v for v in views if v.uid not in conf]
+    if todo:
+        ex = [ScoredExample(encode_text(tok, v.prompt), list(v.gen_ids), v.label, v.uid) for v in todo]
+        with torch.inference_mode():
+            stats = token_confidence_features(model, ex, batch_size=8)
+        for v, row in zip(todo, stats, strict=True):
+            conf[v.uid] = [float(x) for x in row[:3]] + [len(v.gen_ids)]
+        conf_path.write_text(json.dumps(conf))
+
+
+def _confidence_from_states(cell: Path, lengths: dict[str, int]) -> None:
+    """``confidence.json`` and ``token_confidence.json`` of a cell replayed with token-confidence states."""
+    conf, tconf = {}, {}
+    for _, _, part in _parts(cell):
+        if not _complete(part):
+            continue
+        feats, _, uids = FeatureStore.open(part).load()
+        for u, row in zip(uids, feats.states[:, 0].tolist(), strict=True):
+            tconf[u] = [float(x) for x in row]
+            conf[u] = tconf[u] + [lengths[u]]
+    for name, data in (("token_confidence.json", tconf), ("confidence.json", conf)):
+        tmp = cell / (name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(cell / name)
 
 
 def confidence(args: argparse.Namespace) -> int:
@@ -682,6 +718,9 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--features", required=True)
     r.add_argument("--tasks", nargs="+", default=None,
                    help="Only these tasks, in this order (e.g. to share the cells between two processes).")  # fmt: skip
+    r.add_argument("--max-per-cell", type=int, default=None, help="Replay only each cell's first N labelled answers.")
+    r.add_argument("--one-pass", action="store_true",
+                   help="Token-confidence states from the flow forward (no residual states, no extra forwards).")  # fmt: skip
     r.set_defaults(func=replay)
     cf = sub.add_parser("confidence")
     cf.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
