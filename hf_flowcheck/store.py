@@ -28,7 +28,7 @@ import json
 import os
 import re
 import tempfile
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,7 @@ import torch
 
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.errors import CorruptShardError, FeatureStoreError
-from hf_flowcheck.extraction import FlowFeatures
+from hf_flowcheck.features import FlowFeatures, pad_features
 from hf_flowcheck.version import __version__
 
 __all__ = [
@@ -354,40 +354,6 @@ def _check_entries(path: Path, manifest: Mapping[str, Any]) -> None:
                     "count twice. The manifest was edited or merged by hand; rerun the extraction into a new directory."
                 )
             seen[key].add(entry.get(key))
-
-
-def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
-    """Concatenate :class:`FlowFeatures` along ``N``, padding ``T`` to the longest part.
-
-    Args:
-        parts: Feature batches with equal ``B``, ``F`` and names.
-
-    Returns:
-        ``FlowFeatures`` with ``values [sum N, B, max T, F]`` (padding: zeros / False / -1).
-    """
-    if not parts:
-        raise ValueError("pad_features() needs at least one FlowFeatures.")
-    names = parts[0].names
-    n_blocks, n_feat = parts[0].values.shape[1], parts[0].values.shape[3]
-    t_max = max(p.values.shape[2] for p in parts)
-    vals, valid, pos, keys = [], [], [], []
-    with_states = [p.states is not None for p in parts]
-    if any(with_states) and not all(with_states):
-        raise ValueError("pad_features(): some parts carry state summaries and others do not.")
-    for p in parts:
-        if tuple(p.names) != tuple(names) or p.values.shape[1] != n_blocks or p.values.shape[3] != n_feat:
-            raise ValueError("pad_features(): parts have different feature names or block counts.")
-        extra = t_max - p.values.shape[2]
-        vals.append(torch.nn.functional.pad(p.values, (0, 0, 0, extra)))
-        valid.append(torch.nn.functional.pad(p.valid, (0, extra), value=False))
-        pos.append(torch.nn.functional.pad(p.positions, (0, extra), value=-1))
-        keys.extend(p.sample_keys)
-    states = torch.cat([p.states for p in parts]) if all(with_states) else None
-    sources = {id(p.source): p.source for p in parts}
-    source = next(iter(sources.values())) if len(sources) == 1 else None
-    return FlowFeatures(
-        torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states, source=source
-    )
 
 
 class FeatureStore:
