@@ -402,7 +402,12 @@ def matrix(args: argparse.Namespace) -> int:
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
     trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
-    out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": score(ref, feats).tolist(),
+    reads = tuple(ref.config.feature_names) == tuple(feats.names) and (
+        not ref.config.state_dim or (feats.states is not None and feats.states.shape[-1] == ref.config.state_dim)
+    )
+    # Qwen's HaluEval validator reads lens channels and residual states that a one-pass corpus store leaves out.
+    shipped_scores = score(ref, feats) if reads else np.full(len(y), np.nan)
+    out: dict = {"uids": [m[2] for m in meta], "labels": y.tolist(), "shipped": shipped_scores.tolist(),
                  "design": args.design, "runs": {}}  # fmt: skip
     if args.design in CONFIDENCE_DESIGNS:  # after the shipped validator read the residual states
         feats = with_confidence(feats, meta, args.design)
@@ -510,7 +515,9 @@ def bundle(args: argparse.Namespace) -> int:
     else:
         cfg = design_config(ref, feats.names, state_dim=0, state_blocks=())
         summary, state_init = "none", "random"
-    flow_config = dataclasses.replace(ref.flow_config, score_terminators=False, state_summary=summary)
+    flow_config = dataclasses.replace(
+        ref.flow_config, score_terminators=False, lens_features=False, state_summary=summary
+    )
     command = "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])
     v, history = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,

@@ -30,9 +30,11 @@ def test_cli_defaults_are_the_configs_and_the_validators():
 
 def test_cli_flags_reach_the_config():
     got = _cli("--head", "attention", "--no-event-layernorm", "--state", "--state-init", "frozen-probe",
-               "--channels", "a", "b", "--bootstrap", "7", "--lr", "0.01")  # fmt: skip
+               "--channels", "a", "b", "--bootstrap", "7", "--lr", "0.01",
+               "--token-label-rule", "references+question")  # fmt: skip
     assert got == TrainConfig(head="attention", event_layernorm=False, state=True, state_init="frozen-probe",
-                              channels=("a", "b"), n_bootstrap=7, lr=0.01)  # fmt: skip
+                              channels=("a", "b"), n_bootstrap=7, lr=0.01,
+                              token_label_rule="references+question")  # fmt: skip
 
 
 def test_round_trip_and_version_stamps():
@@ -59,6 +61,8 @@ def test_round_trip_and_version_stamps():
         ({"seed": -1}, "seed"),
         ({"state": True, "prefix_augment": 0.5}, "prefix_augment"),
         ({"members": 10**9}, "members"),
+        ({"token_label_rule": "question"}, "token_label_rule='question' is not supported"),
+        ({"grad_clip": 0}, "grad_clip=0 must be a positive number or None"),
     ],
 )
 def test_bad_values_are_named(bad, match):

@@ -224,3 +224,27 @@ def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path, head):
     hyper = v.training_metadata["hyperparameters"]
     assert hyper["token_loss_weight"] == 0.5 and len(hyper["token_labels"]) == 64
     assert report["history"]["epochs_run"] == 2
+
+
+def test_the_token_label_rule_reaches_the_labels(model, tmp_path, monkeypatch):
+    from hf_flowcheck.workflows import token_labels
+    from hf_flowcheck.workflows.experiments import train_from_store
+
+    recs = [
+        Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2)
+        for i in range(84)
+    ]
+    write(model, tmp_path / "a.jsonl", recs, judge="record-label", batch_size=12)
+    replay_answers(
+        model, CharTokenizer(), tmp_path / "a.jsonl", tmp_path / "replay", config=tiny_flow_config(), part_size=42
+    )
+    seen, real = [], token_labels.reference_token_labels
+    monkeypatch.setattr(
+        token_labels, "reference_token_labels", lambda *a, **k: seen.append(k.get("rule")) or real(*a, **k)
+    )
+    v, _ = train_from_store(
+        tmp_path / "replay", tmp_path / "v", token_loss_weight=0.5, tokenizer=CharTokenizer(), epochs=1,
+        hidden=16, embed=8, progress=False, n_bootstrap=20, token_label_rule="references+question",
+    )  # fmt: skip
+    assert seen == ["references+question"]
+    assert v.training_metadata["train_config"]["token_label_rule"] == "references+question"

@@ -279,7 +279,7 @@ def _plot_learning_curve(history: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, tokenizer: Any) -> Any:
+def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, tokenizer: Any, rule: str) -> Any:
     """Weak token labels of a replayed store's rows, from its committed answers file."""
     from hf_flowcheck.workflows.answers import read_answers
     from hf_flowcheck.workflows.token_labels import reference_token_labels
@@ -294,7 +294,7 @@ def _store_token_labels(store: Any, feats: Any, uids: list[str], labels: Any, to
             "token_loss_weight to 0."
         )
     records = {r.uid: r for r in read_answers(path).records}
-    return reference_token_labels(feats, uids, records, tokenizer, labels)
+    return reference_token_labels(feats, uids, records, tokenizer, labels, rule=rule)
 
 
 #: The :class:`TrainConfig` fields that shape the network (passed on to ``ValidatorConfig``).
@@ -358,7 +358,7 @@ def train_from_store(
     val_f, val_y, _ = parts["validation"]
     token_labels = None
     if cfg.token_loss_weight:
-        token_labels = _store_token_labels(store, train_f, train_uids, train_y, tokenizer)
+        token_labels = _store_token_labels(store, train_f, train_uids, train_y, tokenizer, cfg.token_label_rule)
     n_pos, n_neg = int(train_y.sum()), int((train_y == 0).sum())
     if min(n_pos, n_neg) < MIN_PER_CLASS:
         raise ValueError(

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 from hf_flowcheck.detectors.flow_validator.config import HEADS, INPUT_TRANSFORMS, POOLINGS, ValidatorConfig
+from hf_flowcheck.workflows.token_labels import TOKEN_LABEL_RULES
 
 __all__ = ["SELECTIONS", "STATE_INITS", "TrainConfig"]
 
@@ -98,6 +99,15 @@ class TrainConfig(VersionedConfig):
         metadata={
             "help": "Weight of a token-level loss on weak labels from the reference answers (a replayed store; "
             "needs the model's tokenizer). 0: off."
+        },
+    )
+    token_label_rule: str = field(
+        default="references",
+        metadata={
+            "help": "With token_loss_weight: which answer words count as supported. 'references': words of a "
+            "reference answer; 'references+question': also the question's words, and function words left "
+            "unlabelled (more precise on a hand-checked sample, docs/results.md).",
+            "choices": TOKEN_LABEL_RULES,
         },
     )
     channels: tuple[str, ...] | None = field(
