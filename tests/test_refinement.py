@@ -481,12 +481,11 @@ def test_no_generated_tokens_is_skipped(setup):
 
 # ------------------------------------------------------------------------------------ real model
 @pytest.mark.slow
-def test_refine_real_model_end_to_end():
+@pytest.mark.real_model
+def test_refine_real_model_end_to_end(smollm2):
     from hf_flowcheck import FlowConfig
-    from hf_flowcheck.offline_models import load_model
 
-    model, tok = load_model("SmolLM2-135M-Instruct")
-    tok.padding_side = "left"
+    model, tok = smollm2
     cfg = FlowConfig()
     torch.manual_seed(0)
     v = FlowValidator(
