@@ -625,9 +625,12 @@ def old_protocol(args: argparse.Namespace) -> int:
     out = Path(args.features)
     # The signatures go to the store; a token-confidence channel is attached after (the same code as
     # at run time, tests/test_token_confidence.py), so one store serves both validator designs.
+    # --one-pass stores the validator's own token-confidence states with the signatures instead (one
+    # forward per answer) and reads the baselines from them (over the scored content tokens).
+    one_pass = args.one_pass and v.flow_config.state_summary == "token_confidence"
     extract_dataset(
-        model, tok, rows, out, config=dataclasses.replace(v.flow_config, state_summary="none"), protocol="replayed",
-        batch_size=8, shard_size=32, progress=False,
+        model, tok, rows, out, protocol="replayed", batch_size=8, shard_size=32, progress=False,
+        config=v.flow_config if one_pass else dataclasses.replace(v.flow_config, state_summary="none"),
         dataset={"answers": args.answers, "split": "test", "limit": args.limit},
     )  # fmt: skip
     feats, y, uids = FeatureStore.open(out).load()
@@ -637,7 +640,9 @@ def old_protocol(args: argparse.Namespace) -> int:
         ScoredExample(encode_text(tok, by_uid[u].prompt), list(by_uid[u].gen_ids), int(by_uid[u].label), u)
         for u in uids
     ]
-    if v.flow_config.state_summary == "token_confidence":
+    if one_pass:
+        pass  # the store holds the validator's own states
+    elif v.flow_config.state_summary == "token_confidence":
         from hf_flowcheck.detectors.base import batch_examples
         from hf_flowcheck.extraction import FlowExtractor
 
@@ -647,8 +652,11 @@ def old_protocol(args: argparse.Namespace) -> int:
         feats = dataclasses.replace(feats, states=states)
     elif v.flow_config.state_summary != "none":
         raise SystemExit(f"old-protocol attaches only token-confidence states, not {v.flow_config.state_summary!r}.")
-    with torch.inference_mode():
-        conf = token_confidence_features(model, ex, batch_size=8)
+    if one_pass:
+        conf = feats.states[:, 0].double().numpy()
+    else:
+        with torch.inference_mode():
+            conf = token_confidence_features(model, ex, batch_size=8)
     scores = {"validator": score(v, feats), "-mean log p": conf[:, 0], "-min log p": conf[:, 1]}
     result = {"validator": args.validator, "answers": len(y), "hallucinated": int(y.sum()),
               "command": "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])}  # fmt: skip
@@ -769,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--answers", required=True, help="The answers file the shipped validator was trained on.")
     o.add_argument("--features", required=True, help="Where the replayed test answers are stored (resumable).")
     o.add_argument("--limit", type=int, default=300)
+    o.add_argument("--one-pass", action="store_true",
+                   help="A token-confidence validator's states and the baselines from the flow forward (one per answer).")  # fmt: skip
     o.add_argument("--out", required=True)
     o.set_defaults(func=old_protocol)
     rp = sub.add_parser("report")
