@@ -369,6 +369,8 @@ def cell_report(
     for name in ("-mean log p", "-min log p", "length", "shipped", "polygraph RAUQ", "validator + -min log p"):
         if name in scores:
             ok = ~np.isnan(scores[name][idx]) & ok_v
+            if len(set(y[idx][ok].tolist())) < 2:  # a baseline not computed for this model (all nan)
+                continue
             lo, hi = paired_auroc_difference(y[idx][ok], v[ok], scores[name][idx][ok], n=500)
             out["validator"][f"minus {name}"] = [round(lo, 3), round(hi, 3)]
     if "validator + -min log p" in scores:
@@ -474,7 +476,7 @@ def report(args: argparse.Namespace) -> int:
         results["cells"][key] = cell_report(y, scores, idx, run.get("threshold"), points)
     styles = [k for k in results["cells"] if k.startswith("style=")]
     results["mean_held_out_style_auroc"] = {
-        name: round(float(np.nanmean([results["cells"][k][name]["auroc"] or np.nan for k in styles])), 3)
+        name: _nan_mean([results["cells"][k][name]["auroc"] for k in styles])
         for name in ("validator", *base, "validator + -min log p")
     }
     Path(args.out).write_text(json.dumps(results, indent=1))
@@ -486,10 +488,17 @@ def report(args: argparse.Namespace) -> int:
     for key, cell in results["cells"].items():
         v = cell["validator"]
         row = [f"{cell[c]['auroc']:.3f}" if cell[c].get("auroc") is not None else "n/a" for c in cols]
-        print(f"| {key} | {v['n']} ({v.get('pos', '?')}) | " + " | ".join(row)
-              + f" | {v['share_ge_0.99']:.2f} | {cell['shipped']['share_ge_0.99']:.2f} |")  # fmt: skip
+        shares = [v["share_ge_0.99"], cell["shipped"]["share_ge_0.99"]]
+        print(f"| {key} | {v['n']} ({v.get('pos', '?')}) | " + " | ".join(row) + " | "
+              + " | ".join("n/a" if x is None else f"{x:.2f}" for x in shares) + " |")  # fmt: skip
     print("mean over held-out styles:", json.dumps(results["mean_held_out_style_auroc"]))
     return 0
+
+
+def _nan_mean(values) -> float | None:
+    """Mean of the AUROCs that exist (``None`` where a baseline was not computed for this model)."""
+    got = [v for v in values if v is not None]
+    return round(float(np.mean(got)), 3) if got else None
 
 
 def bundle(args: argparse.Namespace) -> int:
