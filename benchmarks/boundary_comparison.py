@@ -48,10 +48,10 @@ def main() -> None:
     from hf_flowcheck.data import LabeledExample, generation_prompt, load_halueval_qa
     from hf_flowcheck.metrics import format_table
     from hf_flowcheck.offline_models import load_model
-    from hf_flowcheck.store import FeatureStore
     from hf_flowcheck.workflows.compare import generated_completion
     from hf_flowcheck.workflows.experiments import train_from_store
     from hf_flowcheck.workflows.extract import extract_dataset
+    from hf_flowcheck.workflows.store import FeatureStore
 
     store = FeatureStore.open(args.generated)
     if store.protocol != "generated":

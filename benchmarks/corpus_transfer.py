@@ -54,10 +54,10 @@ from hf_flowcheck.metrics import (
     rankdata_average,
 )
 from hf_flowcheck.offline_models import load_model
-from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.corpus import answer_view, read_corpus
 from hf_flowcheck.workflows.experiments import calibrate_validator, operating_points
 from hf_flowcheck.workflows.extract import extract_dataset
+from hf_flowcheck.workflows.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.training import train_validator
 
 BUNDLED = {

@@ -35,8 +35,8 @@ def main() -> None:
     from hf_flowcheck.detectors.checkpoint import jsonable
     from hf_flowcheck.detectors.gradient import GradientConfig
     from hf_flowcheck.offline_models import load_model
-    from hf_flowcheck.store import FeatureStore
     from hf_flowcheck.workflows.compare import SPLITS, examples_from_store, gradient_layer_ablation, split_parts
+    from hf_flowcheck.workflows.store import FeatureStore
 
     store = FeatureStore.open(args.features)
     model, tok = load_model(args.model)

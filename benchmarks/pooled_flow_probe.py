@@ -93,7 +93,7 @@ def main() -> None:
     args = ap.parse_args()
 
     from hf_flowcheck.metrics import format_table
-    from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.store import FeatureStore
 
     res = probe_rows(FeatureStore.open(args.features), split_seed=args.split_seed, n_bootstrap=args.bootstrap)
     n = res["sizes"]

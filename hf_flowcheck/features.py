@@ -2,7 +2,7 @@
 selection and concatenation; `FeatureSource`: where they came from.
 
 Nothing here computes features (:mod:`hf_flowcheck.extraction` does) or stores them
-(:mod:`hf_flowcheck.store`); this module is the one owner of the container both pass around.
+(:mod:`hf_flowcheck.workflows.store`); this module is the one owner of the container both pass around.
 """
 
 from __future__ import annotations

@@ -134,7 +134,7 @@ def test_an_edited_store_manifest_loads_the_same_or_is_named(store_dir, tmp_path
     import shutil
 
     from hf_flowcheck.errors import FeatureStoreError
-    from hf_flowcheck.store import MANIFEST_NAME, FeatureStore
+    from hf_flowcheck.workflows.store import MANIFEST_NAME, FeatureStore
 
     work = tmp_path_factory.mktemp("edit")
     shutil.rmtree(work)
@@ -163,7 +163,7 @@ def test_an_extraction_killed_any_number_of_times_resumes_to_the_same_store(tmp_
     import test_workflows_extract as twe
 
     import hf_flowcheck.workflows.extract as pl
-    from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.store import FeatureStore
 
     model = _extract_model()
     reference = _extract_reference(tmp_path_factory)

@@ -275,14 +275,15 @@ def test_bundled_validator_under_half_precision_says_why_it_is_not_loaded():
     assert any("dtype=torch.float32" in str(w.message) for w in caught)
 
 
-def test_the_default_bundled_validator_is_the_one_trained_on_most_prompt_styles():
+@pytest.mark.parametrize("family", ["smollm2-135m-instruct", "qwen2.5-coder-0.5b-instruct"])
+def test_the_default_bundled_validator_is_the_one_trained_on_most_prompt_styles(family):
     from hf_flowcheck.bundled import _preference, bundled_validators
     from hf_flowcheck.data.corpus import PROMPT_STYLES
     from hf_flowcheck.detectors import FlowValidator
 
-    smol = [f for name, f in bundled_validators().items() if name.startswith("smollm2")]
-    chosen = min(smol, key=_preference)
-    assert chosen.name == "smollm2-135m-instruct-corpus"
+    same_model = [f for name, f in bundled_validators().items() if name.startswith(family)]
+    chosen = min(same_model, key=_preference)
+    assert chosen.name == f"{family}-corpus"
     v = FlowValidator.from_pretrained(chosen)
     meta = v.training_metadata
     assert meta["prompt_styles"] == list(PROMPT_STYLES) and "truthfulqa" not in meta["tasks"]

@@ -65,7 +65,6 @@ def test_smollm2_batch_invariance_and_boundaries(smollm2):
 @pytest.fixture(scope="module")
 def checked(smollm2):
     from hf_flowcheck import FlowCheckedModelForCausalLM
-
     from hf_flowcheck.bundled import default_validator_for
 
     base, tok = smollm2

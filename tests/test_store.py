@@ -7,7 +7,7 @@ import safetensors.torch
 import torch
 
 from hf_flowcheck import FlowConfig
-from hf_flowcheck.store import (
+from hf_flowcheck.workflows.store import (
     MANIFEST_NAME,
     STORE_FORMAT,
     STORE_FORMAT_VERSION,
@@ -143,7 +143,7 @@ def test_kill_during_write_leaves_no_partial_shard(tmp_path, monkeypatch):
 def test_written_files_follow_the_umask(tmp_path):
     import os
 
-    from hf_flowcheck.store import atomic_write_bytes
+    from hf_flowcheck.workflows.store import atomic_write_bytes
 
     old = os.umask(0o022)
     try:

@@ -94,7 +94,7 @@ def test_train_cli_passes_validator_options(store_dir, tmp_path, capsys):
 
 def test_drop_uids_keeps_every_other_record_in_its_split(store_dir, tmp_path):
     from hf_flowcheck.data.splits import split_records
-    from hf_flowcheck.store import FeatureStore
+    from hf_flowcheck.workflows.store import FeatureStore
 
     _, _, uids = FeatureStore.open(store_dir).load()
     full = split_records(uids, seed=0)

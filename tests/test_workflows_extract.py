@@ -16,8 +16,8 @@ from conftest import make_tiny_model, tiny_flow_config
 
 from hf_flowcheck import FlowExtractor
 from hf_flowcheck.data import Example, LabeledExample
-from hf_flowcheck.store import MANIFEST_NAME, CorruptShardError, FeatureStore, shard_name
 from hf_flowcheck.workflows import extract as pl
+from hf_flowcheck.workflows.store import MANIFEST_NAME, CorruptShardError, FeatureStore, shard_name
 
 TESTS = Path(__file__).resolve().parent
 

@@ -44,7 +44,7 @@ class FlowValidatorDetector(Detector):
 
     def featurize(self, model: nn.Module, examples: Sequence[ScoredExample], *, tokenizer: Any = None) -> Any:
         from hf_flowcheck.extraction import FlowExtractor
-        from hf_flowcheck.store import pad_features
+        from hf_flowcheck.features import pad_features
 
         if self.validator.base_fingerprint is not None:
             self.validator.check_compatible(model)

@@ -24,7 +24,7 @@ from hf_flowcheck.metrics import (
     length_baseline,
     length_matched_indices,
 )
-from hf_flowcheck.store import FeatureStore
+from hf_flowcheck.workflows.store import FeatureStore
 from hf_flowcheck.workflows.train_config import TrainConfig
 
 __all__ = [

@@ -2,7 +2,7 @@
 
 :func:`extract_dataset` runs a model over labelled examples (paired/teacher-forced) or over
 records it answers itself (generated, labelled by a judge) and writes a
-:class:`~hf_flowcheck.store.FeatureStore`. It resumes after a crash, refuses to mix features of
+:class:`~hf_flowcheck.workflows.store.FeatureStore`. It resumes after a crash, refuses to mix features of
 different setups in one directory, and splits the shards over the processes of an
 ``accelerate`` launch (shard ``i`` goes to process ``i % num_processes``).
 
@@ -44,7 +44,10 @@ from hf_flowcheck.filelocks import exclusive_writer
 from hf_flowcheck.generation import capture_generate
 from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.stopping import AnswerLineStop, bind_prompt_width, supports_answer_line_stop
-from hf_flowcheck.store import (
+from hf_flowcheck.tokens import answer_token_count
+from hf_flowcheck.version import __version__
+from hf_flowcheck.workflows.extract_config import PROTOCOLS, ExtractConfig
+from hf_flowcheck.workflows.store import (
     STORE_FORMAT,
     STORE_FORMAT_VERSION,
     FeatureStore,
@@ -60,9 +63,6 @@ from hf_flowcheck.store import (
     write_manifest,
     write_shard,
 )
-from hf_flowcheck.tokens import answer_token_count
-from hf_flowcheck.version import __version__
-from hf_flowcheck.workflows.extract_config import PROTOCOLS, ExtractConfig
 
 __all__ = [
     "PROTOCOLS",
@@ -534,7 +534,7 @@ def extract_dataset(
             items (prompt + ``completion`` teacher-forced; features over the completion tokens).
             ``protocol="generated"``: :class:`~hf_flowcheck.data.Example` records; the model answers
             ``prompt_fn(record)`` greedily and ``judge`` labels the answer.
-        out_dir: Output directory (created; see :mod:`hf_flowcheck.store` for the layout).
+        out_dir: Output directory (created; see :mod:`hf_flowcheck.workflows.store` for the layout).
         config: Flow configuration.
         extract_config: How to run (:class:`~hf_flowcheck.workflows.extract_config.ExtractConfig`:
             ``protocol`` -- ``"paired"``, ``"natural"``, ``"generated"`` or ``"replayed"``, recorded,
@@ -559,7 +559,7 @@ def extract_dataset(
         **options: :class:`ExtractConfig` fields.
 
     Returns:
-        The opened :class:`~hf_flowcheck.store.FeatureStore` (on every process).
+        The opened :class:`~hf_flowcheck.workflows.store.FeatureStore` (on every process).
 
     Raises:
         ExtractionMismatchError: ``out_dir`` holds features of another model / config / protocol /

@@ -4,7 +4,7 @@ An answers file grows while the model is still answering; the features of its fi
 answers never change once they exist. So each complete block of ``part_size`` answers (file order)
 is teacher-forced into its own feature store ``part-00000``, ``part-00001``, ... under one root,
 and :func:`load_parts` concatenates them. A part is an ordinary resumable
-:class:`~hf_flowcheck.store.FeatureStore` (protocol ``"replayed"``).
+:class:`~hf_flowcheck.workflows.store.FeatureStore` (protocol ``"replayed"``).
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import torch
 
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.extraction import FlowFeatures
-from hf_flowcheck.store import FeatureStore, pad_features
 from hf_flowcheck.workflows.answers import _parse
 from hf_flowcheck.workflows.extract import extract_dataset
+from hf_flowcheck.workflows.store import FeatureStore, pad_features
 
 __all__ = ["PartedStore", "load_parts", "open_features", "replay_answers"]
 
@@ -111,7 +111,7 @@ def load_parts(out_root: str | os.PathLike[str]) -> tuple[FlowFeatures, torch.Te
 
 
 class PartedStore:
-    """The complete part stores under one root, read as one :class:`~hf_flowcheck.store.FeatureStore`.
+    """The complete part stores under one root, read as one :class:`~hf_flowcheck.workflows.store.FeatureStore`.
 
     Offers what training and evaluation read: ``load``, ``samples``, ``config``, ``protocol``,
     ``model_fingerprint``, ``manifest`` and ``counts``. Every part must share the FlowConfig and model.
