@@ -83,6 +83,22 @@ def shipped(model_name: str) -> FlowValidator:
     return FlowValidator.from_pretrained(bundled_validators()[BUNDLED[model_name]])
 
 
+def sibling_figure(model_name: str) -> str:
+    """The HaluEval-trained sibling's name and its recorded test AUROC (from its own training record)."""
+    ref = shipped(model_name)
+    auc = ref.training_metadata["evaluation"]["flow validator"]["metrics"]["auroc"]["value"]
+    return f"`{BUNDLED[model_name]}`, trained on that format, reaches {auc:.3f} on its whole test split"
+
+
+def model_of(v: FlowValidator) -> str:
+    """Which of the bundled models a validator was trained on (by its fingerprint's base id)."""
+    base = str((v.base_fingerprint or {}).get("base_id") or "")
+    for name in BUNDLED:
+        if base.endswith(name):
+            return name
+    raise SystemExit(f"{base!r} is none of the bundled models {sorted(BUNDLED)}.")
+
+
 def design_config(ref: FlowValidator, names: tuple[str, ...], **changes) -> ValidatorConfig:
     """The bundled validator's network shape on this store's feature channels (Qwen's HaluEval validator
     also reads lens channels, which the corpus stores leave out)."""
@@ -582,7 +598,7 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
                 "- Short answers (a phrase or a sentence, at most 64 tokens); long-form answers, dialogue and "
                 "summaries are untested. TruthfulQA was held out of training (its canary).\n"
                 "- The HaluEval-QA two-shot format with a passage is better served by "
-                "`smollm2-135m-instruct-halueval-qa`, trained on it."
+                f"`{BUNDLED[args.model]}`, trained on it."
             ),
         },
     ]
@@ -604,7 +620,7 @@ def _transfer_section(report_path: str) -> dict:
         v = cell["validator"]
         rows.append(
             f"| {key} | {v['n']} ({v.get('pos')}) | {v['auroc']} {v.get('ci')} | {cell['-mean log p']['auroc']} "
-            f"| {cell['-min log p']['auroc']} | {poly[1]} ({poly[0]}) |"
+            f"| {cell['-min log p']['auroc']} | " + (f"{poly[1]} ({poly[0]}) |" if poly[0] else "not run |")
         )
     return {
         "title": "Transfer (held-out prompt styles and tasks)",
@@ -692,8 +708,8 @@ def card(args: argparse.Namespace) -> int:
         f"On its bundled siblings' own protocol (HaluEval-QA, the plain two-shot prompt with a passage, the first "
         f"{res['answers']} answers of their seed-0 test split, {val['n']} scored): AUROC {val['auroc']} "
         f"{val['ci']}, against -min log p {mn['auroc']} and -mean log p {mx['auroc']} on the same answers (paired "
-        f"difference to -min log p {res['validator minus -min log p']}). `smollm2-135m-instruct-halueval-qa`, "
-        "trained on that format, reaches 0.866 on the whole test split.\n\n```bash\n" + res["command"] + "\n```"
+        f"difference to -min log p {res['validator minus -min log p']}). {sibling_figure(model_of(v))}."
+        "\n\n```bash\n" + res["command"] + "\n```"
     )
     sections = [x for x in v.training_metadata.get("card_sections", []) if x["title"] != "HaluEval-QA two-shot format"]
     v.training_metadata["card_sections"] = [*sections, {"title": "HaluEval-QA two-shot format", "text": text}]
