@@ -203,10 +203,8 @@ def test_closed_book_prompt_is_the_qa_two_shot_without_knowledge():
     assert generation_prompt(rec).count("Knowledge:") == 3
 
 
-@pytest.mark.parametrize("head", ["attention", "depth"])
-def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path, head):
-    from hf_flowcheck.workflows.experiments import train_from_store
-
+def _replayed_store(model, tmp_path) -> None:
+    """84 answers (half labelled wrong) written and replayed into ``tmp_path / "replay"``."""
     recs = [
         Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2)
         for i in range(84)
@@ -215,6 +213,13 @@ def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path, head):
     replay_answers(
         model, CharTokenizer(), tmp_path / "a.jsonl", tmp_path / "replay", config=tiny_flow_config(), part_size=42
     )
+
+
+@pytest.mark.parametrize("head", ["attention", "depth"])
+def test_train_from_a_replayed_store_with_the_token_loss(model, tmp_path, head):
+    from hf_flowcheck.workflows.experiments import train_from_store
+
+    _replayed_store(model, tmp_path)
     kw = dict(epochs=2, head=head, hidden=16, embed=8, progress=False, n_bootstrap=20)
     with pytest.raises(ValueError, match="needs the model's tokenizer"):
         train_from_store(tmp_path / "replay", tmp_path / "v0", token_loss_weight=0.5, **kw)
@@ -230,14 +235,7 @@ def test_the_token_label_rule_reaches_the_labels(model, tmp_path, monkeypatch):
     from hf_flowcheck.workflows import token_labels
     from hf_flowcheck.workflows.experiments import train_from_store
 
-    recs = [
-        Example(f"g:{i}", "qa", {"knowledge": "k", "question": f"q{i}?"}, reference="Ann", label=i % 2)
-        for i in range(84)
-    ]
-    write(model, tmp_path / "a.jsonl", recs, judge="record-label", batch_size=12)
-    replay_answers(
-        model, CharTokenizer(), tmp_path / "a.jsonl", tmp_path / "replay", config=tiny_flow_config(), part_size=42
-    )
+    _replayed_store(model, tmp_path)
     seen, real = [], token_labels.reference_token_labels
     monkeypatch.setattr(
         token_labels, "reference_token_labels", lambda *a, **k: seen.append(k.get("rule")) or real(*a, **k)
