@@ -107,11 +107,7 @@ class VersionedConfig:
 
     def replace(self: _Config, **changes: Any) -> _Config:
         """A copy with ``changes`` (validated again); an unknown option is a ``ValueError`` naming the known ones."""
-        known = {f.name for f in fields(self)}  # type: ignore[arg-type]
-        unknown = sorted(set(changes) - known)
-        if unknown:
-            raise ValueError(f"Unknown {type(self).__name__} option(s) {unknown}; known: {sorted(known)}.")
-        return dataclasses.replace(self, **changes)  # type: ignore[type-var]
+        return type(self).with_options(self, changes)
 
     @classmethod
     def with_options(cls: type[_Config], base: _Config | None, options: dict[str, Any]) -> _Config:

@@ -1,4 +1,4 @@
-"""The in-call rollback of ``generate(..., flow_rollback=True)``: a running check stops the rows that
+"""The in-call rollback of ``generate(..., flow_rollback_threshold=...)``: a running check stops the rows that
 cross the threshold, :func:`~hf_flowcheck.refinement.refine` rolls each back to its culprit under the
 block clamp, and every flow field is recomputed for the returned sequences.
 

@@ -95,9 +95,7 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_model(args.model, **model_load_kwargs(args))
 
 
-def add_config_flags(
-    group: Any, cls: type, *, dest_prefix: str = "", flag_names: dict[str, str] | None = None, skip: tuple = ()
-) -> None:
+def add_config_flags(group: Any, cls: type, *, dest_prefix: str = "", flag_names: dict[str, str] | None = None) -> None:
     """One flag per field of the config dataclass ``cls``, from its field metadata (one owner for each
     option's default, choices and help).
 
@@ -106,8 +104,6 @@ def add_config_flags(
     (``type=bool`` would read ``False`` as true); a field with ``metadata["nargs"]`` takes a list.
     """
     for f in dataclasses.fields(cls):
-        if f.name in skip:
-            continue
         flag = (flag_names or {}).get(f.name, "--" + f.name.replace("_", "-"))
         has_default = f.default is not dataclasses.MISSING
         text = f.metadata.get("help", "").replace("%", "%%") + (f" (default: {f.default!r})" if has_default else "")
