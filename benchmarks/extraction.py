@@ -45,6 +45,8 @@ def _encode(tok, prompts):
 
 
 def _run(mode: str, model, tok, ext, enc, new_tokens: int):
+    """One generation: ``(seconds, output ids, features or None, capture-buffer bytes)``."""
+    from hf_flowcheck.capture import capture_sizes
     from hf_flowcheck.generation import capture_generate
 
     kw = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -52,10 +54,12 @@ def _run(mode: str, model, tok, ext, enc, new_tokens: int):
     if mode == "plain":
         with torch.no_grad():
             out = model.generate(**enc, **kw)
-        feats = None
+        feats, nbytes = None, 0
     else:
-        out, feats = capture_generate(ext, enc.input_ids, attention_mask=enc.attention_mask, **kw)
-    return time.perf_counter() - t0, out, feats
+        with capture_sizes() as sizes:
+            out, feats = capture_generate(ext, enc.input_ids, attention_mask=enc.attention_mask, **kw)
+        nbytes = sum(sizes)
+    return time.perf_counter() - t0, out, feats, nbytes
 
 
 def child(args) -> None:
@@ -109,13 +113,14 @@ def main() -> None:
         times = {"plain": [], "flow": []}
         for _ in range(args.reps):
             for mode in ("plain", "flow"):
-                dt, out, feats = _run(mode, model, tok, ext, enc, args.new_tokens)
+                dt, out, feats, nbytes = _run(mode, model, tok, ext, enc, args.new_tokens)
                 times[mode].append(dt)
                 if mode == "plain":
                     plain_out = out
                 else:
                     same = torch.equal(out, plain_out)
                     n_resp = int(feats.num_tokens().sum())
+                    capture_bytes = nbytes
         plain, flow = statistics.median(times["plain"]), statistics.median(times["flow"])
         bound = capture_bound_bytes(n_resp, n_blocks, dim)
         row = {
@@ -125,9 +130,9 @@ def main() -> None:
             "ratio": round(flow / plain, 3),
             "same_tokens": same,
             "response_tokens": n_resp,
-            "capture_bytes": ext.last_capture_bytes,
+            "capture_bytes": capture_bytes,
             "bound_bytes": bound,
-            "capture_over_bound": round(ext.last_capture_bytes / bound, 3),
+            "capture_over_bound": round(capture_bytes / bound, 3),
         }
         if not args.no_memory:
             growth = {}

@@ -9,7 +9,9 @@ which is how prefill (call 0, the whole prompt) is told apart from decode steps 
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +25,7 @@ __all__ = [
     "FlowRecorder",
     "NonFiniteStateError",
     "Selector",
+    "capture_sizes",
 ]
 
 
@@ -74,6 +77,37 @@ class CapturedStates:
                         f"{int(self.positions[i])} of batch row {int(self.rows[i])}. The model itself "
                         "overflowed there; load it in float32 or bfloat16 instead of float16."
                     )
+
+
+#: The open :func:`capture_sizes` lists of this thread or task (innermost last).
+_SIZE_LISTENERS: contextvars.ContextVar[tuple[list[int], ...]] = contextvars.ContextVar(
+    "hf_flowcheck_capture_sizes", default=()
+)
+
+
+@contextlib.contextmanager
+def capture_sizes() -> Iterator[list[int]]:
+    """Collect the buffer bytes of every :class:`FlowRecorder` closed inside the block.
+
+    A diagnostic for memory benchmarks and tests: extraction and ``generate`` keep no record of
+    their capture buffers, so a caller that wants the figure asks for it here. Scoped to the current
+    thread (or asyncio task), so concurrent requests do not see each other's captures.
+
+    Yields:
+        A list that receives one int per recorder, in the order they closed.
+
+    Example:
+        >>> with capture_sizes() as sizes:   # doctest: +SKIP
+        ...     extractor.extract(ids, response_mask=resp)
+        >>> sizes[-1]
+        4992
+    """
+    sizes: list[int] = []
+    token = _SIZE_LISTENERS.set((*_SIZE_LISTENERS.get(), sizes))
+    try:
+        yield sizes
+    finally:
+        _SIZE_LISTENERS.reset(token)
 
 
 def _hidden_from_args(args: tuple, kwargs: dict) -> torch.Tensor:
@@ -133,6 +167,8 @@ class FlowRecorder:
         self.remove()
         if self.arch.lock is not None:
             self.arch.lock.release()
+        for sizes in _SIZE_LISTENERS.get():
+            sizes.append(self.nbytes)
 
     def remove(self) -> None:
         """Remove every hook this recorder registered (idempotent)."""

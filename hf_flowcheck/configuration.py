@@ -24,6 +24,7 @@ __all__ = [
     "FlowConfig",
     "VersionedConfig",
     "check_positive_int",
+    "parse_positive_int",
     "versioned_fields",
 ]
 
@@ -130,6 +131,17 @@ class VersionedConfig:
                     f"{owner + '.' if owner else ''}{f.name}={getattr(self, f.name)!r} is not supported; use one of "
                     f"{', '.join(map(repr, allowed))}."
                 )
+
+
+def parse_positive_int(text: str) -> int:
+    """Command-line text of an int >= 1 (a field's ``metadata["parse"]``); the message names the allowed values."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an integer; pass a positive integer.") from None
+    if value < 1:
+        raise ValueError(f"{value} is not positive; pass an integer >= 1.")
+    return value
 
 
 def check_positive_int(name: str, value: Any, owner: str = "", *, at_most: int | None = None) -> None:

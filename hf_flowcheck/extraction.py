@@ -172,8 +172,6 @@ class FlowExtractor:
         # Gemma 2 caps its output logits; the token confidence reads them as the model's forward does.
         self._softcap: float | None = getattr(getattr(self.base, "config", None), "final_logit_softcapping", None)
         self._math_device: torch.device | None = None
-        #: Bytes of the capture buffers of the last call (diagnostics and benchmarks).
-        self.last_capture_bytes = 0
         self._source: FeatureSource | None = None
 
     @property
@@ -365,9 +363,7 @@ class FlowExtractor:
 
         with FlowRecorder(self.arch, selector, capacity=rows.numel()) as rec:
             self.forward(ids.to(self._device()), att.to(self._device()))
-            states = rec.result()
-        self.last_capture_bytes = rec.nbytes
-        return states
+            return rec.result()
 
     def _token_confidence(
         self,

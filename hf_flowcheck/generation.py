@@ -314,7 +314,6 @@ class GenerationCapture:
 
     def __exit__(self, *exc: Any) -> None:
         self.recorder.__exit__(*exc)
-        self.extractor.last_capture_bytes = self.recorder.nbytes
 
     def _full_attention(self, seqs: torch.Tensor) -> torch.Tensor:
         att = self.attention_mask.to(seqs.device)

@@ -20,6 +20,7 @@ from hf_flowcheck.detectors.baselines import (
     TokenConfidenceDetector,
 )
 from hf_flowcheck.detectors.flow_detector import FlowValidatorDetector
+from hf_flowcheck.detectors.gradient import GradientConfig
 from hf_flowcheck.detectors.registry import (
     DetectorOptions,
     build_detectors,
@@ -30,8 +31,8 @@ from hf_flowcheck.detectors.registry import (
 from hf_flowcheck.metrics import auroc
 
 #: Small settings per registered name, so that every detector of the table is built through it.
-TINY = DetectorOptions(samples=2, max_new_tokens=2, gradient_layers=2, gradient_sketch=8, gradient_reader="logistic",
-                       gradient_epochs=3, protocol="paired")  # fmt: skip
+TINY = DetectorOptions(samples=2, max_new_tokens=2, protocol="paired",
+                       gradient=GradientConfig(layers=2, sketch=8, reader="logistic", epochs=3))  # fmt: skip
 
 
 def _detectors(model: torch.nn.Module) -> list:

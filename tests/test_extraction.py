@@ -6,6 +6,7 @@ from conftest import make_tiny_model, tiny_flow_config
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_flowcheck import FlowConfig, FlowExtractor, NonFiniteStateError
+from hf_flowcheck.capture import capture_sizes
 from hf_flowcheck.generation import capture_generate
 
 
@@ -175,11 +176,19 @@ def test_memory_grows_with_masked_tokens_not_prompt():
     ids = torch.cat([prompt, torch.tensor([[5, 6, 7]])], dim=1)
     resp = torch.zeros_like(ids)
     resp[:, -3:] = 1
-    ext.extract(ids, response_mask=resp)
     n_blocks, d = 4, 32
-    assert ext.last_capture_bytes == 3 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 3 * 16
-    capture_generate(ext, prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
-    assert ext.last_capture_bytes == 4 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 4 * 16
+    with capture_sizes() as sizes:
+        ext.extract(ids, response_mask=resp)
+        capture_generate(ext, prompt, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert sizes == [
+        3 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 3 * 16,
+        4 * (n_blocks + 1 + 2 * n_blocks) * d * 4 + 4 * 16,
+    ]
+    with capture_sizes() as outer:
+        with capture_sizes() as inner:
+            ext.extract(ids, response_mask=resp)
+        ext.extract(ids, response_mask=resp)
+    assert len(inner) == 1 and outer == inner * 2  # nested scopes both hear, a closed one stops
 
 
 def test_other_configs_run(core_family):

@@ -200,6 +200,7 @@ def test_gradient_layer_ablation() -> None:
 def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> None:
     from hf_flowcheck import offline_models
     from hf_flowcheck.cli import build_parser, main
+    from hf_flowcheck.cli.research import _gradient_config
     from hf_flowcheck.data import load_jsonl, paired_examples
     from hf_flowcheck.workflows.extract import extract_dataset
 
@@ -234,7 +235,18 @@ def test_examples_from_store_and_run_compare(tmp_path, monkeypatch, capsys) -> N
         assert int(feats.positions[i, 0]) == len(by_uid[uid].prompt_ids)
 
     defaults = build_parser().parse_args(["compare", "--features", "x"])
-    assert defaults.gradient_layers == "5" and defaults.samples == 5 and defaults.target_risk == 0.1
+    assert defaults.samples == 5 and defaults.target_risk == 0.1
+    assert _gradient_config(defaults) == GradientConfig(seed=0)  # the flags restate no default
+    given = build_parser().parse_args(
+        ["compare", "--features", "x", "--seed", "3", "--gradient-layers", "0,-1", "--gradient-sketch", "exact",
+         "--gradient-reader", "logistic", "--gradient-abstention-patterns", "no idea"]
+    )  # fmt: skip
+    assert _gradient_config(given) == GradientConfig(
+        layers=[0, -1], sketch=None, reader="logistic", seed=3, abstention_patterns=("no idea",)
+    )
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["compare", "--features", "x", "--gradient-sketch", "many"])
+    assert "not a sketch size" in capsys.readouterr().err
     monkeypatch.setattr(offline_models, "load_model", lambda name, **kw: (make_tiny_model("llama"), tok))
     out_json = tmp_path / "report.json"
     argv = ["--features", str(tmp_path / "feats"), "--detectors", "confidence,length,probe", "--bootstrap", "5"]

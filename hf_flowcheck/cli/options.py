@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 from typing import Any
 
+from hf_flowcheck.configuration import parse_positive_int
 from hf_flowcheck.errors import FeatureStoreError, GradientSignatureError
 
 __all__ = [
@@ -35,13 +36,7 @@ THRESHOLD_HELP = (
 
 def positive_int(text: str) -> int:
     """argparse type: an integer >= 1, with a message that names the allowed values."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer; pass a positive integer.") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} is not positive; pass an integer >= 1.")
-    return value
+    return _argparse_type(parse_positive_int)(text)
 
 
 def unit_interval(text: str) -> float:
@@ -95,34 +90,68 @@ def load_model_from_args(args: argparse.Namespace) -> tuple[Any, Any]:
     return load_model(args.model, **model_load_kwargs(args))
 
 
-def add_config_flags(group: Any, cls: type, *, dest_prefix: str = "", flag_names: dict[str, str] | None = None) -> None:
+def add_config_flags(
+    group: Any,
+    cls: type,
+    *,
+    dest_prefix: str = "",
+    flag_prefix: str = "",
+    flag_names: dict[str, str] | None = None,
+    exclude: tuple[str, ...] = (),
+) -> None:
     """One flag per field of the config dataclass ``cls``, from its field metadata (one owner for each
     option's default, choices and help).
 
-    Every flag defaults to ``None`` (not given), so :func:`config_from_flags` passes only what the user
-    set and the dataclass keeps its own defaults. Booleans get a ``--flag`` / ``--no-flag`` pair
-    (``type=bool`` would read ``False`` as true); a field with ``metadata["nargs"]`` takes a list.
+    A flag the user does not give sets nothing (``argparse.SUPPRESS``), so :func:`config_from_flags`
+    passes only what the user set and the dataclass keeps its own defaults — also where ``None`` is a
+    meaningful value. Booleans get a ``--flag`` / ``--no-flag`` pair (``type=bool`` would read ``False``
+    as true); a field with ``metadata["nargs"]`` takes a list; ``metadata["parse"]`` is the field's own
+    parser of its command-line text (a ``ValueError`` becomes argparse's usage error).
+
+    Args:
+        group: A parser or argument group.
+        cls: The config dataclass.
+        dest_prefix: Prefix of each ``args`` attribute (two configs in one command do not clash).
+        flag_prefix: Prefix of each flag after ``--`` (``"gradient-"`` gives ``--gradient-sketch``).
+        flag_names: Explicit flags for some fields.
+        exclude: Fields that get no flag (the command sets them from another option).
     """
     for f in dataclasses.fields(cls):
-        flag = (flag_names or {}).get(f.name, "--" + f.name.replace("_", "-"))
+        if f.name in exclude:
+            continue
+        flag = (flag_names or {}).get(f.name, "--" + flag_prefix + f.name.replace("_", "-"))
         has_default = f.default is not dataclasses.MISSING
-        text = f.metadata.get("help", "").replace("%", "%%") + (f" (default: {f.default!r})" if has_default else "")
-        dest = dest_prefix + f.name
+        shown = "exact" if f.default is None and "parse" in f.metadata else f.default
+        text = f.metadata.get("help", "").replace("%", "%%") + (f" (default: {shown!r})" if has_default else "")
+        common = {"dest": dest_prefix + f.name, "default": argparse.SUPPRESS, "help": text}
         if isinstance(f.default, bool):
-            group.add_argument(flag, dest=dest, action=argparse.BooleanOptionalAction, default=None, help=text)
+            group.add_argument(flag, action=argparse.BooleanOptionalAction, **common)
         elif "nargs" in f.metadata:
-            group.add_argument(flag, dest=dest, nargs=f.metadata["nargs"], default=None, help=text)
+            group.add_argument(flag, nargs=f.metadata["nargs"], **common)
         else:
-            kind = type(f.default) if has_default and f.default is not None else str
-            choices = f.metadata.get("choices")
-            group.add_argument(flag, dest=dest, type=kind, default=None, choices=choices, help=text)
+            kind = f.metadata.get("parse") or (type(f.default) if has_default and f.default is not None else str)
+            group.add_argument(flag, type=_argparse_type(kind), choices=f.metadata.get("choices"), **common)
+
+
+def _argparse_type(parse: Any) -> Any:
+    """``parse`` with its ``ValueError`` message kept in argparse's usage error (argparse drops it otherwise)."""
+    if parse in (int, float, str):
+        return parse
+
+    def convert(text: str) -> Any:
+        try:
+            return parse(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = getattr(parse, "__name__", "value")
+    return convert
 
 
 def config_from_flags(args: argparse.Namespace, cls: type, *, dest_prefix: str = "", **fixed: Any) -> Any:
     """The ``cls`` config of the flags :func:`add_config_flags` added: the given ones, then ``fixed``."""
     given = {}
     for f in dataclasses.fields(cls):
-        value = getattr(args, dest_prefix + f.name, None)
-        if value is not None:
-            given[f.name] = value
+        if hasattr(args, dest_prefix + f.name):
+            given[f.name] = getattr(args, dest_prefix + f.name)
     return cls(**{**given, **fixed})

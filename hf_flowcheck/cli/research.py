@@ -78,6 +78,8 @@ def run_answers(args: Any) -> int:
     from hf_flowcheck.fingerprint import model_fingerprint
 
     records, judge = load_answer_records(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
+    # the header records the batch size: batched greedy decoding can differ from batch 1 in the last bits
+    batch_size = config_from_flags(args, AnswerDecoding, dest_prefix="decoding_").batch_size
     model, tok = load_model_from_args(args)
     generate_answers(
         model,
@@ -88,11 +90,12 @@ def run_answers(args: Any) -> int:
         judge=judge,
         dataset={"name": args.dataset, "order": "permutation", "seed": args.seed, "prompt_style": "plain"},
         fingerprint=model_fingerprint(model),
-        decoding=AnswerDecoding(
-            max_new_tokens=args.max_new_tokens,
-            batch_size=args.batch_size,
+        decoding=config_from_flags(
+            args,
+            AnswerDecoding,
+            dest_prefix="decoding_",
             generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
-            description={"stop": "answer-line", "batch_size": args.batch_size, "padding": "left"},
+            description={"stop": "answer-line", "batch_size": batch_size, "padding": "left"},
         ),
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
@@ -196,7 +199,8 @@ def run_extract(args: argparse.Namespace) -> int:
     config = config_from_flags(args, FlowConfig, dest_prefix="flow_")
     records = _load_records(args)
     default_protocol = "natural" if args.dataset == "halueval-general" else "generated"
-    run = config_from_flags(args, ExtractConfig, dest_prefix="run_", protocol=args.run_protocol or default_protocol)
+    protocol = getattr(args, "run_protocol", default_protocol)
+    run = config_from_flags(args, ExtractConfig, dest_prefix="run_", protocol=protocol)
     protocol = run.protocol
     t0 = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
@@ -352,9 +356,10 @@ def add_compare_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     )
     parser.add_argument("--samples", type=int, default=5, help="Sampling agreement: samples per prompt (>= 2).")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Timed generation and samples: length cap.")
-    parser.add_argument("--gradient-layers", default="5", help="Gradient detector: last n blocks, or 'all'.")
-    parser.add_argument("--gradient-sketch", type=int, default=32, help="Sketch rows (<= 0: exact gradients).")
-    parser.add_argument("--gradient-reader", choices=("transformer", "logistic"), default="transformer")
+    add_config_flags(
+        parser.add_argument_group("gradient detector (GradientConfig fields; --seed seeds it)"),
+        GradientConfig, dest_prefix="gradient_", flag_prefix="gradient-", exclude=("seed",),
+    )  # fmt: skip
     parser.add_argument(
         "--layer-ablation",
         action="store_true",
@@ -396,17 +401,19 @@ def _build_detectors(args: argparse.Namespace, tokenizer: Any, protocol: str) ->
     wanted = [d.strip() for d in args.detectors.split(",") if d.strip()]
     if "flow" in wanted and not args.validator:
         print("flowcheck compare: skipping the flow validator (no --validator given)", file=sys.stderr)
-    layers: Any = args.gradient_layers
     options = DetectorOptions(
         validator=args.validator, tokenizer=tokenizer, protocol=protocol, seed=args.seed, samples=args.samples,
-        max_new_tokens=args.max_new_tokens, gradient_layers="all" if layers == "all" else int(layers),
-        gradient_sketch=None if args.gradient_sketch <= 0 else args.gradient_sketch,
-        gradient_reader=args.gradient_reader,
+        max_new_tokens=args.max_new_tokens, gradient=_gradient_config(args),
     )  # fmt: skip
     try:
         return build_detectors(wanted, options)
     except ValueError as err:
         raise ValueError(f"--detectors: {err}") from None
+
+
+def _gradient_config(args: argparse.Namespace) -> GradientConfig:
+    """The ``--gradient-*`` flags as a :class:`GradientConfig` seeded by ``--seed``."""
+    return config_from_flags(args, GradientConfig, dest_prefix="gradient_", seed=args.seed)
 
 
 def run_compare(args: argparse.Namespace) -> int:
@@ -456,13 +463,12 @@ def run_compare(args: argparse.Namespace) -> int:
     )
     if args.layer_ablation:
         parts = split_parts(examples, split_map)
-        sketch = None if args.gradient_sketch <= 0 else args.gradient_sketch
         report["layer_ablation"] = gradient_layer_ablation(
             model,
             parts["train"],
             parts["validation"],
             parts["test"],
-            config=GradientConfig(sketch=sketch, reader=args.gradient_reader, seed=args.seed),
+            config=_gradient_config(args),
             n_bootstrap=min(args.bootstrap, 1000),
             seed=args.seed,
         )
@@ -529,8 +535,10 @@ def register(sub: argparse._SubParsersAction) -> None:
         "--limit", type=positive_int, default=None, help="Answer the first LIMIT records of the permutation."
     )
     ans.add_argument("--seed", type=int, default=0, help="Seed of the record permutation.")
-    ans.add_argument("--batch-size", type=positive_int, default=16)
-    ans.add_argument("--max-new-tokens", type=positive_int, default=32)
+    add_config_flags(
+        ans.add_argument_group("decoding (AnswerDecoding fields)"), AnswerDecoding, dest_prefix="decoding_",
+        exclude=("generate_kwargs", "description"),
+    )  # fmt: skip
     ans.set_defaults(func=run_answers)
 
     from hf_flowcheck.data.corpus import CORPUS_TASKS

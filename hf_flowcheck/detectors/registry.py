@@ -42,10 +42,8 @@ class DetectorOptions:
         seed: Seed of every stochastic detector.
         samples: Sampled answers per question (``sampling``).
         max_new_tokens: Generation budget of sampled answers.
-        gradient_layers: Blocks of the gradient signature (an int from the top, or ``"all"``).
-        gradient_sketch: Sketch size (``None``: exact gradients).
-        gradient_reader: ``"transformer"`` or ``"logistic"``.
-        gradient_epochs: Training epochs of the gradient reader (``None``: its default).
+        gradient: The gradient detector's :class:`~hf_flowcheck.detectors.gradient.GradientConfig`
+            (``None``: its defaults, seeded with ``seed``).
     """
 
     validator: Any = None
@@ -54,10 +52,7 @@ class DetectorOptions:
     seed: int = 0
     samples: int = 5
     max_new_tokens: int = 32
-    gradient_layers: int | str = 4
-    gradient_sketch: int | None = 256
-    gradient_reader: str = "transformer"
-    gradient_epochs: int | None = None
+    gradient: Any = None
 
 
 Factory = Callable[[DetectorOptions], list[Detector]]
@@ -119,11 +114,9 @@ def _flow(options: DetectorOptions) -> list[Detector]:
 def _gradient(options: DetectorOptions) -> list[Detector]:
     from hf_flowcheck.detectors.gradient import GradientConfig, GradientDetector
 
-    extra = {} if options.gradient_epochs is None else {"epochs": options.gradient_epochs}
-    cfg = GradientConfig(
-        layers=options.gradient_layers, sketch=options.gradient_sketch, reader=options.gradient_reader,
-        seed=options.seed, **extra,
-    )  # fmt: skip
+    cfg = options.gradient if options.gradient is not None else GradientConfig(seed=options.seed)
+    if not isinstance(cfg, GradientConfig):
+        raise TypeError(f"DetectorOptions.gradient must be a GradientConfig or None, not {type(cfg).__name__}.")
     return [GradientDetector(cfg)]
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from hf_flowcheck.configuration import check_positive_int
+from hf_flowcheck.configuration import check_positive_int, parse_positive_int
 from hf_flowcheck.data import QA_SHOT_UIDS, Example, clean_generation
 from hf_flowcheck.data.judges import judge_record
 from hf_flowcheck.errors import AnswerFileError
@@ -236,8 +236,10 @@ class AnswerDecoding:
             padding); a file is resumed only with an equal header.
     """
 
-    max_new_tokens: int = 32
-    batch_size: int = 16
+    max_new_tokens: int = field(
+        default=32, metadata={"help": "Answer length cap in new tokens.", "parse": parse_positive_int}
+    )
+    batch_size: int = field(default=16, metadata={"help": "Prompts per generate call.", "parse": parse_positive_int})
     generate_kwargs: dict[str, Any] = field(default_factory=dict)
     description: dict[str, Any] = field(default_factory=dict)
 

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 
-__all__ = ["ABSTENTION_PATTERNS", "CLASS_NAMES", "READERS", "GradientConfig"]
+__all__ = ["ABSTENTION_PATTERNS", "CLASS_NAMES", "READERS", "GradientConfig", "parse_layers", "parse_sketch"]
 
 
 CONFIG_NAME = "config.json"
@@ -31,6 +31,30 @@ ABSTENTION_PATTERNS: tuple[str, ...] = (
 )
 
 
+def parse_layers(text: str) -> int | list[int] | str:
+    """Command-line form of :attr:`GradientConfig.layers`: ``5`` (last five), ``all``, or ``0,-1``."""
+    text = text.strip()
+    if text == "all":
+        return text
+    try:
+        values = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a block selection; pass an int n (the last n blocks), 'all', or indices like 0,-1."
+        ) from None
+    return values[0] if len(values) == 1 and "," not in text else values
+
+
+def parse_sketch(text: str) -> int | None:
+    """Command-line form of :attr:`GradientConfig.sketch`: rows ``k``, or ``exact`` (also ``0``) for none."""
+    if text.strip().lower() in ("exact", "none", "0"):
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a sketch size; pass a positive int, or 'exact' (full gradients).") from None
+
+
 @dataclass
 class GradientConfig(VersionedConfig):
     """How gradient signatures are computed and read (defaults of ``gradient-signatures.md``).
@@ -48,14 +72,16 @@ class GradientConfig(VersionedConfig):
         default=5,
         metadata={
             "help": "Blocks whose gradients are taken: an int n (the last n blocks), a list of block indices "
-            "(negative counts from the end), or 'all'."
+            "(negative counts from the end), or 'all'.",
+            "parse": parse_layers,
         },
     )
     sketch: int | None = field(
         default=32,
         metadata={
             "help": "Rows k of the Gaussian sketches P, Q of each linear weight's gradient (k*k numbers per "
-            "linear); None = exact full weight gradients (small models only)."
+            "linear); None = exact full weight gradients (small models only; 'exact' on the command line).",
+            "parse": parse_sketch,
         },
     )
     seed: int = field(default=0, metadata={"help": "Seed of the sketches and of the reader's training."})
@@ -65,7 +91,10 @@ class GradientConfig(VersionedConfig):
     )
     reader: str = field(
         default="transformer",
-        metadata={"help": "'transformer' (small encoder over the layer sequence) or 'logistic' (regression)."},
+        metadata={
+            "help": "'transformer' (small encoder over the layer sequence) or 'logistic' (regression).",
+            "choices": READERS,
+        },
     )
     d_model: int = field(default=64, metadata={"help": "Transformer reader width."})
     reader_layers: int = field(default=2, metadata={"help": "Transformer reader encoder layers."})
@@ -82,7 +111,8 @@ class GradientConfig(VersionedConfig):
         default=ABSTENTION_PATTERNS,
         metadata={
             "help": "Case-insensitive regular expressions; an answer matching any is 'did not answer' "
-            "(class 2) when classes=3."
+            "(class 2) when classes=3.",
+            "nargs": "+",
         },
     )
 
@@ -109,8 +139,7 @@ class GradientConfig(VersionedConfig):
             raise ValueError(f"GradientConfig.seed={self.seed!r} must be an int.")
         if self.classes not in (2, 3):
             raise ValueError(f"GradientConfig.classes={self.classes!r} must be 2 or 3.")
-        if self.reader not in READERS:
-            raise ValueError(f"GradientConfig.reader={self.reader!r} must be one of {', '.join(map(repr, READERS))}.")
+        self._check_choices("GradientConfig")
         for name in ("d_model", "reader_layers", "num_heads", "epochs", "batch_size", "patience"):
             check_positive_int(name, getattr(self, name), "GradientConfig")
         if self.d_model % self.num_heads:
