@@ -16,6 +16,10 @@ as supported, and function words (:data:`FUNCTION_WORDS`) get no label, so what 
 unsupported is the answer's own claim. ``benchmarks/token_label_check.py`` measures both rules
 against word labels made by hand. ``benchmarks/token_risk.py`` uses them as a localization
 proxy; ``flowcheck train --token-labels`` as an auxiliary target of the token logits.
+
+Human span labels (HaluQuestQA's expert-marked error spans, as character offsets into the answer)
+become token labels with :func:`span_token_labels`, and :func:`sentence_of_tokens` groups the tokens
+into sentences for span-level metrics (``benchmarks/human_spans.py``).
 """
 
 from __future__ import annotations
@@ -28,7 +32,18 @@ import torch
 
 from hf_flowcheck.extraction import FlowFeatures
 
-__all__ = ["FUNCTION_WORDS", "TOKEN_LABEL_RULES", "question_of", "reference_token_labels", "word_labels", "words"]
+__all__ = [
+    "FUNCTION_WORDS",
+    "TOKEN_LABEL_RULES",
+    "question_of",
+    "reference_token_labels",
+    "sentence_of_tokens",
+    "span_token_labels",
+    "word_labels",
+    "words",
+]
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
 
 TOKEN_LABEL_RULES: tuple[str, ...] = ("references", "references+question")
 #: Words that carry no claim of their own (left unlabelled by ``rule="references+question"``).
@@ -172,3 +187,40 @@ def reference_token_labels(
             if marks:
                 out[row, col] = float(any(marks))
     return out
+
+
+def span_token_labels(
+    offsets: Sequence[tuple[int, int]], spans: Sequence[tuple[int, int] | None]
+) -> tuple[list[int], bool]:
+    """Token labels from character spans: 1 for a token that overlaps a span, else 0.
+
+    Args:
+        offsets: ``[T]`` ``(start, end)`` character offsets of the kept answer tokens (a fast
+            tokenizer's ``offset_mapping``; the answer may be cut after any token).
+        spans: ``(start, end)`` character ranges of the marked errors; ``None`` for a span the source
+            could not place.
+
+    Returns:
+        ``(labels, complete)``: ``complete`` is false when a span is unplaced or ends after the last
+        kept token, so some marked error has no labelled token and the answer's zeros cannot be
+        trusted.
+
+    Example:
+        >>> span_token_labels([(0, 3), (3, 8), (8, 12)], [(4, 6)])
+        ([0, 1, 0], True)
+    """
+    kept_end = offsets[-1][1] if offsets else 0
+    placed = [s for s in spans if s is not None]
+    complete = len(placed) == len(spans) and all(e <= kept_end for _, e in placed)
+    return [int(any(a < e and s < b for s, e in placed)) for a, b in offsets], complete
+
+
+def sentence_of_tokens(text: str, offsets: Sequence[tuple[int, int]]) -> list[int]:
+    """The index of the sentence (split after ``.``, ``!``, ``?`` and at line breaks) holding each token.
+
+    Example:
+        >>> sentence_of_tokens("It is. So it goes", [(0, 2), (3, 6), (7, 9), (10, 12)])
+        [0, 0, 1, 1]
+    """
+    starts = [0] + [m.end() for m in _SENTENCE_END.finditer(text)]
+    return [sum(1 for s in starts[1:] if s <= a) for a, _ in offsets]
