@@ -53,6 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from hf_flowcheck import FlowExtractor
@@ -153,8 +154,6 @@ def load_store(root: Path) -> tuple[dict, list[dict], dict[str, dict[str, torch.
     meta = json.loads((root / "meta.json").read_text())
     rows, tensors = [], {}
     for path in sorted(root.glob("shard-*.safetensors")):
-        from safetensors import safe_open
-
         with safe_open(path, "pt") as fh:
             shard_rows = json.loads(fh.metadata()["rows"])
             meta.setdefault("feature_names", json.loads(fh.metadata().get("feature_names", "null")))

@@ -78,8 +78,7 @@ def run_answers(args: Any) -> int:
     from hf_flowcheck.fingerprint import model_fingerprint
 
     records, judge = load_answer_records(args.dataset, args.data_dir, seed=args.seed, limit=args.limit)
-    # the header records the batch size: batched greedy decoding can differ from batch 1 in the last bits
-    batch_size = config_from_flags(args, AnswerDecoding, dest_prefix="decoding_").batch_size
+    decoding = config_from_flags(args, AnswerDecoding, dest_prefix="decoding_")
     model, tok = load_model_from_args(args)
     generate_answers(
         model,
@@ -90,12 +89,12 @@ def run_answers(args: Any) -> int:
         judge=judge,
         dataset={"name": args.dataset, "order": "permutation", "seed": args.seed, "prompt_style": "plain"},
         fingerprint=model_fingerprint(model),
-        decoding=config_from_flags(
-            args,
-            AnswerDecoding,
-            dest_prefix="decoding_",
+        decoding=AnswerDecoding(
+            max_new_tokens=decoding.max_new_tokens,
+            batch_size=decoding.batch_size,
             generate_kwargs={"stopping_criteria": StoppingCriteriaList([AnswerLineStop(tok)])},
-            description={"stop": "answer-line", "batch_size": batch_size, "padding": "left"},
+            # the header records the batch size: batched greedy decoding can differ from batch 1 in the last bits
+            description={"stop": "answer-line", "batch_size": decoding.batch_size, "padding": "left"},
         ),
         log=lambda s: print(s, file=sys.stderr, flush=True),
     )
@@ -199,8 +198,9 @@ def run_extract(args: argparse.Namespace) -> int:
     config = config_from_flags(args, FlowConfig, dest_prefix="flow_")
     records = _load_records(args)
     default_protocol = "natural" if args.dataset == "halueval-general" else "generated"
-    protocol = getattr(args, "run_protocol", default_protocol)
-    run = config_from_flags(args, ExtractConfig, dest_prefix="run_", protocol=protocol)
+    run = config_from_flags(
+        args, ExtractConfig, dest_prefix="run_", protocol=getattr(args, "run_protocol", default_protocol)
+    )
     protocol = run.protocol
     t0 = time.perf_counter()
     model, tokenizer = load_model_from_args(args)
