@@ -34,7 +34,7 @@ from hf_flowcheck.detectors.base import encode_text
 from hf_flowcheck.detectors.baselines import HiddenStateProbe
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures
 from hf_flowcheck.metrics import evaluate_scores
-from hf_flowcheck.signatures import lens_features
+from hf_flowcheck.readout import lens_features
 from hf_flowcheck.workflows.answers import read_answers
 from hf_flowcheck.workflows.replay import load_parts
 

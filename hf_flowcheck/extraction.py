@@ -21,16 +21,14 @@ from hf_flowcheck.capture import CapturedStates, FlowRecorder
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.features import FeatureSource, FlowFeatures
 from hf_flowcheck.model_io import eos_token_ids, forward_kwargs, input_device
+from hf_flowcheck.readout import lens_features, token_confidence_rows, token_confidence_summary
 from hf_flowcheck.signatures import (
     SampleGeometry,
     block_updates,
     boundary_states,
     closed_form_norm_jvp,
     fit_sample_bases,
-    lens_features,
     sample_flow_features,
-    token_confidence_rows,
-    token_confidence_summary,
     token_key,
     window_layout,
 )
@@ -416,7 +414,7 @@ class FlowExtractor:
             response_mask: ``[N, S]``, 1 on the answer tokens (needed for ``token_mask='response'``).
 
         Returns:
-            ``[N, 1, 3]`` float32 (:data:`~hf_flowcheck.signatures.TOKEN_CONFIDENCE_NAMES`), zeros for
+            ``[N, 1, 3]`` float32 (:data:`~hf_flowcheck.readout.TOKEN_CONFIDENCE_NAMES`), zeros for
             samples without tokens.
         """
         input_ids = self._check_ids(input_ids)

@@ -63,7 +63,7 @@ class FlowFeatures:
         geometry: Per-sample window bases and transports (only kept when asked for).
         states: ``[N, B+1, d]`` float32 residual-state summary of each sample's masked tokens
             (``FlowConfig.state_summary``), or ``[N, 1, 3]`` with ``state_summary='token_confidence'``
-            (:data:`~hf_flowcheck.signatures.TOKEN_CONFIDENCE_NAMES`); zeros for samples without
+            (:data:`~hf_flowcheck.readout.TOKEN_CONFIDENCE_NAMES`); zeros for samples without
             tokens; ``None`` when off.
         source: The model and flow config that computed them (set by :class:`FlowExtractor`;
             ``None`` for features read from a store, which checks its own manifest). A validator

@@ -16,27 +16,24 @@ import torch
 from torch import nn
 
 from hf_flowcheck.configuration import EPS, FlowConfig
+from hf_flowcheck.readout import candidate_rows, rank_top, readout_top
 
 __all__ = [
-    "TOKEN_CONFIDENCE_NAMES",
     "SampleGeometry",
     "WindowLayout",
     "block_updates",
     "boundary_states",
-    "candidate_rows",
     "closed_form_norm_jvp",
     "competitor_directions",
+    "directions_from_top",
     "fit_basis",
     "fit_sample_bases",
     "flow_features",
     "grassmann_drift",
-    "lens_features",
     "path_integrated_updates",
     "robust_center",
     "sample_flow_features",
     "select_readout_pairs",
-    "token_confidence_rows",
-    "token_confidence_summary",
     "token_key",
     "transport",
     "window_layout",
@@ -137,31 +134,6 @@ def select_readout_pairs(
     return out
 
 
-def rank_top(logits: torch.Tensor, n: int) -> torch.Tensor:
-    """Indices of the ``n`` largest logits per row, descending, ties broken by the smaller token id.
-
-    Args:
-        logits: ``[P, V]``.
-        n: How many to return (``<= V``).
-
-    Returns:
-        ``[P, n]`` long.
-    """
-    vals, idx = torch.topk(logits, n, dim=-1)
-    # Ties at the cut-off could admit a larger id than a tied one that topk left out: fall back to a
-    # full stable sort for those rows only.
-    at_cut = (logits >= vals[:, -1:]).sum(-1) > n
-    order = torch.argsort(idx, dim=-1)
-    vals, idx = vals.gather(-1, order), idx.gather(-1, order)
-    order = torch.argsort(-vals, dim=-1, stable=True)
-    idx = idx.gather(-1, order)
-    if bool(at_cut.any()):
-        rows = at_cut.nonzero().squeeze(-1)
-        full = torch.argsort(-logits[rows], dim=-1, stable=True)[:, :n]
-        idx[rows] = full
-    return idx
-
-
 def competitor_directions(logits: torch.Tensor, readout: torch.Tensor, num_competitors: int) -> torch.Tensor:
     """Normalized competitor directions ``(w_top - w_y)/(||.||+eps)`` for each row (Eq. 21, 24).
 
@@ -175,8 +147,14 @@ def competitor_directions(logits: torch.Tensor, readout: torch.Tensor, num_compe
     """
     if logits.shape[0] == 0:
         return readout.new_zeros((0, readout.shape[1]), dtype=torch.float32)
-    k = min(num_competitors, logits.shape[1] - 1)
-    top = rank_top(logits, k + 1)
+    return directions_from_top(rank_top(logits, min(num_competitors, logits.shape[1] - 1) + 1), readout)
+
+
+def directions_from_top(top: torch.Tensor, readout: torch.Tensor) -> torch.Tensor:
+    """:func:`competitor_directions` from each row's ranked ids ``[P, K+1]`` (top token first) -> ``[M, d]``."""
+    if top.shape[0] == 0:
+        return readout.new_zeros((0, readout.shape[1]), dtype=torch.float32)
+    k = top.shape[1] - 1
     w_top = readout[top[:, 0]].float()  # [P, d]
     w_comp = readout[top[:, 1:].reshape(-1)].float().view(top.shape[0], k, -1)
     a = (w_top[:, None, :] - w_comp).reshape(-1, readout.shape[1])
@@ -501,24 +479,6 @@ def boundary_states(
     return h, h - betas[None]
 
 
-def candidate_rows(last: torch.Tensor, readout: torch.Tensor, per_token: int) -> torch.Tensor:
-    """A sample's competitor candidates (``FlowConfig.competitor_candidates``): the union of each
-    token's top ``per_token`` rows of the last block's readout.
-
-    Args:
-        last: ``[R, d]`` the monitored states after the last block.
-        readout: ``W``, ``[V, d]``.
-        per_token: ``C``, candidates per token.
-
-    Returns:
-        ``[U]`` long, ascending token ids, ``min(C, V) <= U <= min(R * C, V)`` (all ``V`` when ``R = 0``).
-    """
-    if last.shape[0] == 0 or per_token >= readout.shape[0]:
-        return torch.arange(readout.shape[0], device=readout.device)
-    top = (last.to(readout.dtype) @ readout.T).topk(per_token, dim=-1).indices  # [R, C]
-    return torch.unique(top)  # sorted
-
-
 def fit_sample_bases(
     h: torch.Tensor,
     readout: torch.Tensor,
@@ -528,7 +488,7 @@ def fit_sample_bases(
 ) -> list[torch.Tensor]:
     """One sample's window bases ``U_j`` from its own competitor directions (§3).
 
-    All windows' readouts go through a single matrix product bounded by the direction cap.
+    All windows' readouts go through one :func:`readout_top` over the pairs the direction cap keeps.
 
     Args:
         h: ``[R, B+1, d]`` monitored states.
@@ -552,11 +512,12 @@ def fit_sample_bases(
     if config.competitor_candidates:
         # Ranking within an ascending-id subset keeps "ties to the smaller token id" (rank_top's order).
         w = w[candidate_rows(h[:, -1], w, config.competitor_candidates)]
-    logits = states @ w.T  # [P, V] (or [P, |candidates|]), the only V-wide product
+    # The only V-wide readout, in vocabulary blocks (READOUT_BLOCK_ELEMENTS).
+    top = readout_top(states, w, min(config.num_competitors, w.shape[0] - 1) + 1)
     bases = []
     start = 0
     for size in sizes:
-        dirs = competitor_directions(logits[start : start + size], w, config.num_competitors)
+        dirs = directions_from_top(top[start : start + size], w)
         bases.append(fit_basis(dirs, dim, config.subspace_dim, config.basis_solver))
         start += size
     return bases
@@ -681,106 +642,3 @@ def sample_flow_features(
     if bases is None:
         bases = fit_sample_bases(h, readout, layout, config, sample_key)
     return flow_features(h, h_tilde, r, o, m, norms, bases, layout, config, updates)
-
-
-def lens_features(
-    r_after: torch.Tensor, final_norm: NormFn, readout: torch.Tensor, top_k: int, candidates: int = 0
-) -> torch.Tensor:
-    """Readout-lens features of each (token, block): the residual after block ``b`` read out as if final.
-
-    Each token's features depend on that token's states only (a streaming caller may cache them).
-
-    Args:
-        r_after: ``[R, B, d]`` residual states after each block (``r_{b+1}``).
-        final_norm: ``N_B``, the norm before the readout.
-        readout: ``W``, ``[V, d]``.
-        top_k: Competitors in the entropy (``K``).
-        candidates: 0: read out the whole vocabulary (exact). ``C > 0``: read out, at every block,
-            only the token's top ``C`` rows of the last block's readout, and compute the four
-            channels within them (an approximation: ``C >= max(top_k, 2)``).
-
-    Returns:
-        ``[B, R, 4]``: top-1 probability, its margin over the runner-up, the entropy of the top-``K``
-        probabilities renormalised, and ``log1p`` of the rank of the token the last block prefers.
-    """
-    n_tok, n_blocks, dim = r_after.shape
-    if n_tok == 0:
-        return r_after.new_zeros(n_blocks, 0, 4)
-    flat = final_norm(r_after.transpose(0, 1).reshape(-1, dim))  # [B*R, d], block-major
-    last = flat[-n_tok:]  # the final block's rows: what the model outputs
-    if candidates:
-        c = min(candidates, readout.shape[0])
-        cand = torch.nn.functional.linear(last, readout).topk(c, dim=-1).indices  # [R, C], column 0 = the choice
-        rows = readout[cand]  # [R, C, d]
-        logits = torch.einsum("brd,rcd->brc", flat.reshape(n_blocks, n_tok, dim), rows).float().reshape(-1, c)
-        return _lens_channels(logits, torch.zeros(logits.shape[0], dtype=torch.long), top_k).reshape(n_blocks, n_tok, 4)
-    final_choice = torch.nn.functional.linear(last, readout).argmax(-1).repeat(n_blocks)  # [B*R]
-    parts = []
-    for i in range(0, flat.shape[0], 256):  # bounds memory at 256 x V
-        logits = torch.nn.functional.linear(flat[i : i + 256], readout).float()  # [n, V]
-        parts.append(_lens_channels(logits, final_choice[i : i + 256], top_k))
-    return torch.cat(parts).reshape(n_blocks, n_tok, 4)
-
-
-def _lens_channels(logits: torch.Tensor, chosen_index: torch.Tensor, top_k: int) -> torch.Tensor:
-    """``[n, V']`` readout logits, ``[n]`` column of the finally chosen token -> ``[n, 4]`` lens channels."""
-    logz = torch.logsumexp(logits, dim=-1, keepdim=True)
-    top = logits.topk(max(top_k, 2), dim=-1).values  # [n, K]
-    p_top = (top - logz).exp()
-    q = torch.softmax(top, dim=-1)
-    chosen = logits.gather(1, chosen_index[:, None])
-    rank = (logits > chosen).sum(-1).float()
-    ent = -(q * q.clamp_min(1e-30).log()).sum(-1)
-    return torch.stack([p_top[:, 0], p_top[:, 0] - p_top[:, 1], ent, torch.log1p(rank)], dim=-1)
-
-
-# ------------------------------------------------------------------------------ token confidence
-#: Columns of :func:`token_confidence_summary`, in order (higher = less confident).
-TOKEN_CONFIDENCE_NAMES: tuple[str, ...] = ("-mean log p", "-min log p", "mean entropy")
-
-
-def token_confidence_rows(
-    r_before: torch.Tensor,
-    final_norm: NormFn,
-    readout: torch.Tensor,
-    tokens: torch.Tensor,
-    softcap: float | None = None,
-) -> torch.Tensor:
-    """Log-probability and entropy of each token under the model's own output distribution.
-
-    The distribution of token ``p`` is read from the final residual at ``p - 1`` (what the model
-    output when it chose ``p``), so the rows depend on one position's states each: a streaming
-    caller may cache them.
-
-    Args:
-        r_before: ``[R, d]`` the residual after the last block at each token's predicting position.
-        final_norm: ``N_B``, the norm before the readout.
-        readout: ``W``, ``[V, d]``.
-        tokens: ``[R]`` the tokens that were chosen.
-        softcap: The model's ``final_logit_softcapping`` (Gemma 2), applied as its forward does.
-
-    Returns:
-        ``[R, 2]``: ``log p(token)`` and the entropy (nats) of the whole-vocabulary distribution.
-    """
-    out = r_before.new_zeros(tokens.shape[0], 2, dtype=torch.float32)
-    for i in range(0, tokens.shape[0], 256):  # bounds memory at 256 x V
-        logits = torch.nn.functional.linear(final_norm(r_before[i : i + 256]), readout).float()
-        if softcap:
-            logits = softcap * torch.tanh(logits / softcap)
-        logp = torch.log_softmax(logits, -1)
-        out[i : i + 256, 0] = logp.gather(-1, tokens[i : i + 256, None].to(logp.device)).squeeze(-1)
-        out[i : i + 256, 1] = -(logp.exp() * logp).sum(-1)
-    return out
-
-
-def token_confidence_summary(rows: torch.Tensor) -> torch.Tensor:
-    """``[R, 2]`` rows of :func:`token_confidence_rows` -> ``[3]`` :data:`TOKEN_CONFIDENCE_NAMES`.
-
-    The answer's token confidence as single-pass baselines read it (lm-polygraph's perplexity,
-    maximum token probability and mean token entropy): ``-mean log p``, ``-min log p`` and the
-    mean entropy. No rows (an answer with no content tokens) gives zeros; callers flag those answers.
-    """
-    if rows.shape[0] == 0:
-        return rows.new_zeros(3)
-    logp, ent = rows[:, 0], rows[:, 1]
-    return torch.stack([-logp.mean(), -logp.min(), ent.mean()])

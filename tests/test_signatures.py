@@ -7,17 +7,17 @@ import torch
 from conftest import make_tiny_model, tiny_flow_config
 
 from hf_flowcheck import FlowExtractor
+from hf_flowcheck import readout as readout_module
 from hf_flowcheck.configuration import EPS
+from hf_flowcheck.readout import candidate_rows, rank_top, readout_top, token_confidence_rows, vocabulary_blocks
 from hf_flowcheck.signatures import (
     SUBSPACE_TOL,
     _top_subspace,
     boundary_states,
-    candidate_rows,
     fit_basis,
     flow_features,
     grassmann_drift,
     path_integrated_updates,
-    rank_top,
     robust_center,
     sample_flow_features,
     select_readout_pairs,
@@ -55,6 +55,52 @@ def test_rank_top_breaks_ties_by_smaller_id():
     logits = torch.tensor([[1.0, 3.0, 3.0, 0.5, 3.0, 2.0], [0.0, 0.0, 0.0, 0.0, 1.0, 0.0]])
     assert rank_top(logits, 3).tolist() == [[1, 2, 4], [4, 0, 1]]
     assert rank_top(logits, 2).tolist() == [[1, 2], [4, 0]]
+
+
+@pytest.fixture
+def narrow_blocks(monkeypatch):
+    """Vocabulary blocks of at most 40 logits (and 7 columns), so a 50-id readout takes several."""
+    monkeypatch.setattr(readout_module, "READOUT_BLOCK_ELEMENTS", 40)
+    monkeypatch.setattr(readout_module, "READOUT_BLOCK_MIN_WIDTH", 7)
+
+
+def test_vocabulary_blocks_cover_the_vocabulary_within_the_budget(narrow_blocks):
+    blocks = vocabulary_blocks(50, 4)
+    assert [b.stop - b.start for b in blocks] == [10] * 5
+    assert [b.stop - b.start for b in vocabulary_blocks(50, 100)] == [7] * 7 + [1]  # the width floor
+    assert vocabulary_blocks(50, 0)[0] == slice(0, 40)
+
+
+def test_blocked_readout_top_equals_the_whole_products_ranking(narrow_blocks):
+    # Small integers: every logit is exact, so a block's product equals the whole product's bit for
+    # bit (with general floats, BLAS may round a block's columns differently).
+    gen = torch.Generator().manual_seed(0)
+    states = torch.randint(-3, 4, (6, 8), generator=gen).float()
+    readout = torch.randint(-3, 4, (50, 8), generator=gen).float()
+    for n in (1, 5, 12, 50):
+        assert torch.equal(readout_top(states, readout, n), rank_top(states @ readout.T, n))
+    # Ties across block boundaries go to the smaller id, as in rank_top: rows of W repeated in
+    # several blocks give equal logits.
+    tied = readout[:5].repeat(10, 1)  # ids i, i + 5, i + 10, ... share a row of W
+    got = readout_top(states, tied, 12)
+    assert torch.equal(got, rank_top(states @ tied.T, 12))
+    assert torch.equal(got[:, :10] % 5, got[:, :1].expand(-1, 10) % 5)  # the ten copies of the best row
+    assert torch.equal(got[:, :10], got[:, :10].sort(-1).values)  # ... in ascending id order
+
+
+@pytest.mark.parametrize("softcap", [None, 3.0])
+def test_blocked_token_confidence_equals_log_softmax(narrow_blocks, softcap):
+    gen = torch.Generator().manual_seed(1)
+    states, readout = 3 * torch.randn(9, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    tokens = torch.tensor([0, 9, 10, 49, 25, 3, 40, 41, 17])
+    logits = states @ readout.T
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, -1)
+    want = torch.stack([logp.gather(-1, tokens[:, None]).squeeze(-1), -(logp.exp() * logp).sum(-1)], -1)
+    got = token_confidence_rows(states, lambda x: x, readout, tokens, softcap)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert token_confidence_rows(states[:0], lambda x: x, readout, tokens[:0]).shape == (0, 2)
 
 
 def test_cap_bounds_readouts_and_is_seeded():
