@@ -26,6 +26,7 @@ __all__ = [
     "NonFiniteStateError",
     "Selector",
     "capture_sizes",
+    "rows_of",
 ]
 
 
@@ -77,6 +78,29 @@ class CapturedStates:
                         f"{int(self.positions[i])} of batch row {int(self.rows[i])}. The model itself "
                         "overflowed there; load it in float32 or bfloat16 instead of float16."
                     )
+
+
+def rows_of(buffer: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """``buffer[idx]`` along dim 0, as a view when ``idx`` is an evenly spaced ascending run.
+
+    One sample's captured rows are such a run (consecutive at batch 1, every ``N``-th at batch
+    ``N``), so reading them needs no copy of the states; any other index gives the usual copy.
+
+    Args:
+        buffer: ``[K, ...]`` captured states (``CapturedStates.r``, ``.o`` or ``.m``).
+        idx: ``[R]`` long row indices.
+
+    Returns:
+        ``[R, ...]``, equal to ``buffer[idx]`` (do not write to it: it may share memory with ``buffer``).
+    """
+    n = idx.numel()
+    if n == 0:
+        return buffer[idx]
+    start = int(idx[0])
+    step = int(idx[1] - idx[0]) if n > 1 else 1
+    if step > 0 and bool((idx == start + step * torch.arange(n, device=idx.device)).all()):
+        return buffer[start : start + step * (n - 1) + 1 : step]
+    return buffer[idx]
 
 
 #: The open :func:`capture_sizes` lists of this thread or task (innermost last).

@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from hf_flowcheck.architectures import ArchitectureSpec, ResolvedArchitecture, resolve_architecture, unwrap_model
-from hf_flowcheck.capture import CapturedStates, FlowRecorder
+from hf_flowcheck.capture import CapturedStates, FlowRecorder, rows_of
 from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.features import FeatureSource, FlowFeatures
 from hf_flowcheck.model_io import eos_token_ids, forward_kwargs, input_device
@@ -453,7 +453,7 @@ class FlowExtractor:
         self, states: CapturedStates, idx: torch.Tensor, row: int, want: torch.Tensor, key: int, cache: StreamCache
     ) -> tuple[torch.Tensor, SampleGeometry]:
         """One row's spec features with the per-token updates cached and the bases refitted per ``cache.refit``."""
-        r, o, m = states.r[idx], states.o[idx], states.m[idx]
+        r, o, m = (rows_of(t, idx) for t in (states.r, states.o, states.m))
         keys = [(row, p) for p in want.tolist()]
         updates = _cached_rows(cache.updates, keys, lambda sel: block_updates(r[sel], o[sel], m[sel], self._norms), 0)
         n_tok = len(keys)
@@ -564,16 +564,16 @@ class FlowExtractor:
                 missing = want[idx < 0].tolist()
                 raise RuntimeError(f"No captured states for row {i} at positions {missing}; capture selector bug.")
             if cache is None:
-                r, o, m = states.r[idx], states.o[idx], states.m[idx]
+                r, o, m = (rows_of(t, idx) for t in (states.r, states.o, states.m))
                 feats, geo = sample_flow_features(r, o, m, self._norms, self._betas, self._readout, self.config, key)
             else:
                 feats, geo = self._streamed_features(states, idx, i, want, key, cache)
             if self.config.lens_features:
-                feats = torch.cat([feats, self._lens(states.r[idx][:, 1:], i, want, cache)], dim=-1)
+                feats = torch.cat([feats, self._lens(rows_of(states.r, idx)[:, 1:], i, want, cache)], dim=-1)
             if summary == "token_confidence":
                 states_out[i, 0] = self._token_confidence(input_ids, attention_mask, states, table, i, want, cache)
             elif states_out is not None:
-                r_sel = states.r[idx]  # [R, B+1, d], positions ascending
+                r_sel = rows_of(states.r, idx)  # [R, B+1, d], positions ascending
                 states_out[i] = r_sel[-1] if summary == "last" else r_sel.mean(0)
             r_i = want.numel()
             values[i, :, :r_i] = feats

@@ -421,8 +421,14 @@ def path_integrated_updates(
     return q_attn, q_mlp, q_end
 
 
-def block_updates(r: torch.Tensor, o: torch.Tensor, m: torch.Tensor, norms: Sequence[NormFn]) -> torch.Tensor:
-    """The path-integrated updates of every block, in ``d``-space (before any projection).
+def block_updates(
+    r: torch.Tensor,
+    o: torch.Tensor,
+    m: torch.Tensor,
+    norms: Sequence[NormFn],
+    project: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The path-integrated updates of every block, in ``d``-space or projected block by block.
 
     Each token's rows depend on that token's states only (a streaming caller may cache them).
 
@@ -431,15 +437,20 @@ def block_updates(r: torch.Tensor, o: torch.Tensor, m: torch.Tensor, norms: Sequ
         o: ``[R, B, d]``.
         m: ``[R, B, d]``.
         norms: ``N_0..N_B``.
+        project: Optional ``[B, d, k]`` basis per block: each block's updates are projected as soon as
+            they are computed, so the ``[R, B, 3, d]`` tensor (the size of the capture itself) is
+            never held.
 
     Returns:
-        ``[R, B, 3, d]``: ``(q_attn, q_mlp, q_end)`` of :func:`path_integrated_updates` per block.
+        ``[R, B, 3, d]`` (or ``[R, B, 3, k]`` with ``project``): ``(q_attn, q_mlp, q_end)`` of
+        :func:`path_integrated_updates` per block.
     """
     n_tok, n_blocks = o.shape[0], o.shape[1]
-    out = r.new_empty(n_tok, n_blocks, 3, r.shape[-1])
+    width = r.shape[-1] if project is None else project.shape[-1]
+    out = r.new_empty(n_tok, n_blocks, 3, width)
     for b in range(n_blocks):
-        qa, qm, qe = path_integrated_updates(norms[b + 1], r[:, b], r[:, b + 1], o[:, b], m[:, b])
-        out[:, b, 0], out[:, b, 1], out[:, b, 2] = qa, qm, qe
+        q = torch.stack(path_integrated_updates(norms[b + 1], r[:, b], r[:, b + 1], o[:, b], m[:, b]), dim=1)
+        out[:, b] = q if project is None else q @ project[b]
     return out
 
 
@@ -576,8 +587,9 @@ def flow_features(
     mlp_mag = torch.einsum("tbd,bdk->tbk", m, u_tgt).norm(dim=-1)
 
     if updates is None:
-        updates = block_updates(r, o, m, norms)
-    q = torch.einsum("tbsd,bdk->tbsk", updates, u_tgt)  # [R, B, 3, k]
+        q = block_updates(r, o, m, norms, project=u_tgt)  # [R, B, 3, k]
+    else:
+        q = torch.einsum("tbsd,bdk->tbsk", updates, u_tgt)
     q_attn, q_mlp, q_end = q[:, :, 0], q[:, :, 1], q[:, :, 2]
     dq = q_attn + q_mlp
     update_mag = dq.norm(dim=-1)

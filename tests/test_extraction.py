@@ -6,7 +6,7 @@ from conftest import make_tiny_model, tiny_flow_config
 from transformers import LogitsProcessor, LogitsProcessorList
 
 from hf_flowcheck import FlowConfig, FlowExtractor, NonFiniteStateError
-from hf_flowcheck.capture import capture_sizes
+from hf_flowcheck.capture import capture_sizes, rows_of
 from hf_flowcheck.generation import capture_generate
 
 
@@ -281,3 +281,13 @@ def test_streaming_check_finds_a_non_finite_state_of_a_later_token():
     assert calls["n"] >= 4
     for blk in fc.extractor.arch.blocks:
         assert not blk._forward_hooks and not blk._forward_pre_hooks
+
+
+def test_rows_of_is_a_view_for_evenly_spaced_runs_and_a_copy_otherwise():
+    buf = torch.arange(40.0).view(20, 2)
+    for idx, view in (([3, 4, 5, 6], True), ([1, 9, 17], True), ([7], True), ([2, 3, 5], False), ([5, 4], False)):
+        idx = torch.tensor(idx)
+        got = rows_of(buf, idx)
+        assert torch.equal(got, buf[idx])
+        assert (got.untyped_storage().data_ptr() == buf.untyped_storage().data_ptr()) is view
+    assert rows_of(buf, torch.zeros(0, dtype=torch.long)).shape == (0, 2)

@@ -13,6 +13,7 @@ from hf_flowcheck.readout import candidate_rows, rank_top, readout_top, token_co
 from hf_flowcheck.signatures import (
     SUBSPACE_TOL,
     _top_subspace,
+    block_updates,
     boundary_states,
     fit_basis,
     flow_features,
@@ -261,6 +262,20 @@ def test_jvp_against_torch_func_on_real_modules(family):
     for got, want in ((qa, want_a), (qm, want_m), (qe, jvp(r_out, o + m))):
         rel = (got - want).norm() / want.norm()
         assert float(rel) < 1e-5
+
+
+def test_block_updates_projected_block_by_block_equal_the_projected_updates():
+    model = make_tiny_model("llama")
+    ext = FlowExtractor(model, tiny_flow_config())
+    gen = torch.Generator().manual_seed(7)
+    n_blocks, dim = len(ext.norms) - 1, 32
+    r = torch.randn(4, n_blocks + 1, dim, generator=gen)
+    o, m = torch.randn(4, n_blocks, dim, generator=gen), torch.randn(4, n_blocks, dim, generator=gen)
+    basis = torch.randn(n_blocks, dim, 3, generator=gen)
+    full = block_updates(r, o, m, ext.norms)  # [R, B, 3, d]
+    projected = block_updates(r, o, m, ext.norms, project=basis)
+    assert projected.shape == (4, n_blocks, 3, 3)
+    torch.testing.assert_close(projected, torch.einsum("tbsd,bdk->tbsk", full, basis), atol=1e-5, rtol=1e-5)
 
 
 def test_rmsnorm_jvp_matches_closed_form():
