@@ -20,7 +20,8 @@ times every flow row with each ``FlowConfig.basis_solver`` (same features to flo
 the validator's own scores), alternating within each repetition.
 
 ``--memory`` adds each row's peak resident-set growth minus plain ``generate``'s, each mode measured
-once in a fresh process (model loading and a warm-up excluded), next to the capture bound
+in a fresh process (model loading and a warm-up excluded; ``--memory-reps N``: N processes per row,
+median and range), next to the capture bound
 ``R·(B+1)·3·d·4`` bytes (``R`` = batch × new tokens, ``B`` blocks, ``d`` hidden size).
 
 ``--device cuda --dtype bfloat16`` runs the same table on an accelerator (timings synchronised with
@@ -62,6 +63,13 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, mps ... (the model and the flow math).")
     ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     ap.add_argument("--memory", action="store_true", help="Also measure each row's peak RSS in a fresh process.")
+    ap.add_argument(
+        "--memory-reps",
+        type=int,
+        default=1,
+        help="Fresh processes per row for --memory; the table shows the median and the range (the RSS sampler "
+        "and the allocator move single figures by a few MiB).",
+    )
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--child-batch", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -219,11 +227,12 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
 
         base = next(iter(models.values())).base_model.config
         bound = capture_bound_bytes(batch * args.new_tokens, base.num_hidden_layers, base.hidden_size)
-        growth = {m: _child_growth(m[0], m[1], batch, args) for m in modes}
-        plain_growth = growth[("plain", first)]
-        extra = {m: ((g - plain_growth) / bound, (g - plain_growth) / 2**20) for m, g in growth.items()}
+        runs = {m: [_child_growth(m[0], m[1], batch, args) for _ in range(args.memory_reps)] for m in modes}
+        plain_growth = statistics.median(runs[("plain", first)])
+        extra = {m: [(g - plain_growth) / 2**20 for g in gs] for m, gs in runs.items()}
         print(
             f"capture bound R*(B+1)*3*d*4 = {bound / 2**20:.1f} MiB; plain generate peak RSS growth {plain_growth / 2**20:.1f} MiB"
+            f" (medians of {args.memory_reps} fresh processes per row; range in brackets)"
         )
     plain = statistics.median(times[("plain", first)])
     mem_head = " peak RSS extra / bound |" if extra else ""
@@ -239,7 +248,11 @@ def table(models: dict, tok, batch: int, args: argparse.Namespace, which: str) -
             label = {"plain": "plain generate", "final": "flow score at the end", "streamer": "FlowTextStreamer"}[m]
             k = 1
         checks = "-" if m in ("plain", "final") else str((args.new_tokens - 1) // k)
-        mem = " {:.2f} ({:.0f} MiB) |".format(*extra[(m, solver)]) if extra else ""
+        mem = ""
+        if extra:
+            mib = extra[(m, solver)]
+            med = statistics.median(mib)
+            mem = f" {med * 2**20 / bound:.2f} ({med:.0f} MiB [{min(mib):.0f}, {max(mib):.0f}]) |"
         print(f"| {label} | {'-' if m == 'plain' else solver} | {t:.2f} | {t / plain:.2f}x | {checks} |{mem}")
 
 
