@@ -276,6 +276,16 @@ class FlowCheckedModelForCausalLM(nn.Module):
                 f"input_ids must be a [batch, prompt] LongTensor, got {shape}; for one prompt use "
                 "input_ids.unsqueeze(0) or tokenizer(text, return_tensors='pt')."
             )
+        if input_ids.dtype.is_floating_point or input_ids.dtype.is_complex or input_ids.dtype == torch.bool:
+            raise ValueError(
+                f"input_ids must hold integer token ids, got dtype {input_ids.dtype}; pass the tokenizer's ids "
+                "(tokenizer(text, return_tensors='pt')) or convert with input_ids.long()."
+            )
+        if input_ids.shape[1] == 0:
+            raise ValueError(
+                f"input_ids has an empty prompt (shape {tuple(input_ids.shape)}): flow-checked generation scores "
+                "an answer to a prompt; pass at least one prompt token (the chat template's or the BOS token)."
+            )
         attention_mask = kwargs.pop("attention_mask", None)
         if attention_mask is None:
             attention_mask = self._infer_attention_mask(input_ids, kwargs)
@@ -283,6 +293,12 @@ class FlowCheckedModelForCausalLM(nn.Module):
             raise ValueError(
                 f"attention_mask has shape {tuple(attention_mask.shape)} but input_ids has {tuple(input_ids.shape)}; "
                 "pass the mask the tokenizer returned with these ids."
+            )
+        empty = (~attention_mask.bool().any(-1)).nonzero().flatten().tolist()
+        if empty:
+            raise ValueError(
+                f"attention_mask masks every token of row(s) {empty}: those rows have no prompt, so their answer "
+                "and its flow score would mean nothing. Drop the rows, or pass the mask the tokenizer returned."
             )
         n_return = kwargs.pop("num_return_sequences", None)
         if n_return is not None and n_return != 1:

@@ -198,6 +198,14 @@ def test_input_shapes_are_checked(wrapped):
         wrapped.generate(input_ids=ids[0], max_new_tokens=3, return_flow_scores=True)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         wrapped.generate(input_ids=ids, attention_mask=att[:, 1:], max_new_tokens=3, return_flow_scores=True)
+    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+        wrapped.generate(input_ids=ids.float(), attention_mask=att, max_new_tokens=3, return_flow_scores=True)
+    with pytest.raises(ValueError, match="empty prompt"):
+        wrapped.generate(input_ids=ids[:, :0], attention_mask=att[:, :0], max_new_tokens=3, return_flow_scores=True)
+    no_prompt = att.clone()
+    no_prompt[1] = 0
+    with pytest.raises(ValueError, match=r"masks every token of row\(s\) \[1\]"):
+        wrapped.generate(input_ids=ids, attention_mask=no_prompt, max_new_tokens=3, flow_check_every=1)
 
 
 def test_padded_ids_without_mask_get_the_inferred_mask(wrapped):
