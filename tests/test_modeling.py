@@ -198,7 +198,7 @@ def test_input_shapes_are_checked(wrapped):
         wrapped.generate(input_ids=ids[0], max_new_tokens=3, return_flow_scores=True)
     with pytest.raises(ValueError, match="attention_mask has shape"):
         wrapped.generate(input_ids=ids, attention_mask=att[:, 1:], max_new_tokens=3, return_flow_scores=True)
-    with pytest.raises(ValueError, match="integer token ids, got dtype torch.float32"):
+    with pytest.raises(ValueError, match=r"integer token ids, got dtype torch\.float32"):
         wrapped.generate(input_ids=ids.float(), attention_mask=att, max_new_tokens=3, return_flow_scores=True)
     with pytest.raises(ValueError, match="empty prompt"):
         wrapped.generate(input_ids=ids[:, :0], attention_mask=att[:, :0], max_new_tokens=3, return_flow_scores=True)
