@@ -17,7 +17,7 @@ demo: install
 	$(PY) -m hf_flowcheck.cli demo
 
 test: install
-	@echo "make test: about 3 minutes on a quiet 2-core machine, up to 12 when other jobs share the cores"
+	@echo "make test: 4-7 minutes on a quiet 2-core machine, up to 30 when other jobs share the cores"
 	$(PY) -m pytest -q -m "not slow and not hub and not gpu"
 
 test-all: install
