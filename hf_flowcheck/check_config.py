@@ -70,6 +70,10 @@ class FlowCheckConfig:
     max_rollbacks: int | None = None
 
     def __post_init__(self) -> None:
+        for flag in ("return_flow_scores", "return_flow_features"):
+            value = getattr(self, flag)
+            if not isinstance(value, bool):  # a string such as "no" would otherwise read as True
+                raise ValueError(f"{flag}={value!r} must be True or False.")
         every = self.check_every
         if every is not None and (isinstance(every, bool) or not isinstance(every, int) or every < 1):
             raise ValueError(
@@ -145,9 +149,6 @@ class FlowCheckConfig:
                     "config (dataclasses.replace(config, ...)) or pass only the keywords."
                 )
             return given
-        for fld in ("return_flow_scores", "return_flow_features"):
-            if fld in loose:
-                loose[fld] = bool(loose[fld])
         return cls(**loose)
 
     def with_stream(self) -> FlowCheckConfig:

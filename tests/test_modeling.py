@@ -174,6 +174,13 @@ def test_flow_check_every_is_validated(wrapped, bad):
         wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, flow_check_every=bad)
 
 
+@pytest.mark.parametrize("flag", ["return_flow_scores", "return_flow_features"])
+def test_flow_flags_must_be_booleans(wrapped, flag):
+    ids, att = _batch()
+    with pytest.raises(ValueError, match=f"{flag}='no' must be True or False"):
+        wrapped.generate(input_ids=ids, attention_mask=att, max_new_tokens=3, **{flag: "no"})
+
+
 def test_abstain_threshold_without_checks_is_refused(wrapped):
     ids, att = _batch()
     with pytest.raises(ValueError, match="needs flow_check_every"):
