@@ -24,6 +24,7 @@ into sentences for span-level metrics (``benchmarks/human_spans.py``).
 
 from __future__ import annotations
 
+import bisect
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -222,5 +223,5 @@ def sentence_of_tokens(text: str, offsets: Sequence[tuple[int, int]]) -> list[in
         >>> sentence_of_tokens("It is. So it goes", [(0, 2), (3, 6), (7, 9), (10, 12)])
         [0, 0, 1, 1]
     """
-    starts = [0] + [m.end() for m in _SENTENCE_END.finditer(text)]
-    return [sum(1 for s in starts[1:] if s <= a) for a, _ in offsets]
+    breaks = [m.end() for m in _SENTENCE_END.finditer(text)]  # ascending: where each later sentence starts
+    return [bisect.bisect_right(breaks, a) for a, _ in offsets]
