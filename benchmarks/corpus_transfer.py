@@ -64,7 +64,9 @@ BUNDLED = {
     "SmolLM2-135M-Instruct": "smollm2-135m-instruct-halueval-qa",
     "Qwen2.5-Coder-0.5B-Instruct": "qwen2.5-coder-0.5b-instruct-halueval-qa",
 }
-DESIGNS = ("shipped", "flow-only", "probe", "flow+confidence", "flow+token-confidence", "confidence")
+DESIGNS = (
+    "shipped", "flow-only", "probe", "flow+confidence", "flow+token-confidence", "confidence", "flow+mean-state"
+)  # fmt: skip
 #: What the bundled validator of each design reads (its model card says it).
 DESIGN_TEXT = {
     "flow-only": "It reads the flow signatures of the answer's tokens (the paper's ten features per token and block).",
@@ -73,6 +75,11 @@ DESIGN_TEXT = {
         "the answer's token confidence (-mean log p, -min log p and mean entropy of the model's own next-token "
         "distributions over the answer's content tokens): a logistic regression on the confidence, kept frozen, "
         "plus what the flow part learns on top of it."
+    ),
+    "flow+mean-state": (
+        "It reads the flow signatures of the answer's tokens (the paper's ten features per token and block) and "
+        "the residual state entering one block, averaged over the answer's content tokens: a logistic regression "
+        "on that state (the probe), kept frozen, plus what the flow part learns on top of it."
     ),
 }
 #: Designs whose state input is a token-confidence triple, and where ``load_cells``' meta holds it.
@@ -294,7 +301,9 @@ def ci_row(y, s) -> dict:
     return {"auroc": round(auroc(y, s), 3), "ci": [round(lo, 3), round(hi, 3)], "n": len(y), "pos": int(y.sum())}
 
 
-def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped") -> tuple:
+def train_on(
+    feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped", state_depth: int = 0
+) -> tuple:
     """Fit one design on ``idx`` (85/15 grouped train/validation); return its scores of every answer.
 
     ``shipped``: the bundled design (flow + frozen-probe state branch); ``flow-only``: its flow part;
@@ -330,6 +339,8 @@ def train_on(feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: 
         # feats.states holds the answer's token confidence (matrix() puts it there): the state branch's
         # linear term is a logistic regression on it, frozen, with the flow part trained as a residual.
         cfg = dataclasses.replace(cfg, state_dim=3, state_blocks=(0,))
+    elif design == "flow+mean-state":  # matrix() put the pooled state at block state_depth
+        cfg = dataclasses.replace(cfg, state_dim=feats.states.shape[-1], state_blocks=(state_depth,))
     v, _ = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
         epochs=epochs, patience=5, state_init=state_init, seed=seed, progress=False,
@@ -357,6 +368,26 @@ def with_confidence(feats, meta: list, design: str):
 def confidence_states(conf: np.ndarray) -> torch.Tensor:
     """``[N, 3]`` (-mean log p, -min log p, mean entropy) -> ``[N, 1, 3]`` as the state branch reads them."""
     return torch.as_tensor(np.asarray(conf, dtype=np.float32))[:, None, :]
+
+
+def with_mean_state(feats, meta: list, pooled: str, depth: int):
+    """``feats`` with each answer's residual state entering block ``depth``, averaged over its content tokens.
+
+    The states come from ``benchmarks/pooled_state_probe.py extract`` (the same token mask and the same
+    residual as ``FlowConfig(state_summary='mean')`` reads at run time), as ``[N, depth + 1, d]`` (only
+    block ``depth`` filled: the state branch reads no other). Returns ``(feats, has)``: ``has [N]`` marks
+    the answers that were extracted; the others must stay out of training and testing.
+    """
+    from pooled_state_probe import load as load_pooled  # a sibling benchmark
+
+    data = load_pooled(Path(pooled))
+    where = {k: i for i, k in enumerate(zip(data["task"], data["style"], data["uid"], strict=True))}
+    rows = [where.get((m[0], m[1], m[2]), -1) for m in meta]
+    has = np.array([r >= 0 for r in rows])
+    states = torch.zeros(len(meta), depth + 1, data["mean"].shape[-1])
+    take = torch.as_tensor([r for r in rows if r >= 0], dtype=torch.long)
+    states[torch.as_tensor(np.flatnonzero(has)), depth] = data["mean"][take, depth].float()
+    return dataclasses.replace(feats, states=states), has
 
 
 def score(v: FlowValidator, feats) -> np.ndarray:
@@ -429,14 +460,20 @@ def matrix(args: argparse.Namespace) -> int:
                  "design": args.design, "runs": {}}  # fmt: skip
     if args.design in CONFIDENCE_DESIGNS:  # after the shipped validator read the residual states
         feats = with_confidence(feats, meta, args.design)
+    has = np.ones(len(y), dtype=bool)
+    if args.design == "flow+mean-state":
+        feats, has = with_mean_state(feats, meta, args.pooled, args.state_depth)
+        out["extracted"] = has.tolist()
     groups = [("style", s, style == s) for s in PROMPT_STYLES] if args.held_out != "tasks" else []
     if args.held_out != "styles":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]
     for kind, name, held in groups:
+        held = held & has
         if held.sum() < 20 or len(set(y[held].tolist())) < 2:
             continue
         t0 = time.perf_counter()
-        sc, thr, cal = train_on(feats, y, np.flatnonzero(trainable & ~held), ref, args.seed, args.epochs, args.design)
+        train = np.flatnonzero(trainable & has & ~held)
+        sc, thr, cal = train_on(feats, y, train, ref, args.seed, args.epochs, args.design, args.state_depth)
         out["runs"][f"{kind}={name}"] = {
             "test": np.flatnonzero(held).tolist(), "scores": sc.tolist(), "threshold": thr, "calibration": cal,
         }  # fmt: skip
@@ -447,9 +484,9 @@ def matrix(args: argparse.Namespace) -> int:
     if args.skip_in_distribution:
         return 0
     # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
-    perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable))
+    perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable & has))
     cut = len(perm) * 7 // 10
-    sc, thr, cal = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design)
+    sc, thr, cal = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design, args.state_depth)
     out["runs"]["in-distribution"] = {"test": perm[cut:].tolist(), "scores": sc.tolist(), "threshold": thr,
                                       "calibration": cal}  # fmt: skip
     Path(args.scores).write_text(json.dumps(out))
@@ -780,6 +817,8 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--skip-in-distribution", action="store_true",
                    help="No in-distribution reference run (another process of the same matrix makes it).")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
+    m.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
     m.set_defaults(func=matrix)
     b = sub.add_parser("bundle")
     b.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")

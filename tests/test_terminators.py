@@ -96,3 +96,26 @@ def test_format_1_configs_load_with_their_terminators_scored():
     assert FlowConfig().signature_key() != FlowConfig(score_terminators=True).signature_key()
     with pytest.raises(ValueError, match="score_terminators"):
         FlowConfig(score_terminators="no")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_mean_state_is_the_block_input_averaged_over_content_tokens(family):
+    """``state_summary='mean'``: what a pooled hidden-state probe trained on ``hidden_states`` reads at run time.
+
+    ``benchmarks/pooled_state_probe.py`` averages transformers' ``hidden_states[b]`` (the input of block
+    ``b``) over the scored tokens; the runtime must hand the validator the same numbers, whatever the end.
+    """
+    model = make_tiny_model(family)
+    ext = FlowExtractor(model, tiny_flow_config(state_summary="mean"), tokenizer=VocabCharTokenizer())
+    tok = ext.tokenizer
+    p = tok(PROMPT)["input_ids"]
+    a = tok(" Ann Lee", add_special_tokens=False)["input_ids"]
+    base = _features(ext, "")
+    with torch.no_grad():
+        hs = model(torch.tensor([p + a]), output_hidden_states=True).hidden_states
+    n_blocks = len(hs) - 1
+    want = torch.stack([h[0, len(p) :].mean(0) for h in hs[:n_blocks]])  # [B, d]
+    assert base.states.shape[1] == n_blocks + 1
+    torch.testing.assert_close(base.states[0, :n_blocks], want, rtol=1e-4, atol=1e-5)
+    for end in ENDINGS[1:]:
+        torch.testing.assert_close(_features(ext, end).states, base.states, rtol=1e-5, atol=1e-6)
