@@ -567,13 +567,19 @@ def bundle(args: argparse.Namespace) -> int:
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
     eval_only = [t for t, spec in CORPUS_TASKS.items() if spec.eval_only]
-    idx = np.random.default_rng(args.seed).permutation(np.flatnonzero(~np.isin(task, eval_only)))
+    has = np.ones(len(y), dtype=bool)
+    if args.design == "flow+mean-state":
+        feats, has = with_mean_state(feats, meta, args.pooled, args.state_depth)
+    idx = np.random.default_rng(args.seed).permutation(np.flatnonzero(~np.isin(task, eval_only) & has))
     n_val = len(idx) * 15 // 100
     va, tr = idx[:n_val], idx[n_val:]
     if args.design == "flow+token-confidence":
         feats = with_confidence(feats, meta, args.design)
         cfg = design_config(ref, feats.names, state_dim=3, state_blocks=(0,))
         summary, state_init = "token_confidence", "frozen-probe"
+    elif args.design == "flow+mean-state":
+        cfg = design_config(ref, feats.names, state_dim=feats.states.shape[-1], state_blocks=(args.state_depth,))
+        summary, state_init = "mean", "frozen-probe"
     else:
         cfg = design_config(ref, feats.names, state_dim=0, state_blocks=())
         summary, state_init = "none", "random"
@@ -827,7 +833,9 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--report", default=None, help="The transfer report (JSON of `report`) for the model card.")
     b.add_argument("--epochs", type=int, default=20)
     b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--design", choices=("flow-only", "flow+token-confidence"), default="flow-only")
+    b.add_argument("--design", choices=("flow-only", "flow+token-confidence", "flow+mean-state"), default="flow-only")
+    b.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
+    b.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
     c = sub.add_parser("card")
