@@ -162,8 +162,14 @@ def replay(args: argparse.Namespace) -> int:
     # The corpus designs read the paper's ten flow features; Qwen's HaluEval validator also reads the lens
     # channels, a full 152k-row readout per (token, block) that would make its replay about 20x slower.
     cfg = dataclasses.replace(ref.flow_config, score_terminators=False, lens_features=False)
+    if args.one_pass and args.mean_state:
+        raise SystemExit(
+            "--one-pass keeps the token confidence as the store's states; --mean-state keeps the pooled state."
+        )
     if args.one_pass:
         cfg = dataclasses.replace(cfg, state_summary="token_confidence")
+    elif args.mean_state:  # what a flow+mean-state validator reads at run time (confidence.json by its own forward)
+        cfg = dataclasses.replace(cfg, state_summary="mean")
     root = Path(args.features)
     for f in read_corpus(args.corpus, tasks=args.tasks):
         task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
@@ -804,6 +810,8 @@ def main(argv: list[str] | None = None) -> int:
     r.add_argument("--max-per-cell", type=int, default=None, help="Replay only each cell's first N labelled answers.")
     r.add_argument("--one-pass", action="store_true",
                    help="Token-confidence states from the flow forward (no residual states, no extra forwards).")  # fmt: skip
+    r.add_argument("--mean-state", action="store_true",
+                   help="The residual state averaged over the content tokens as the store's states (flow+mean-state).")  # fmt: skip
     r.set_defaults(func=replay)
     cf = sub.add_parser("confidence")
     cf.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
