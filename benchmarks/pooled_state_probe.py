@@ -121,16 +121,16 @@ def extract(args: argparse.Namespace) -> int:
     return 0
 
 
-def load(root: Path) -> dict:
-    """Every cell, concatenated: tensors plus ``task``, ``style``, ``uid`` arrays."""
+def load(root: Path, max_per_cell: int | None = None) -> dict:
+    """Every cell (its first ``max_per_cell`` answers), concatenated: tensors plus ``task``, ``style``, ``uid``."""
     from safetensors import safe_open
 
     cols: dict[str, list] = {}
     for path in sorted(root.glob("*/*.safetensors")):
         with safe_open(str(path), "pt") as fh:
-            uids = json.loads(fh.metadata()["uids"])
+            uids = json.loads(fh.metadata()["uids"])[:max_per_cell]
         for k, t in load_file(str(path)).items():
-            cols.setdefault(k, []).append(t)
+            cols.setdefault(k, []).append(t[: len(uids)])
         cols.setdefault("task", []).append(np.array([path.parent.name] * len(uids)))
         cols.setdefault("style", []).append(np.array([path.stem] * len(uids)))
         cols.setdefault("uid", []).append(np.array(uids))
@@ -209,7 +209,7 @@ def flow_matrix_scores(scores_path: str, features_root: str) -> dict[str, dict[t
 
 
 def matrix(args: argparse.Namespace) -> int:
-    data = load(Path(args.states))
+    data = load(Path(args.states), args.max_per_cell)
     flow = {}
     for spec in args.compare or []:
         scores_path, _, root = spec.partition(":")
@@ -304,6 +304,9 @@ def main(argv: list[str] | None = None) -> int:
     mx.add_argument("--depth-step", type=int, default=2)
     mx.add_argument("--l2", type=float, nargs="+", default=[1e-2, 1.0])
     mx.add_argument("--seed", type=int, default=0)
+    mx.add_argument(
+        "--max-per-cell", type=int, default=None, help="Only each cell's first N answers (a learning curve)."
+    )
     mx.add_argument("--compare", nargs="*", metavar="SCORES:FEATURES",
                     help="corpus_transfer.py matrix score files (with their feature root) to compare on shared answers.")  # fmt: skip
     mx.add_argument("--threads", type=int, default=None)
