@@ -383,9 +383,17 @@ def with_mean_state(feats, meta: list, pooled: str, depth: int):
     residual as ``FlowConfig(state_summary='mean')`` reads at run time), as ``[N, depth + 1, d]`` (only
     block ``depth`` filled: the state branch reads no other). Returns ``(feats, has)``: ``has [N]`` marks
     the answers that were extracted; the others must stay out of training and testing.
+    ``pooled=None``: the store's own states (``replay --mean-state``), all answers.
     """
     from pooled_state_probe import load as load_pooled  # a sibling benchmark
 
+    if pooled is None:
+        if feats.states is None or feats.states.dim() != 3 or feats.states.shape[1] <= depth:
+            raise SystemExit(
+                "flow+mean-state needs the pooled states: pass --pooled <pooled_state_probe.py extract --out>, or "
+                "replay the store with --mean-state."
+            )
+        return feats, np.ones(feats.states.shape[0], dtype=bool)
     data = load_pooled(Path(pooled))
     where = {k: i for i, k in enumerate(zip(data["task"], data["style"], data["uid"], strict=True))}
     rows = [where.get((m[0], m[1], m[2]), -1) for m in meta]
