@@ -46,6 +46,7 @@ from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.metrics import auroc, bootstrap_ci, paired_auroc_difference
 from hf_flowcheck.model_io import pad_token_id
 from hf_flowcheck.offline_models import load_model
+from hf_flowcheck.readout import token_confidence_summary
 from hf_flowcheck.workflows.corpus import answer_view, read_corpus
 
 POOLINGS = ("mean", "last", "prompt")
@@ -73,10 +74,9 @@ def _states(model, ext: FlowExtractor, batch: list[ScoredExample], pad: int) -> 
         p = pred[i].nonzero().squeeze(1)
         if len(p) == 0:
             continue
-        logp = torch.log_softmax(model.lm_head(hs[i, -1, p]).float(), -1)
-        tok_lp = logp.gather(1, ids[i, p + 1, None]).squeeze(1)
-        ent = -(logp.exp() * logp).sum(-1)
-        conf[i] = torch.stack([-tok_lp.mean(), -tok_lp.min(), ent.mean()])
+        logp = torch.log_softmax(model.lm_head(hs[i, -1, p]).float(), -1)  # hidden_states[-1] is after the final norm
+        per_token = torch.stack([logp.gather(1, ids[i, p + 1, None]).squeeze(1), -(logp.exp() * logp).sum(-1)], 1)
+        conf[i] = token_confidence_summary(per_token)
     return {
         "mean": mean.half(),
         "last": hs[rows, :, last_pos].half(),

@@ -563,17 +563,19 @@ class FlowExtractor:
             if bool((idx < 0).any()):
                 missing = want[idx < 0].tolist()
                 raise RuntimeError(f"No captured states for row {i} at positions {missing}; capture selector bug.")
+            r_sel = rows_of(states.r, idx)  # [R, B+1, d], positions ascending
             if cache is None:
-                r, o, m = (rows_of(t, idx) for t in (states.r, states.o, states.m))
-                feats, geo = sample_flow_features(r, o, m, self._norms, self._betas, self._readout, self.config, key)
+                o, m = rows_of(states.o, idx), rows_of(states.m, idx)
+                feats, geo = sample_flow_features(
+                    r_sel, o, m, self._norms, self._betas, self._readout, self.config, key
+                )
             else:
                 feats, geo = self._streamed_features(states, idx, i, want, key, cache)
             if self.config.lens_features:
-                feats = torch.cat([feats, self._lens(rows_of(states.r, idx)[:, 1:], i, want, cache)], dim=-1)
+                feats = torch.cat([feats, self._lens(r_sel[:, 1:], i, want, cache)], dim=-1)
             if summary == "token_confidence":
                 states_out[i, 0] = self._token_confidence(input_ids, attention_mask, states, table, i, want, cache)
             elif states_out is not None:
-                r_sel = rows_of(states.r, idx)  # [R, B+1, d], positions ascending
                 states_out[i] = r_sel[-1] if summary == "last" else r_sel.mean(0)
             r_i = want.numel()
             values[i, :, :r_i] = feats
