@@ -161,7 +161,9 @@ def replay(args: argparse.Namespace) -> int:
     ref = shipped(args.model)
     # The corpus designs read the paper's ten flow features; Qwen's HaluEval validator also reads the lens
     # channels, a full 152k-row readout per (token, block) that would make its replay about 20x slower.
-    cfg = dataclasses.replace(ref.flow_config, score_terminators=False, lens_features=False)
+    cfg = dataclasses.replace(
+        ref.flow_config, score_terminators=False, lens_features=False, basis_solver=args.basis_solver
+    )
     if args.one_pass and args.mean_state:
         raise SystemExit(
             "--one-pass keeps the token confidence as the store's states; --mean-state keeps the pooled state."
@@ -308,8 +310,9 @@ def ci_row(y, s) -> dict:
 
 
 def train_on(
-    feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped", state_depth: int = 0
-) -> tuple:
+    feats, y, idx, ref: FlowValidator, seed: int, epochs: int, design: str = "shipped", state_depth: int = 0,
+    probe_states: tuple | None = None, state_l2: float = 1e-2,
+) -> tuple:  # fmt: skip
     """Fit one design on ``idx`` (85/15 grouped train/validation); return its scores of every answer.
 
     ``shipped``: the bundled design (flow + frozen-probe state branch); ``flow-only``: its flow part;
@@ -347,10 +350,11 @@ def train_on(
         cfg = dataclasses.replace(cfg, state_dim=3, state_blocks=(0,))
     elif design == "flow+mean-state":  # matrix() put the pooled state at block state_depth
         cfg = dataclasses.replace(cfg, state_dim=feats.states.shape[-1], state_blocks=(state_depth,))
+    more = {"state_l2": state_l2} if state_init != "random" else {}
     v, _ = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
         epochs=epochs, patience=5, state_init=state_init, seed=seed, progress=False,
-        flow_config=dataclasses.replace(ref.flow_config, score_terminators=False),
+        flow_config=dataclasses.replace(ref.flow_config, score_terminators=False), probe_states=probe_states, **more,
     )  # fmt: skip
     v.eval()
     cal = calibrate_validator(v, feats.take(va), y[va])
@@ -402,6 +406,35 @@ def with_mean_state(feats, meta: list, pooled: str, depth: int):
     take = torch.as_tensor([r for r in rows if r >= 0], dtype=torch.long)
     states[torch.as_tensor(np.flatnonzero(has)), depth] = data["mean"][take, depth].float()
     return dataclasses.replace(feats, states=states), has
+
+
+def pooled_only(meta: list, pooled: str | None, depth: int) -> dict | None:
+    """The pooled answers without flow features (not in ``meta``): more answers for the frozen probe.
+
+    The probe needs thousands of answers (docs/results.md, the learning curve) and a pooled state costs
+    one forward, a replay dozens; the flow part is trained on the replayed answers alone. Returns
+    ``{"task", "style" [M] arrays, "states" [M, depth + 1, d] (block ``depth`` filled), "labels" [M]}``
+    or ``None`` without ``--pooled``.
+    """
+    from pooled_state_probe import load as load_pooled
+
+    if pooled is None:
+        return None
+    data = load_pooled(Path(pooled))
+    known = {(m[0], m[1], m[2]) for m in meta}
+    rows = np.array([k not in known for k in zip(data["task"], data["style"], data["uid"], strict=True)])
+    take = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long)
+    states = torch.zeros(len(take), depth + 1, data["mean"].shape[-1])
+    states[:, depth] = data["mean"][take, depth].float()
+    return {"task": data["task"][rows], "style": data["style"][rows], "states": states,
+            "labels": data["labels"][take].numpy()}  # fmt: skip
+
+
+def probe_extras(extras: dict | None, keep: np.ndarray) -> tuple | None:
+    """``(states, labels)`` of the pooled-only answers in ``keep`` (a mask over them), for train_validator."""
+    if extras is None or not keep.any():
+        return None
+    return extras["states"][torch.as_tensor(np.flatnonzero(keep))], extras["labels"][keep]
 
 
 def score(v: FlowValidator, feats) -> np.ndarray:
@@ -475,9 +508,14 @@ def matrix(args: argparse.Namespace) -> int:
     if args.design in CONFIDENCE_DESIGNS:  # after the shipped validator read the residual states
         feats = with_confidence(feats, meta, args.design)
     has = np.ones(len(y), dtype=bool)
+    extras = None
     if args.design == "flow+mean-state":
         feats, has = with_mean_state(feats, meta, args.pooled, args.state_depth)
         out["extracted"] = has.tolist()
+        extras = pooled_only(meta, args.pooled, args.state_depth) if args.probe_all_pooled else None
+    trainable_extra = (
+        None if extras is None else ~np.isin(extras["task"], [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
+    )
     groups = [("style", s, style == s) for s in PROMPT_STYLES] if args.held_out != "tasks" else []
     if args.held_out != "styles":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]
@@ -487,7 +525,12 @@ def matrix(args: argparse.Namespace) -> int:
             continue
         t0 = time.perf_counter()
         train = np.flatnonzero(trainable & has & ~held)
-        sc, thr, cal = train_on(feats, y, train, ref, args.seed, args.epochs, args.design, args.state_depth)
+        extra = None
+        if extras is not None:  # the same held-out cell, from the pooled-only answers
+            out_cell = extras["style"] == name if kind == "style" else extras["task"] == name
+            extra = probe_extras(extras, trainable_extra & ~out_cell)
+        sc, thr, cal = train_on(feats, y, train, ref, args.seed, args.epochs, args.design, args.state_depth,
+                                extra, args.state_l2)  # fmt: skip
         out["runs"][f"{kind}={name}"] = {
             "test": np.flatnonzero(held).tolist(), "scores": sc.tolist(), "threshold": thr, "calibration": cal,
         }  # fmt: skip
@@ -500,7 +543,9 @@ def matrix(args: argparse.Namespace) -> int:
     # In distribution, for reference only: a grouped random 70/30 split over every trainable cell.
     perm = np.random.default_rng(args.seed + 1).permutation(np.flatnonzero(trainable & has))
     cut = len(perm) * 7 // 10
-    sc, thr, cal = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design, args.state_depth)
+    extra = probe_extras(extras, trainable_extra) if extras is not None else None
+    sc, thr, cal = train_on(feats, y, perm[:cut], ref, args.seed, args.epochs, args.design, args.state_depth,
+                            extra, args.state_l2)  # fmt: skip
     out["runs"]["in-distribution"] = {"test": perm[cut:].tolist(), "scores": sc.tolist(), "threshold": thr,
                                       "calibration": cal}  # fmt: skip
     Path(args.scores).write_text(json.dumps(out))
@@ -582,8 +627,11 @@ def bundle(args: argparse.Namespace) -> int:
     ref = shipped(args.model)
     eval_only = [t for t, spec in CORPUS_TASKS.items() if spec.eval_only]
     has = np.ones(len(y), dtype=bool)
+    extra = None
     if args.design == "flow+mean-state":
         feats, has = with_mean_state(feats, meta, args.pooled, args.state_depth)
+        extras = pooled_only(meta, args.pooled, args.state_depth) if args.probe_all_pooled else None
+        extra = probe_extras(extras, ~np.isin(extras["task"], eval_only)) if extras is not None else None
     idx = np.random.default_rng(args.seed).permutation(np.flatnonzero(~np.isin(task, eval_only) & has))
     n_val = len(idx) * 15 // 100
     va, tr = idx[:n_val], idx[n_val:]
@@ -604,7 +652,7 @@ def bundle(args: argparse.Namespace) -> int:
     v, history = train_validator(
         feats.take(tr), torch.as_tensor(y[tr]), feats.take(va), torch.as_tensor(y[va]), config=cfg,
         epochs=args.epochs, patience=5, seed=args.seed, progress=False, flow_config=flow_config,
-        state_init=state_init,
+        state_init=state_init, probe_states=extra, **({"state_l2": args.state_l2} if state_init != "random" else {}),
     )  # fmt: skip
     v.eval()
     v.training_metadata["command"] = command
@@ -820,6 +868,9 @@ def main(argv: list[str] | None = None) -> int:
                    help="Token-confidence states from the flow forward (no residual states, no extra forwards).")  # fmt: skip
     r.add_argument("--mean-state", action="store_true",
                    help="The residual state averaged over the content tokens as the store's states (flow+mean-state).")  # fmt: skip
+    r.add_argument("--basis-solver", choices=("eigh", "subspace"), default="eigh",
+                   help="FlowConfig.basis_solver of the replay: 'subspace' gives the same features to float32 "
+                   "precision, faster; a validator trained on them scores with either.")  # fmt: skip
     r.set_defaults(func=replay)
     cf = sub.add_parser("confidence")
     cf.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
@@ -841,6 +892,12 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
     m.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
+    m.add_argument("--probe-all-pooled", action="store_true",
+                   help="flow+mean-state: fit the frozen probe on every pooled answer of the training cells, "
+                   "also those without flow features (the flow part still trains on the replayed ones).")  # fmt: skip
+    m.add_argument(
+        "--state-l2", type=float, default=1e-2, help="L2 penalty of the frozen probe (TrainConfig.state_l2)."
+    )
     m.set_defaults(func=matrix)
     b = sub.add_parser("bundle")
     b.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
@@ -852,6 +909,12 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--design", choices=("flow-only", "flow+token-confidence", "flow+mean-state"), default="flow-only")
     b.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
     b.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
+    b.add_argument("--probe-all-pooled", action="store_true",
+                   help="flow+mean-state: fit the frozen probe on every pooled answer of the training cells, "
+                   "also those without flow features (the flow part still trains on the replayed ones).")  # fmt: skip
+    b.add_argument(
+        "--state-l2", type=float, default=1e-2, help="L2 penalty of the frozen probe (TrainConfig.state_l2)."
+    )
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
     c = sub.add_parser("card")

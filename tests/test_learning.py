@@ -125,6 +125,40 @@ def test_probe_initialised_state_branch_starts_at_the_probe(tiny_answers, head):
     assert all(q.requires_grad for q in frozen.parameters())
 
 
+def test_probe_states_widen_the_probe_and_nothing_else(tiny_answers):
+    """Answers with states but no flow features: the probe and the state scaling are fitted on them too."""
+    from hf_flowcheck.detectors.baselines import train_logistic_regression
+
+    feats, labels = tiny_answers
+    tr, va, extra = slice(0, 20), slice(32, 48), slice(20, 32)
+    cfg = shipped_config(feats, state_dim=feats.states.shape[-1], state_blocks=(2, 4))
+    kw = {"config": cfg, "lr": 5.0, "epochs": 1, "patience": 5, "state_init": "frozen-probe", "progress": False}
+    model, hist = train_validator(
+        feats[tr], labels[tr], feats[va], labels[va], probe_states=(feats.states[extra], labels[extra]), **kw
+    )
+    both = slice(0, 32)  # the union, in order: the train rows, then the extra answers
+    sel = feats.states[both][:, [2, 4]]
+    mu, sd = sel.mean(0), sel.std(0).clamp_min(1e-6)
+    torch.testing.assert_close(model.state_shift, mu)
+    torch.testing.assert_close(model.state_scale, sd)
+    w, b = train_logistic_regression(((sel - mu) / sd).reshape(32, -1), labels[both])
+    torch.testing.assert_close(model.state_head.weight[0].double(), w, atol=1e-5, rtol=1e-4)
+    assert model.state_head.bias.item() == pytest.approx(float(b) + math.log(hist.pos_weight), abs=1e-4)
+    assert hist.best_epoch == 0  # lr=5 only makes things worse: the wider probe is what is kept
+    assert "12 answers" in model.training_metadata["hyperparameters"]["probe_states"]
+    alone, _ = train_validator(feats[tr], labels[tr], feats[va], labels[va], **kw)
+    assert not torch.allclose(alone.state_head.weight, model.state_head.weight)
+    with pytest.raises(ValueError, match="state_init='random'"):
+        train_validator(feats[tr], labels[tr], feats[va], labels[va], **{**kw, "state_init": "random"},
+                        probe_states=(feats.states[extra], labels[extra]))  # fmt: skip
+    with pytest.raises(ValueError, match="like the train features"):
+        train_validator(feats[tr], labels[tr], feats[va], labels[va], probe_states=(feats.states[extra, :2], labels[extra]),
+                        **kw)  # fmt: skip
+    with pytest.raises(ValueError, match="0 or 1"):
+        train_validator(feats[tr], labels[tr], feats[va], labels[va], probe_states=(feats.states[extra], labels[extra] * 2 + 1),
+                        **kw)  # fmt: skip
+
+
 def test_attention_head_culprit_is_the_largest_event(tiny_answers):
     feats, _ = tiny_answers
     model = FlowValidator(shipped_config(feats)).eval()

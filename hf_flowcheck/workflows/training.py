@@ -297,6 +297,24 @@ def _warm_start_from_probe(
         flow_out.bias.zero_()
 
 
+def _with_probe_states(s_tr: torch.Tensor, y_tr: torch.Tensor, probe_states: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """The train rows' states and labels followed by ``probe_states``' (checked)."""
+    if not isinstance(probe_states, (tuple, list)) or len(probe_states) != 2:
+        raise ValueError("probe_states must be a pair (states [M, B+1, d], labels [M]).")
+    states, labels = probe_states
+    if not isinstance(states, torch.Tensor) or states.dim() != 3 or tuple(states.shape[1:]) != tuple(s_tr.shape[1:]):
+        raise ValueError(
+            f"probe_states' states must be [M, {s_tr.shape[1]}, {s_tr.shape[2]}] like the train features' states, "
+            f"got {list(getattr(states, 'shape', [type(states).__name__]))}."
+        )
+    y = torch.as_tensor(np.asarray(labels), dtype=y_tr.dtype).reshape(-1)
+    if y.numel() != states.shape[0] or not bool(((y == 0) | (y == 1)).all()):
+        raise ValueError(f"probe_states' labels must be {states.shape[0]} values of 0 or 1.")
+    if not bool(torch.isfinite(states).all()):
+        raise ValueError("probe_states' states hold NaN/inf; extract them in float32 from the same base model.")
+    return torch.cat([s_tr, states.to(s_tr)]), torch.cat([y_tr, y])
+
+
 def train_validator(
     train: FlowFeatures,
     train_labels: Any,
@@ -311,6 +329,7 @@ def train_validator(
     flow_config: FlowConfig | None = None,
     base_model: nn.Module | None = None,
     device: str | torch.device | None = None,
+    probe_states: tuple[torch.Tensor, Any] | None = None,
     **options: Any,
 ) -> tuple[FlowValidator, TrainingHistory]:
     """Train a :class:`~hf_flowcheck.detectors.FlowValidator` with validation-AUROC model selection.
@@ -348,6 +367,11 @@ def train_validator(
         base_model: The model the features came from; its fingerprint is stored (see
             :meth:`FlowValidator.check_compatible`).
         device: Where to train (default: the device of ``train.values``).
+        probe_states: ``(states [M, B+1, d], labels [M])`` of more training answers that only the
+            state branch sees: its input scaling and its probe (``state_init`` ``"probe"`` or
+            ``"frozen-probe"``) are fitted on the train rows' states and these together. For answers
+            whose state summaries are cheap to extract and whose flow features are not (a pooled
+            residual needs one forward; the flow features a replay). Keep validation answers out.
         **options: :class:`TrainConfig` fields that override ``train_config``'s (e.g. ``epochs=5``).
 
     Returns:
@@ -400,6 +424,11 @@ def train_validator(
             "config has a state branch (state_dim > 0) but the features carry no state summaries; extract them "
             "with FlowConfig(state_summary='last') or train a flow-only validator (state_dim=0)."
         )
+    if probe_states is not None and state_init == "random":
+        raise ValueError(
+            "probe_states adds answers to the state branch's probe, but state_init='random' fits no probe; "
+            "use state_init='probe' or 'frozen-probe', or drop probe_states."
+        )
     if config is None:
         config = ValidatorConfig.from_feature_names(train.names)
     if not isinstance(config, ValidatorConfig):
@@ -430,6 +459,9 @@ def train_validator(
     with_states = bool(config.state_dim)
     s_tr = train.states[tr_idx] if with_states else None
     s_va = val.states[va_idx] if with_states else None
+    s_fit, y_fit = s_tr, y_tr  # what the state scaling and the probe are fitted on
+    if probe_states is not None:
+        s_fit, y_fit = _with_probe_states(s_tr, y_tr, probe_states)
     n_pos_va = int(y_va.sum())
     if n_pos_va in (0, y_va.numel()):
         raise ValueError(
@@ -454,6 +486,9 @@ def train_validator(
     }
     if state_init != "random":  # absent at the defaults, so earlier checkpoints still resume
         hyper.update(state_init=state_init, state_l2=float(state_l2))
+    if probe_states is not None:
+        extra = s_fit[len(s_tr) :]
+        hyper.update(probe_states=f"{len(extra)} answers, state sum {float(extra.double().sum()):.6e}")
     if prefix_augment:
         hyper.update(prefix_augment=float(prefix_augment))
     if token_loss_weight:
@@ -477,8 +512,10 @@ def train_validator(
         torch.manual_seed(seed)
         model = FlowValidator(config, flow_config=flow_config, base_fingerprint=fingerprint).to(dev)
         model.fit_input_transform(x_tr, m_tr, s_tr)
+        if probe_states is not None:
+            model.fit_state_transform(s_fit)
         if state_init != "random":
-            _warm_start_from_probe(model, s_tr, y_tr, pos_weight, state_l2)
+            _warm_start_from_probe(model, s_fit, y_fit, pos_weight, state_l2)
         if state_init == "frozen-probe":
             model.state_head.requires_grad_(False)
         trainable = [q for q in model.parameters() if q.requires_grad]

@@ -246,9 +246,29 @@ class FlowValidator(
                 self.feature_scale.copy_(ev.std(0).clamp_min(1e-6))
         states = self._check_states(states, values.shape[0])
         if states is not None:
-            sel = states[:, list(self.config.state_blocks)].to(self.state_shift.dtype)
-            self.state_shift.copy_(sel.mean(0))
-            self.state_scale.copy_(sel.std(0).clamp_min(1e-6))
+            self.fit_state_transform(states)
+
+    @torch.no_grad()
+    def fit_state_transform(self, states: torch.Tensor) -> None:
+        """Set the state branch's input shift/scale alone (e.g. from more answers than have flow features).
+
+        Args:
+            states: ``[M, B+1, d]`` training state summaries, ``M >= 2``.
+        """
+        if self.members is not None:
+            for member in self.members:
+                member.fit_state_transform(states)
+            return
+        if not isinstance(states, torch.Tensor):
+            raise ValueError(f"states must be a [M, B+1, d] tensor, got {type(states).__name__}.")
+        states = self._check_states(states, states.shape[0])
+        if states is None:
+            raise ValueError("fit_state_transform: this validator has no state branch (state_dim=0).")
+        if states.shape[0] < 2:
+            raise ValueError(f"fit_state_transform needs at least two answers' states, got {states.shape[0]}.")
+        sel = states[:, list(self.config.state_blocks)].to(self.state_shift.dtype)
+        self.state_shift.copy_(sel.mean(0))
+        self.state_scale.copy_(sel.std(0).clamp_min(1e-6))
 
     def forward(
         self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None = None
