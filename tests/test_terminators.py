@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import pytest
@@ -119,3 +120,39 @@ def test_mean_state_is_the_block_input_averaged_over_content_tokens(family):
     torch.testing.assert_close(base.states[0, :n_blocks], want, rtol=1e-4, atol=1e-5)
     for end in ENDINGS[1:]:
         torch.testing.assert_close(_features(ext, end).states, base.states, rtol=1e-5, atol=1e-6)
+
+
+def test_mean_state_validator_scores_generate_as_teacher_forced():
+    """A flow + mean-state validator (the pooled probe frozen beside the flow part) through ``generate()``:
+    the score at the end and the score of a check every token equal the teacher-forced score."""
+    from hf_flowcheck import FlowCheckedModelForCausalLM
+    from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+
+    model = make_tiny_model("llama")
+    cfg = tiny_flow_config(state_summary="mean")
+    torch.manual_seed(0)
+    vcfg = ValidatorConfig.from_feature_names(
+        cfg.feature_names, hidden=16, embed=8, gru_hidden=8, state_dim=model.config.hidden_size, state_blocks=(1,)
+    )
+    v = FlowValidator(vcfg, flow_config=cfg)
+    with torch.no_grad():
+        v.state_head.weight.normal_()  # a state term large enough to move the score
+    v.set_base_model(model)
+    fc = FlowCheckedModelForCausalLM(model, v.eval())
+    ids = torch.tensor([[0, 0, 5, 6, 7], [9, 8, 7, 6, 5]])
+    att = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    scores = {}
+    for every in (None, 1):
+        out = fc.generate(input_ids=ids, attention_mask=att, max_new_tokens=6, do_sample=False,
+                          return_flow_scores=True, flow_check_every=every)  # fmt: skip
+        scores[every] = out.flow_scores
+    p = ids.shape[1]
+    full_att = torch.cat([att, torch.ones_like(out.sequences[:, p:])], 1)
+    resp = torch.zeros_like(out.sequences)
+    resp[:, p:] = 1
+    feats = fc.extractor.extract(out.sequences, full_att, resp)
+    ref = v.score_features(feats).scores
+    without_state = v.score_features(dataclasses.replace(feats, states=torch.zeros_like(feats.states))).scores
+    assert not torch.allclose(ref, without_state, atol=1e-3)  # the state term matters here
+    torch.testing.assert_close(scores[None], ref, atol=1e-5, rtol=0)
+    torch.testing.assert_close(scores[1], ref, atol=1e-5, rtol=0)
