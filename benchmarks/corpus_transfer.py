@@ -607,6 +607,38 @@ def report(args: argparse.Namespace) -> int:
     return 0
 
 
+def designs(args: argparse.Namespace) -> int:
+    """Two matrices of the same answers, cell by cell: each design's AUROC and their paired difference."""
+    a, b = (json.loads(Path(f).read_text()) for f in args.scores)
+    if a["uids"] != b["uids"] or a["labels"] != b["labels"]:
+        raise SystemExit(f"{args.scores[0]} and {args.scores[1]} hold other answers; run both matrices on one store.")
+    y = np.asarray(a["labels"])
+    out: dict = {"designs": [a["design"], b["design"]], "n": len(y), "cells": {},
+                 "command": "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])}  # fmt: skip
+    print(f"| held out | n (halluc.) | {a['design']} | {b['design']} | paired difference (95%) |")
+    print("|---|---|---|---|---|")
+    for key in [k for k in a["runs"] if k in b["runs"]]:
+        idx = np.asarray(a["runs"][key]["test"])
+        if list(idx) != list(b["runs"][key]["test"]):
+            raise SystemExit(f"{key}: the two matrices tested other answers.")
+        sa, sb = (np.asarray(m["runs"][key]["scores"], dtype=float)[idx] for m in (a, b))
+        lo, hi = paired_auroc_difference(y[idx], sb, sa, n=1000)
+        cell = {"n": len(idx), "pos": int(y[idx].sum()), a["design"]: round(auroc(y[idx], sa), 3),
+                b["design"]: round(auroc(y[idx], sb), 3), "difference": [round(lo, 3), round(hi, 3)]}  # fmt: skip
+        out["cells"][key] = cell
+        print(f"| {key} | {cell['n']} ({cell['pos']}) | {cell[a['design']]:.3f} | {cell[b['design']]:.3f} | "
+              f"[{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
+    for kind in ("style", "task"):
+        keys = [k for k in out["cells"] if k.startswith(kind + "=")]
+        if keys:
+            out[f"mean over held-out {kind}s"] = {
+                d: round(float(np.mean([out["cells"][k][d] for k in keys])), 3) for d in out["designs"]
+            }
+            print(f"mean over held-out {kind}s:", json.dumps(out[f"mean over held-out {kind}s"]))
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
 def _nan_mean(values) -> float | None:
     """Mean of the AUROCs that exist (``None`` where a baseline was not computed for this model)."""
     got = [v for v in values if v is not None]
@@ -665,17 +697,28 @@ def bundle(args: argparse.Namespace) -> int:
         protocol="corpus (the model's own greedy answers; primary views; judged by the corpus rule)",
         split={"seed": args.seed, "train": len(tr), "validation": len(va), "validation_hallucinated": int(y[va].sum())},
         history=history.to_dict(),
-        card_sections=_card_sections(args, y, style, task, tr, cal),
+        card_sections=_card_sections(args, y, style, task, tr, cal, extra, history.best_epoch),
     )
     v.save_pretrained(args.out, overwrite=args.overwrite)
     print(f"saved {args.out}: trained on {len(tr)} answers, validated on {len(va)}; calibration {json.dumps(cal)}")
     return 0
 
 
-def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
+def _card_sections(args, y, style, task, tr, cal, extra=None, best_epoch: int = -1) -> list[dict]:
     counts = "\n".join(
         f"| {st} | {int((style[tr] == st).sum())} | {int(y[tr][style[tr] == st].sum())} |" for st in PROMPT_STYLES
     )
+    probe = ""
+    if extra is not None:
+        probe += (
+            f" The probe was fitted on these answers and {len(extra[1])} more of the same cells whose pooled state "
+            "was extracted without flow features (one forward each)."
+        )
+    if best_epoch == 0:
+        probe += (
+            " No epoch of the flow part beat the probe on validation, so the kept validator's score is the probe's: "
+            "its event head is zero, and its culprit (token, block) carries no information."
+        )
     sections = [
         {
             "title": "Intended use",
@@ -684,6 +727,7 @@ def _card_sections(args, y, style, task, tr, cal) -> list[dict]:
                 "with a system prompt or with example turns) or as plain `Question:/Answer:` prompts, with or without "
                 "a passage -- for how likely they are to be wrong. "
                 + DESIGN_TEXT[args.design]
+                + probe
                 + " Trained on the robustness corpus "
                 "(`flowcheck corpus`, docs/guides/corpus.md): the model's greedy answers to "
                 f"{len(tr)} questions from {', '.join(sorted(set(task[tr].tolist())))}, judged against their "
@@ -938,6 +982,10 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--out", required=True)
     rp.add_argument("--plot", default=None, help="Also write a reliability diagram (PNG) of the held-out styles.")
     rp.set_defaults(func=report)
+    dg = sub.add_parser("designs", help="Two designs' matrices of one store, cell by cell, with paired intervals.")
+    dg.add_argument("--scores", required=True, nargs=2, help="Two matrix score files of the same answers.")
+    dg.add_argument("--out", required=True)
+    dg.set_defaults(func=designs)
     args = p.parse_args(argv)
     return args.func(args)
 
