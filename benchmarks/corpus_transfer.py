@@ -802,9 +802,11 @@ def old_protocol(args: argparse.Namespace) -> int:
     # --one-pass stores the validator's own token-confidence states with the signatures instead (one
     # forward per answer) and reads the baselines from them (over the scored content tokens).
     one_pass = args.one_pass and v.flow_config.state_summary == "token_confidence"
+    # A pooled residual state comes from the flow forward itself: the store keeps the validator's own states.
+    own_states = one_pass or v.flow_config.state_summary == "mean"
     extract_dataset(
         model, tok, rows, out, protocol="replayed", batch_size=8, shard_size=32, progress=False,
-        config=v.flow_config if one_pass else dataclasses.replace(v.flow_config, state_summary="none"),
+        config=v.flow_config if own_states else dataclasses.replace(v.flow_config, state_summary="none"),
         dataset={"answers": args.answers, "split": "test", "limit": args.limit},
     )  # fmt: skip
     feats, y, uids = FeatureStore.open(out).load()
@@ -814,7 +816,7 @@ def old_protocol(args: argparse.Namespace) -> int:
         ScoredExample(encode_text(tok, by_uid[u].prompt), list(by_uid[u].gen_ids), int(by_uid[u].label), u)
         for u in uids
     ]
-    if one_pass:
+    if own_states:
         pass  # the store holds the validator's own states
     elif v.flow_config.state_summary == "token_confidence":
         from hf_flowcheck.detectors.base import batch_examples
@@ -825,7 +827,7 @@ def old_protocol(args: argparse.Namespace) -> int:
             states = torch.cat([ext.token_confidence(*batch_examples(ex[i : i + 8], 0)) for i in range(0, len(ex), 8)])
         feats = dataclasses.replace(feats, states=states)
     elif v.flow_config.state_summary != "none":
-        raise SystemExit(f"old-protocol attaches only token-confidence states, not {v.flow_config.state_summary!r}.")
+        raise SystemExit(f"old-protocol reads token-confidence or mean states, not {v.flow_config.state_summary!r}.")
     if one_pass:
         conf = feats.states[:, 0].double().numpy()
     else:
