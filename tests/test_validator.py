@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
+from hf_flowcheck.configuration import FlowConfig
 from hf_flowcheck.detectors import FlowValidator, FlowValidatorOutput, ValidatorConfig
 from hf_flowcheck.extraction import FlowFeatures
 
@@ -318,3 +321,21 @@ def test_ensemble_config_checks_and_older_formats():
     assert ValidatorConfig.from_dict(d).members == 1
     v = make_validator(members=2)
     assert "ensemble of 2" in v.model_card_text()
+
+
+@pytest.mark.parametrize(
+    ("summary", "says"),
+    [
+        ("last", "at the last answer token entering block(s) [1]"),
+        ("mean", "entering block(s) [1] averaged over the answer's content tokens"),
+        ("token_confidence", "the answer's token confidence"),
+    ],
+)
+def test_card_says_what_the_state_branch_reads(summary, says):
+    blocks, dim = ((0,), 3) if summary == "token_confidence" else ((1,), 4)
+    cfg = ValidatorConfig(num_features=F, hidden=8, embed=4, gru_hidden=4, state_dim=dim, state_blocks=blocks)
+    flow = FlowConfig(state_summary=summary)
+    text = FlowValidator(cfg, flow_config=flow).model_card_text()
+    assert says in text
+    ens = FlowValidator(dataclasses.replace(cfg, members=2), flow_config=flow).model_card_text()
+    assert says in ens  # a member has no flow_config of its own

@@ -160,14 +160,25 @@ def model_card_text(validator: Any, repo_id: str | None = None) -> str:
     return "\n".join(lines)
 
 
-def architecture_text(validator: Any) -> str:
+#: What the state branch reads, by ``FlowConfig.state_summary`` (``{blocks}``: its ``state_blocks``).
+STATE_INPUT_TEXT = {
+    "last": "the residual at the last answer token entering block(s) {blocks}",
+    "mean": "the residual entering block(s) {blocks} averaged over the answer's content tokens",
+    "token_confidence": "the answer's token confidence (-mean log p, -min log p, mean entropy over its content tokens)",
+}
+
+
+def architecture_text(validator: Any, state_summary: str | None = None) -> str:
     c = validator.config
+    if state_summary is None:
+        fc = getattr(validator, "flow_config", None)
+        state_summary = fc.state_summary if fc is not None and fc.state_summary != "none" else "last"
     if validator.members is not None:
         return (
             f"An ensemble of {c.members} validators of the same shape, initialised independently and trained "
             "together on their mean logit; the answer's, events' and tokens' logits are the members' means, and "
             "the culprit is the event with the largest mean logit. Each member: "
-            + architecture_text(validator.members[0])
+            + architecture_text(validator.members[0], state_summary)
         )
     scaling = {
         "block_log_standardize": "signed log, then per-(block, feature) standardisation (train split)",
@@ -199,10 +210,11 @@ def architecture_text(validator: Any) -> str:
     text = " → ".join(parts) + "."
     if c.state_dim:
         text += (
-            f" Plus a state branch: the residual at the last answer token entering block(s) {list(c.state_blocks)} "
-            f"(d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit. Trained on "
-            "complete answers, whose last token is the answer's end: it scores finished answers. Running scores "
-            "of a streaming check (where the last token so far is mid-answer) are outside what it was trained "
-            "on; stream with a flow-only validator trained on answer prefixes."
+            " Plus a state branch: "
+            + STATE_INPUT_TEXT[state_summary].format(blocks=list(c.state_blocks))
+            + f" (d = {c.state_dim}), standardised, → dropout → Linear → added to the sample logit. Trained on "
+            "complete answers: it scores finished answers. Running scores of a streaming check (which read an "
+            "answer cut mid-way) are outside what it was trained on; stream with a flow-only validator trained "
+            "on answer prefixes."
         )
     return text
