@@ -841,6 +841,14 @@ def old_protocol(args: argparse.Namespace) -> int:
     ok = ~np.isnan(scores["validator"])
     lo, hi = paired_auroc_difference(y[ok], scores["validator"][ok], np.asarray(scores["-min log p"])[ok], n=500)
     result["validator minus -min log p"] = [round(lo, 3), round(hi, 3)]
+    if args.exclude_corpus:
+        asked = {r.uid for f in read_corpus(args.exclude_corpus) for r in f.records}
+        fresh = np.array([u not in asked for u in uids])
+        unseen = {name: ci_row(y[fresh], np.asarray(sc, dtype=float)[fresh]) for name, sc in scores.items()}
+        okf = ok & fresh
+        lo, hi = paired_auroc_difference(y[okf], scores["validator"][okf], np.asarray(scores["-min log p"])[okf], n=500)
+        unseen["validator minus -min log p"] = [round(lo, 3), round(hi, 3)]
+        result["records the corpus never asked"] = {"answers": int(fresh.sum()), **unseen}
     Path(args.out).write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
     return 0
@@ -976,6 +984,9 @@ def main(argv: list[str] | None = None) -> int:
     o.add_argument("--limit", type=int, default=300)
     o.add_argument("--one-pass", action="store_true",
                    help="A token-confidence validator's states and the baselines from the flow forward (one per answer).")  # fmt: skip
+    o.add_argument("--exclude-corpus", default=None,
+                   help="A corpus folder (e.g. answers/<model>/corpus): also report the answers whose HaluEval record "
+                   "none of its cells asked (a corpus validator may have seen the others' questions).")  # fmt: skip
     o.add_argument("--out", required=True)
     o.set_defaults(func=old_protocol)
     rp = sub.add_parser("report")

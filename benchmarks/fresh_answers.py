@@ -89,7 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     for name, keep in (("trained tasks", trained), ("never-trained tasks", ~trained)):
         if keep.sum() < 10 or len(set(y[keep].tolist())) < 2:
             continue
-        block = {k: _row(y[keep], s[keep]) for k, s in scores.items()}
+        block: dict = {"answers": int(keep.sum()), "hallucinated": int(y[keep].sum())}
+        block.update({k: _row(y[keep], s[keep]) for k, s in scores.items()})
         for k in ("-min log p", f"validator, first {args.prefix} tokens"):
             lo, hi = paired_auroc_difference(y[keep], whole[keep], scores[k][keep], n=1000)
             block["validator"][f"minus {k}"] = [round(lo, 3), round(hi, 3)]
