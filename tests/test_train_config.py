@@ -111,3 +111,16 @@ def test_extract_config_options_and_errors():
     with pytest.raises(ValueError, match=r"ExtractConfig\.resume='no' must be True or False"):
         ExtractConfig("paired", resume="no")
     assert ExtractConfig.from_dict(base.to_dict()) == base
+
+
+def test_device_is_a_training_option_not_a_recipe_flag():
+    import torch
+
+    assert TrainConfig(device=torch.device("cpu")).device == "cpu"  # JSON-able
+    with pytest.raises(ValueError, match="device"):
+        TrainConfig(device="")
+    assert TrainConfig.with_options(None, {"device": "cuda"}).device == "cuda"
+    p = argparse.ArgumentParser()
+    add_train_arguments(p)
+    args = p.parse_args(["--features", "f", "--out", "o", "--device", "cuda"])
+    assert args.device == "cuda" and config_from_flags(args, TrainConfig).device is None  # the CLI's own flag

@@ -256,7 +256,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     (its default, choices and help; one owner)."""
     p.add_argument("--features", required=True, help="Feature store written by `flowcheck extract` or `replay`.")
     p.add_argument("--out", required=True, help="Folder for the trained validator.")
-    add_config_flags(p.add_argument_group("training (TrainConfig fields)"), TrainConfig, flag_names=_TRAIN_FLAG_NAMES)
+    add_config_flags(
+        p.add_argument_group("training (TrainConfig fields)"), TrainConfig, flag_names=_TRAIN_FLAG_NAMES,
+        exclude=("device",),  # --device below: where to train is not part of the recipe
+    )  # fmt: skip
     p.add_argument("--model", default=None, help="With --token-loss-weight: the store's model (for its tokenizer).")
     p.add_argument("--device", default=None, help="Where the validator trains (e.g. cuda); default cpu.")
     p.add_argument("--no-progress", action="store_true")

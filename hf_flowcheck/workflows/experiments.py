@@ -399,7 +399,7 @@ def train_from_store(
         checkpoint_dir=Path(out_dir) / "checkpoints",
         progress=progress,
         flow_config=flow_config,
-        device=device,
+        **({"device": device} if device is not None else {}),  # else train_config's
     )
     validator = validator.to("cpu")
     fingerprint = dict(store.model_fingerprint) if store.model_fingerprint else None

@@ -125,6 +125,10 @@ class TrainConfig(VersionedConfig):
         default=1e-2, metadata={"help": "With state_init 'probe'/'frozen-probe': the L2 penalty of the starting probe."}
     )
     n_bootstrap: int = field(default=1000, metadata={"help": "Bootstrap resamples of the test intervals."})
+    device: str | None = field(
+        default=None,
+        metadata={"help": "Where the validator trains (e.g. 'cuda'); None: the device of the train features."},
+    )
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size", "patience", "members", "n_bootstrap", "hidden", "embed", "gru_hidden"):
@@ -134,6 +138,10 @@ class TrainConfig(VersionedConfig):
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"TrainConfig.{name}={value!r} must be a non-negative integer.")
         self._check_choices("TrainConfig")
+        if type(self.device).__name__ == "device":  # a torch.device: kept as its name (the config stays JSON-able)
+            self.device = str(self.device)
+        if self.device is not None and (not isinstance(self.device, str) or not self.device):
+            raise ValueError(f"TrainConfig.device={self.device!r} must be a device name such as 'cuda' or None.")
         for name in ("event_layernorm", "state"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} must be True or False.")

@@ -328,7 +328,6 @@ def train_validator(
     progress: bool = True,
     flow_config: FlowConfig | None = None,
     base_model: nn.Module | None = None,
-    device: str | torch.device | None = None,
     probe_states: tuple[torch.Tensor, Any] | None = None,
     **options: Any,
 ) -> tuple[FlowValidator, TrainingHistory]:
@@ -366,13 +365,13 @@ def train_validator(
         flow_config: The ``FlowConfig`` the features were computed with (stored in the validator).
         base_model: The model the features came from; its fingerprint is stored (see
             :meth:`FlowValidator.check_compatible`).
-        device: Where to train (default: the device of ``train.values``).
         probe_states: ``(states [M, B+1, d], labels [M])`` of more training answers that only the
             state branch sees: its input scaling and its probe (``state_init`` ``"probe"`` or
             ``"frozen-probe"``) are fitted on the train rows' states and these together. For answers
             whose state summaries are cheap to extract and whose flow features are not (a pooled
             residual needs one forward; the flow features a replay). Keep validation answers out.
-        **options: :class:`TrainConfig` fields that override ``train_config``'s (e.g. ``epochs=5``).
+        **options: :class:`TrainConfig` fields that override ``train_config``'s (e.g. ``epochs=5``;
+            ``device="cuda"``: where to train, default the device of ``train.values``).
 
     Returns:
         ``(validator, history)``; the validator holds the weights of the best epoch by ``selection``, in
@@ -473,7 +472,7 @@ def train_validator(
     if n_pos == 0 or n_neg == 0:
         logger.warning("train_validator: the train split has only one class (%d pos, %d neg).", n_pos, n_neg)
 
-    dev = torch.device(device) if device is not None else train.values.device
+    dev = torch.device(recipe.device) if recipe.device is not None else train.values.device
     fingerprint = model_fingerprint(base_model) if base_model is not None else None
     hyper = {
         "lr": float(lr),
