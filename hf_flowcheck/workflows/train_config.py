@@ -139,7 +139,7 @@ class TrainConfig(VersionedConfig):
                 raise ValueError(f"TrainConfig.{name}={value!r} must be a non-negative integer.")
         self._check_choices("TrainConfig")
         if type(self.device).__name__ == "device":  # a torch.device: kept as its name (the config stays JSON-able)
-            self.device = str(self.device)
+            object.__setattr__(self, "device", str(self.device))
         if self.device is not None and (not isinstance(self.device, str) or not self.device):
             raise ValueError(f"TrainConfig.device={self.device!r} must be a device name such as 'cuda' or None.")
         for name in ("event_layernorm", "state"):
