@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 import time
@@ -380,6 +381,14 @@ def confidence_states(conf: np.ndarray) -> torch.Tensor:
     return torch.as_tensor(np.asarray(conf, dtype=np.float32))[:, None, :]
 
 
+@functools.lru_cache(maxsize=1)
+def _pooled_states(pooled: str) -> dict:
+    """``pooled_state_probe.py extract``'s states, read once per run (with_mean_state and pooled_only share them)."""
+    from pooled_state_probe import load as load_pooled  # a sibling benchmark
+
+    return load_pooled(Path(pooled))
+
+
 def with_mean_state(feats, meta: list, pooled: str, depth: int):
     """``feats`` with each answer's residual state entering block ``depth``, averaged over its content tokens.
 
@@ -389,8 +398,6 @@ def with_mean_state(feats, meta: list, pooled: str, depth: int):
     the answers that were extracted; the others must stay out of training and testing.
     ``pooled=None``: the store's own states (``replay --mean-state``), all answers.
     """
-    from pooled_state_probe import load as load_pooled  # a sibling benchmark
-
     if pooled is None:
         if feats.states is None or feats.states.dim() != 3 or feats.states.shape[1] <= depth:
             raise SystemExit(
@@ -398,7 +405,7 @@ def with_mean_state(feats, meta: list, pooled: str, depth: int):
                 "replay the store with --mean-state."
             )
         return feats, np.ones(feats.states.shape[0], dtype=bool)
-    data = load_pooled(Path(pooled))
+    data = _pooled_states(pooled)
     where = {k: i for i, k in enumerate(zip(data["task"], data["style"], data["uid"], strict=True))}
     rows = [where.get((m[0], m[1], m[2]), -1) for m in meta]
     has = np.array([r >= 0 for r in rows])
@@ -416,11 +423,9 @@ def pooled_only(meta: list, pooled: str | None, depth: int) -> dict | None:
     ``{"task", "style" [M] arrays, "states" [M, depth + 1, d] (block ``depth`` filled), "labels" [M]}``
     or ``None`` without ``--pooled``.
     """
-    from pooled_state_probe import load as load_pooled
-
     if pooled is None:
         return None
-    data = load_pooled(Path(pooled))
+    data = _pooled_states(pooled)
     known = {(m[0], m[1], m[2]) for m in meta}
     rows = np.array([k not in known for k in zip(data["task"], data["style"], data["uid"], strict=True)])
     take = torch.as_tensor(np.flatnonzero(rows), dtype=torch.long)
@@ -497,7 +502,8 @@ def matrix(args: argparse.Namespace) -> int:
     task = np.array([m[0] for m in meta])
     style = np.array([m[1] for m in meta])
     ref = shipped(args.model)
-    trainable = ~np.isin(task, [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
+    eval_only = [t for t, spec in CORPUS_TASKS.items() if spec.eval_only]
+    trainable = ~np.isin(task, eval_only)
     reads = tuple(ref.config.feature_names) == tuple(feats.names) and (
         not ref.config.state_dim or (feats.states is not None and feats.states.shape[-1] == ref.config.state_dim)
     )
@@ -513,9 +519,7 @@ def matrix(args: argparse.Namespace) -> int:
         feats, has = with_mean_state(feats, meta, args.pooled, args.state_depth)
         out["extracted"] = has.tolist()
         extras = pooled_only(meta, args.pooled, args.state_depth) if args.probe_all_pooled else None
-    trainable_extra = (
-        None if extras is None else ~np.isin(extras["task"], [t for t, spec in CORPUS_TASKS.items() if spec.eval_only])
-    )
+    trainable_extra = None if extras is None else ~np.isin(extras["task"], eval_only)
     groups = [("style", s, style == s) for s in PROMPT_STYLES] if args.held_out != "tasks" else []
     if args.held_out != "styles":
         groups += [("task", t, task == t) for t in CORPUS_TASKS]
@@ -908,6 +912,18 @@ def reliability_png(y: np.ndarray, runs: dict, shipped_scores: np.ndarray, path:
     plt.close(fig)
 
 
+def _mean_state_flags(p: argparse.ArgumentParser) -> None:
+    """The flow+mean-state design's flags (matrix and bundle)."""
+    p.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
+    p.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
+    p.add_argument("--probe-all-pooled", action="store_true",
+                   help="flow+mean-state: fit the frozen probe on every pooled answer of the training cells, "
+                   "also those without flow features (the flow part still trains on the replayed ones).")  # fmt: skip
+    p.add_argument(
+        "--state-l2", type=float, default=1e-2, help="L2 penalty of the frozen probe (TrainConfig.state_l2)."
+    )
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -944,14 +960,7 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--skip-in-distribution", action="store_true",
                    help="No in-distribution reference run (another process of the same matrix makes it).")  # fmt: skip
     m.add_argument("--seed", type=int, default=0)
-    m.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
-    m.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
-    m.add_argument("--probe-all-pooled", action="store_true",
-                   help="flow+mean-state: fit the frozen probe on every pooled answer of the training cells, "
-                   "also those without flow features (the flow part still trains on the replayed ones).")  # fmt: skip
-    m.add_argument(
-        "--state-l2", type=float, default=1e-2, help="L2 penalty of the frozen probe (TrainConfig.state_l2)."
-    )
+    _mean_state_flags(m)
     m.set_defaults(func=matrix)
     b = sub.add_parser("bundle")
     b.add_argument("--model", choices=tuple(BUNDLED), default="SmolLM2-135M-Instruct")
@@ -961,14 +970,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--epochs", type=int, default=20)
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--design", choices=("flow-only", "flow+token-confidence", "flow+mean-state"), default="flow-only")
-    b.add_argument("--pooled", default=None, help="flow+mean-state: the states of `pooled_state_probe.py extract`.")
-    b.add_argument("--state-depth", type=int, default=0, help="flow+mean-state: the block whose input state it reads.")
-    b.add_argument("--probe-all-pooled", action="store_true",
-                   help="flow+mean-state: fit the frozen probe on every pooled answer of the training cells, "
-                   "also those without flow features (the flow part still trains on the replayed ones).")  # fmt: skip
-    b.add_argument(
-        "--state-l2", type=float, default=1e-2, help="L2 penalty of the frozen probe (TrainConfig.state_l2)."
-    )
+    _mean_state_flags(b)
     b.add_argument("--overwrite", action="store_true")
     b.set_defaults(func=bundle)
     c = sub.add_parser("card")
