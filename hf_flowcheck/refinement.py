@@ -488,8 +488,9 @@ def _candidates(
     """``(t0, b0)`` of the ``num_culprits`` rollbacks to try for one row.
 
     ``"resample"`` rolls back to the last prompt token (the whole answer is drawn again). Otherwise
-    the culprit comes first, then the next answer tokens by their highest event logit, each at the
-    block of that logit (one candidate per token).
+    the culprit comes first, then the next riskiest answer tokens (``flow_token_scores``; outputs
+    without them, by their highest event logit), each at the block of its highest event logit, as
+    the culprit is (one candidate per token).
     """
     if config.strategy == "resample":
         return [(prompt_len - 1, -1)] * config.num_culprits
@@ -500,9 +501,11 @@ def _candidates(
         return list(first)
     ev = scores[row].detach().float().cpu()  # [B, T], -inf where there is no event
     best, block = ev.max(dim=0)  # per token
+    risk = getattr(output, "flow_token_scores", None)
+    rank = best if risk is None else risk[row].detach().float().cpu()
     pos = positions[row].cpu()
-    ok = (pos >= prompt_len) & torch.isfinite(best)
-    order = torch.argsort(-best.masked_fill(~ok, -float("inf")), stable=True)
+    ok = (pos >= prompt_len) & torch.isfinite(best) & ~torch.isnan(rank)
+    order = torch.argsort(-rank.masked_fill(~ok, -float("inf")), stable=True)
     out = list(first)
     for j in order.tolist():
         if len(out) >= config.num_culprits or not bool(ok[j]):

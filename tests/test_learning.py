@@ -159,15 +159,14 @@ def test_probe_states_widen_the_probe_and_nothing_else(tiny_answers):
                         **kw)  # fmt: skip
 
 
-def test_attention_head_culprit_is_the_largest_event(tiny_answers):
+def test_attention_head_culprit_is_the_riskiest_token(tiny_answers):
     feats, _ = tiny_answers
     model = FlowValidator(shipped_config(feats)).eval()
     model.fit_input_transform(feats.values, feats.valid)
     out = model.score_features(feats)
-    flat = out.event_logits.reshape(len(feats), -1)
-    arg = flat.argmax(1)
-    t = feats.values.shape[2]
-    assert torch.equal(out.culprit_block, arg // t) and torch.equal(out.culprit_column, arg % t)
+    col = out.token_logits.nan_to_num(float("-inf")).argmax(1)
+    assert torch.equal(out.culprit_column, col)
+    assert torch.equal(out.culprit_block, out.event_logits[torch.arange(len(feats)), :, col].argmax(1))
     assert bool(torch.isfinite(out.scores).all()) and bool(((out.scores > 0) & (out.scores < 1)).all())
     # a row's score does not depend on the rest of the batch
     one = model.score_features(feats[3])

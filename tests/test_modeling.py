@@ -47,10 +47,12 @@ def test_scores_equal_teacher_forced_validator(wrapped, do_sample):
     torch.testing.assert_close(out.flow_scores, ref.scores, atol=1e-5, rtol=0)
     assert torch.equal(out.flow_culprits[:, 1], ref.culprit_block)
     assert torch.equal(out.flow_culprits[:, 0], ref.culprit_position)
-    # The culprit is the arg-max event, and lies in the generated part.
+    # The culprit is the riskiest token, at the block of its largest event, in the generated part.
     assert (out.flow_culprits[:, 0] >= p).all()
+    col = out.flow_token_scores.nan_to_num(-1.0).argmax(-1)
+    assert torch.equal(out.flow_positions.gather(1, col[:, None]).squeeze(1), out.flow_culprits[:, 0])
     ev = out.flow_event_scores.masked_fill(~out.flow_event_mask, float("-inf"))
-    assert torch.equal(ev.flatten(1).argmax(-1) // ev.shape[2], out.flow_culprits[:, 1])
+    assert torch.equal(ev[torch.arange(len(col)), :, col].argmax(-1), out.flow_culprits[:, 1])
 
 
 def test_generation_config_flag(wrapped):

@@ -156,3 +156,23 @@ def test_mean_state_validator_scores_generate_as_teacher_forced():
     assert not torch.allclose(ref, without_state, atol=1e-3)  # the state term matters here
     torch.testing.assert_close(scores[None], ref, atol=1e-5, rtol=0)
     torch.testing.assert_close(scores[1], ref, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("head", ["attention", "gru"])
+def test_the_culprit_is_a_content_token_however_the_answer_ends(model, head):
+    """The culprit is the riskiest token (spec of issue 28): never the stop newline, a space or the EOS."""
+    from hf_flowcheck.detectors.flow_validator import FlowValidator, ValidatorConfig
+
+    cfg = tiny_flow_config()
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    torch.manual_seed(1)
+    val = FlowValidator(
+        ValidatorConfig.from_feature_names(cfg.feature_names, hidden=16, embed=8, gru_hidden=8, head=head),
+        flow_config=cfg,
+    ).eval()
+    content_end = len(ext.tokenizer(PROMPT)["input_ids"]) + len(ext.tokenizer(" Ann Lee")["input_ids"])
+    for end in ENDINGS:
+        out = val.score_features(_features(ext, end))
+        t0 = int(out.culprit_position[0])
+        assert 0 <= t0 < content_end, repr(end)
+        assert float(out.token_logits[0, out.culprit_column[0]]) == float(out.token_logits[0].nan_to_num(-1e9).max())

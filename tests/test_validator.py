@@ -141,6 +141,11 @@ def test_token_logits_pool_back_to_the_answer_logit(kw):
         else:
             torch.testing.assert_close(out.logits[i], t_i.max())
             assert int(w[i].argmax()) == int(out.culprit_column[i])
+        if kw.get("head") != "depth":
+            # the culprit is the riskiest token, at the block of its largest event logit
+            col = int(out.culprit_column[i])
+            assert tok[i, col] == tok[i][has[i]].max()
+            assert int(out.culprit_block[i]) == int(out.event_logits[i, :, col].argmax())
     # A token's logit is set by its own column: changing another token's features leaves it alone
     # (the attention head scores events independently).
     if kw.get("head") == "attention":
@@ -298,13 +303,15 @@ def test_ensemble_is_the_mean_of_its_members(head):
     assert not torch.allclose(parts[0].logits[:2], parts[1].logits[:2])  # members start apart
     events = torch.stack([o.event_logits for o in parts]).mean(0)
     torch.testing.assert_close(out.event_logits, events)
-    flat = events.reshape(4, -1).argmax(1)
-    t = values.shape[2]
     has = out.has_events
     assert has.tolist() == [True, True, False, True]
-    assert torch.equal(out.culprit_block[has], (flat // t)[has]) and torch.equal(
-        out.culprit_column[has], (flat % t)[has]
-    )
+    # the culprit is the riskiest token of the mean token logits, at its largest mean event logit
+    tokens = torch.stack([o.token_logits for o in parts]).mean(0)
+    torch.testing.assert_close(out.token_logits, tokens, equal_nan=True)
+    col = tokens.nan_to_num(float("-inf")).argmax(1)
+    assert torch.equal(out.culprit_column[has], col[has])
+    block = events[torch.arange(4), :, col].argmax(1)
+    assert torch.equal(out.culprit_block[has], block[has])
     assert int(out.culprit_block[2]) == -1 and torch.isnan(out.scores[2])
     torch.testing.assert_close(out.token_weights[has].sum(1), torch.ones(3))
     alone = v(values[1:2], valid[1:2])

@@ -2,20 +2,22 @@
 
 Three heads share the event encoder. ``head="gru"`` is the spec's B.9, described below.
 ``head="attention"`` scores each event on its own and takes the attention-weighted mean of the
-event logits as the sample logit (every event gets gradient; the culprit is the event with the
-largest logit). ``head="depth"`` is a depth-summary model: per block, the mean and maximum of the
-event embeddings over the answer's tokens and the largest event logit, a 1-D convolution over depth,
-one logit per block, their mean as the sample logit (the culprit is the block with the largest logit
-and, in it, the token with the largest event logit). Every head can read its inputs scaled per
-(block, feature), a block embedding, the readout-lens channels and, in a *flow + state* validator,
-the residual state at the last answer token (:class:`ValidatorConfig`).
+event logits as the sample logit (every event gets gradient). ``head="depth"`` is a depth-summary
+model: per block, the mean and maximum of the event embeddings over the answer's tokens and the
+largest event logit, a 1-D convolution over depth, one logit per block, their mean as the sample
+logit (the culprit is the block with the largest logit and, in it, the token with the largest event
+logit). Every head can read its inputs scaled per (block, feature), a block embedding, the
+readout-lens channels and, in a *flow + state* validator, a residual-state summary of the answer
+(:class:`ValidatorConfig`).
 
 Events are the valid ``(b, t)`` cells of a :class:`~hf_flowcheck.extraction.FlowFeatures` tensor,
 read depth-major (every masked token of block 0, then block 1, ...). Each event's feature vector
 goes through ``LayerNorm(F) → MLP (F→256→128, GELU, dropout) → LayerNorm → GRU(128→256) →
 Linear(256→1)``; the per-event logits are pooled over the valid events (``max`` by default, or
 ``logsumexp``) into the sample logit. ``sigmoid(logit)`` is the score: **in [0, 1], higher = more
-likely hallucinated**. The arg-max event is the *culprit* ``(t0, b0)`` that refinement patches.
+likely hallucinated**. The *culprit* ``(t0, b0)`` that refinement patches is the riskiest token
+(the largest token logit, :class:`FlowValidatorOutput`) at the block of its largest event logit;
+the depth head's is its own (above).
 
 Padding never reaches the GRU: the valid events of each row are compacted to the front (a stable
 sort keeps their depth-major order) before the recurrence, and the per-event logits are scattered

@@ -20,6 +20,7 @@ from hf_flowcheck.detectors.flow_validator.output import (
     FlowValidatorOutput,
     culprit_cells,
     mean_present,
+    riskiest_token_cells,
     token_pool_attention,
     token_pool_max,
 )
@@ -393,21 +394,21 @@ class FlowValidator(
         scores = torch.sigmoid(logits)
 
         if depth is not None:
-            full, flat = depth["event_logits"], depth["culprit"]
-        else:
-            full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
-            flat = order.gather(1, ev.argmax(dim=1)[:, None]).squeeze(1)  # the arg-max event's cell, [N]
-        culprit_block, culprit_column = culprit_cells(flat, has, t)
-
-        if depth is not None:
+            full = depth["event_logits"]
+            culprit_block, culprit_column = culprit_cells(depth["culprit"], has, t)
             token_logits = depth["token_logits"]
             token_weights = torch.zeros_like(token_logits).scatter(1, culprit_column.clamp_min(0)[:, None], 1.0)
             token_weights = token_weights * has[:, None]
-        elif attend is not None:
-            att_full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, attend)
-            token_logits, token_weights = token_pool_attention(full, att_full.reshape(n, b, t))
         else:
-            token_logits, token_weights = token_pool_max(full, cfg.pooling)
+            full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, ev).reshape(n, b, t)
+            if attend is not None:
+                att_full = torch.full((n, e), float("-inf"), dtype=ev.dtype, device=dev).scatter(1, order, attend)
+                token_logits, token_weights = token_pool_attention(full, att_full.reshape(n, b, t))
+            else:
+                token_logits, token_weights = token_pool_max(full, cfg.pooling)
+            # The riskiest token, not the largest single event: with the attention head the largest
+            # event is often one the pooling weighs little, and it lands on the wrong words less often.
+            culprit_block, culprit_column = riskiest_token_cells(token_logits, full, has)
         return FlowValidatorOutput(
             logits=logits,
             scores=scores,
@@ -422,20 +423,15 @@ class FlowValidator(
     def _ensemble_forward(
         self, values: torch.Tensor, valid: torch.Tensor, states: torch.Tensor | None
     ) -> FlowValidatorOutput:
-        """Mean of the members' outputs; the culprit is the event with the largest mean logit."""
+        """Mean of the members' outputs; the culprit is the token with the largest mean token logit."""
         outs = [member(values, valid, states) for member in self.members]
 
         def mean(name: str) -> torch.Tensor:
             return torch.stack([getattr(o, name) for o in outs]).mean(0)
 
-        logits, events = mean("logits"), mean("event_logits")  # -inf (no event) stays -inf
+        logits, events, token_logits = mean("logits"), mean("event_logits"), mean("token_logits")  # -inf stays -inf
         has = outs[0].has_events
-        n, _, t = events.shape
-        if events.numel():
-            culprit_block, culprit_column = culprit_cells(events.reshape(n, -1).argmax(1), has, t)
-        else:  # no token columns: no culprit
-            culprit_block = torch.full((n,), -1, dtype=torch.long, device=events.device)
-            culprit_column = culprit_block.clone()
+        culprit_block, culprit_column = riskiest_token_cells(token_logits, events, has)
         return FlowValidatorOutput(
             logits=logits,
             scores=torch.sigmoid(logits),
@@ -443,7 +439,7 @@ class FlowValidator(
             culprit_block=culprit_block,
             culprit_column=culprit_column,
             has_events=has,
-            token_logits=mean("token_logits"),
+            token_logits=token_logits,
             token_weights=mean("token_weights"),
         )
 

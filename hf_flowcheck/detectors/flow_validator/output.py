@@ -6,7 +6,14 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["FlowValidatorOutput", "culprit_cells", "mean_present", "token_pool_attention", "token_pool_max"]
+__all__ = [
+    "FlowValidatorOutput",
+    "culprit_cells",
+    "mean_present",
+    "riskiest_token_cells",
+    "token_pool_attention",
+    "token_pool_max",
+]
 
 
 @dataclass
@@ -18,8 +25,12 @@ class FlowValidatorOutput:
         scores: ``[N]`` ``sigmoid(logits)`` in ``[0, 1]``, higher = more likely hallucinated;
             ``nan`` for rows without events.
         event_logits: ``[N, B, T]`` per-event logits, ``-inf`` where the cell is not a valid event.
-        culprit_block: ``[N]`` long, block ``b0`` of the arg-max event (-1 without events).
-        culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the arg-max event (-1 without events).
+        culprit_block: ``[N]`` long, block ``b0`` of the culprit: the block of the culprit token's
+            largest event logit (-1 without events).
+        culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the culprit: the riskiest
+            token, i.e. the largest ``token_logits`` (-1 without events). Until session 18 it was the
+            column of the answer's largest event logit (``benchmarks/culprit_quality.py`` compares
+            the two).
         has_events: ``[N]`` bool, whether the row has at least one valid event.
         token_logits: ``[N, T]`` each token's logit: the validator's pooling applied to that token's
             events alone (plus the state term), i.e. the answer's logit if all of its flow evidence
@@ -95,3 +106,25 @@ def token_pool_max(event_logits: torch.Tensor, pooling: str) -> tuple[torch.Tens
         weights = torch.nan_to_num(torch.softmax(logits, dim=1), nan=0.0)
     weights = weights * has.any(1, keepdim=True)
     return torch.where(has, logits, torch.full_like(logits, float("nan"))), weights
+
+
+def riskiest_token_cells(
+    token_logits: torch.Tensor, event_logits: torch.Tensor, has: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, column)`` of each row's culprit: the riskiest token, at its largest event.
+
+    Args:
+        token_logits: ``[N, T]`` (``nan`` for a column without events).
+        event_logits: ``[N, B, T]`` (``-inf`` where no event).
+        has: ``[N]`` bool, whether the row has any event.
+
+    Returns:
+        ``(culprit_block, culprit_column)``, each ``[N]`` long; ``-1`` for rows without events.
+    """
+    n, b, t = event_logits.shape
+    minus = torch.full((n,), -1, dtype=torch.long, device=event_logits.device)
+    if t == 0:
+        return minus, minus.clone()
+    col = token_logits.masked_fill(torch.isnan(token_logits), float("-inf")).argmax(1)
+    block = event_logits.gather(2, col[:, None, None].expand(n, b, 1)).squeeze(2).argmax(1)
+    return torch.where(has, block, minus), torch.where(has, col, minus)

@@ -1,0 +1,260 @@
+"""Does the culprit point at the wrong words? Weak token labels on corpus answers no validator saw.
+
+For the next ``--per-cell`` labelled answers of every corpus cell after ``--skip`` (the bundled corpus
+validators were fitted on each cell's first 100 at most), each answer is teacher-forced once with
+the validator's own ``FlowConfig`` and once plainly (hidden states and token log-probs). In a
+hallucinated answer, a word token that is in no reference answer is *wrong-part*, one that is in a
+reference is *supported* (:func:`~hf_flowcheck.workflows.token_labels.word_labels`, rule
+``"references"``; tokens without word characters and special tokens are unlabelled). Only answers
+with at least one token of each kind count.
+
+Pointers compared, each naming one answer token:
+
+- ``random token``: the expected hit rate of a uniformly drawn scored token (the share of wrong-part
+  tokens among them);
+- ``lowest-probability token``: the token with the largest ``-log p``;
+- ``arg-max event``: the column of the validator's largest event logit (the culprit up to session 18);
+- ``validator's culprit``: ``FlowValidatorOutput.culprit_column`` of the code that runs;
+- ``arg-max flow token``: the column of the largest token logit of the flow part alone
+  (``token_logits`` without any state term);
+- ``arg-max state contribution`` (flow + mean-state validators): the token whose own residual at the
+  state block adds most to the state term. The state term is linear in the answer's mean residual,
+  ``w·(mean_t h_t − shift)/scale + b``, so it is exactly the mean over tokens of
+  ``c_t = w·(h_t − shift)/scale + b``;
+- ``arg-max token risk``: the column of ``token_logits`` where the constant state term is replaced by
+  the token's own ``c_t`` (what ``FlowValidatorOutput.token_logits`` reads with per-token states).
+
+Every pointer chooses among the answer tokens the validator scores (content tokens: no terminator);
+landing on an unlabelled one counts as a miss, and how often that happens is reported. Reported:
+the share of answers whose pointer lands on a wrong-part token (95% bootstrap interval over answers), each pointer's paired difference to the lowest-probability token, and the per-answer
+localization AUROC (wrong-part against supported tokens within an answer, averaged).
+
+``--spans`` reads HaluQuestQA's expert error spans instead (``benchmarks/human_spans.py`` selects,
+teacher-forces and labels the answers the same way: one chat-template user turn, the first 192
+answer tokens, answers whose spans all lie inside the cut). There, without the flow part (its token
+risks are in that benchmark's report), the state contribution ``c_t`` is compared with the token's
+``-log p`` and entropy: all-token AUROC, per-answer localization, and how often each one's riskiest
+token lies in an error span.
+
+Run: ``python benchmarks/culprit_quality.py --model SmolLM2-135M-Instruct
+--corpus answers/SmolLM2-135M-Instruct/corpus --skip 100 --per-cell 8 --basis-solver subspace
+--out benchmarks/results/culprit_quality_smol.json`` and ``python benchmarks/culprit_quality.py --spans
+--out benchmarks/results/culprit_quality_spans_smol.json``
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from hf_flowcheck.bundled import default_validator_for
+from hf_flowcheck.detectors import FlowValidator
+from hf_flowcheck.detectors.base import encode_text
+from hf_flowcheck.extraction import FlowExtractor
+from hf_flowcheck.metrics import auroc
+from hf_flowcheck.offline_models import load_model
+from hf_flowcheck.workflows.corpus import answer_view, read_corpus
+from hf_flowcheck.workflows.token_labels import question_of, word_labels, words
+
+
+def _labels(tok, gen_ids: list[int], references: list[str], prompt: str) -> np.ndarray:
+    """``[len(gen_ids)]`` 1 wrong-part, 0 supported, ``nan`` unlabelled (one hallucinated answer)."""
+    question = question_of(prompt)
+    out = np.full(len(gen_ids), np.nan)
+    for j, t in enumerate(gen_ids):
+        w = words(tok.decode([t], skip_special_tokens=True))
+        marks = [m for m in word_labels(w, references, question, "references") if m is not None] if w else []
+        if marks:
+            out[j] = float(any(marks))
+    return out
+
+
+def _answer_pointers(model, ext: FlowExtractor, v: FlowValidator, prompt: list[int], gen: list[int]) -> dict | None:
+    """Each pointer's per-answer-token score (``nan`` where it has none), indexed like ``gen``."""
+    ids = torch.tensor([prompt + gen])
+    resp = torch.zeros_like(ids)
+    resp[:, len(prompt) :] = 1
+    f = ext.extract(ids, response_mask=resp)
+    if not bool(f.valid.any()):
+        return None
+    o = v.score_features(f)
+    cols = f.positions[0] - len(prompt)  # [T] answer-token index of each column
+    n = len(gen)
+
+    def per_token(col_scores: torch.Tensor) -> np.ndarray:
+        out = np.full(n, np.nan)
+        out[cols.numpy()] = col_scores.detach().float().numpy()
+        return out
+
+    state_term = 0.0
+    c = None
+    if v.config.state_dim and v.flow_config.state_summary == "mean":
+        (blk,) = v.config.state_blocks
+        with torch.inference_mode():
+            z = (f.states[:, [blk]].float() - v.state_shift) / v.state_scale
+            state_term = float(v.state_head(z.reshape(1, -1)).squeeze())
+            h = model(ids, output_hidden_states=True).hidden_states[blk][0, len(prompt) :].float()
+            c = ((h - v.state_shift[0]) / v.state_scale[0]) @ v.state_head.weight[0] + v.state_head.bias
+    with torch.inference_mode():
+        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
+    nll = -torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1).numpy()
+    flow_tok = per_token(o.token_logits[0] - state_term)
+    ev = o.event_logits[0].detach().float()  # [B, T], -inf where no event
+    event = np.full(n, np.nan)
+    event[int(cols[int(ev.max(0).values.argmax())])] = 1.0
+    culprit = np.full(n, np.nan)
+    culprit[int(cols[o.culprit_column[0]])] = 1.0
+    out = {"lowest-probability token": nll, "arg-max event": event, "validator's culprit": culprit,
+           "arg-max flow token": flow_tok}  # fmt: skip
+    if c is not None:
+        c_np = c.numpy()
+        mask = ~np.isnan(flow_tok)
+        out["arg-max state contribution"] = np.where(mask, c_np, np.nan)
+        out["arg-max token risk"] = flow_tok + c_np
+    return out
+
+
+def _summary(hits: dict[str, np.ndarray], base: str, rng: np.random.Generator, n_boot: int) -> dict:
+    n = len(hits[base])
+    idx = rng.integers(0, n, (n_boot, n))
+    out = {}
+    for k, h in hits.items():
+        boot = h[idx].mean(1)
+        row = {
+            "on_wrong_part": round(float(h.mean()), 3),
+            "ci": [round(float(x), 3) for x in np.percentile(boot, [2.5, 97.5])],
+        }
+        if k != base:
+            diff = (h - hits[base])[idx].mean(1)
+            row[f"minus {base}"] = [round(float(x), 3) for x in np.percentile(diff, [2.5, 97.5])]
+        out[k] = row
+    return out
+
+
+def _spans(args: argparse.Namespace, model, tok, v: FlowValidator) -> dict:
+    """The state contribution against ``-log p`` and entropy on HaluQuestQA's expert error spans."""
+    from human_spans import DATA, label_tokens, read_answers  # a sibling benchmark: the same answers and labels
+
+    if not (v.config.state_dim and v.flow_config.state_summary == "mean"):
+        raise SystemExit("--spans compares a flow + mean-state validator's state contribution; this one has none.")
+    (blk,) = v.config.state_blocks
+    rows = []
+    for rec in read_answers(DATA, args.clean, 0):
+        prompt = tok.apply_chat_template([{"role": "user", "content": rec["question"]}], tokenize=False,
+                                         add_generation_prompt=True)  # fmt: skip
+        p_ids = tok(prompt, add_special_tokens=False).input_ids
+        enc = tok(rec["answer"], add_special_tokens=False, return_offsets_mapping=True)
+        labels, _, complete = label_tokens(rec, [tuple(o) for o in enc.offset_mapping[:192]])
+        if not complete:
+            continue
+        ids = torch.tensor([p_ids + enc.input_ids[:192]])
+        with torch.inference_mode():
+            o = model(ids, output_hidden_states=True)
+            h = o.hidden_states[blk][0, len(p_ids) :].float()
+            c = ((h - v.state_shift[0]) / v.state_scale[0]) @ v.state_head.weight[0] + v.state_head.bias
+            logp = torch.log_softmax(o.logits[0, len(p_ids) - 1 : -1].float(), -1)
+        nll = -logp.gather(-1, ids[0, len(p_ids) :, None]).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        rows.append((np.array(labels, float), {"state contribution": c.numpy(), "-log p": nll.numpy(),
+                                               "entropy": entropy.numpy()}))  # fmt: skip
+    out: dict = {"answers": len(rows), "with_error": int(sum(y.any() for y, _ in rows))}
+    y_all = np.concatenate([y for y, _ in rows])
+    hits: dict[str, list[float]] = {"random token": []}
+    for name in rows[0][1]:
+        s_all = np.concatenate([s[name] for _, s in rows])
+        mixed = [(y, s[name]) for y, s in rows if 0 < y.sum() < len(y)]
+        hits[name] = [float(y[int(np.argmax(s_))]) for y, s_ in mixed]
+        out[name] = {"all_token_auroc": round(auroc(y_all, s_all), 3),
+                     "per_answer_localization": round(float(np.mean([auroc(y, s_) for y, s_ in mixed])), 3)}  # fmt: skip
+    hits["random token"] = [float(y.mean()) for y, s in rows if 0 < y.sum() < len(y)]
+    arrays = {k: np.array(h) for k, h in hits.items()}
+    out["riskiest token in an error span"] = _summary(arrays, "-log p", np.random.default_rng(0), args.bootstrap)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    p.add_argument("--corpus", help="The corpus folder (answers/<model>/corpus); not with --spans.")
+    p.add_argument("--spans", action="store_true", help="HaluQuestQA's expert error spans instead of the corpus.")
+    p.add_argument("--clean", type=int, default=236, help="--spans: answers without an error span to add.")
+    p.add_argument("--validator", default=None, help="A validator folder (default: the model's bundled default).")
+    p.add_argument("--skip", type=int, default=100, help="Each cell's first answers, which training may have seen.")
+    p.add_argument("--per-cell", type=int, default=8)
+    p.add_argument("--basis-solver", choices=("eigh", "subspace"), default="eigh",
+                   help="'subspace': the same window bases to float32 precision, faster (FlowConfig.basis_solver).")  # fmt: skip
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    model, tok = load_model(args.model)
+    model.eval()
+    v = FlowValidator.from_pretrained(args.validator) if args.validator else default_validator_for(model)
+    v.eval()
+    command = "python benchmarks/culprit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
+    if args.spans:
+        out = {"validator": str(args.validator or "bundled default"), "command": command, **_spans(args, model, tok, v)}
+        print(json.dumps(out, indent=1))
+        Path(args.out).write_text(json.dumps(out, indent=1))
+        return 0
+    if not args.corpus:
+        raise SystemExit("give --corpus (answers/<model>/corpus), or --spans.")
+    ext = FlowExtractor(model, dataclasses.replace(v.flow_config, basis_solver=args.basis_solver), tokenizer=tok)
+    t0 = time.perf_counter()
+    hits: dict[str, list[float]] = {}
+    loc: dict[str, list[float]] = {}
+    unlabelled: dict[str, list[float]] = {}
+    cells: list[str] = []
+    for f in read_corpus(args.corpus):
+        task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
+        views = [x for r in f.labelled if (x := answer_view(r, "primary", tok)) is not None]
+        for x in views[args.skip : args.skip + args.per_cell]:
+            if not x.label or not x.references:
+                continue
+            y = _labels(tok, list(x.gen_ids), list(x.references), x.prompt)
+            prompt = encode_text(tok, x.prompt)
+            ptr = _answer_pointers(model, ext, v, prompt, list(x.gen_ids))
+            if ptr is None:
+                continue
+            scored = ~np.isnan(ptr["arg-max flow token"])  # the tokens the validator can point at
+            usable = scored & ~np.isnan(y)
+            if not (0 < y[usable].sum() < usable.sum()):
+                continue
+            cells.append(f"{task}/{style}")
+            wrong = np.where(np.isnan(y), 0.0, y)  # an unlabelled token (punctuation, a number's piece) is no hit
+            hits.setdefault("random token", []).append(float(wrong[scored].mean()))
+            for k, s in ptr.items():
+                j = int(np.argmax(np.where(scored, np.nan_to_num(s, nan=-np.inf), -np.inf)))
+                hits.setdefault(k, []).append(float(wrong[j]))
+                unlabelled.setdefault(k, []).append(float(np.isnan(y[j])))
+                if k not in ("arg-max event", "validator's culprit"):
+                    loc.setdefault(k, []).append(auroc(y[usable], s[usable]))
+        print(f"{task}/{style}: {len(cells)} answers so far, {time.perf_counter() - t0:.0f} s", flush=True)
+    arrays = {k: np.array(h) for k, h in hits.items()}
+    out = {
+        "validator": str(args.validator or "bundled default"),
+        "answers": len(cells),
+        "skip": args.skip,
+        "per_cell": args.per_cell,
+        "seconds": round(time.perf_counter() - t0),
+        "command": command,
+        "pointers": _summary(arrays, "lowest-probability token", np.random.default_rng(0), args.bootstrap),
+        "per_answer_localization": {k: round(float(np.mean(v_)), 3) for k, v_ in loc.items()},
+        "share_on_an_unlabelled_token": {k: round(float(np.mean(v_)), 3) for k, v_ in unlabelled.items()},
+        "cells": sorted(set(cells)),
+    }
+    print(json.dumps(out["pointers"], indent=1), json.dumps(out["per_answer_localization"]))
+    Path(args.out).write_text(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
