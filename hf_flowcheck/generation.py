@@ -90,7 +90,9 @@ class FlowGenerateOutput(GenerateDecoderOnlyOutput):
         flow_token_scores: ``[batch, T]`` per-token risk in ``[0, 1]`` (:func:`token_risk`), ``nan``
             for a column without events.
         flow_positions: ``[batch, T]`` sequence index of each ``T`` column, -1 for padding.
-        flow_culprits: ``[batch, 2]`` long, ``(position t0, block b0)`` of the culprit event, -1 if none.
+        flow_culprits: ``[batch, 2]`` long, ``(position t0, block b0)`` of the culprit: the riskiest
+            answer token (the largest ``flow_token_scores``) and the block of its largest event logit;
+            -1 if none.
         flow_has_events: ``[batch]`` bool.
         flow_features: The :class:`~hf_flowcheck.FlowFeatures` (with ``return_flow_features=True``).
         flow_running_scores: ``[checks, batch]`` running scores of a streaming check (nan before a row
