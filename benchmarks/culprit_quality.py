@@ -21,6 +21,7 @@ Pointers compared, each naming one answer token:
   state block adds most to the state term. The state term is linear in the answer's mean residual,
   ``w·(mean_t h_t − shift)/scale + b``, so it is exactly the mean over tokens of
   ``c_t = w·(h_t − shift)/scale + b``;
+- ``riskiest word token``: the culprit restricted to tokens with a word character (no punctuation);
 - ``arg-max token risk``: the column of ``token_logits`` where the constant state term is replaced by
   the token's own ``c_t`` (what ``FlowValidatorOutput.token_logits`` reads with per-token states).
 
@@ -224,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
             ptr = _answer_pointers(model, ext, v, prompt, list(x.gen_ids))
             if ptr is None:
                 continue
+            wordy = np.array([bool(words(tok.decode([t], skip_special_tokens=True))) for t in x.gen_ids])
+            ptr["riskiest word token"] = np.where(wordy, ptr["arg-max flow token"], np.nan)
             scored = ~np.isnan(ptr["arg-max flow token"])  # the tokens the validator can point at
             usable = scored & ~np.isnan(y)
             if not (0 < y[usable].sum() < usable.sum()):

@@ -389,6 +389,26 @@ def test_num_culprits_keeps_the_lowest_scoring_candidate(setup):
     assert three.culprit_before[0] >= p
 
 
+def test_further_candidates_are_the_next_riskiest_tokens_at_their_top_block():
+    from types import SimpleNamespace
+
+    from hf_flowcheck.refinement import _candidates
+
+    inf = float("inf")
+    # columns: a prompt token, then four answer tokens (positions 10-13); by risk 12, 11, 13, 10
+    events = torch.tensor([[0.0, 5.0, -1.0, 0.5, 2.0], [1.0, -2.0, 0.0, 3.0, -inf]])  # [B=2, T=5]
+    out = SimpleNamespace(
+        flow_culprits=torch.tensor([[12, 1]]),
+        flow_event_scores=events[None],
+        flow_positions=torch.tensor([[9, 10, 11, 12, 13]]),
+        flow_token_scores=torch.tensor([[0.99, 0.3, 0.6, 0.9, 0.5]]),
+    )
+    got = _candidates(out, 0, 10, torch.ones(14), RefineConfig(num_culprits=4))
+    # the culprit first, then tokens by risk (not by their largest event: 10 has the largest), each at
+    # the block of its largest event; the prompt column never
+    assert got == [(12, 1), (11, 1), (13, 0), (10, 0)]
+
+
 def test_resample_draws_the_whole_answer_again(setup):
     fc, out, att = setup
     res = fc.refine(out, strategy="resample", threshold=0.0, attention_mask=att, **SMALL)

@@ -429,7 +429,8 @@ class FlowValidator(
         def mean(name: str) -> torch.Tensor:
             return torch.stack([getattr(o, name) for o in outs]).mean(0)
 
-        logits, events, token_logits = mean("logits"), mean("event_logits"), mean("token_logits")  # -inf stays -inf
+        # a cell or token without events stays -inf / nan
+        logits, events, token_logits = mean("logits"), mean("event_logits"), mean("token_logits")
         has = outs[0].has_events
         culprit_block, culprit_column = riskiest_token_cells(token_logits, events, has)
         return FlowValidatorOutput(
