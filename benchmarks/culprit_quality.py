@@ -46,7 +46,6 @@ Run: ``python benchmarks/culprit_quality.py --model SmolLM2-135M-Instruct
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import sys
 import time
@@ -54,13 +53,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from fresh_answers import add_fresh_options, load_fresh  # a sibling benchmark: the same fresh answers
 
-from hf_flowcheck.bundled import default_validator_for
 from hf_flowcheck.detectors import FlowValidator
 from hf_flowcheck.detectors.base import encode_text
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.metrics import auroc
-from hf_flowcheck.offline_models import load_model
 from hf_flowcheck.workflows.corpus import answer_view, read_corpus
 from hf_flowcheck.workflows.token_labels import question_of, word_labels, words
 
@@ -182,24 +180,13 @@ def _spans(args: argparse.Namespace, model, tok, v: FlowValidator) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="SmolLM2-135M-Instruct")
+    add_fresh_options(p, per_cell=8)
     p.add_argument("--corpus", help="The corpus folder (answers/<model>/corpus); not with --spans.")
     p.add_argument("--spans", action="store_true", help="HaluQuestQA's expert error spans instead of the corpus.")
     p.add_argument("--clean", type=int, default=236, help="--spans: answers without an error span to add.")
-    p.add_argument("--validator", default=None, help="A validator folder (default: the model's bundled default).")
-    p.add_argument("--skip", type=int, default=100, help="Each cell's first answers, which training may have seen.")
-    p.add_argument("--per-cell", type=int, default=8)
-    p.add_argument("--basis-solver", choices=("eigh", "subspace"), default="eigh",
-                   help="'subspace': the same window bases to float32 precision, faster (FlowConfig.basis_solver).")  # fmt: skip
-    p.add_argument("--threads", type=int, default=1)
     p.add_argument("--bootstrap", type=int, default=2000)
-    p.add_argument("--out", required=True)
     args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    model, tok = load_model(args.model)
-    model.eval()
-    v = FlowValidator.from_pretrained(args.validator) if args.validator else default_validator_for(model)
-    v.eval()
+    model, tok, v = load_fresh(args)
     command = "python benchmarks/culprit_quality.py " + " ".join(sys.argv[1:] if argv is None else argv)
     if args.spans:
         out = {"validator": str(args.validator or "bundled default"), "command": command, **_spans(args, model, tok, v)}
@@ -208,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.corpus:
         raise SystemExit("give --corpus (answers/<model>/corpus), or --spans.")
-    ext = FlowExtractor(model, dataclasses.replace(v.flow_config, basis_solver=args.basis_solver), tokenizer=tok)
+    ext = FlowExtractor(model, v.flow_config, tokenizer=tok)
     t0 = time.perf_counter()
     hits: dict[str, list[float]] = {}
     loc: dict[str, list[float]] = {}

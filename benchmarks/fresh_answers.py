@@ -42,24 +42,36 @@ def _row(y: np.ndarray, s: np.ndarray) -> dict:
     return {"auroc": round(auroc(y, s), 3), "ci": [round(lo, 3), round(hi, 3)]}
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_fresh_options(p: argparse.ArgumentParser, per_cell: int) -> None:
+    """The options of a benchmark that runs a validator on each cell's answers after ``--skip``."""
     p.add_argument("--model", default="SmolLM2-135M-Instruct")
-    p.add_argument("--corpus", required=True)
     p.add_argument("--validator", default=None, help="A validator folder (default: the model's bundled default).")
     p.add_argument("--skip", type=int, default=100, help="Each cell's first answers, which training may have seen.")
-    p.add_argument("--per-cell", type=int, default=6)
-    p.add_argument("--prefix", type=int, default=4, help="Also score each answer cut after this many tokens.")
+    p.add_argument("--per-cell", type=int, default=per_cell)
     p.add_argument("--basis-solver", choices=("eigh", "subspace"), default="eigh",
                    help="'subspace': the same window bases to float32 precision, faster (FlowConfig.basis_solver).")  # fmt: skip
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", required=True)
-    args = p.parse_args(argv)
+
+
+def load_fresh(args: argparse.Namespace) -> tuple:
+    """``(model, tokenizer, validator)`` of :func:`add_fresh_options`; the validator in eval mode, with the
+    chosen basis solver (the same features, ``FlowConfig.same_features``)."""
     torch.set_num_threads(args.threads)
     model, tok = load_model(args.model)
     model.eval()
     v = FlowValidator.from_pretrained(args.validator) if args.validator else default_validator_for(model)
-    v.flow_config = dataclasses.replace(v.flow_config, basis_solver=args.basis_solver)  # same features (same_features)
+    v.flow_config = dataclasses.replace(v.flow_config, basis_solver=args.basis_solver)
+    return model, tok, v.eval()
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_fresh_options(p, per_cell=6)
+    p.add_argument("--corpus", required=True)
+    p.add_argument("--prefix", type=int, default=4, help="Also score each answer cut after this many tokens.")
+    args = p.parse_args(argv)
+    model, tok, v = load_fresh(args)
     rows, examples, prefixes = [], [], []
     for f in read_corpus(args.corpus):
         task, style = f.header["dataset"]["name"], f.header["dataset"]["style"]
