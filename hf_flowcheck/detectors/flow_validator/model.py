@@ -406,8 +406,8 @@ class FlowValidator(
                 token_logits, token_weights = token_pool_attention(full, att_full.reshape(n, b, t))
             else:
                 token_logits, token_weights = token_pool_max(full, cfg.pooling)
-            # The riskiest token, not the largest single event: with the attention head the largest
-            # event is often one the pooling weighs little, and it lands on the wrong words less often.
+            # The riskiest token, not the largest single event: the event lands on the wrong words less
+            # often (benchmarks/culprit_quality.py).
             culprit_block, culprit_column = riskiest_token_cells(token_logits, full, has)
         return FlowValidatorOutput(
             logits=logits,
