@@ -75,6 +75,29 @@ def _labels(tok, gen_ids: list[int], references: list[str], prompt: str) -> np.n
     return out
 
 
+def _mean_state_block(v: FlowValidator) -> int | None:
+    """The state block of a flow + mean-state validator, else ``None``."""
+    if v.config.state_dim and v.flow_config.state_summary == "mean":
+        (blk,) = v.config.state_blocks
+        return blk
+    return None
+
+
+def _plain_pass(model, v: FlowValidator, ids: torch.Tensor, start: int, blk: int | None) -> tuple:
+    """One plain forward of ``ids [1, S]``: per answer token (from ``start``) ``-log p``, entropy and,
+    with ``blk``, the state contribution ``c_t = w·(h_t − shift)/scale + b`` (``None`` without)."""
+    with torch.inference_mode():
+        o = model(ids, output_hidden_states=blk is not None)
+        logp = torch.log_softmax(o.logits[0, start - 1 : -1].float(), -1)
+        nll = -logp.gather(-1, ids[0, start:, None]).squeeze(-1)
+        entropy = -(logp.exp() * logp).sum(-1)
+        c = None
+        if blk is not None:
+            h = o.hidden_states[blk][0, start:].float()
+            c = (((h - v.state_shift[0]) / v.state_scale[0]) @ v.state_head.weight[0] + v.state_head.bias).numpy()
+    return nll.numpy(), entropy.numpy(), c
+
+
 def _answer_pointers(model, ext: FlowExtractor, v: FlowValidator, prompt: list[int], gen: list[int]) -> dict | None:
     """Each pointer's per-answer-token score (``nan`` where it has none), indexed like ``gen``."""
     ids = torch.tensor([prompt + gen])
@@ -93,17 +116,12 @@ def _answer_pointers(model, ext: FlowExtractor, v: FlowValidator, prompt: list[i
         return out
 
     state_term = 0.0
-    c = None
-    if v.config.state_dim and v.flow_config.state_summary == "mean":
-        (blk,) = v.config.state_blocks
+    blk = _mean_state_block(v)
+    nll, _, c = _plain_pass(model, v, ids, len(prompt), blk)
+    if blk is not None:
         with torch.inference_mode():
             z = (f.states[:, [blk]].float() - v.state_shift) / v.state_scale
             state_term = float(v.state_head(z.reshape(1, -1)).squeeze())
-            h = model(ids, output_hidden_states=True).hidden_states[blk][0, len(prompt) :].float()
-            c = ((h - v.state_shift[0]) / v.state_scale[0]) @ v.state_head.weight[0] + v.state_head.bias
-    with torch.inference_mode():
-        logits = model(ids).logits[0, len(prompt) - 1 : -1].float()
-    nll = -torch.log_softmax(logits, -1).gather(-1, ids[0, len(prompt) :, None]).squeeze(-1).numpy()
     flow_tok = per_token(o.token_logits[0] - state_term)
     ev = o.event_logits[0].detach().float()  # [B, T], -inf where no event
     event = np.full(n, np.nan)
@@ -113,7 +131,7 @@ def _answer_pointers(model, ext: FlowExtractor, v: FlowValidator, prompt: list[i
     out = {"lowest-probability token": nll, "arg-max event": event, "validator's culprit": culprit,
            "arg-max flow token": flow_tok}  # fmt: skip
     if c is not None:
-        c_np = c.numpy()
+        c_np = c
         mask = ~np.isnan(flow_tok)
         out["arg-max state contribution"] = np.where(mask, c_np, np.nan)
         out["arg-max token risk"] = flow_tok + c_np
@@ -141,9 +159,9 @@ def _spans(args: argparse.Namespace, model, tok, v: FlowValidator) -> dict:
     """The state contribution against ``-log p`` and entropy on HaluQuestQA's expert error spans."""
     from human_spans import DATA, label_tokens, read_answers  # a sibling benchmark: the same answers and labels
 
-    if not (v.config.state_dim and v.flow_config.state_summary == "mean"):
+    blk = _mean_state_block(v)
+    if blk is None:
         raise SystemExit("--spans compares a flow + mean-state validator's state contribution; this one has none.")
-    (blk,) = v.config.state_blocks
     rows = []
     for rec in read_answers(DATA, args.clean, 0):
         prompt = tok.apply_chat_template([{"role": "user", "content": rec["question"]}], tokenize=False,
@@ -154,15 +172,8 @@ def _spans(args: argparse.Namespace, model, tok, v: FlowValidator) -> dict:
         if not complete:
             continue
         ids = torch.tensor([p_ids + enc.input_ids[:192]])
-        with torch.inference_mode():
-            o = model(ids, output_hidden_states=True)
-            h = o.hidden_states[blk][0, len(p_ids) :].float()
-            c = ((h - v.state_shift[0]) / v.state_scale[0]) @ v.state_head.weight[0] + v.state_head.bias
-            logp = torch.log_softmax(o.logits[0, len(p_ids) - 1 : -1].float(), -1)
-        nll = -logp.gather(-1, ids[0, len(p_ids) :, None]).squeeze(-1)
-        entropy = -(logp.exp() * logp).sum(-1)
-        rows.append((np.array(labels, float), {"state contribution": c.numpy(), "-log p": nll.numpy(),
-                                               "entropy": entropy.numpy()}))  # fmt: skip
+        nll, entropy, c = _plain_pass(model, v, ids, len(p_ids), blk)
+        rows.append((np.array(labels, float), {"state contribution": c, "-log p": nll, "entropy": entropy}))
     out: dict = {"answers": len(rows), "with_error": int(sum(y.any() for y, _ in rows))}
     y_all = np.concatenate([y for y, _ in rows])
     hits: dict[str, list[float]] = {"random token": []}
