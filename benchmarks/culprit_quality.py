@@ -14,14 +14,16 @@ Pointers compared, each naming one answer token:
   tokens among them);
 - ``lowest-probability token``: the token with the largest ``-log p``;
 - ``arg-max event``: the column of the validator's largest event logit (the culprit up to session 18);
-- ``validator's culprit``: ``FlowValidatorOutput.culprit_column`` of the code that runs;
+- ``validator's culprit``: ``FlowValidatorOutput.culprit_column`` of the code that runs (since
+  session 20 the riskiest token with a word character, the same as ``riskiest word token``);
 - ``arg-max flow token``: the column of the largest token logit of the flow part alone
   (``token_logits`` without any state term);
 - ``arg-max state contribution`` (flow + mean-state validators): the token whose own residual at the
   state block adds most to the state term. The state term is linear in the answer's mean residual,
   ``w·(mean_t h_t − shift)/scale + b``, so it is exactly the mean over tokens of
   ``c_t = w·(h_t − shift)/scale + b``;
-- ``riskiest word token``: the culprit restricted to tokens with a word character (no punctuation);
+- ``riskiest word token``: the arg-max token logit among tokens with a word character (no
+  punctuation), computed here from the tokenizer as a check on the library's rule;
 - ``arg-max token risk``: the column of ``token_logits`` where the constant state term is replaced by
   the token's own ``c_t`` (what ``FlowValidatorOutput.token_logits`` reads with per-token states).
 

@@ -163,7 +163,7 @@ class FlowExtractor:
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.special_ids = self._special_ids(tokenizer, special_token_ids)
         self.tokenizer = tokenizer
-        self._blank: dict[torch.device, torch.Tensor] = {}
+        self._tables: dict[tuple[str, torch.device], torch.Tensor] = {}
         self._norms: list[nn.Module] | None = None
         self._betas: torch.Tensor | None = None
         self._readout: torch.Tensor | None = None
@@ -261,7 +261,7 @@ class FlowExtractor:
         Returns:
             ``[N, S]`` bool; all False without a tokenizer (no way to tell whitespace tokens apart).
         """
-        if not (hasattr(self.tokenizer, "get_vocab") and hasattr(self.tokenizer, "batch_decode")):
+        if not self._has_tokenizer():
             if not getattr(self, "_warned_no_tokenizer", False):
                 self._warned_no_tokenizer = True
                 warnings.warn(
@@ -271,14 +271,31 @@ class FlowExtractor:
                     stacklevel=3,
                 )
             return torch.zeros_like(region)
-        blank_table = self._blank.get(ids.device)
-        if blank_table is None:
-            blank_table = self._blank[ids.device] = token_table(self.tokenizer).blank.to(ids.device)
-        inside = ids < blank_table.shape[0]
-        blank = blank_table[ids.clamp(0, blank_table.shape[0] - 1)] & inside
-        content = region & ~blank
+        content = region & ~self._token_fact("blank", ids)
         content_after = torch.flip(torch.cumsum(torch.flip(content.long(), [-1]), -1), [-1]) > 0
         return region & ~content_after
+
+    def _has_tokenizer(self) -> bool:
+        return hasattr(self.tokenizer, "get_vocab") and hasattr(self.tokenizer, "batch_decode")
+
+    def _token_fact(self, name: str, ids: torch.Tensor) -> torch.Tensor:
+        """``ids``-shaped bool: column ``name`` of the tokenizer's :class:`TokenTable` (False past its vocabulary)."""
+        key = (name, ids.device)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = getattr(token_table(self.tokenizer), name).to(ids.device)
+        return table[ids.clamp(0, table.shape[0] - 1)] & (ids < table.shape[0])
+
+    def word_tokens(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """Which of ``ids`` have a word character: the tokens a culprit may point at.
+
+        Args:
+            ids: Token ids of any shape.
+
+        Returns:
+            Bool tensor shaped like ``ids``, or ``None`` without a tokenizer (then every token may).
+        """
+        return self._token_fact("has_word", ids) if self._has_tokenizer() else None
 
     def token_mask(
         self,
@@ -583,6 +600,9 @@ class FlowExtractor:
             positions[i, :r_i] = want
             if geometry is not None:
                 geometry.append(geo)
+        ids = input_ids.to(device).gather(1, positions.clamp_min(0))
+        words = self.word_tokens(ids)
         return FlowFeatures(
-            values, valid, positions, self.config.feature_names, keys, geometry, states_out, self.source
-        )
+            values, valid, positions, self.config.feature_names, keys, geometry, states_out, self.source,
+            None if words is None else words & (positions >= 0),
+        )  # fmt: skip

@@ -68,6 +68,9 @@ class FlowFeatures:
         source: The model and flow config that computed them (set by :class:`FlowExtractor`;
             ``None`` for features read from a store, which checks its own manifest). A validator
             refuses features whose source is not the model and recipe it was trained on.
+        word_tokens: ``[N, T]`` bool, true where the column's token has a word character (the
+            tokens a culprit may point at); ``None`` when the extractor had no tokenizer, or for
+            features read from a store (then any scored token may be the culprit).
     """
 
     values: torch.Tensor
@@ -78,6 +81,7 @@ class FlowFeatures:
     geometry: list[SampleGeometry | None] | None = None
     states: torch.Tensor | None = None
     source: FeatureSource | None = None
+    word_tokens: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.values.shape[0]
@@ -100,6 +104,7 @@ class FlowFeatures:
             self.geometry,
             None if self.states is None else self.states.to(device),
             self.source,
+            None if self.word_tokens is None else self.word_tokens.to(device),
         )
 
     def select(self, names: tuple[str, ...] | list[str]) -> FlowFeatures:
@@ -114,7 +119,7 @@ class FlowFeatures:
         idx = [self.names.index(n) for n in names]
         return FlowFeatures(
             self.values[..., idx], self.valid, self.positions, tuple(names), list(self.sample_keys), self.geometry,
-            self.states, self.source,
+            self.states, self.source, self.word_tokens,
         )  # fmt: skip
 
     def take(self, idx: Any) -> FlowFeatures:
@@ -128,6 +133,7 @@ class FlowFeatures:
         return FlowFeatures(
             self.values[t], self.valid[t], self.positions[t], self.names, [self.sample_keys[i] for i in t.tolist()],
             geo, None if self.states is None else self.states[t], self.source,
+            None if self.word_tokens is None else self.word_tokens[t],
         )  # fmt: skip
 
     def __getitem__(self, idx: int | slice) -> FlowFeatures:
@@ -144,6 +150,7 @@ class FlowFeatures:
             geo,
             states,
             self.source,
+            None if self.word_tokens is None else self.word_tokens[idx],
         )
 
 
@@ -176,6 +183,11 @@ def pad_features(parts: Sequence[FlowFeatures]) -> FlowFeatures:
     states = torch.cat([p.states for p in parts]) if all(with_states) else None
     sources = {id(p.source): p.source for p in parts}
     source = next(iter(sources.values())) if len(sources) == 1 else None
+    # A part without word flags (no tokenizer, or a store) lifts the culprit rule for the whole batch.
+    words = None
+    if all(p.word_tokens is not None for p in parts):
+        words = torch.cat([torch.nn.functional.pad(p.word_tokens, (0, t_max - p.values.shape[2])) for p in parts])
     return FlowFeatures(
-        torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states, source=source
-    )
+        torch.cat(vals), torch.cat(valid), torch.cat(pos), tuple(names), keys, states=states, source=source,
+        word_tokens=words,
+    )  # fmt: skip

@@ -460,7 +460,12 @@ def _refine_rows(
             skipped[row] = reason
             continue
         tried = []
-        for i, (t0, b0) in enumerate(_candidates(output, row, prompt_len, real[row], config)):
+        positions = getattr(output, "flow_positions", None)
+        words = None
+        if positions is not None:
+            seq = output.sequences[row].detach().cpu()
+            words = extractor.word_tokens(seq[positions[row].detach().cpu().clamp(0, seq.shape[0] - 1)])
+        for i, (t0, b0) in enumerate(_candidates(output, row, prompt_len, config, words)):
             center = {"flow": b0, "random_depth": drawn[i]}.get(config.strategy)
             if config.seed is not None:
                 torch.manual_seed(int(config.seed) + i)
@@ -483,14 +488,15 @@ class _RowJob:
 
 
 def _candidates(
-    output: Any, row: int, prompt_len: int, real: torch.Tensor, config: RefineConfig
+    output: Any, row: int, prompt_len: int, config: RefineConfig, words: torch.Tensor | None = None
 ) -> list[tuple[int, int]]:
     """``(t0, b0)`` of the ``num_culprits`` rollbacks to try for one row.
 
     ``"resample"`` rolls back to the last prompt token (the whole answer is drawn again). Otherwise
     the culprit comes first, then the next riskiest answer tokens (``flow_token_scores``; outputs
     without them, by their highest event logit), each at the block of its highest event logit, as
-    the culprit is (one candidate per token).
+    the culprit is (one candidate per token). ``words`` (``[T]`` bool, the columns whose token has a
+    word character) keeps punctuation out, as the culprit rule does, unless no answer token has one.
     """
     if config.strategy == "resample":
         return [(prompt_len - 1, -1)] * config.num_culprits
@@ -505,6 +511,8 @@ def _candidates(
     rank = best if risk is None else risk[row].detach().float().cpu()
     pos = positions[row].cpu()
     ok = (pos >= prompt_len) & torch.isfinite(best) & ~torch.isnan(rank)
+    if words is not None and bool((ok & words).any()):
+        ok = ok & words
     order = torch.argsort(-rank.masked_fill(~ok, -float("inf")), stable=True)
     out = list(first)
     for j in order.tolist():

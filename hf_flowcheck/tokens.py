@@ -2,17 +2,19 @@
 
 The newline stop (:mod:`hf_flowcheck.stopping`) and the token mask that leaves an answer's
 terminators out of its score (:meth:`hf_flowcheck.extraction.FlowExtractor.token_mask`) both ask
-which tokens are whitespace only; decoding a 150k vocabulary takes seconds, so it is done once per
-tokenizer and kept for as long as the tokenizer lives.
+which tokens are whitespace only, and the culprit rule which tokens carry a word; decoding a 150k
+vocabulary takes seconds, so it is done once per tokenizer and kept for as long as the tokenizer
+lives.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import threading
 import weakref
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -28,16 +30,21 @@ class TokenTable:
         has_newline: The token's text contains a newline.
         blank: The token decodes to whitespace only (or nothing).
         text_before_newline: Non-blank text precedes the token's first newline.
+        has_word: The token's text has a word character (``\\w``: a letter, digit or underscore):
+            only such a token can be a culprit (:meth:`hf_flowcheck.extraction.FlowExtractor.word_tokens`).
     """
 
     has_newline: torch.Tensor
     blank: torch.Tensor
     text_before_newline: torch.Tensor
+    has_word: torch.Tensor
 
     def to(self, device: torch.device) -> TokenTable:
-        return TokenTable(*(t.to(device) for t in (self.has_newline, self.blank, self.text_before_newline)))
+        return TokenTable(*(getattr(self, f.name).to(device) for f in fields(self)))
 
 
+# The same "word character" the weak token labels use (hf_flowcheck.workflows.token_labels.words).
+_WORD = re.compile(r"\w")
 _TABLES: weakref.WeakKeyDictionary[Any, TokenTable] = weakref.WeakKeyDictionary()
 _LOCK = threading.Lock()
 
@@ -48,7 +55,8 @@ def _build(tokenizer: Any) -> TokenTable:
     has_nl = torch.tensor(["\n" in s for s in texts])
     blank = torch.tensor([s.strip() == "" for s in texts])
     before = torch.tensor([s.split("\n", 1)[0].strip() != "" for s in texts])
-    return TokenTable(has_nl, blank, before)
+    word = torch.tensor([_WORD.search(s) is not None for s in texts])
+    return TokenTable(has_nl, blank, before, word)
 
 
 def token_table(tokenizer: Any) -> TokenTable:

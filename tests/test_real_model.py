@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -95,6 +97,12 @@ def test_bundled_validator_scores_a_batch(checked):
         assert bool((out.flow_features.states[:, 0, 1] >= out.flow_features.states[:, 0, 0]).all())  # min <= mean
     plain = checked.generate(**enc, max_new_tokens=10, do_sample=False)
     assert torch.equal(plain, out.sequences)
+    # The culprit is a token with a word character, the riskiest such token of the answer.
+    assert out.flow_features.word_tokens is not None
+    for i, (t0, _) in enumerate(out.flow_culprits.tolist()):
+        assert re.search(r"\w", tok.decode([int(out.sequences[i, t0])])), tok.decode(out.sequences[i, p:])
+        risk = out.flow_token_scores[i].nan_to_num(-1.0).masked_fill(~out.flow_features.word_tokens[i], -1.0)
+        assert int(out.flow_positions[i, int(risk.argmax())]) == t0
 
 
 def test_streaming_abstention_end_to_end(checked):

@@ -403,10 +403,15 @@ def test_further_candidates_are_the_next_riskiest_tokens_at_their_top_block():
         flow_positions=torch.tensor([[9, 10, 11, 12, 13]]),
         flow_token_scores=torch.tensor([[0.99, 0.3, 0.6, 0.9, 0.5]]),
     )
-    got = _candidates(out, 0, 10, torch.ones(14), RefineConfig(num_culprits=4))
+    got = _candidates(out, 0, 10, RefineConfig(num_culprits=4))
     # the culprit first, then tokens by risk (not by their largest event: 10 has the largest), each at
     # the block of its largest event; the prompt column never
     assert got == [(12, 1), (11, 1), (13, 0), (10, 0)]
+    # punctuation (column 2, position 11) is passed over as the culprit rule passes it over
+    words = torch.tensor([True, True, False, True, True])
+    assert _candidates(out, 0, 10, RefineConfig(num_culprits=4), words) == [(12, 1), (13, 0), (10, 0)]
+    # an answer of punctuation only keeps every token a candidate
+    assert _candidates(out, 0, 10, RefineConfig(num_culprits=2), torch.zeros(5, dtype=torch.bool)) == got[:2]
 
 
 def test_resample_draws_the_whole_answer_again(setup):

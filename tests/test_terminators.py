@@ -175,4 +175,71 @@ def test_the_culprit_is_a_content_token_however_the_answer_ends(model, head):
         out = val.score_features(_features(ext, end))
         t0 = int(out.culprit_position[0])
         assert 0 <= t0 < content_end, repr(end)
-        assert float(out.token_logits[0, out.culprit_column[0]]) == float(out.token_logits[0].nan_to_num(-1e9).max())
+        risk = out.token_logits[0].nan_to_num(-1e9).masked_fill(~_features(ext, end).word_tokens[0], -1e9)
+        assert float(out.token_logits[0, out.culprit_column[0]]) == float(risk.max())
+
+
+def test_the_culprit_is_the_riskiest_token_with_a_letter_or_digit(model):
+    """Punctuation and spaces are scored but never the culprit, unless the answer has nothing else."""
+    cfg = tiny_flow_config()
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    val = tiny_validator(model, cfg)
+    tok = ext.tokenizer
+    p = tok(PROMPT)["input_ids"]
+    a = tok(" Ann, Lee.", add_special_tokens=False)["input_ids"]
+    ids = torch.tensor([p + a])
+    feats = ext.extract(ids, response_mask=torch.tensor([[0] * len(p) + [1] * len(a)]))
+    chars = [tok.decode([i]) for i in ids[0, feats.positions[0]].tolist()]
+    assert feats.word_tokens[0].tolist() == [c.isalnum() for c in chars]
+    assert "," in chars and "." in chars  # scored: they count towards the answer's score
+
+    plain = val.score_features(dataclasses.replace(feats, word_tokens=None))
+    risk = plain.token_logits[0]
+    order = torch.argsort(-risk.nan_to_num(-1e9)).tolist()
+    # every column in turn is made the only wordless one: the culprit skips it when it was the riskiest
+    for skip in order[:3]:
+        word = torch.ones_like(feats.word_tokens)
+        word[0, skip] = False
+        out = val.score_features(dataclasses.replace(feats, word_tokens=word))
+        want = order[0] if order[0] != skip else order[1]
+        assert int(out.culprit_column[0]) == want
+        assert int(out.culprit_block[0]) == int(out.event_logits[0, :, want].argmax())
+        assert int(out.culprit_position[0]) == int(feats.positions[0, want])
+        torch.testing.assert_close(out.scores, plain.scores)  # the rule moves the culprit, not the score
+    none = val.score_features(dataclasses.replace(feats, word_tokens=torch.zeros_like(feats.word_tokens)))
+    assert int(none.culprit_column[0]) == int(plain.culprit_column[0]) == order[0]
+
+
+def test_word_flags_follow_the_rows_through_take_slice_and_padding(model):
+    from hf_flowcheck.features import pad_features
+
+    cfg = tiny_flow_config()
+    ext = FlowExtractor(model, cfg, tokenizer=VocabCharTokenizer())
+    short, long = (
+        _features(ext, ""),
+        ext.extract(
+            torch.tensor([ext.tokenizer(PROMPT + " Ann-Marie Lee, Jr.")["input_ids"]]),
+            response_mask=torch.tensor([[0] * len(ext.tokenizer(PROMPT)["input_ids"]) + [1] * 19]),
+        ),
+    )
+    both = pad_features([short, long])
+    t_short = short.values.shape[2]
+    assert both.word_tokens.shape == both.positions.shape
+    assert torch.equal(both.word_tokens[0, :t_short], short.word_tokens[0])
+    assert not both.word_tokens[0, t_short:].any()  # padding is never a word
+    assert torch.equal(both.word_tokens[1], long.word_tokens[0])
+    assert torch.equal(both.take([1, 0]).word_tokens, both.word_tokens.flip(0))
+    assert torch.equal(both[1].word_tokens, both.word_tokens[1:])
+    assert torch.equal(both.to("cpu").word_tokens, both.word_tokens)
+    assert torch.equal(both.select(both.names[:2]).word_tokens, both.word_tokens)
+    # a part without flags (a store, no tokenizer) lifts the rule for the whole batch
+    bare = dataclasses.replace(short, word_tokens=None)
+    assert pad_features([bare, long]).word_tokens is None
+    assert FlowExtractor(model, cfg).extract(*_ids_and_response(ext)).word_tokens is None
+
+
+def _ids_and_response(ext):
+    tok = ext.tokenizer
+    p = tok(PROMPT)["input_ids"]
+    a = tok(" Ann Lee", add_special_tokens=False)["input_ids"]
+    return torch.tensor([p + a]), None, torch.tensor([[0] * len(p) + [1] * len(a)])

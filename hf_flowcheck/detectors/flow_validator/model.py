@@ -23,6 +23,7 @@ from hf_flowcheck.detectors.flow_validator.output import (
     riskiest_token_cells,
     token_pool_attention,
     token_pool_max,
+    word_token_cells,
 )
 from hf_flowcheck.extraction import FlowFeatures
 from hf_flowcheck.fingerprint import CHECKED_FIELDS, check_fingerprint, model_fingerprint
@@ -566,6 +567,8 @@ class FlowValidator(
         out = FlowValidatorOutput(
             *(torch.cat([getattr(o, f.name) for o in outs]) for f in fields(FlowValidatorOutput)[:8])
         )
+        if features.word_tokens is not None:
+            out.culprit_block, out.culprit_column = word_token_cells(out, features.word_tokens)
         pos = features.positions.to(dev)
         col = out.culprit_column.clamp_min(0)
         picked = pos.gather(1, col[:, None]).squeeze(1) if pos.shape[1] > 0 else torch.full_like(col, -1)

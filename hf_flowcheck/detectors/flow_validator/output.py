@@ -13,6 +13,7 @@ __all__ = [
     "riskiest_token_cells",
     "token_pool_attention",
     "token_pool_max",
+    "word_token_cells",
 ]
 
 
@@ -30,7 +31,8 @@ class FlowValidatorOutput:
         culprit_column: ``[N]`` long, column ``t`` (index into ``T``) of the culprit: the riskiest
             token, i.e. the largest ``token_logits`` (-1 without events). Until session 18 it was the
             column of the answer's largest event logit (``benchmarks/culprit_quality.py`` compares
-            the two).
+            the two). :meth:`FlowValidator.score_features` moves it off a token without a word
+            character when the features say which tokens have one (:func:`word_token_cells`).
         has_events: ``[N]`` bool, whether the row has at least one valid event.
         token_logits: ``[N, T]`` each token's logit: the validator's pooling applied to that token's
             events alone (plus the state term), i.e. the answer's logit if all of its flow evidence
@@ -128,3 +130,29 @@ def riskiest_token_cells(
     col = token_logits.masked_fill(torch.isnan(token_logits), float("-inf")).argmax(1)
     block = event_logits.gather(2, col[:, None, None].expand(n, b, 1)).squeeze(2).argmax(1)
     return torch.where(has, block, minus), torch.where(has, col, minus)
+
+
+def word_token_cells(out: FlowValidatorOutput, word_tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(block, column)`` of each row's culprit, moved off a token without a word character.
+
+    A culprit on punctuation gives a rollback nothing to change (on Qwen2.5-Coder-0.5B the riskiest
+    token was punctuation in 39% of hallucinated answers; ``benchmarks/culprit_quality.py``). A row
+    whose culprit is such a token takes its riskiest word token instead, at that token's largest
+    event; a row with no scored word token keeps its culprit.
+
+    Args:
+        out: The validator's output (``token_logits [N, T]``, ``event_logits [N, B, T]``).
+        word_tokens: ``[N, T]`` bool, the columns that may be the culprit.
+
+    Returns:
+        ``(culprit_block, culprit_column)``, each ``[N]`` long.
+    """
+    if out.event_logits.shape[2] == 0:
+        return out.culprit_block, out.culprit_column
+    word = word_tokens.to(out.token_logits.device).bool()
+    risk = out.token_logits.masked_fill(torch.isnan(out.token_logits) | ~word, float("-inf"))
+    has_word = torch.isfinite(risk).any(1)
+    on_word = word.gather(1, out.culprit_column.clamp_min(0)[:, None]).squeeze(1)
+    block, col = riskiest_token_cells(risk, out.event_logits, out.has_events & has_word)
+    move = out.has_events & has_word & ~on_word
+    return torch.where(move, block, out.culprit_block), torch.where(move, col, out.culprit_column)
