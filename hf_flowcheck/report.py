@@ -1,7 +1,8 @@
 """Self-contained HTML reports (and a PNG heatmap) of flow-checked generations.
 
-A report shows, for each generation: the answer with every scored token shaded by its event score
-(the maximum over depth of the validator's event logits, through a sigmoid), the depth × token
+A report shows, for each generation: the answer with every scored token shaded by its risk (the
+validator's ``flow_token_scores``, the quantity the culprit is the riskiest of; items built by hand
+without them fall back to the sigmoid of the token's largest event logit over depth), the depth × token
 heatmap of event scores with the culprit event marked, the ten flow features over depth for the
 culprit token (when the generation returned its features), and a refinement's before/after.
 
@@ -79,6 +80,8 @@ class ReportItem:
         answer: The full decoded answer (defaults to the tokens joined).
         title: Section title (defaults to ``"Generation i"``).
         abstained: Whether a streaming check stopped this row.
+        token_risks: ``[T]`` each token's risk in ``[0, 1]`` (``FlowGenerateOutput.flow_token_scores``,
+            ``nan`` for a token without events), or ``None`` to shade by the largest event instead.
     """
 
     prompt: str
@@ -94,6 +97,7 @@ class ReportItem:
     answer: str | None = None
     title: str | None = None
     abstained: bool = False
+    token_risks: Any = None
     _probs: list[list[float]] = field(default_factory=list, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -119,6 +123,13 @@ class ReportItem:
             c = [int(v) for v in _to_list(self.culprit)]
             self.culprit = None if len(c) != 2 or c[0] < 0 or c[1] < 0 else (c[0], c[1])
         self.score = float(self.score) if self.score is not None else float("nan")
+        if self.token_risks is not None:
+            risks = [float(v) for v in _to_list(self.token_risks)]
+            if len(risks) != n_tok:
+                raise ValueError(f"token_risks has {len(risks)} entries for {n_tok} tokens; give one per token.")
+            if any(not 0.0 <= v <= 1.0 for v in risks if v == v):
+                raise ValueError("token_risks must lie in [0, 1] (flow_token_scores; nan for a token without events).")
+            self.token_risks = risks
         if self.features is not None:
             feats = _to_list(self.features)
             if len(feats) != self.num_blocks or any(len(r) != n_tok for r in feats):
@@ -143,7 +154,10 @@ class ReportItem:
         return self._probs
 
     def token_scores(self) -> list[float]:
-        """``[T]`` per-token score: ``sigmoid`` of the maximum event logit over depth (``nan`` if none)."""
+        """``[T]`` per-token score: :attr:`token_risks` when given, else ``sigmoid`` of the maximum event
+        logit over depth (``nan`` if none)."""
+        if self.token_risks is not None:
+            return list(self.token_risks)
         out = []
         for t in range(len(self.tokens)):
             vals = [self.event_scores[b][t] for b in range(self.num_blocks) if self.event_mask[b][t]]
@@ -256,6 +270,8 @@ def report_items_from_output(
     culprits = output.flow_culprits.detach().cpu()
     scores = output.flow_scores.detach().float().cpu()
     feats = output.flow_features
+    risks = getattr(output, "flow_token_scores", None)
+    risks = None if risks is None else risks.detach().float().cpu()
     abstained = getattr(output, "flow_abstained", None)
     by_row = _refinements_by_row(refinements, seqs.shape[0])
     items = []
@@ -284,6 +300,7 @@ def report_items_from_output(
                 refined=_refined_dict(by_row.get(i), tokenizer),
                 answer=answer,
                 abstained=bool(abstained[i]) if abstained is not None else False,
+                token_risks=None if risks is None else risks[i, cols],
             )
         )
     return items
@@ -404,8 +421,8 @@ def _legend() -> str:
     return (
         '<div class="legend"><span>0</span>'
         f'<span class="bar" style="background: linear-gradient(90deg, {stops});"></span>'
-        "<span>1</span><span>event score = sigmoid(event logit); higher = more likely hallucinated"
-        " · grey = no event</span></div>"
+        "<span>1</span><span>token risk, or event score = sigmoid(event logit); higher = more likely "
+        "hallucinated · grey = no event</span></div>"
     )
 
 
@@ -415,7 +432,7 @@ def _answer_html(item: ReportItem, sec: int) -> str:
     parts = []
     for t, (tok, s) in enumerate(zip(item.tokens, scores)):
         cls = "tok culprit" if t == ccol else "tok"
-        tip = f"position {item.positions[t]} · token score {_fmt(s)}"
+        tip = f"position {item.positions[t]} · token {'risk' if item.token_risks is not None else 'score'} {_fmt(s)}"
         if t == ccol and item.culprit is not None:
             tip += f" · culprit (block {item.culprit[1]})"
         text = tok.replace("\n", "↵\n")
@@ -640,7 +657,9 @@ def _section(item: ReportItem, sec: int) -> str:
         "</div>",
         "<h3>Prompt</h3>",
         f'<div class="prompt">{_esc(item.prompt)}</div>',
-        "<h3>Answer, tokens shaded by event score (max over depth)</h3>",
+        "<h3>Answer, tokens shaded by "
+        + ("token risk (flow_token_scores)" if item.token_risks is not None else "event score (max over depth)")
+        + "</h3>",
         _answer_html(item, sec),
         _legend(),
         "<h3>Depth × token event scores</h3>",

@@ -1,5 +1,6 @@
 """HTML report and PNG heatmap from a tiny flow-checked generation."""
 
+import dataclasses
 import math
 import re
 
@@ -51,13 +52,22 @@ def test_items_from_output(generated):
         assert item.culprit_column() is not None
         assert math.isclose(item.score, float(out.flow_scores[i]), rel_tol=1e-6)
         assert len(item.feature_names) == len(out.flow_features.names)
-        # The token score is sigmoid(max over depth of the event logits).
+        # Tokens are shaded by the risk the culprit is the riskiest of (flow_token_scores) ...
+        torch.testing.assert_close(
+            torch.tensor(item.token_scores()), out.flow_token_scores[i, :n_tok].float(), atol=1e-6, rtol=0
+        )
+        assert item.token_scores()[item.culprit_column()] == max(item.token_scores())
+        # ... and a hand-built item without them by sigmoid(max over depth of the event logits).
+        bare = dataclasses.replace(item, token_risks=None)
         ev = out.flow_event_scores[i][:, :n_tok].masked_fill(~out.flow_event_mask[i][:, :n_tok], float("-inf"))
         torch.testing.assert_close(
-            torch.tensor(item.token_scores()), torch.sigmoid(ev.max(0).values).float(), atol=1e-6, rtol=0
+            torch.tensor(bare.token_scores()), torch.sigmoid(ev.max(0).values).float(), atol=1e-6, rtol=0
         )
-        # The pooled (max) score is the culprit token's score.
-        assert math.isclose(max(item.token_scores()), item.score, rel_tol=1e-5)
+        assert math.isclose(max(bare.token_scores()), item.score, rel_tol=1e-5)  # max pooling: the sample score
+    with pytest.raises(ValueError, match="token_risks has 1 entries"):
+        dataclasses.replace(items[0], token_risks=[0.5])
+    with pytest.raises(ValueError, match=r"lie in \[0, 1\]"):
+        dataclasses.replace(items[0], token_risks=[2.0] * len(items[0].tokens))
 
 
 def test_report_html_is_escaped_self_contained_and_marks_the_culprit(generated, tmp_path):
