@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 
 from hf_flowcheck.configuration import VersionedConfig, check_positive_int
 
-__all__ = ["CONFIG_FIELDS", "STRATEGIES", "RefineConfig", "check_rollback_decoding"]
+__all__ = ["CONFIG_FIELDS", "ROLLBACKS", "STRATEGIES", "RefineConfig", "check_rollback_decoding"]
 
 STRATEGIES = ("flow", "random_depth", "regenerate", "resample")
+ROLLBACKS = ("after_culprit", "culprit")
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,12 @@ class RefineConfig(VersionedConfig):
         rescore: Re-score each refined answer with the validator (default). ``False`` saves one
             teacher-forced extraction per row (``score_after`` is then ``nan``); it cannot be
             combined with ``num_culprits > 1``, which keeps the lowest-scoring candidate.
+        rollback: Which token is drawn again. ``"after_culprit"`` (spec §7): the culprit token
+            ``t0`` is kept and the answer regenerated from ``t0 + 1``, the token its state decides.
+            ``"culprit"``: the culprit token itself is drawn again, from the state at ``t0 - 1``
+            (the clamp covers ``t0 - 1`` on). The culprit is the riskiest *token* of the answer,
+            which is most often a wrong word itself (``docs/results.md``), and ``"after_culprit"``
+            keeps it. Ignored by ``"resample"``.
 
     Example:
         >>> RefineConfig(alpha=0.5).strategy
@@ -52,7 +59,8 @@ class RefineConfig(VersionedConfig):
     """
 
     #: 2 added ``band``, ``clamp_positions``, ``num_culprits``, ``rescore`` and the ``"resample"`` strategy.
-    FORMAT_VERSION: ClassVar[int] = 2
+    #: 3 added ``rollback``.
+    FORMAT_VERSION: ClassVar[int] = 3
 
     strategy: str = "flow"
     alpha: float = 0.5
@@ -66,11 +74,17 @@ class RefineConfig(VersionedConfig):
     clamp_positions: int | None = None
     num_culprits: int = 1
     rescore: bool = True
+    rollback: str = "after_culprit"
 
     def __post_init__(self) -> None:
         if self.strategy not in STRATEGIES:
             raise ValueError(
                 f"strategy={self.strategy!r} is not supported; use one of {', '.join(map(repr, STRATEGIES))}."
+            )
+        if self.rollback not in ROLLBACKS:
+            raise ValueError(
+                f"rollback={self.rollback!r} is not supported; use 'after_culprit' (keep the culprit token, "
+                "regenerate after it) or 'culprit' (draw the culprit token again)."
             )
         for name in ("num_competitors", "subspace_dim", "n_cal", "num_culprits"):
             check_positive_int(name, getattr(self, name))

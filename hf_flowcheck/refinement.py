@@ -31,6 +31,9 @@ Conventions (documented choices):
 * **Culprit in the prompt** (possible with ``token_mask='all'``), rows with no generated tokens or no
   scored events, and rows with an empty prefix (nothing to calibrate on) are skipped; the reason is
   recorded in :attr:`FlowRefineOutput.skipped`.
+* **Which token is drawn again.** Spec §7 keeps the culprit token and regenerates from ``t0 + 1``
+  (``rollback="after_culprit"``, the default). ``rollback="culprit"`` rolls back one position further
+  and draws the culprit token itself again (the clamp then starts at ``t0 - 1``).
 * **Random depth.** ``strategy='random_depth'`` applies the same operator at a block drawn uniformly
   from ``0..B-1`` with a seeded generator; ``U`` and ``s_ref`` are fitted at that block.
 """
@@ -74,7 +77,8 @@ class RefinedRow:
         score_before: The original flow score.
         score_after: The refined answer's flow score (teacher-forced, patch off); ``nan`` if it has
             no scored token or ``rescore=False``.
-        culprit_before: ``(t0, b0)`` used, ``t0`` a column of ``output.sequences``.
+        culprit_before: ``(t0, b0)`` used, ``t0`` a column of ``output.sequences``: the rollback
+            position (the culprit's column, or the one before it with ``rollback="culprit"``).
         culprit_after: ``(t, b)`` of the refined answer's culprit in ``refined_ids`` (``-1`` if none).
         patched_block: The block the clamp was centred on (``None`` for ``"regenerate"`` and ``"resample"``).
         s_ref: Reference step scale (``nan`` without a patch).
@@ -455,7 +459,7 @@ def _refine_rows(
     for row in _select_rows(output, rows, config.threshold):
         # Draw for every selected row (also skipped ones) so a row's blocks do not depend on others.
         drawn = torch.randint(n_blocks, (config.num_culprits,), generator=gen).tolist()
-        reason = _skip_reason(output, row, prompt_len, real[row], n_blocks, config.strategy)
+        reason = _skip_reason(output, row, prompt_len, real[row], n_blocks, config)
         if reason is not None:
             skipped[row] = reason
             continue
@@ -466,6 +470,8 @@ def _refine_rows(
             seq = output.sequences[row].detach().cpu()
             words = extractor.word_tokens(seq[positions[row].detach().cpu().clamp(0, seq.shape[0] - 1)])
         for i, (t0, b0) in enumerate(_candidates(output, row, prompt_len, config, words)):
+            if config.rollback == "culprit" and config.strategy != "resample":
+                t0 -= 1  # the state that decided the culprit token
             center = {"flow": b0, "random_depth": drawn[i]}.get(config.strategy)
             if config.seed is not None:
                 torch.manual_seed(int(config.seed) + i)
@@ -539,12 +545,12 @@ def _best_candidate(tried: list[RefinedRow]) -> RefinedRow:
 
 
 def _skip_reason(
-    output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int, strategy: str = "flow"
+    output: Any, row: int, prompt_len: int, real: torch.Tensor, n_blocks: int, config: RefineConfig
 ) -> str | None:
     seqs = output.sequences
     if seqs.shape[1] <= prompt_len:
         return "the output has no generated tokens"
-    if strategy == "resample":
+    if config.strategy == "resample":
         return None if int(real.sum()) >= 1 else "the prompt is all padding: nothing to generate from"
     if not bool(output.flow_has_events[row]):
         return "the row has no scored token (empty answer or only special tokens), so no culprit"
@@ -560,8 +566,9 @@ def _skip_reason(
         return f"the culprit t0={t0} lies beyond the sequence ({seqs.shape[1]} columns)"
     if b0 >= n_blocks:
         return f"the culprit block b0={b0} does not exist (the model has {n_blocks} blocks); the output was altered"
-    if int(real.sum()) + (t0 - prompt_len) < 1:
-        return "the prefix before t0 is empty (the prompt is all padding): nothing to calibrate s_ref on"
+    shift = 1 if config.rollback == "culprit" else 0  # the rollback position is t0 - shift
+    if int(real.sum()) + (t0 - shift - prompt_len) < 1:
+        return "the prefix before the rollback position is empty (the prompt is all padding): nothing to calibrate on"
     return None
 
 

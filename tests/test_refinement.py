@@ -222,6 +222,24 @@ def test_fixed_budget_and_answer_shape(setup):
         assert r.score_after == r.score_after  # not nan
 
 
+def test_rollback_culprit_draws_the_culprit_token_again(setup):
+    fc, out, att = setup
+    kw = dict(threshold=0.0, attention_mask=att, **SMALL)
+    after = fc.refine(out, strategy="flow", alpha=0.1, **kw)
+    at = fc.refine(out, strategy="flow", alpha=0.1, rollback="culprit", **kw)
+    plain = fc.refine(out, strategy="regenerate", rollback="culprit", **kw)
+    budget = out.sequences.shape[1] - out.prompt_length
+    for a, b, g in zip(after.rows, at.rows, plain.rows):
+        t0 = int(out.flow_culprits[a.row, 0])
+        assert a.culprit_before[0] == t0 and b.culprit_before[0] == g.culprit_before[0] == t0 - 1
+        assert a.culprit_before[1] == b.culprit_before[1] == b.patched_block
+        kept = t0 - out.prompt_length  # answer tokens before the culprit; the culprit token is drawn again
+        assert b.max_new_tokens == budget - kept == a.max_new_tokens + 1
+        assert b.refined_answer_ids[:kept] == b.original_answer_ids[:kept]
+        assert b.positions_patched > a.positions_patched  # the clamp starts one position earlier
+        assert g.refined_ids == g.original_ids  # greedy, no clamp: the same answer again
+
+
 def test_left_padded_row_equals_the_unpadded_prompt():
     model = make_tiny_model("llama")
     fc = FlowCheckedModelForCausalLM(model, tiny_validator(model))
@@ -328,14 +346,17 @@ def test_refine_config_validates_and_round_trips():
         ({"num_culprits": 0}, "num_culprits=0 must be a positive integer"),
         ({"rescore": False, "num_culprits": 2}, "rescore=False cannot be combined with num_culprits=2"),
         ({"rescore": 1}, "rescore=1 must be True or False"),
+        ({"rollback": "before"}, "rollback='before' is not supported"),
     ):
         with pytest.raises(ValueError, match=match):
             RefineConfig(**bad)
     with pytest.raises(ValueError, match="Unknown RefineConfig field"):
         RefineConfig.from_dict({"beta": 1})
-    new_fields = ("band", "clamp_positions", "num_culprits", "rescore")
+    new_fields = ("band", "clamp_positions", "num_culprits", "rescore", "rollback")
     old = {k: v for k, v in cfg.to_dict().items() if k not in new_fields}
     assert RefineConfig.from_dict({**old, "format_version": 1}) == cfg  # format 1 dicts still load
+    two = {k: v for k, v in cfg.to_dict().items() if k != "rollback"}
+    assert RefineConfig.from_dict({**two, "format_version": 2}).rollback == "after_culprit"  # spec §7
 
 
 # ------------------------------------------------------------------ the operator's options
