@@ -256,13 +256,17 @@ def _fmt(m: tuple[float, float, float], pct: bool = True) -> str:
     return "n/a" if m[0] != m[0] else f"{f * m[0]:.1f} [{f * m[1]:.1f}, {f * m[2]:.1f}]"
 
 
-def summarize(path: str, answers: str) -> dict:
+def summarize(path: str, answers: str | None) -> dict:
+    """The tables of a rows file; ``answers=None`` reads each original answer's text from its row."""
     from hf_flowcheck.workflows.answers import read_answers
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
     base = {r["uid"]: r for r in rows if r["config"] is None}
     # The judged text of each original answer (the regenerated answers equal the file's; checked below).
-    text_of = {r.uid: r.answer for r in read_answers(answers).records}
+    if answers is None:
+        text_of = {u: r["answer"] for u, r in base.items()}
+    else:
+        text_of = {r.uid: r.answer for r in read_answers(answers).records}
     flagged = [u for u, r in base.items() if r["flagged"] and r["label"] is not None]
     out: dict = {"questions": len(base), "flagged_labelled": len(flagged)}
     same = [r["same_as_file"] for r in base.values()]
