@@ -19,7 +19,7 @@ from transformers.generation.utils import GenerateDecoderOnlyOutput
 
 from hf_flowcheck.capture import FlowRecorder
 from hf_flowcheck.extraction import FlowExtractor, FlowFeatures, StreamCache
-from hf_flowcheck.model_io import accepts, cache_keyword
+from hf_flowcheck.model_io import accepts, cache_keyword, output_cache_field
 from hf_flowcheck.streamer import FlowTextStreamer
 
 __all__ = [
@@ -367,7 +367,7 @@ class GenerationCapture:
 
     def _final_step(self, out: Any, seqs: torch.Tensor, full_att: torch.Tensor) -> None:
         ext = self.extractor
-        cache = getattr(out, "past_key_values", None)
+        cache = getattr(out, output_cache_field(out), None)
         cache_len = seqs.shape[1] - 1
         if _can_extend_and_crop(cache, cache_len):
             pos = (full_att.long().cumsum(-1) - 1).clamp_min(0)[:, -1:]

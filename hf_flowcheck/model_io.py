@@ -18,6 +18,7 @@ __all__ = [
     "eos_token_ids",
     "forward_kwargs",
     "input_device",
+    "output_cache_field",
     "pad_token_id",
 ]
 
@@ -41,6 +42,13 @@ def cache_keyword(model: nn.Module) -> str:
     """The keyword that hands a KV cache to ``model`` (and its ``generate``): ``cache`` where the model's
     ``forward`` takes it (transformers >= 5.2x deprecates ``past_key_values``), else ``past_key_values``."""
     return "cache" if accepts(unwrap_model(model), "cache") else "past_key_values"
+
+
+def output_cache_field(output: Any) -> str:
+    """The field of a ``generate`` output that holds its KV cache: ``cache`` where the output class
+    declares it (transformers >= 5.2x; reading ``past_key_values`` there logs a deprecation), else
+    ``past_key_values``."""
+    return "cache" if "cache" in getattr(output, "__dataclass_fields__", {}) else "past_key_values"
 
 
 def input_device(model: nn.Module) -> torch.device:

@@ -55,7 +55,7 @@ from hf_flowcheck.clamp import BasisFn, BlockClamp, ClampStats, hidden_from_args
 from hf_flowcheck.errors import NoValidatorError, RefinementError
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.generation import FlowGenerateOutput
-from hf_flowcheck.model_io import cache_keyword, pad_token_id
+from hf_flowcheck.model_io import cache_keyword, output_cache_field, pad_token_id
 from hf_flowcheck.refine_config import STRATEGIES, RefineConfig, check_rollback_decoding
 from hf_flowcheck.signatures import competitor_directions, fit_basis
 
@@ -613,12 +613,13 @@ def _refine_row(
     start = 0
     cache_reused = False
     if config.use_cache_prefix:
-        why = _usable_cache(getattr(output, "past_key_values", None), int(cols[cal_start - 1]) + 1 if cal_start else 0)
+        given = getattr(output, output_cache_field(output), None)
+        why = _usable_cache(given, int(cols[cal_start - 1]) + 1 if cal_start else 0)
         if why is None:
             start = cal_start
             if cal_start > 0:
                 model_config = getattr(ext.base, "config", None)
-                cache = _row_cache(output.past_key_values, row, cols[:cal_start], model_config)
+                cache = _row_cache(given, row, cols[:cal_start], model_config)
                 cache_reused = True
         else:
             note = f"prefix replayed: {why}" + (f"; {note}" if note else "")

@@ -14,6 +14,7 @@ from torch import nn
 
 from hf_flowcheck.extraction import FlowExtractor
 from hf_flowcheck.generation import FlowGenerateOutput, attach_scores, flow_generate
+from hf_flowcheck.model_io import output_cache_field
 from hf_flowcheck.refine_config import RefineConfig, check_rollback_decoding
 from hf_flowcheck.refinement import refine
 
@@ -96,7 +97,7 @@ def generate_with_rollback(
     feats = extractor.extract(seqs, full_att, resp)
     result.sequences = seqs
     # What generate() returned per step belongs to the sequences before the rollback.
-    result.past_key_values = None
+    setattr(result, output_cache_field(result), None)
     for name in ("scores", "logits", "attentions", "hidden_states"):
         if getattr(result, name, None) is not None:
             setattr(result, name, None)

@@ -580,3 +580,23 @@ def test_tampered_culprit_is_skipped_with_its_reason(setup):
     res = fc.refine(bad, rows=[0, 1], attention_mask=att, **SMALL)
     assert "b0=999 does not exist" in res.skipped[0]
     assert "beyond the sequence" in res.skipped[1]
+
+
+def test_generate_and_refine_read_the_cache_without_the_deprecated_name(setup, caplog):
+    """transformers >= 5.2x renamed the output's ``past_key_values`` to ``cache`` and logs on the old name."""
+    import logging
+
+    import transformers.utils.logging as hf_logging
+
+    fc, out, att = setup
+    hf_logging.warning_once.cache_clear()
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            ids, att2 = _batch()
+            again = fc.generate(input_ids=ids, attention_mask=att2, max_new_tokens=4, return_flow_scores=True)
+            res = fc.refine(again, threshold=0.0, alpha=0.3, attention_mask=att2, **SMALL)
+    finally:
+        hf_logging.disable_propagation()
+    assert res.rows and all(r.cache_reused for r in res.rows)
+    assert not [r for r in caplog.records if "deprecated" in r.getMessage()], caplog.text
