@@ -190,9 +190,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--configs", nargs="+", default=["flow@sample:0.7", "regenerate@sample:0.7", "resample@sample:0.7"])
     p.add_argument("--summary", default=None, help="Print the table of this JSONL and exit.")
     p.add_argument("--summary-json", default=None, help="Also write the summary here.")
+    p.add_argument("--operating-point", default=None,
+                   help="--summary: only answers above the validator's threshold for this point (e.g. precision_0.9).")  # fmt: skip
     args = p.parse_args(argv)
     if args.summary:
-        out = summarize(args.summary, None)
+        min_score = None
+        if args.operating_point:
+            _, _, v = load_fresh(args)
+            min_score = v.recommended_threshold(args.operating_point)
+            print(f"answers above the validator's {args.operating_point} threshold, {min_score:.3f}")
+        out = summarize(args.summary, None, min_score)
         out["command"] = "python benchmarks/refinement_corpus.py " + " ".join(sys.argv[1:] if argv is None else argv)
         if args.summary_json:
             Path(args.summary_json).write_text(json.dumps(out, indent=1))

@@ -256,8 +256,11 @@ def _fmt(m: tuple[float, float, float], pct: bool = True) -> str:
     return "n/a" if m[0] != m[0] else f"{f * m[0]:.1f} [{f * m[1]:.1f}, {f * m[2]:.1f}]"
 
 
-def summarize(path: str, answers: str | None) -> dict:
-    """The tables of a rows file; ``answers=None`` reads each original answer's text from its row."""
+def summarize(path: str, answers: str | None, min_score: float | None = None) -> dict:
+    """The tables of a rows file; ``answers=None`` reads each original answer's text from its row.
+
+    ``min_score``: only flagged answers scoring above it (a stricter operating point than the run's).
+    """
     from hf_flowcheck.workflows.answers import read_answers
 
     rows = [json.loads(line) for line in Path(path).read_text().splitlines()]
@@ -268,7 +271,9 @@ def summarize(path: str, answers: str | None) -> dict:
     else:
         text_of = {r.uid: r.answer for r in read_answers(answers).records}
     flagged = [u for u, r in base.items() if r["flagged"] and r["label"] is not None]
-    out: dict = {"questions": len(base), "flagged_labelled": len(flagged)}
+    if min_score is not None:
+        flagged = [u for u in flagged if base[u]["score"] > min_score]
+    out: dict = {"questions": len(base), "flagged_labelled": len(flagged), "min_score": min_score}
     same = [r["same_as_file"] for r in base.values()]
     out["same_as_file"] = float(np.mean(same)) if same else float("nan")
     by = defaultdict(dict)
