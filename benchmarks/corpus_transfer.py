@@ -612,25 +612,39 @@ def report(args: argparse.Namespace) -> int:
 
 
 def designs(args: argparse.Namespace) -> int:
-    """Two matrices of the same answers, cell by cell: each design's AUROC and their paired difference."""
+    """Two matrices, cell by cell: each one's AUROC and their paired difference on the answers both tested.
+
+    The matrices may come from two stores (e.g. one replayed to 20 answers per cell and one to 100):
+    the answers are matched by uid within each held-out cell, so a design trained on more answers is
+    compared with another on the same test answers.
+    """
     a, b = (json.loads(Path(f).read_text()) for f in args.scores)
-    if a["uids"] != b["uids"] or a["labels"] != b["labels"]:
-        raise SystemExit(f"{args.scores[0]} and {args.scores[1]} hold other answers; run both matrices on one store.")
-    y = np.asarray(a["labels"])
-    out: dict = {"designs": [a["design"], b["design"]], "n": len(y), "cells": {},
+    for m, f in ((a, args.scores[0]), (b, args.scores[1])):
+        if len(set(m["uids"])) != len(m["uids"]):
+            raise SystemExit(f"{f} holds one uid twice; answers cannot be matched by uid.")
+    names = [a["design"], b["design"]] if a["design"] != b["design"] else [f"{a['design']} (A)", f"{b['design']} (B)"]
+    out: dict = {"designs": names, "scores": list(args.scores), "cells": {},
                  "command": "python benchmarks/corpus_transfer.py " + " ".join(sys.argv[1:])}  # fmt: skip
-    print(f"| held out | n (halluc.) | {a['design']} | {b['design']} | paired difference (95%) |")
+    print(f"| held out | n (halluc.) | {names[0]} | {names[1]} | paired difference (95%) |")
     print("|---|---|---|---|---|")
     for key in [k for k in a["runs"] if k in b["runs"]]:
-        idx = np.asarray(a["runs"][key]["test"])
-        if list(idx) != list(b["runs"][key]["test"]):
-            raise SystemExit(f"{key}: the two matrices tested other answers.")
-        sa, sb = (np.asarray(m["runs"][key]["scores"], dtype=float)[idx] for m in (a, b))
-        lo, hi = paired_auroc_difference(y[idx], sb, sa, n=1000)
-        cell = {"n": len(idx), "pos": int(y[idx].sum()), a["design"]: round(auroc(y[idx], sa), 3),
-                b["design"]: round(auroc(y[idx], sb), 3), "difference": [round(lo, 3), round(hi, 3)]}  # fmt: skip
+        got = []
+        for m in (a, b):
+            run = m["runs"][key]
+            got.append({m["uids"][i]: (float(run["scores"][i]), m["labels"][i]) for i in run["test"]})
+        common = [u for u in got[0] if u in got[1]]
+        if any(got[0][u][1] != got[1][u][1] for u in common):
+            raise SystemExit(f"{key}: the two matrices label one answer differently.")
+        common = [u for u in common if got[0][u][0] == got[0][u][0] and got[1][u][0] == got[1][u][0]]
+        if not common:
+            continue
+        y = np.asarray([got[0][u][1] for u in common])
+        sa, sb = (np.asarray([g[u][0] for u in common]) for g in got)
+        lo, hi = paired_auroc_difference(y, sb, sa, n=1000)
+        cell = {"n": len(common), "pos": int(y.sum()), names[0]: round(auroc(y, sa), 3),
+                names[1]: round(auroc(y, sb), 3), "difference": [round(lo, 3), round(hi, 3)]}  # fmt: skip
         out["cells"][key] = cell
-        print(f"| {key} | {cell['n']} ({cell['pos']}) | {cell[a['design']]:.3f} | {cell[b['design']]:.3f} | "
+        print(f"| {key} | {cell['n']} ({cell['pos']}) | {cell[names[0]]:.3f} | {cell[names[1]]:.3f} | "
               f"[{lo:+.3f}, {hi:+.3f}] |")  # fmt: skip
     for kind in ("style", "task"):
         keys = [k for k in out["cells"] if k.startswith(kind + "=")]
@@ -998,7 +1012,12 @@ def main(argv: list[str] | None = None) -> int:
     rp.add_argument("--plot", default=None, help="Also write a reliability diagram (PNG) of the held-out styles.")
     rp.set_defaults(func=report)
     dg = sub.add_parser("designs", help="Two designs' matrices of one store, cell by cell, with paired intervals.")
-    dg.add_argument("--scores", required=True, nargs=2, help="Two matrix score files of the same answers.")
+    dg.add_argument(
+        "--scores",
+        required=True,
+        nargs=2,
+        help="Two matrix score files (compared on the answers both tested, matched by uid).",
+    )
     dg.add_argument("--out", required=True)
     dg.set_defaults(func=designs)
     args = p.parse_args(argv)
