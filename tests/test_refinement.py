@@ -588,7 +588,7 @@ def test_generate_and_refine_read_the_cache_without_the_deprecated_name(setup, c
 
     import transformers.utils.logging as hf_logging
 
-    fc, out, att = setup
+    fc, _, _ = setup
     hf_logging.warning_once.cache_clear()
     hf_logging.enable_propagation()
     try:
