@@ -42,7 +42,7 @@ from pathlib import Path
 
 import torch
 from fresh_answers import add_fresh_options, load_fresh  # sibling benchmarks
-from refinement_eval import _seed_of, parse_config, parse_decoding, summarize
+from refinement_eval import _seed_of, done_rows, parse_config, parse_decoding, summarize
 
 from hf_flowcheck import FlowCheckedModelForCausalLM
 from hf_flowcheck.data.corpus import judge_answer, load_task_records, postprocess_for
@@ -84,12 +84,7 @@ def run(args: argparse.Namespace) -> None:
     eos = sorted(eos_token_ids(model, tok))
     jobs = _jobs(args.configs)
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out_path.exists():
-        for line in out_path.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["uid"], row.get("config"), row.get("decoding")))
+    done = done_rows(out_path)
     fh = out_path.open("a")
     t_start, n_seen = time.perf_counter(), 0
     for f in read_corpus(args.corpus):

@@ -89,6 +89,15 @@ def wrong_tokens(tok, gen: list[int], n_answer: int, references: list[str]) -> l
     return [any(s < e2 and s2 < e for s2, e2 in bad_spans) for s, e in zip(starts, ends)]
 
 
+def done_rows(path: Path) -> set:
+    """``(uid, config, decoding)`` of every row already in the JSONL at ``path`` (its folder is created)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.exists():
+        return set()
+    rows = (json.loads(line) for line in path.read_text().splitlines())
+    return {(row["uid"], row.get("config"), row.get("decoding")) for row in rows}
+
+
 def _seed_of(uid: str) -> int:
     return int.from_bytes(hashlib.blake2b(uid.encode(), digest_size=4).digest(), "little")
 
@@ -133,12 +142,7 @@ def run(args: argparse.Namespace) -> None:
             jobs.append((cname, fields, dname, parse_decoding(dname)))
 
     out_path = Path(args.out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out_path.exists():
-        for line in out_path.read_text().splitlines():
-            row = json.loads(line)
-            done.add((row["uid"], row.get("config"), row.get("decoding")))
+    done = done_rows(out_path)
     fh = out_path.open("a")
 
     def emit(row: dict) -> None:
